@@ -1,0 +1,71 @@
+"""Errors raised by muxc.
+
+Every user-facing error is a `MuxcError` subclass whose message says what is wrong, shows the
+values involved and says how to fix it. Internal invariant violations raise `MuxcInternalError`
+(a bug in muxc, not in the user's input).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MuxcError",
+    "TaskSpecError",
+    "UnsupportedPeftError",
+    "ArchitectureMismatchError",
+    "BaseWeightMismatchError",
+    "TrainableBaseError",
+    "BatchError",
+    "OptionsError",
+    "KernelUnavailableError",
+    "KernelInputError",
+    "TraceError",
+    "MuxcInternalError",
+]
+
+
+class MuxcError(Exception):
+    """Base class of every error muxc raises on bad input."""
+
+
+class TaskSpecError(MuxcError):
+    """The task list itself is malformed (empty, duplicate names, wrong types)."""
+
+
+class UnsupportedPeftError(MuxcError):
+    """A PEFT method or option muxc does not implement yet."""
+
+
+class ArchitectureMismatchError(MuxcError):
+    """Two tasks do not share the same backbone architecture."""
+
+
+class BaseWeightMismatchError(MuxcError):
+    """Two tasks claim the same base model but a frozen weight differs."""
+
+
+class TrainableBaseError(MuxcError):
+    """A base (non-adapter) parameter requires grad, so it cannot be shared."""
+
+
+class BatchError(MuxcError):
+    """A batch passed to the program is malformed or names an unknown task."""
+
+
+class OptionsError(MuxcError):
+    """An option value is unknown or inconsistent."""
+
+
+class KernelUnavailableError(MuxcError):
+    """A kernel implementation was forced but cannot run here."""
+
+
+class KernelInputError(MuxcError):
+    """A kernel was called with inconsistent shapes, dtypes or devices."""
+
+
+class TraceError(MuxcError):
+    """torch.export could not capture a task's model."""
+
+
+class MuxcInternalError(RuntimeError):
+    """An invariant of muxc itself was violated: a bug, please report it."""
