@@ -1,0 +1,102 @@
+"""`compile(tasks)` runs the PIPELINE; `Program` trains the compiled tasks together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from muxc.dump import dump_history
+from muxc.explain import Explanation, explain_program
+from muxc.ir import MuxGraph
+from muxc.options import Options
+from muxc.pipeline import CompileContext, PassRecord, run_pipeline
+from muxc.runtime.local import LocalExecutor
+from muxc.runtime.training import TaskState, build_states
+from muxc.save import save_task_adapter
+from muxc.task import Task
+
+__all__ = ["compile", "Program"]
+
+
+class Program:
+    """A compiled multi-task program.
+
+    >>> program = muxc.compile(tasks)                       # doctest: +SKIP
+    >>> program.forward_backward({"a": batch_a, "b": batch_b})  # doctest: +SKIP
+    {'a': tensor(4.85), 'b': tensor(4.87)}
+    """
+
+    def __init__(self, tasks: list[Task], mux: MuxGraph, ctx: CompileContext, history: list[PassRecord], kernel_plan):
+        self.tasks = {t.name: t for t in tasks}
+        self.mux = mux
+        self.options = ctx.options
+        self.history = history
+        self.kernel_plan = kernel_plan
+        self.sharing = dict(ctx.sharing)
+        records = {t: [] for t in mux.tasks}
+        for tg in mux.sources.values():
+            records[tg.task] = list(tg.adapters)
+        self.adapters = records
+        self.states: dict[str, TaskState] = build_states(tasks, records)
+        self.executor = LocalExecutor(mux, ctx.options.fusion, ctx.options.kernel_impl)
+
+    def __repr__(self) -> str:
+        return f"Program(tasks={list(self.tasks)}, fusion={self.executor.fusion.value}, {self.mux!r})"
+
+    def forward_backward(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
+        """Each task's loss on its batch; adds each task's gradients to its adapter ``.grad``.
+
+        ``batches``: task name -> HF batch (``input_ids``, ``labels``, optional
+        ``attention_mask``); tasks may be left out of a step. Losses equal
+        ``model(**batch).loss`` of each task alone.
+        """
+        return self.executor.forward_backward(batches)
+
+    def step(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
+        """`forward_backward`, then each stepped task's own optimizer/scheduler step and zero_grad."""
+        losses = self.forward_backward(batches)
+        for name in losses:
+            self.states[name].step()
+        return losses
+
+    @torch.no_grad()
+    def evaluate(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
+        """Losses without gradients (dropout off)."""
+        from muxc.runtime.batch import build_batch, check_batches
+
+        check_batches(batches, self.mux.tasks)
+        ids, mask, batch = build_batch(batches, self.mux.tasks, self.executor.device, self.executor.impl, training=False)
+        return self.executor.run(ids, mask, batch)
+
+    def explain(self, batches: Mapping[str, Mapping] | None = None) -> Explanation:
+        """What is shared, what is per task, which kernels run and why (``str()`` is a table)."""
+        return explain_program(self, batches)
+
+    def dump(self, directory: str | Path) -> list[Path]:
+        """Write ``pass_NN_<name>.txt`` per pass and ``explain.txt``; returns the paths."""
+        paths = dump_history(self.history, Path(directory))
+        p = Path(directory) / "explain.txt"
+        p.write_text(str(self.explain()) + "\n")
+        return [*paths, p]
+
+    def save_adapters(self, directory: str | Path) -> list[Path]:
+        """Write each task's adapter to ``<directory>/<task>/`` in PEFT format."""
+        return [save_task_adapter(t, Path(directory) / name) for name, t in self.tasks.items()]
+
+
+def compile(
+    tasks: list[Task],
+    options: Options | None = None,
+    on_progress: Callable[[str, int, int, str], None] | None = None,
+) -> Program:
+    """Compile ``tasks`` into one multi-task `Program`.
+
+    ``on_progress(stage, done, total, item)`` is called while tracing (tracing takes about a
+    second per task on a small model).
+    """
+    options = options if options is not None else Options()
+    ctx = CompileContext(options=options, on_progress=on_progress)
+    state, history = run_pipeline(tasks, ctx)
+    return Program(state["tasks"], state["mux_graph"], ctx, history, state["kernel_plan"])

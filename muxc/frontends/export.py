@@ -1,0 +1,143 @@
+"""Capture one task with torch.export (non-strict), adapters as opaque nodes.
+
+The exported function is ``(input_ids, attention_mask) -> logits`` of the HF model in training
+mode (as ``model.train()`` would run it) with batch and sequence dims dynamic, so one trace
+serves every batch shape.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+from torch.export.graph_signature import InputKind
+
+from muxc.errors import TraceError
+from muxc.frontends.ops import ADAPTER_OPS
+from muxc.frontends.peft import (
+    adapter_name_of,
+    adapter_records,
+    hf_model,
+    normalize_fqn,
+    routed_adapters,
+)
+from muxc.ir import Binding, BindingKind, NodeInfo, Role, TaskGraph, set_info
+from muxc.task import Task
+
+__all__ = ["trace_task", "EXAMPLE_SHAPE"]
+
+EXAMPLE_SHAPE = (2, 8)  # (batch, seq) of the example input; >1 so export keeps dims dynamic
+_PREFIX = "m."  # attribute name of the HF model inside _Logits
+
+
+class _Logits(torch.nn.Module):
+    """``(input_ids, attention_mask) -> logits``: the part of an HF causal LM muxc traces."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+_KINDS = {
+    InputKind.PARAMETER: BindingKind.PARAMETER,
+    InputKind.BUFFER: BindingKind.BUFFER,
+    InputKind.CONSTANT_TENSOR: BindingKind.CONSTANT,
+    InputKind.USER_INPUT: BindingKind.USER_INPUT,
+}
+
+
+def trace_task(task: Task) -> TaskGraph:
+    """Export ``task.model`` (its ``task.adapter_name``) into a `TaskGraph`. Does not mutate it."""
+    hf = hf_model(task.name, task.model)
+    adapter = adapter_name_of(task.name, task.model, task.adapter_name)
+    records = adapter_records(task.name, hf, adapter)
+    device = next(hf.parameters()).device
+    ids = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device=device)
+    mask = torch.ones(EXAMPLE_SHAPE, dtype=torch.long, device=device)
+    dims = {0: Dim.AUTO, 1: Dim.AUTO}
+    was_training = hf.training
+    t0 = time.perf_counter()
+    try:
+        hf.train()
+        with routed_adapters(task.name, hf, adapter):
+            ep = torch.export.export(
+                _Logits(hf), (ids, mask), dynamic_shapes=(dims, dims), strict=False
+            )
+    except Exception as e:  # torch.export raises many types; keep the cause attached
+        raise TraceError(
+            f"task {task.name!r}: torch.export could not capture {type(hf).__name__}: "
+            f"{type(e).__name__}: {str(e)[:500]}; muxc needs a causal LM that exports with "
+            "torch.export (non-strict) taking input_ids and attention_mask"
+        ) from e
+    finally:
+        hf.train(was_training)
+    seconds = time.perf_counter() - t0
+    gm = ep.graph_module
+    _check_dynamic(task.name, gm)
+    adapter_fqns = {id(t): n for r in records for n, t in _named(r)}
+    bindings = {}
+    for spec in ep.graph_signature.input_specs:
+        kind = _KINDS.get(spec.kind)
+        if kind is None:
+            raise TraceError(f"task {task.name!r}: unexpected exported input kind {spec.kind}")
+        if kind is BindingKind.USER_INPUT:
+            bindings[spec.arg.name] = Binding(kind, spec.arg.name)
+            continue
+        fqn = spec.target
+        tensor = ep.constants[fqn] if fqn in ep.constants else ep.state_dict[fqn]
+        name = adapter_fqns.get(id(tensor), normalize_fqn(fqn.removeprefix(_PREFIX)))
+        bindings[spec.arg.name] = Binding(kind, name, tensor)
+    _tag(task.name, gm, bindings, adapter_fqns)
+    return TaskGraph(
+        task=task.name,
+        gm=gm,
+        bindings=bindings,
+        adapters=records,
+        model_type=getattr(hf.config, "model_type", type(hf).__name__),
+        trace_seconds=seconds,
+    )
+
+
+def _named(rec):
+    for role, t in rec.params.items():
+        yield rec.param_names[role], t
+
+
+def _check_dynamic(task_name: str, gm: fx.GraphModule) -> None:
+    users = [n for n in gm.graph.find_nodes(op="placeholder") if n.name in ("input_ids", "attention_mask")]
+    for n in users:
+        shape = n.meta["val"].shape
+        if any(isinstance(d, int) for d in shape[:2]):
+            raise TraceError(
+                f"task {task_name!r}: export specialised {n.name} to shape {tuple(shape)}; "
+                "muxc needs batch and sequence dims dynamic (a model branching on them cannot "
+                "be compiled yet)"
+            )
+
+
+def _tag(task_name: str, gm: fx.GraphModule, bindings: dict[str, Binding], adapter_fqns) -> None:
+    """Record each node's role in its ``meta["muxc"]``."""
+    adapter_names = set(adapter_fqns.values())
+    every = frozenset({task_name})
+    for node in gm.graph.nodes:
+        src = ((task_name, node.name),)
+        if node.op == "placeholder":
+            b = bindings[node.name]
+            if b.kind is BindingKind.USER_INPUT:
+                role = Role.INPUT
+            elif b.fqn in adapter_names:
+                role = Role.ADAPTER_PARAM
+            else:
+                role = Role.FROZEN
+            set_info(node, NodeInfo(role=role, tasks=every, fqn=b.fqn, sources=src))
+        elif node.op == "output":
+            set_info(node, NodeInfo(role=Role.OUTPUT, tasks=every, sources=src))
+        elif node.op == "call_function" and node.target in ADAPTER_OPS:
+            set_info(node, NodeInfo(role=Role.ADAPTER, tasks=every, site=node.args[-1], sources=src))
+        else:
+            set_info(node, NodeInfo(role=Role.BACKBONE, tasks=every, sources=src))

@@ -1,0 +1,240 @@
+"""Read a PEFT model: validate what muxc supports, list each adapter in unified form, and
+route adapter layers through muxc's opaque ops for the duration of a trace.
+
+Supported now: LoRA on ``nn.Linear`` and GPT-2 ``Conv1D`` base layers (any targets, ranks,
+alpha, rslora, rank/alpha patterns, dropout, ``bias="none"``) and IA3 (attention and
+feed-forward). Everything else raises `UnsupportedPeftError` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import torch
+from peft import PeftModel
+from peft.tuners.ia3.layer import Linear as IA3Linear
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from muxc.errors import TaskSpecError, UnsupportedPeftError
+from muxc.frontends.ops import ia3_adapter, lora_adapter
+from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch
+
+__all__ = [
+    "SUPPORTED",
+    "hf_model",
+    "adapter_name_of",
+    "normalize_fqn",
+    "adapter_layers",
+    "adapter_records",
+    "routed_adapters",
+    "adapter_param_ids",
+]
+
+SUPPORTED = "LoRA (Linear/Conv1D targets, bias='none', no DoRA) and IA3 (Linear targets)"
+
+# Model FQNs relative to the HF model: PEFT prefixes and wrappers removed.
+_WRAPPER_PARTS = ("base_layer",)
+
+
+def hf_model(task_name: str, model) -> torch.nn.Module:
+    """The HF model inside a PeftModel (the module torch.export traces)."""
+    if not isinstance(model, PeftModel):
+        raise TaskSpecError(
+            f"task {task_name!r}: model must be a peft.PeftModel (from get_peft_model or "
+            f"PeftModel.from_pretrained), got {type(model).__name__}"
+        )
+    return model.get_base_model()
+
+
+def adapter_name_of(task_name: str, model: PeftModel, adapter_name: str | None) -> str:
+    """Resolve and check the adapter a task trains."""
+    names = list(model.peft_config)
+    if adapter_name is None:
+        active = model.active_adapter
+        if isinstance(active, (list, tuple)):
+            if len(active) != 1:
+                raise TaskSpecError(
+                    f"task {task_name!r}: model has several active adapters {list(active)}; "
+                    "pass adapter_name= to pick one"
+                )
+            active = active[0]
+        adapter_name = active
+    if adapter_name not in names:
+        raise TaskSpecError(
+            f"task {task_name!r}: adapter {adapter_name!r} not in the model (has {names})"
+        )
+    _check_config(task_name, model.peft_config[adapter_name], adapter_name)
+    return adapter_name
+
+
+def _check_config(task_name: str, cfg, adapter: str) -> None:
+    ptype = getattr(cfg.peft_type, "value", str(cfg.peft_type))
+    where = f"task {task_name!r} (adapter {adapter!r})"
+    if ptype not in ("LORA", "IA3"):
+        raise UnsupportedPeftError(f"{where}: PEFT type {ptype} is not supported; supported: {SUPPORTED}")
+    bad = []
+    if ptype == "LORA":
+        if getattr(cfg, "bias", "none") != "none":
+            bad.append(f"bias={cfg.bias!r}")
+        if getattr(cfg, "use_dora", False):
+            bad.append("use_dora=True")
+        if getattr(cfg, "lora_bias", False):
+            bad.append("lora_bias=True")
+        if getattr(cfg, "target_parameters", None):
+            bad.append(f"target_parameters={cfg.target_parameters}")
+        if getattr(cfg, "trainable_token_indices", None):
+            bad.append("trainable_token_indices")
+        if getattr(cfg, "alora_invocation_tokens", None):
+            bad.append("alora_invocation_tokens (aLoRA)")
+        if getattr(cfg, "use_qalora", False):
+            bad.append("use_qalora=True")
+    if getattr(cfg, "modules_to_save", None):
+        bad.append(f"modules_to_save={cfg.modules_to_save}")
+    if bad:
+        raise UnsupportedPeftError(
+            f"{where}: unsupported {ptype} option(s) {', '.join(bad)}; supported: {SUPPORTED}"
+        )
+
+
+def normalize_fqn(fqn: str) -> str:
+    """Tensor name relative to the HF model with PEFT wrappers removed.
+
+    >>> normalize_fqn("model.layers.0.self_attn.q_proj.base_layer.weight")
+    'model.layers.0.self_attn.q_proj.weight'
+    """
+    return ".".join(p for p in fqn.split(".") if p not in _WRAPPER_PARTS)
+
+
+def adapter_layers(task_name: str, hf: torch.nn.Module, adapter: str) -> dict[str, BaseTunerLayer]:
+    """Module path -> PEFT layer holding ``adapter``; unsupported layer types raise."""
+    found = {}
+    for path, mod in hf.named_modules():
+        if not isinstance(mod, BaseTunerLayer):
+            continue
+        holds = adapter in getattr(mod, "lora_A", {}) or adapter in getattr(mod, "ia3_l", {})
+        if not holds:
+            if any(adapter in getattr(mod, attr, {}) for attr in ("lora_embedding_A", "lora_magnitude_vector")):
+                holds = True
+            else:
+                continue
+        where = f"task {task_name!r}: layer {path!r} ({type(mod).__module__}.{type(mod).__name__})"
+        if type(mod) not in (LoraLinear, IA3Linear):
+            raise UnsupportedPeftError(f"{where} is not supported; supported: {SUPPORTED}")
+        if getattr(mod, "merged", False):
+            raise UnsupportedPeftError(
+                f"{where} has merged adapters {mod.merged_adapters}; unmerge them "
+                "(model.unmerge_adapter()) before compiling"
+            )
+        if type(mod) is LoraLinear and adapter in getattr(mod, "lora_variant", {}):
+            variant = type(mod.lora_variant[adapter]).__name__
+            raise UnsupportedPeftError(f"{where} uses LoRA variant {variant}; supported: {SUPPORTED}")
+        found[path] = mod
+    if not found:
+        raise UnsupportedPeftError(f"task {task_name!r}: adapter {adapter!r} targets no supported layer")
+    return found
+
+
+def adapter_records(task_name: str, hf: torch.nn.Module, adapter: str) -> list[AdapterRecord]:
+    """The task's adapters in unified form, holding the user's own parameter tensors."""
+    out = []
+    for path, mod in adapter_layers(task_name, hf, adapter).items():
+        if type(mod) is LoraLinear:
+            a, b = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
+            drop = mod.lora_dropout[adapter]
+            p = float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0
+            out.append(
+                AdapterRecord(
+                    task=task_name,
+                    site=path,
+                    kind=AdapterKind.LORA,
+                    dispatch=Dispatch.PARALLEL,
+                    aggregate=Aggregate.ADD_SCALED,
+                    params={"A": a, "B": b},
+                    param_names={
+                        "A": f"{path}.lora_A.{adapter}.weight",
+                        "B": f"{path}.lora_B.{adapter}.weight",
+                    },
+                    rank=a.shape[0],
+                    scaling=float(mod.scaling[adapter]),
+                    dropout=p,
+                )
+            )
+        else:
+            ff = bool(mod.is_feedforward)
+            out.append(
+                AdapterRecord(
+                    task=task_name,
+                    site=path,
+                    kind=AdapterKind.IA3,
+                    dispatch=Dispatch.PRE if ff else Dispatch.OUTPUT,
+                    aggregate=Aggregate.SCALE_INPUT if ff else Aggregate.SCALE_OUTPUT,
+                    params={"v": mod.ia3_l[adapter]},
+                    param_names={"v": f"{path}.ia3_l.{adapter}"},
+                    rank=0,
+                )
+            )
+    return out
+
+
+def adapter_param_ids(model: PeftModel) -> set[int]:
+    """ids of every adapter parameter of every adapter in ``model`` (not base weights)."""
+    ids = set()
+    for mod in model.modules():
+        if isinstance(mod, BaseTunerLayer):
+            for attr in mod.adapter_layer_names:
+                container = getattr(mod, attr, None)
+                if container is not None:
+                    ids.update(id(p) for p in container.parameters())
+    return ids
+
+
+def _lora_forward(site: str, adapter: str):
+    def forward(self, x, *args, **kwargs):
+        h = self.base_layer(x, *args, **kwargs)
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        return lora_adapter(x, h, a, b, float(self.scaling[adapter]), site)
+
+    return forward
+
+
+def _ia3_forward(site: str, adapter: str):
+    def forward(self, x, *args, **kwargs):
+        v = self.ia3_l[adapter]
+        if self.is_feedforward:
+            return self.base_layer(ia3_adapter(x, v, site), *args, **kwargs)
+        return ia3_adapter(self.base_layer(x, *args, **kwargs), v, site)
+
+    return forward
+
+
+@contextlib.contextmanager
+def routed_adapters(task_name: str, hf: torch.nn.Module, adapter: str) -> Iterator[None]:
+    """Route ``adapter``'s layers through muxc's opaque ops, only inside the ``with`` block.
+
+    Patches are per instance (``module.forward``), never on PEFT's classes, and are removed on
+    exit even if tracing fails. Layers of other adapters of the same model run their base op
+    only while tracing (an inactive adapter has no effect on this task).
+    """
+    layers = {p: m for p, m in hf.named_modules() if isinstance(m, BaseTunerLayer)}
+    mine = adapter_layers(task_name, hf, adapter)
+    patched = []
+    try:
+        for path, mod in layers.items():
+            if path in mine:
+                make = _lora_forward if type(mod) is LoraLinear else _ia3_forward
+                fwd = make(path, adapter)
+            else:
+                fwd = _base_only_forward
+            mod.forward = types.MethodType(fwd, mod)
+            patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
+def _base_only_forward(self, x, *args, **kwargs):
+    return self.base_layer(x, *args, **kwargs)

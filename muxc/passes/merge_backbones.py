@@ -1,0 +1,269 @@
+"""Pass `merge_backbones`: merge every task's graph into one `MuxGraph` on one backbone.
+
+Contract. Input: TaskGraphs whose frozen bindings already point at shared tensors
+(`share_frozen_weights`). Each task graph is reduced to its backbone (adapter nodes replaced by
+the tensor they adapt); the backbones must be identical node for node (same ops, same frozen
+tensors, same constants), else `ArchitectureMismatchError` names the first differing node.
+Output: the first task's backbone, copied once, with
+
+- one `OutputSite` after each base op that any task adapts on its output (LoRA, IA3 attention),
+- one `InputSite` before each base op whose input any task scales (IA3 feed-forward),
+- one `TaskLoss` node per task on its rows of the shared logits.
+
+Does not mutate the task graphs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from muxc.errors import ArchitectureMismatchError, MuxcInternalError
+from muxc.frontends.ops import ADAPTER_OPS
+from muxc.ir import AdapterRecord, MuxGraph, NodeInfo, Position, Role, TaskGraph, info, set_info
+from muxc.runtime.sites import InputSite, OutputSite, TaskLoss
+
+__all__ = ["merge_backbones"]
+
+Key = tuple  # ("ph", fqn) for placeholders, ("n", i) for the i-th backbone op
+
+
+@dataclass
+class _Backbone:
+    """A task graph seen through its backbone: ops in order, adapter nodes resolved away."""
+
+    graph: TaskGraph
+    calls: list[fx.Node]
+    key: dict[fx.Node, Key]
+
+    @staticmethod
+    def of(tg: TaskGraph) -> _Backbone:
+        calls, key = [], {}
+        for node in tg.gm.graph.nodes:
+            role = info(node).role
+            if node.op == "placeholder" and role is not Role.ADAPTER_PARAM:
+                key[node] = ("ph", info(node).fqn)
+            elif node.op in ("call_function", "get_attr", "call_module", "call_method") and role is Role.BACKBONE:
+                key[node] = ("n", len(calls))
+                calls.append(node)
+        return _Backbone(tg, calls, key)
+
+    def resolve(self, node: fx.Node) -> fx.Node:
+        """The backbone node an adapter node stands in for (its adapted tensor)."""
+        while node.op == "call_function" and node.target in ADAPTER_OPS:
+            node = node.args[1] if ADAPTER_OPS[node.target] == "lora" else node.args[0]
+        return node
+
+    def key_of(self, node: fx.Node) -> Key:
+        node = self.resolve(node)
+        if node not in self.key:
+            raise MuxcInternalError(f"{self.graph.task}: {node.format_node()} is not a backbone node")
+        return self.key[node]
+
+    def signature(self, i: int):
+        node = self.calls[i]
+        return (node.op, node.target, self._canon(node.args), self._canon(node.kwargs))
+
+    def _canon(self, a):
+        if isinstance(a, fx.Node):
+            return self.key_of(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._canon(x) for x in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, self._canon(v)) for k, v in a.items()))
+        return a
+
+
+@dataclass
+class _Anchor:
+    """Where a task's adapter attaches on the shared backbone."""
+
+    record: AdapterRecord
+    at: Key  # OUT: the adapted op's output; IN: the consuming base op
+    x: Key | None  # the tensor the adapter reads besides the anchor (LoRA: the base op's input)
+
+
+def _anchors(bb: _Backbone) -> list[_Anchor]:
+    records = {r.site: r for r in bb.graph.adapters}
+    out = []
+    for node in bb.graph.gm.graph.nodes:
+        if node.op != "call_function" or node.target not in ADAPTER_OPS:
+            continue
+        site = node.args[-1]
+        rec = records.get(site)
+        if rec is None:
+            raise MuxcInternalError(f"{bb.graph.task}: adapter node at {site!r} has no record")
+        tensors = node.args[2:4] if ADAPTER_OPS[node.target] == "lora" else node.args[1:2]
+        ph = [bb.graph.bindings[t.name].tensor for t in tensors]
+        if any(a is not b for a, b in zip(ph, rec.params.values())):
+            raise MuxcInternalError(f"{bb.graph.task}: adapter tensors at {site!r} are not the model's")
+        if rec.position is Position.IN:
+            users = list(node.users)
+            if len(users) != 1:
+                raise MuxcInternalError(f"{bb.graph.task}: IA3 input at {site!r} has {len(users)} users")
+            out.append(_Anchor(rec, bb.key_of(users[0]), bb.key_of(node.args[0])))
+        else:
+            if ADAPTER_OPS[node.target] == "lora":
+                out.append(_Anchor(rec, bb.key_of(node.args[1]), bb.key_of(node.args[0])))
+            else:
+                out.append(_Anchor(rec, bb.key_of(node.args[0]), None))
+    if len(out) != len(records):
+        raise MuxcInternalError(f"{bb.graph.task}: {len(records)} adapters but {len(out)} adapter nodes")
+    return out
+
+
+def _check_same(ref: _Backbone, other: _Backbone) -> None:
+    a, b = ref.graph, other.graph
+    if len(ref.calls) != len(other.calls):
+        raise ArchitectureMismatchError(
+            f"tasks {a.task!r} ({a.model_type}, {len(ref.calls)} backbone ops) and {b.task!r} "
+            f"({b.model_type}, {len(other.calls)} backbone ops) have different backbones; all "
+            "tasks must fine-tune the same base architecture and config"
+        )
+    for i in range(len(ref.calls)):
+        if ref.signature(i) != other.signature(i):
+            raise ArchitectureMismatchError(
+                f"tasks {a.task!r} and {b.task!r} differ at backbone op {i}: "
+                f"{ref.calls[i].format_node()} vs {other.calls[i].format_node()}; all tasks must "
+                "fine-tune the same base architecture and config"
+            )
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"\W", "_", name)
+
+
+def merge_backbones(graphs: list[TaskGraph], ctx) -> MuxGraph:
+    """Merge task graphs on one shared backbone (see module doc)."""
+    bbs = [_Backbone.of(g) for g in graphs]
+    for other in bbs[1:]:
+        _check_same(bbs[0], other)
+    tasks = tuple(g.task for g in graphs)
+    everyone = frozenset(tasks)
+    anchors = [a for bb in bbs for a in _anchors(bb)]
+    out_sites: dict[Key, list[_Anchor]] = defaultdict(list)
+    in_sites: dict[Key, list[_Anchor]] = defaultdict(list)
+    for a in anchors:
+        (in_sites if a.record.position is Position.IN else out_sites)[a.at].append(a)
+
+    ref = bbs[0]
+    g = fx.Graph()
+    env: dict[Key, fx.Node] = {}
+    tensors = {}
+    for node in ref.graph.gm.graph.find_nodes(op="placeholder"):
+        rec = info(node)
+        if rec.role is Role.FROZEN:
+            new = g.placeholder(node.name)
+            new.meta.update(node.meta)
+            set_info(new, NodeInfo(Role.FROZEN, everyone, fqn=rec.fqn, sources=_sources(bbs, ("ph", rec.fqn))))
+            env[("ph", rec.fqn)] = new
+            tensors[node.name] = ref.graph.bindings[node.name].tensor
+    param_nodes: dict[tuple[str, str], list[fx.Node]] = {}
+    for a in anchors:
+        r = a.record
+        nodes = []
+        for role, t in r.params.items():
+            new = g.placeholder(_safe(f"{r.task}__{r.param_names[role]}"))
+            new.meta["val"] = t
+            set_info(new, NodeInfo(Role.ADAPTER_PARAM, frozenset({r.task}), fqn=r.param_names[role]))
+            tensors[new.name] = t
+            nodes.append(new)
+        param_nodes[(r.task, r.site)] = nodes
+    for node in ref.graph.gm.graph.find_nodes(op="placeholder"):
+        if info(node).role is Role.INPUT:
+            new = g.placeholder(node.name)
+            new.meta.update(node.meta)
+            set_info(new, NodeInfo(Role.INPUT, everyone, sources=_sources(bbs, ("ph", None))))
+            env[("ph", info(node).fqn)] = new
+    mux = g.placeholder("mux")
+    set_info(mux, NodeInfo(Role.INPUT, everyone))
+
+    sites: dict[str, tuple[AdapterRecord, ...]] = {}
+
+    def site_params(group):
+        return [p for a in group for p in param_nodes[(a.record.task, a.record.site)]]
+
+    for i, node in enumerate(ref.calls):
+        key = ("n", i)
+        override = {}
+        if key in in_sites:
+            group = _ordered(in_sites[key], tasks)
+            xkey = _one_key(group, "x")
+            recs = tuple(a.record for a in group)
+            site = g.create_node(
+                "call_function",
+                InputSite(recs[0].site, recs),
+                (env[xkey], mux, *site_params(group)),
+                name=_safe(f"in_site_{recs[0].site}"),
+            )
+            site.meta["val"] = env[xkey].meta.get("val")
+            set_info(site, NodeInfo(Role.ADAPTER, frozenset(r.task for r in recs), site=recs[0].site, adapters=recs))
+            sites[f"{recs[0].site}:in"] = recs
+            override[xkey] = site
+        new = g.node_copy(node, lambda n: override.get(ref.key_of(n)) or env[ref.key_of(n)])
+        set_info(new, NodeInfo(Role.BACKBONE, everyone, sources=_sources(bbs, key)))
+        env[key] = new
+        if key in out_sites:
+            group = _ordered(out_sites[key], tasks)
+            xkey = _one_key(group, "x", default=key)  # IA3-only sites read no x: pass h
+            recs = tuple(a.record for a in group)
+            site = g.create_node(
+                "call_function",
+                OutputSite(recs[0].site, recs),
+                (env[xkey], new, mux, *site_params(group)),
+                name=_safe(f"site_{recs[0].site}"),
+            )
+            site.meta["val"] = new.meta.get("val")
+            set_info(site, NodeInfo(Role.ADAPTER, frozenset(r.task for r in recs), site=recs[0].site, adapters=recs))
+            sites[recs[0].site] = recs
+            env[key] = site
+
+    out_node = next(iter(ref.graph.gm.graph.find_nodes(op="output")))
+    logits = env[ref.key_of(_first_node(out_node.args))]
+    losses = []
+    for t in tasks:
+        loss = g.create_node("call_function", TaskLoss(t), (logits, mux), name=_safe(f"loss_{t}"))
+        set_info(loss, NodeInfo(Role.LOSS, frozenset({t})))
+        losses.append(loss)
+    out = g.output(tuple(losses))
+    set_info(out, NodeInfo(Role.OUTPUT, everyone))
+    g.lint()
+    gm = fx.GraphModule(ref.graph.gm, g, class_name="MuxGraphModule")
+    return MuxGraph(
+        gm=gm,
+        tasks=tasks,
+        tensors=tensors,
+        model_type=ref.graph.model_type,
+        sites=sites,
+        sources={tg.task: tg for tg in graphs},
+    )
+
+
+def _ordered(group: list[_Anchor], tasks: tuple[str, ...]) -> list[_Anchor]:
+    return sorted(group, key=lambda a: tasks.index(a.record.task))
+
+
+def _one_key(group: list[_Anchor], what: str, default: Key | None = None) -> Key:
+    keys = {getattr(a, what) for a in group} - {None}
+    if not keys and default is not None:
+        return default
+    if len(keys) != 1:
+        raise MuxcInternalError(f"site {group[0].record.site!r}: tasks disagree on the base op {what}")
+    return keys.pop()
+
+
+def _first_node(args) -> fx.Node:
+    while isinstance(args, (list, tuple)):
+        args = args[0]
+    if not isinstance(args, fx.Node):
+        raise MuxcInternalError("exported graph returns no logits node")
+    return args
+
+
+def _sources(bbs: list[_Backbone], key: Key) -> tuple[tuple[str, str], ...]:
+    if key[0] == "n":
+        return tuple((bb.graph.task, bb.calls[key[1]].name) for bb in bbs)
+    return ()

@@ -1,0 +1,44 @@
+"""Pass `select_kernels`: decide which implementation serves each adapter op kind, and why.
+
+Asks the kernel registry with a tensor like the program's activations (device, dtype), under
+the user's ``kernel_impl`` option. A forced implementation that cannot run raises here, at
+compile time, not at the first step. Does not mutate the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from muxc.ir import AdapterKind, MuxGraph
+from muxc.kernels import registry
+
+__all__ = ["select_kernels", "KernelPlan"]
+
+_OPS = {AdapterKind.LORA: "multi_lora", AdapterKind.IA3: "multi_ia3"}
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Op kind -> (implementation, reason) for the kinds this program uses."""
+
+    choices: dict[str, tuple[str, str]]
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{op}={impl}" for op, (impl, _) in self.choices.items())
+        return f"KernelPlan({body})"
+
+
+def select_kernels(mux: MuxGraph, ctx) -> KernelPlan:
+    """Record the registry's choice for every adapter op kind present in ``mux``."""
+    kinds = {r.kind for recs in mux.sites.values() for r in recs}
+    choices = {}
+    for kind in sorted(kinds, key=lambda k: k.value):
+        op = _OPS[kind]
+        probe = next(p for recs in mux.sites.values() for r in recs if r.kind is kind for p in r.params.values())
+        like = torch.empty(0, device=probe.device, dtype=probe.dtype)
+        for name in (op, f"{op}_bwd"):
+            choice = registry.select(name, ctx.options.kernel_impl, like)
+            choices[name] = (choice.impl.value, choice.reason)
+    return KernelPlan(choices)

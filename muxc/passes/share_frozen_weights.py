@@ -1,0 +1,86 @@
+"""Pass `share_frozen_weights`: keep ONE copy of the frozen base across all tasks.
+
+Frozen tensors are matched across tasks by normalised name. The first task's tensor is the
+shared copy. Another task's tensor is accepted when it is the same object (tasks built on one
+base model) or has equal shape, dtype and values (separate copies of one checkpoint); then its
+parameter is re-pointed at the shared storage (``param.data = shared``) so the duplicate's
+memory is freed once nothing else references it. The user's models keep computing exactly the
+same values. Anything else raises `BaseWeightMismatchError` naming the tensor and the tasks.
+
+Mutates: the ``bindings`` of every TaskGraph (all point at the shared tensors) and, for value
+duplicates, the ``.data`` of the users' frozen parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from muxc.errors import ArchitectureMismatchError, BaseWeightMismatchError
+from muxc.ir import Binding, BindingKind, Role, TaskGraph, info
+
+__all__ = ["share_frozen_weights", "SharingReport"]
+
+
+class SharingReport(dict):
+    """fqn -> how it was shared: "identity" or "value" (recorded on the context)."""
+
+
+def share_frozen_weights(graphs: list[TaskGraph], ctx) -> list[TaskGraph]:
+    """Point every task's frozen bindings at the first task's tensors (see module doc)."""
+    first = graphs[0]
+    shared = {b.fqn: b.tensor for b in _frozen(first).values()}
+    report = SharingReport({fqn: "identity" for fqn in shared})
+    for g in graphs[1:]:
+        mine = _frozen(g)
+        names = {b.fqn for b in mine.values()}
+        if names != set(shared):
+            missing = sorted(set(shared) - names)[:3]
+            extra = sorted(names - set(shared))[:3]
+            raise ArchitectureMismatchError(
+                f"tasks {first.task!r} ({first.model_type}) and {g.task!r} ({g.model_type}) have "
+                f"different frozen weights: only in {first.task!r}: {missing}, only in "
+                f"{g.task!r}: {extra}; all tasks must fine-tune the same base architecture"
+            )
+        for ph, b in mine.items():
+            ref = shared[b.fqn]
+            if b.tensor is not ref and not _same_storage(b.tensor, ref):
+                _check_equal(first.task, g.task, b.fqn, ref, b.tensor)
+                if isinstance(b.tensor, torch.nn.Parameter) and b.kind is BindingKind.PARAMETER:
+                    b.tensor.data = ref.data
+                report[b.fqn] = "value"
+            g.bindings[ph] = Binding(b.kind, b.fqn, ref)
+    ctx.sharing = report
+    return graphs
+
+
+def _frozen(g: TaskGraph) -> dict[str, Binding]:
+    out = {}
+    for node in g.gm.graph.find_nodes(op="placeholder"):
+        if info(node).role is Role.FROZEN:
+            out[node.name] = g.bindings[node.name]
+    return out
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` views exactly ``b``'s memory (e.g. already shared by an earlier compile)."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
+
+
+def _check_equal(task_a: str, task_b: str, fqn: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    where = f"frozen tensor {fqn!r} differs between tasks {task_a!r} and {task_b!r}"
+    remedy = "all tasks must use the same base checkpoint (load every task's base from one source)"
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise BaseWeightMismatchError(
+            f"{where}: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}; {remedy}"
+        )
+    if a.device != b.device:
+        raise BaseWeightMismatchError(f"{where}: on {a.device} vs {b.device}; move both models to one device")
+    if not torch.equal(a, b):
+        diff = (a.double() - b.double()).abs().max().item()
+        raise BaseWeightMismatchError(f"{where}: max abs difference {diff:.3g}; {remedy}")

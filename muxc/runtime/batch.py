@@ -1,0 +1,120 @@
+"""`MuxBatch`: one step's tasks laid out as one batch, plus the per-task facts the graph needs.
+
+Each task's rows are stacked task after task and right-padded (``attention_mask`` 0, labels
+-100) to a common sequence length, so every task's tokens form one contiguous segment of the
+flattened ``(rows * seq, hidden)`` activations. Right padding changes no real token's result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from muxc.errors import BatchError
+from muxc.kernels.registry import Impl
+
+__all__ = ["MuxBatch", "check_batches", "build_batch", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+_KEYS = {"input_ids", "attention_mask", "labels"}
+
+
+@dataclass(frozen=True)
+class MuxBatch:
+    """The runtime context passed to the merged graph as its ``mux`` input."""
+
+    tasks: tuple[str, ...]  # active tasks, in layout order
+    rows: tuple[int, ...]  # batch rows per active task
+    seq_len: int
+    labels: tuple[torch.Tensor, ...]  # (rows_i, seq_len), padded with IGNORE_INDEX
+    impl: Impl | None = None
+    training: bool = True
+
+    @property
+    def seg_lens(self) -> tuple[int, ...]:
+        """Tokens per active task in the flattened layout."""
+        return tuple(r * self.seq_len for r in self.rows)
+
+    def row_range(self, task: str) -> tuple[int, int] | None:
+        """``(start, end)`` rows of ``task``, or None when it is not in this batch."""
+        if task not in self.tasks:
+            return None
+        i = self.tasks.index(task)
+        start = sum(self.rows[:i])
+        return start, start + self.rows[i]
+
+    def tokens(self) -> int:
+        return sum(self.rows) * self.seq_len
+
+
+def check_batches(batches: Mapping[str, Mapping], tasks: tuple[str, ...]) -> None:
+    """Raise `BatchError` for unknown tasks, missing/extra keys or inconsistent shapes."""
+    if not isinstance(batches, Mapping) or not batches:
+        raise BatchError(
+            f"batches must be a non-empty dict task name -> batch; got {type(batches).__name__}"
+        )
+    unknown = sorted(set(batches) - set(tasks))
+    if unknown:
+        raise BatchError(f"batch for unknown task(s) {unknown}; compiled tasks are {list(tasks)}")
+    for name, b in batches.items():
+        if not isinstance(b, Mapping):
+            raise BatchError(f"task {name!r}: batch must be a dict, got {type(b).__name__}")
+        keys = set(b)
+        if "labels" not in keys:
+            raise BatchError(
+                f"task {name!r}: batch has no 'labels' (keys: {sorted(keys)}); pass labels "
+                "(usually a copy of input_ids with -100 on padding) so the task has a loss"
+            )
+        if "input_ids" not in keys:
+            raise BatchError(f"task {name!r}: batch has no 'input_ids' (keys: {sorted(keys)})")
+        extra = sorted(keys - _KEYS)
+        if extra:
+            raise BatchError(
+                f"task {name!r}: unsupported batch key(s) {extra}; muxc takes {sorted(_KEYS)}"
+            )
+        ids = b["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
+            raise BatchError(
+                f"task {name!r}: input_ids must be a non-empty 2-D (batch, seq) tensor, got "
+                f"{getattr(ids, 'shape', type(ids).__name__)}"
+            )
+        for k in ("attention_mask", "labels"):
+            if k in b and (not isinstance(b[k], torch.Tensor) or b[k].shape != ids.shape):
+                raise BatchError(
+                    f"task {name!r}: {k} must be a tensor shaped like input_ids "
+                    f"{tuple(ids.shape)}, got {getattr(b[k], 'shape', type(b[k]).__name__)}"
+                )
+
+
+def build_batch(
+    batches: Mapping[str, Mapping],
+    order: tuple[str, ...],
+    device: torch.device,
+    impl: Impl | None,
+    training: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, MuxBatch]:
+    """Stack the batches of the tasks in ``order`` (skipping absent ones) into one batch."""
+    names = tuple(t for t in order if t in batches)
+    seq = max(batches[t]["input_ids"].shape[1] for t in names)
+    ids, masks, labels, rows = [], [], [], []
+    for t in names:
+        b = batches[t]
+        x = b["input_ids"].to(device)
+        m = b.get("attention_mask")
+        m = torch.ones_like(x) if m is None else m.to(device=device, dtype=x.dtype)
+        y = b["labels"].to(device)
+        pad = seq - x.shape[1]
+        if pad:
+            x = torch.nn.functional.pad(x, (0, pad), value=0)
+            m = torch.nn.functional.pad(m, (0, pad), value=0)
+            y = torch.nn.functional.pad(y, (0, pad), value=IGNORE_INDEX)
+        ids.append(x)
+        masks.append(m)
+        labels.append(y)
+        rows.append(x.shape[0])
+    mux = MuxBatch(
+        tasks=names, rows=tuple(rows), seq_len=seq, labels=tuple(labels), impl=impl, training=training
+    )
+    return torch.cat(ids), torch.cat(masks), mux

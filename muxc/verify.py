@@ -1,0 +1,67 @@
+"""Invariant checks run after every pass when ``Options(verify=True)`` (always in tests).
+
+A failed check is a muxc bug, raised as `MuxcInternalError` naming the pass and the node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from muxc.errors import MuxcInternalError
+from muxc.ir import META_KEY, MuxGraph, Role, TaskGraph, info
+
+__all__ = ["verify_state", "verify_task_graph", "verify_mux_graph"]
+
+
+def _fail(pass_name: str, msg: str) -> None:
+    raise MuxcInternalError(f"after pass {pass_name!r}: {msg}")
+
+
+def verify_task_graph(pass_name: str, tg: TaskGraph) -> None:
+    tg.gm.graph.lint()
+    for node in tg.gm.graph.nodes:
+        if META_KEY not in node.meta:
+            _fail(pass_name, f"{tg.task}: {node.format_node()} has no muxc record")
+    n_adapters = sum(1 for n in tg.gm.graph.nodes if info(n).role is Role.ADAPTER)
+    if n_adapters != len(tg.adapters):
+        _fail(pass_name, f"{tg.task}: {n_adapters} adapter nodes for {len(tg.adapters)} adapters")
+
+
+def verify_mux_graph(pass_name: str, mux: MuxGraph) -> None:
+    g = mux.gm.graph
+    g.lint()
+    owner: dict[int, str] = {}
+    for node in g.nodes:
+        rec = info(node)
+        if rec.role is Role.ADAPTER_PARAM:
+            if len(rec.tasks) != 1:
+                _fail(pass_name, f"adapter param {node.name} owned by {sorted(rec.tasks)}")
+            t = mux.tensors[node.name]
+            if id(t) in owner:
+                _fail(pass_name, f"adapter tensor {node.name} also bound for task {owner[id(t)]}")
+            owner[id(t)] = next(iter(rec.tasks))
+        if rec.role is Role.ADAPTER:
+            tasks = [r.task for r in rec.adapters]
+            if len(set(tasks)) != len(tasks):
+                _fail(pass_name, f"site {rec.site} serves a task twice: {tasks}")
+    frozen = [mux.tensors[n.name] for n in g.find_nodes(op="placeholder") if info(n).role is Role.FROZEN]
+    if any(id(t) in owner for t in frozen):
+        _fail(pass_name, "a frozen placeholder is bound to an adapter tensor")
+    losses = [n for n in g.nodes if info(n).role is Role.LOSS]
+    if len(losses) != len(mux.tasks):
+        _fail(pass_name, f"{len(losses)} loss nodes for {len(mux.tasks)} tasks")
+
+
+def verify_state(pass_name: str, state: dict[str, Any]) -> None:
+    """Check every IR the state holds so far."""
+    for tg in state.get("task_graphs", []):
+        verify_task_graph(pass_name, tg)
+    if pass_name == "share_frozen_weights":
+        graphs = state["task_graphs"]
+        ref = {b.fqn: b.tensor for b in graphs[0].frozen_bindings().values()}
+        for tg in graphs[1:]:
+            for b in tg.frozen_bindings().values():
+                if b.tensor is not ref[b.fqn]:
+                    _fail(pass_name, f"{tg.task}: {b.fqn} is not the shared tensor")
+    if "mux_graph" in state:
+        verify_mux_graph(pass_name, state["mux_graph"])
