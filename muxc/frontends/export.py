@@ -18,6 +18,7 @@ from muxc.errors import TraceError
 from muxc.frontends.ops import ADAPTER_OPS
 from muxc.frontends.peft import (
     adapter_name_of,
+    adapter_param_ids,
     adapter_records,
     hf_model,
     normalize_fqn,
@@ -80,6 +81,7 @@ def trace_task(task: Task) -> TaskGraph:
     gm = ep.graph_module
     _check_dynamic(task.name, gm)
     adapter_fqns = {id(t): n for r in records for n, t in _named(r)}
+    other_adapters = adapter_param_ids(task.model) - set(adapter_fqns)
     bindings = {}
     for spec in ep.graph_signature.input_specs:
         kind = _KINDS.get(spec.kind)
@@ -92,7 +94,7 @@ def trace_task(task: Task) -> TaskGraph:
         tensor = ep.constants[fqn] if fqn in ep.constants else ep.state_dict[fqn]
         name = adapter_fqns.get(id(tensor), normalize_fqn(fqn.removeprefix(_PREFIX)))
         bindings[spec.arg.name] = Binding(kind, name, tensor)
-    _tag(task.name, gm, bindings, adapter_fqns)
+    _tag(task.name, gm, bindings, adapter_fqns, other_adapters)
     return TaskGraph(
         task=task.name,
         gm=gm,
@@ -120,8 +122,12 @@ def _check_dynamic(task_name: str, gm: fx.GraphModule) -> None:
             )
 
 
-def _tag(task_name: str, gm: fx.GraphModule, bindings: dict[str, Binding], adapter_fqns) -> None:
-    """Record each node's role in its ``meta["muxc"]``."""
+def _tag(task_name: str, gm, bindings: dict[str, Binding], adapter_fqns, other_adapters) -> None:
+    """Record each node's role in its ``meta["muxc"]``.
+
+    Parameters of the model's other adapters (unused by this task) are tagged as adapter
+    parameters too, so they never count as frozen backbone weights.
+    """
     adapter_names = set(adapter_fqns.values())
     every = frozenset({task_name})
     for node in gm.graph.nodes:
@@ -130,7 +136,7 @@ def _tag(task_name: str, gm: fx.GraphModule, bindings: dict[str, Binding], adapt
             b = bindings[node.name]
             if b.kind is BindingKind.USER_INPUT:
                 role = Role.INPUT
-            elif b.fqn in adapter_names:
+            elif b.fqn in adapter_names or id(b.tensor) in other_adapters:
                 role = Role.ADAPTER_PARAM
             else:
                 role = Role.FROZEN
