@@ -30,6 +30,7 @@ def share_frozen_weights(graphs: list[TaskGraph], ctx) -> list[TaskGraph]:
     first = graphs[0]
     shared = {b.fqn: b.tensor for b in _frozen(first).values()}
     report = SharingReport({fqn: "identity" for fqn in shared})
+    aliases, rebound = [], []
     for g in graphs[1:]:
         mine = _frozen(g)
         names = {b.fqn for b in mine.values()}
@@ -46,9 +47,14 @@ def share_frozen_weights(graphs: list[TaskGraph], ctx) -> list[TaskGraph]:
             if b.tensor is not ref and not _same_storage(b.tensor, ref):
                 _check_equal(first.task, g.task, b.fqn, ref, b.tensor)
                 if isinstance(b.tensor, torch.nn.Parameter) and b.kind is BindingKind.PARAMETER:
-                    b.tensor.data = ref.data
+                    aliases.append((b.tensor, ref))
                 report[b.fqn] = "value"
-            g.bindings[ph] = Binding(b.kind, b.fqn, ref)
+            rebound.append((g, ph, Binding(b.kind, b.fqn, ref)))
+    # only once every task is checked: a failed compile leaves the user's models untouched
+    for g, ph, binding in rebound:
+        g.bindings[ph] = binding
+    for param, ref in aliases:
+        param.data = ref.data
     ctx.sharing = report
     return graphs
 

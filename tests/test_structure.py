@@ -1,0 +1,84 @@
+"""Structure: fused programs run each frozen GEMM once for all tasks."""
+
+from __future__ import annotations
+
+import torch
+from models import make_batch, make_peft
+from peft import LoraConfig
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import muxc
+from muxc.ir import Role
+
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.linear.default}
+
+
+class _CountFrozenMatmuls(TorchDispatchMode):
+    """Counts matmuls with a frozen base weight as an operand (forward and input-grad GEMMs)."""
+
+    def __init__(self, frozen_ptrs: set[int]):
+        super().__init__()
+        self.frozen = frozen_ptrs
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS:
+            ptrs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            if ptrs & self.frozen:
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count(program, batches, min_dim):
+    frozen = {program.mux.tensors[n.name] for n in program.mux.nodes_with(Role.FROZEN)}
+    ptrs = {t.untyped_storage().data_ptr() for t in frozen if t.dim() == 2 and min(t.shape) >= min_dim}
+    mode = _CountFrozenMatmuls(ptrs)
+    with mode:
+        program.forward_backward(batches)
+    return mode.count
+
+
+def test_frozen_matmuls_do_not_grow_with_tasks(llama):
+    hidden = llama.config.hidden_size
+    ranks = [2, 4, 8, 4]
+    models = [make_peft(llama, LoraConfig(r=r, target_modules="all-linear", lora_dropout=0.0), i)
+              for i, r in enumerate(ranks)]
+    tasks = [muxc.Task(name=f"t{i}", model=m) for i, m in enumerate(models)]
+    one = muxc.compile(tasks[:1], muxc.Options(fusion="spatial"))
+    four = muxc.compile(tasks, muxc.Options(fusion="spatial"))
+    batch = {f"t{i}": make_batch(2, 6, i) for i in range(4)}
+    n1 = _count(one, {"t0": batch["t0"]}, hidden)
+    n4 = _count(four, batch, hidden)
+    assert n1 > 0
+    assert n4 == n1, f"frozen GEMMs: {n1} for 1 task, {n4} for 4 tasks"
+    temporal = muxc.compile(tasks, muxc.Options(fusion="temporal"))
+    assert _count(temporal, batch, hidden) == 4 * n1  # temporal runs the backbone per task
+
+
+def test_merged_graph_has_one_site_per_adapted_op_and_one_loss_per_task(llama):
+    models = [make_peft(llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0), 1),
+              make_peft(llama, LoraConfig(r=2, target_modules=["v_proj", "o_proj"], lora_dropout=0.0), 2)]
+    program = muxc.compile([muxc.Task(name=f"t{i}", model=m) for i, m in enumerate(models)])
+    mux = program.mux
+    layers = llama.config.num_hidden_layers
+    assert len(mux.nodes_with(Role.ADAPTER)) == 3 * layers  # q, v (shared by both), o
+    assert len(mux.nodes_with(Role.LOSS)) == 2
+    shared_v = [recs for site, recs in mux.sites.items() if site.endswith("v_proj")]
+    assert all([r.task for r in recs] == ["t0", "t1"] for recs in shared_v)
+    # one copy of each frozen weight, bound to the first task's tensors
+    frozen = [mux.tensors[n.name] for n in mux.nodes_with(Role.FROZEN)]
+    assert len({id(t) for t in frozen}) == len(frozen)
+    assert len(mux.nodes_with(Role.BACKBONE)) == len(next(iter(mux.sources.values())).gm.graph.nodes) - sum(
+        1 for _ in next(iter(mux.sources.values())).gm.graph.find_nodes(op="placeholder")) - 1 - 2 * layers
+
+
+def test_separate_models_share_one_base_copy(llama):
+    models = [make_peft(llama, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0), i) for i in range(3)]
+    w = [m.get_base_model().model.layers[0].mlp.up_proj.weight for m in models]
+    assert len({t.data_ptr() for t in w}) == 3
+    program = muxc.compile([muxc.Task(name=f"t{i}", model=m) for i, m in enumerate(models)])
+    assert len({t.data_ptr() for t in w}) == 1  # duplicates now alias the shared copy
+    report = program.explain()
+    assert report.shared_by_value == report.frozen_tensors
+    assert report.memory_ratio > 2.5
