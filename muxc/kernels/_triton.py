@@ -71,6 +71,7 @@ __all__ = [
     "float_table",
     "next_pow2",
     "ragged_size",
+    "clear_tables",
     "seg_meta",
     "seg_ptr",
     "triton",
@@ -233,6 +234,11 @@ def segment_table(
     return _TABLES.get(key, build)
 
 
+def clear_tables() -> None:
+    """Drop every cached segment/float table (benchmarks use it to time metadata building)."""
+    _TABLES.data.clear()
+
+
 def ragged_size(segs: Segments, ranks: Sequence[int]) -> int:
     """Elements of the ragged intermediate: row t of segment i holds exactly r_i values."""
     return sum(n * r for n, r in zip(segs.lens, ranks))
@@ -289,12 +295,16 @@ class Tuner:
 
     Key: (op, tasks, tokens rounded up to a power of two, K, N, max rank, dtype, device name).
     On CUDA a miss times every candidate with ``triton.testing.do_bench`` on the real inputs
-    (launch functions passed to `pick` must be idempotent) and keeps the fastest; in the
-    interpreter the given default is used, untimed. `report()` lists what was chosen.
+    (launch functions passed to `pick` must be idempotent) and keeps the fastest. Problems
+    streaming fewer than ``min_work`` elements (2^20 = 2 MB of fp16) take the first candidate
+    untimed: such a launch costs a few microseconds whatever its blocks, less than timing the
+    candidates would. In the interpreter the given default is used, untimed. `report()` lists
+    what was chosen.
     """
 
     chosen: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    min_work: int = 1 << 20
 
     def key(self, op: str, segs: Segments, k: int, n: int, max_rank: int, t: torch.Tensor):
         dev = torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else "cpu"
@@ -308,9 +318,13 @@ class Tuner:
         default: Config,
         launch: Callable[[Config], None],
         device: torch.device,
+        work: int,
     ) -> Config:
+        """The config for ``key``; ``work`` = elements the launch streams (tokens x width)."""
         if device.type != "cuda" or interpreting():
             return default
+        if work < self.min_work:
+            return candidates[0]
         if key in self.chosen:
             return self.chosen[key]
         times = {}

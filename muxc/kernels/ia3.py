@@ -169,7 +169,8 @@ def ia3_scale(h, segs: Segments, tab, out, *, v_field: int) -> None:
 
     key = TUNER.key("ia3_scale", segs, n, n, 0, h)
     fitted = [c.fit(n, 1) for c in _SCALE_CANDIDATES]
-    launch(TUNER.pick(key, fitted, _INTERPRETER_CONFIG.fit(n, 1), launch, h.device))
+    launch(TUNER.pick(key, fitted, _INTERPRETER_CONFIG.fit(n, 1), launch, h.device,
+                       work=segs.total * n))
     count_launch("ia3_scale")
 
 
@@ -187,7 +188,8 @@ def ia3_grad(dz, h, segs: Segments, tab, *, out_field: int) -> None:
 
     key = TUNER.key("ia3_grad", segs, n, n, 0, h)
     fitted = [c.fit(n, 1) for c in _GRAD_CANDIDATES]
-    launch(TUNER.pick(key, fitted, _INTERPRETER_CONFIG.fit(n, 1), launch, h.device))
+    launch(TUNER.pick(key, fitted, _INTERPRETER_CONFIG.fit(n, 1), launch, h.device,
+                       work=segs.total * n))
     count_launch("ia3_grad")
 
 

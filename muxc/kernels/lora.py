@@ -269,7 +269,8 @@ def _lora_grad_kernel(
 # smallest tensor-core tile, so a rank-4 task does no more work than a rank-16 one) up to 64
 # (one pass over x when every task has rank <= 64), and BLOCK_M 32-128 so short segments
 # waste few masked rows. 3 pipeline stages hide load latency within the 228 KB of H100 shared
-# memory for every candidate. The interpreter uses one large config (fewer program
+# memory for every candidate. The first candidate of each list is the untimed choice for
+# small problems (see `Tuner`). The interpreter uses one large config (fewer program
 # instances run faster in numpy) and is never timed.
 
 _SHRINK_CANDIDATES = (
@@ -301,14 +302,16 @@ _GRAD_CANDIDATES = (
     Config(block_m=128, block_n=128, block_r=16, num_warps=8, num_stages=3),
     Config(block_m=64, block_n=128, block_r=64, num_warps=8, num_stages=2),
 )
-_INTERPRETER_CONFIG = Config(block_m=128, block_n=256, block_r=64)
+_INTERPRETER_CONFIG = Config(block_m=64, block_n=256, block_r=16)
 
 
-def _tuned(op, segs, in_w, out_w, max_r, t, candidates, launch) -> Config:
+def _tuned(op, segs, in_w, out_w, width, max_r, t, candidates, launch) -> Config:
+    """The config for one launch reading ``in_w`` and writing ``out_w`` columns per token,
+    whose feature blocks tile ``width`` columns."""
     key = TUNER.key(op, segs, in_w, out_w, max_r, t)
-    fitted = [c.fit(in_w if op.endswith("shrink") else out_w, max_r) for c in candidates]
-    default = _INTERPRETER_CONFIG.fit(in_w if op.endswith("shrink") else out_w, max_r)
-    return TUNER.pick(key, fitted, default, launch, t.device)
+    fitted = [c.fit(width, max_r) for c in candidates]
+    default = _INTERPRETER_CONFIG.fit(width, max_r)
+    return TUNER.pick(key, fitted, default, launch, t.device, work=segs.total * width)
 
 
 def lora_shrink(x, segs: Segments, tab, scale, u, max_rank: int, *, w_field: int,
@@ -331,7 +334,7 @@ def lora_shrink(x, segs: Segments, tab, scale, u, max_rank: int, *, w_field: int
         )
 
     op = "lora_shrink" if not w_is_b else "lora_bwd_shrink"
-    launch(_tuned(op, segs, k, max_rank, max_rank, x, _SHRINK_CANDIDATES, launch))
+    launch(_tuned(op, segs, k, max_rank, k, max_rank, x, _SHRINK_CANDIDATES, launch))
     count_launch("lora_shrink")
 
 
@@ -362,7 +365,7 @@ def lora_expand(u, segs: Segments, tab, scale, out, max_rank: int, *, w_field: i
     if out.device.type == "cuda" and not interpreting():
         scratch = torch.empty_like(out) if accumulate else out
     op = "lora_expand" if w_is_b else "lora_bwd_expand"
-    launch(_tuned(op, segs, max_rank, c, max_rank, out, _EXPAND_CANDIDATES, trial))
+    launch(_tuned(op, segs, max_rank, c, c, max_rank, out, _EXPAND_CANDIDATES, trial))
     count_launch("lora_expand")
 
 
@@ -383,7 +386,7 @@ def lora_grad(g, u, segs: Segments, tab, scale, max_rank: int, *, out_field: int
         )
 
     op = "lora_grad_b" if out_is_b else "lora_grad_a"
-    launch(_tuned(op, segs, c, max_rank, max_rank, g, _GRAD_CANDIDATES, launch))
+    launch(_tuned(op, segs, c, max_rank, c, max_rank, g, _GRAD_CANDIDATES, launch))
     count_launch("lora_grad")
 
 
@@ -396,7 +399,10 @@ def _interpreter_upcast(fn):
         if not (tensors and tensors[0].dtype == torch.bfloat16 and interpreting()):
             return fn(*args, **kwargs)
         up = [_cast(a, torch.float32) for a in args]
-        return _cast(fn(*up, **kwargs), torch.bfloat16)
+        out = kwargs.pop("out", None)
+        if out is None:
+            return _cast(fn(*up, **kwargs), torch.bfloat16)
+        return out.copy_(fn(*up, out=out.float(), **kwargs))
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper

@@ -145,3 +145,16 @@ def test_segment_metadata_is_built_once_and_reused(device):
     # ragged intermediate: row t of segment i holds exactly r_i values, no rank padding
     assert tab[:, :4].tolist() == [[0, 5, 2, 0], [5, 0, 3, 10], [5, 7, 1, 10]]
     assert _triton.ragged_size(segs, [2, 3, 1]) == 5 * 2 + 7 * 1
+
+
+def test_bf16_runs_through_the_interpreter_upcast(device):
+    if device.type == "cuda":
+        pytest.skip("compiled kernels take bf16 natively (covered by the parametrized test)")
+    case = Case(130, 96, 40, 3, seed=11)
+    lens, ranks, x, a, b, scaling = make(case, torch.bfloat16, device)
+    y = multi_lora(x, lens, a, b, scaling, impl="triton")
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    ref = multi_lora_ref(_cpu64(x.detach()), segments_for(tuple(lens)), _cpu64(
+        [t.detach() for t in a]), _cpu64([t.detach() for t in b]), scaling)
+    assert_close("y", y.detach(), ref, torch.bfloat16)

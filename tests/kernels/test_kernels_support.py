@@ -34,7 +34,8 @@ def test_tuner_key_and_interpreter_default(device):
     default = Config(block_m=128, block_n=256, block_r=64)
     if device.type == "cpu":  # the interpreter never times candidates
         calls = []
-        assert tuner.pick(key, [Config(16, 16)], default, calls.append, device) is default
+        chosen = tuner.pick(key, [Config(16, 16)], default, calls.append, device, work=1 << 30)
+        assert chosen is default
         assert calls == [] and tuner.report() == []
 
 
@@ -52,5 +53,7 @@ def test_tuner_times_candidates_on_gpu(device):
     x = torch.zeros(64, 64, device=device)
     key = tuner.key("probe", segs, 64, 64, 0, x)
     cands = [Config(16, 16), Config(32, 32)]
-    chosen = tuner.pick(key, cands, Config(64, 64), lambda cfg: x.add_(1), device)
+    small = tuner.pick(key, cands, Config(64, 64), lambda cfg: x.add_(1), device, work=10)
+    assert small == cands[0] and tuner.report() == []  # small problems are not timed
+    chosen = tuner.pick(key, cands, Config(64, 64), lambda cfg: x.add_(1), device, work=1 << 30)
     assert chosen in cands and tuner.report()[0]["candidates"] == 2
