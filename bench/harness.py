@@ -7,7 +7,7 @@ FLOP/s of known GPUs come from their datasheets; on CPU (or an unknown GPU) both
 *measured* here (a large tensor copy and a large matmul), and the table says which.
 
 >>> row = {"ms": 2.0}
->>> add_rates(row, bytes_moved=4e9, flops=1e12, peak=Peaks(2e12, 1e15, "spec"))
+>>> add_rates(row, bytes_moved=4e9, flops=1e9, peak=Peaks(2e12, 1e15, "spec"))
 >>> row["GB/s"], row["TFLOP/s"], row["roofline_frac"]
 (2000.0, 0.5, 1.0)
 """
