@@ -4,6 +4,12 @@
 (one launch per op kind per layer, whatever the number of tasks). Implementations register in
 `muxc.kernels.registry`; the torch reference always exists, Triton kernels register when
 triton imports.
+
+Files: ``lora.py`` and ``ia3.py`` each hold one family: Triton kernels, launchers, the public
+op with its autograd, and the torch reference. ``_triton.py`` holds what they share: the
+guarded triton import, the registry checker, per-step segment metadata (row tiles cached on
+`Segments`, per-task pointer tables cached by content), the launch counter tests read, and the
+autotuner. ``segments.py`` and ``registry.py`` are the seam the core compiles against.
 """
 
 from __future__ import annotations
