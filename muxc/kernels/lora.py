@@ -268,10 +268,12 @@ def _lora_grad_kernel(
 # fp16 columns = 128-512 contiguous bytes per row) for coalesced loads, BLOCK_R 16 (the
 # smallest tensor-core tile, so a rank-4 task does no more work than a rank-16 one) up to 64
 # (one pass over x when every task has rank <= 64), and BLOCK_M 32-128 so short segments
-# waste few masked rows. 3 pipeline stages hide load latency within the 228 KB of H100 shared
-# memory for every candidate. The first candidate of each list is the untimed choice for
-# small problems (see `Tuner`). The interpreter uses one large config (fewer program
-# instances run faster in numpy) and is never timed.
+# waste few masked rows. 3 pipeline stages hide load latency; the largest tiles fit the
+# 227 KB of shared memory an H100 block may use (checked by tests/kernels/aot_compile.py).
+# The first candidate of each list is the untimed choice for small problems (see `Tuner`).
+# The interpreter uses one fixed, untimed config: wide feature blocks (fewer program
+# instances: each costs milliseconds in numpy) and BLOCK_R 16 (its dot is not BLAS-backed,
+# so rank columns past a task's r_i would cost real time).
 
 _SHRINK_CANDIDATES = (
     Config(block_m=32, block_n=128, block_r=16, num_warps=4, num_stages=3),
