@@ -40,7 +40,7 @@ class Program:
             records[tg.task] = list(tg.adapters)
         self.adapters = records
         self.states: dict[str, TaskState] = build_states(tasks, records)
-        self.executor = LocalExecutor(mux, ctx.options.fusion, ctx.options.kernel_impl)
+        self.executor = LocalExecutor(mux, ctx.options)
 
     def __repr__(self) -> str:
         return f"Program(tasks={list(self.tasks)}, fusion={self.executor.fusion.value}, {self.mux!r})"
@@ -64,11 +64,7 @@ class Program:
     @torch.no_grad()
     def evaluate(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """Losses without gradients (dropout off)."""
-        from muxc.runtime.batch import build_batch, check_batches
-
-        check_batches(batches, self.mux.tasks)
-        ids, mask, batch = build_batch(batches, self.mux.tasks, self.executor.device, self.executor.impl, training=False)
-        return self.executor.run(ids, mask, batch)
+        return self.executor.losses(batches, training=False)
 
     def explain(self, batches: Mapping[str, Mapping] | None = None) -> Explanation:
         """What is shared, what is per task, which kernels run and why (``str()`` is a table)."""

@@ -29,6 +29,7 @@ class Explanation:
     """A report; ``str()`` renders it as tables."""
 
     fusion: str
+    alignment: str
     model_type: str
     tasks: list[TaskRow]
     shared_ops: int
@@ -52,7 +53,7 @@ class Explanation:
         mb = 1 / 2**20
         parts = [
             f"muxc program: {len(self.tasks)} tasks on one {self.model_type} backbone, "
-            f"fusion={self.fusion}, hTasks={self.htasks}",
+            f"fusion={self.fusion}, alignment={self.alignment}, hTasks={self.htasks}",
             "",
             table(
                 ["task", "adapter", "sites", "ranks", "trainable", "adapter MiB", "optimizer"],
@@ -117,9 +118,10 @@ def explain_program(program, batches: Mapping[str, Mapping] | None = None) -> Ex
     frozen_bytes = _bytes(frozen)
     n = len(mux.tasks)
     fusion = program.executor.fusion.value
-    htasks = [list(mux.tasks)] if fusion == "spatial" else [[t] for t in mux.tasks]
+    htasks = [list(g) for g in program.executor.groups()]
     return Explanation(
         fusion=fusion,
+        alignment=program.executor.alignment.value,
         model_type=mux.model_type,
         tasks=rows,
         shared_ops=len(mux.nodes_with(Role.BACKBONE)),
@@ -138,14 +140,9 @@ def explain_program(program, batches: Mapping[str, Mapping] | None = None) -> Ex
 
 def _padding(program, batches) -> dict[str, float]:
     """Tokens computed vs tokens carrying data under this program's layout."""
-    real = sum(int(b.get("attention_mask", torch.ones_like(b["input_ids"])).sum()) for b in batches.values())
-    if program.executor.fusion.value == "spatial":
-        seq = max(b["input_ids"].shape[1] for b in batches.values())
-        computed = sum(b["input_ids"].shape[0] for b in batches.values()) * seq
-    else:
-        computed = sum(b["input_ids"].numel() for b in batches.values())
+    computed, real = program.executor.token_stats(batches)
     return {
         "tokens computed": computed,
         "real tokens": real,
-        "ineffective_token_fraction": 1 - real / computed,
+        "ineffective_token_fraction": 1 - real / max(computed, 1),
     }

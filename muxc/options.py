@@ -9,7 +9,7 @@ from typing import Any
 from muxc.errors import OptionsError
 from muxc.kernels.registry import Impl
 
-__all__ = ["Options", "Fusion"]
+__all__ = ["Options", "Fusion", "Alignment"]
 
 
 class Fusion(str, Enum):
@@ -18,6 +18,13 @@ class Fusion(str, Enum):
     AUTO = "auto"  # muxc chooses (spatial for now; the planner issue adds the DP)
     SPATIAL = "spatial"  # all tasks' tokens through each frozen op at once
     TEMPORAL = "temporal"  # tasks one after another on the same shared graph
+
+
+class Alignment(str, Enum):
+    """How tasks' samples are laid out in a fused batch."""
+
+    PAD = "pad"  # each sample a row, right-padded to the step's longest sample
+    CHUNK = "chunk"  # samples packed per task along the sequence axis, cut into equal chunks
 
 
 def _enum(cls, value, name):
@@ -35,6 +42,9 @@ class Options:
     """How to compile.
 
     fusion: "auto" | "spatial" | "temporal".
+    alignment: "pad" | "chunk" (pack each task's samples into streams cut into equal chunks of
+      ``chunk_size`` tokens; exact attention through document masks and kept K/V).
+    chunk_size: tokens per chunk (>= 1); None picks a default from the batches.
     kernel_impl: None (registry picks: Triton on CUDA, torch on CPU) | "torch" | "triton".
     verify: run invariant checks after every pass (slower compile; on in tests).
 
@@ -43,12 +53,23 @@ class Options:
     """
 
     fusion: Fusion | str = Fusion.AUTO
+    alignment: Alignment | str = Alignment.PAD
+    chunk_size: int | None = None
     kernel_impl: Impl | str | None = None
     verify: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fusion", _enum(Fusion, self.fusion, "fusion"))
+        object.__setattr__(self, "alignment", _enum(Alignment, self.alignment, "alignment"))
         object.__setattr__(self, "kernel_impl", Impl.parse(self.kernel_impl))
+        if self.chunk_size is not None:
+            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+                raise OptionsError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
+            if self.alignment is not Alignment.CHUNK:
+                raise OptionsError(
+                    f"chunk_size={self.chunk_size} needs alignment='chunk' (alignment is "
+                    f"{self.alignment.value!r}); set alignment='chunk' or drop chunk_size"
+                )
         if not isinstance(self.verify, bool):
             raise OptionsError(f"verify must be a bool, got {self.verify!r}")
 

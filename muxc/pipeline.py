@@ -15,6 +15,7 @@ from typing import Any
 from muxc.options import Options
 from muxc.passes import (
     merge_backbones,
+    rewrite_attention,
     select_kernels,
     share_frozen_weights,
     trace_tasks,
@@ -38,6 +39,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("trace_tasks", trace_tasks, "tasks", "task_graphs", "one export graph per task, adapters opaque"),
     Pass("share_frozen_weights", share_frozen_weights, "task_graphs", "task_graphs", "one copy of the base"),
     Pass("merge_backbones", merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
+    Pass("rewrite_attention", rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),
     Pass("select_kernels", select_kernels, "mux_graph", "kernel_plan", "pick adapter kernels, say why"),
 )
 
@@ -60,6 +62,7 @@ class CompileContext:
     options: Options
     on_progress: Callable[[str, int, int, str], None] | None = None
     sharing: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # pass name -> what it did, for history
 
     def progress(self, stage: str, done: int, total: int, item: str) -> None:
         if self.on_progress is not None:
@@ -84,5 +87,8 @@ def run_pipeline(tasks, ctx: CompileContext) -> tuple[dict[str, Any], list[PassR
         seconds = time.perf_counter() - t0
         if ctx.options.verify:
             verify_state(p.name, state)
-        history.append(PassRecord(i, p.name, seconds, _summary(state[p.writes]), state[p.writes]))
+        summary = _summary(state[p.writes])
+        if p.name in ctx.notes:
+            summary = f"{ctx.notes[p.name]}; {summary}"
+        history.append(PassRecord(i, p.name, seconds, summary, state[p.writes]))
     return state, history

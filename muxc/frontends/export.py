@@ -2,7 +2,8 @@
 
 The exported function is ``(input_ids, attention_mask) -> logits`` of the HF model in training
 mode (as ``model.train()`` would run it) with batch and sequence dims dynamic, so one trace
-serves every batch shape.
+serves every batch shape. With ``with_positions`` it is ``(input_ids, attention_mask,
+position_ids) -> logits``: chunk alignment packs samples and restarts positions per sample.
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ class _Logits(torch.nn.Module):
         return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+class _LogitsAt(_Logits):
+    """``(input_ids, attention_mask, position_ids) -> logits``."""
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return self.m(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
+
+
 _KINDS = {
     InputKind.PARAMETER: BindingKind.PARAMETER,
     InputKind.BUFFER: BindingKind.BUFFER,
@@ -52,7 +62,7 @@ _KINDS = {
 }
 
 
-def trace_task(task: Task) -> TaskGraph:
+def trace_task(task: Task, with_positions: bool = False) -> TaskGraph:
     """Export ``task.model`` (its ``task.adapter_name``) into a `TaskGraph`. Does not mutate it."""
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
@@ -66,9 +76,15 @@ def trace_task(task: Task) -> TaskGraph:
     try:
         hf.train()
         with routed_adapters(task.name, hf, adapter):
-            ep = torch.export.export(
-                _Logits(hf), (ids, mask), dynamic_shapes=(dims, dims), strict=False
-            )
+            if with_positions:
+                pos = torch.arange(EXAMPLE_SHAPE[1], device=device).expand(EXAMPLE_SHAPE).clone()
+                ep = torch.export.export(
+                    _LogitsAt(hf), (ids, mask, pos), dynamic_shapes=(dims, dims, dims), strict=False
+                )
+            else:
+                ep = torch.export.export(
+                    _Logits(hf), (ids, mask), dynamic_shapes=(dims, dims), strict=False
+                )
     except Exception as e:  # torch.export raises many types; keep the cause attached
         raise TraceError(
             f"task {task.name!r}: torch.export could not capture {type(hf).__name__}: "
@@ -111,7 +127,10 @@ def _named(rec):
 
 
 def _check_dynamic(task_name: str, gm: fx.GraphModule) -> None:
-    users = [n for n in gm.graph.find_nodes(op="placeholder") if n.name in ("input_ids", "attention_mask")]
+    users = [
+        n for n in gm.graph.find_nodes(op="placeholder")
+        if n.name in ("input_ids", "attention_mask", "position_ids")
+    ]
     for n in users:
         shape = n.meta["val"].shape
         if any(isinstance(d, int) for d in shape[:2]):

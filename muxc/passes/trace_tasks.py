@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from muxc.frontends import trace_task
 from muxc.ir import TaskGraph
+from muxc.options import Alignment
 from muxc.task import Task
 
 __all__ = ["trace_tasks"]
 
 
 def trace_tasks(tasks: list[Task], ctx) -> list[TaskGraph]:
-    """One torch.export graph per task, adapters as opaque nodes, in task order."""
+    """One torch.export graph per task, adapters as opaque nodes, in task order.
+
+    With chunk alignment the graphs also take ``position_ids`` (positions restart per packed
+    sample).
+    """
+    with_positions = ctx.options.alignment is Alignment.CHUNK
     graphs = []
     for i, task in enumerate(tasks):
         ctx.progress("trace", i, len(tasks), task.name)
-        graphs.append(trace_task(task))
+        graphs.append(trace_task(task, with_positions=with_positions))
     ctx.progress("trace", len(tasks), len(tasks), "")
     return graphs

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +32,10 @@ class MuxBatch:
     labels: tuple[torch.Tensor, ...]  # (rows_i, seq_len), padded with IGNORE_INDEX
     impl: Impl | None = None
     training: bool = True
+    shifted: bool = False  # labels already shifted within each sample (chunk alignment)
+    loss_scale: tuple[float, ...] | None = None  # per task: 1 / its label count this step
+    chunk: Any = None  # the ChunkStep being run (chunk alignment), else None
+    kv: dict | None = None  # K/V kept across an hTask's chunk steps: attention node -> (K, V)
 
     @property
     def seg_lens(self) -> tuple[int, ...]:

@@ -1,9 +1,15 @@
-"""Local executor: runs a `MuxGraph` in this process, spatially or temporally.
+"""Local executor: runs a `MuxGraph` in this process.
 
-- spatial: every task's batch stacked into one; each frozen op runs ONCE over all tokens, each
-  adapter site makes one multi-task kernel call; one backward over the sum of the task losses
-  (each adapter only sees its own task's tokens, so each task's gradient is its own).
-- temporal: tasks one after another on the same graph, each with its own backward.
+Fusion decides which tasks run together (one group of all tasks for spatial, one group per
+task for temporal); alignment decides how a group's samples form the batch:
+
+- pad: each sample is a row, right-padded to the group's longest sample; one forward.
+- chunk: each task's samples packed into streams cut into equal chunks; one forward per chunk
+  step, with attention K/V kept across a stream's chunks (see `muxc.runtime.chunks`).
+
+Within a group every frozen op runs ONCE over all its tasks' tokens and each adapter site makes
+one multi-task kernel call; one backward per group over the sum of its task losses (each
+adapter only sees its own task's tokens, so each task's gradient is its own).
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ from collections.abc import Mapping
 import torch
 
 from muxc.ir import MuxGraph
-from muxc.kernels.registry import Impl
-from muxc.options import Fusion
+from muxc.options import Alignment, Fusion, Options
 from muxc.runtime.batch import MuxBatch, build_batch, check_batches
+from muxc.runtime.chunks import ChunkLayout, build_layout, default_chunk_size
 
 __all__ = ["LocalExecutor"]
 
@@ -23,31 +29,94 @@ __all__ = ["LocalExecutor"]
 class LocalExecutor:
     """Executes one MuxGraph; holds no tensors beyond the graph's bindings."""
 
-    def __init__(self, mux: MuxGraph, fusion: Fusion, impl: Impl | None):
+    def __init__(self, mux: MuxGraph, options: Options):
         self.mux = mux
-        self.fusion = Fusion.SPATIAL if fusion is Fusion.AUTO else fusion
-        self.impl = impl
-        names = [n for n in mux.input_names() if n in mux.tensors]
-        self._bound = [mux.tensors[n] for n in names]
+        self.fusion = Fusion.SPATIAL if options.fusion is Fusion.AUTO else options.fusion
+        self.alignment = options.alignment
+        self.chunk_size = options.chunk_size
+        self.impl = options.kernel_impl
+        names = mux.input_names()
+        self._bound = [mux.tensors[n] for n in names if n in mux.tensors]
+        self._inputs = [n for n in names if n not in mux.tensors and n != "mux"]
         self.device = self._bound[0].device
 
-    def run(self, ids: torch.Tensor, mask: torch.Tensor, batch: MuxBatch) -> dict[str, torch.Tensor]:
-        """Forward only: ``{task: loss}`` for the tasks in ``batch``."""
-        losses = self.mux.gm(*self._bound, ids, mask, batch)
-        return {t: l for t, l in zip(self.mux.tasks, losses) if l is not None}
+    def groups(self) -> list[tuple[str, ...]]:
+        """Task groups run together (hTasks), in execution order."""
+        if self.fusion is Fusion.SPATIAL:
+            return [self.mux.tasks]
+        return [(t,) for t in self.mux.tasks]
+
+    def _call(self, inputs: dict[str, torch.Tensor], batch: MuxBatch) -> dict[str, torch.Tensor]:
+        losses = self.mux.gm(*self._bound, *(inputs[n] for n in self._inputs), batch)
+        return {t: loss for t, loss in zip(self.mux.tasks, losses) if loss is not None}
+
+    def chunk_size_for(self, batches: Mapping[str, Mapping]) -> int:
+        return self.chunk_size or default_chunk_size(batches)
+
+    def layout(self, batches: Mapping[str, Mapping], group: tuple[str, ...]) -> ChunkLayout:
+        return build_layout(batches, group, self.chunk_size_for(batches), self.device)
+
+    def run_group(self, batches: Mapping[str, Mapping], group: tuple[str, ...], training: bool):
+        """Forward the tasks of ``group`` present in ``batches``: ``{task: loss}``."""
+        if self.alignment is Alignment.PAD:
+            ids, mask, batch = build_batch(batches, group, self.device, self.impl, training)
+            return self._call({"input_ids": ids, "attention_mask": mask}, batch)
+        layout = self.layout(batches, group)
+        kv: dict = {}
+        totals: dict[str, torch.Tensor] = {}
+        for step in layout.steps:
+            labels = torch.split(step.labels, list(step.rows))
+            scale = tuple(1.0 / layout.label_counts[t] if layout.label_counts[t] else float("nan") for t in step.tasks)
+            batch = MuxBatch(
+                tasks=step.tasks, rows=step.rows, seq_len=layout.chunk_size, labels=tuple(labels),
+                impl=self.impl, training=training, shifted=True, loss_scale=scale, chunk=step, kv=kv,
+            )
+            inputs = {"input_ids": step.ids, "attention_mask": torch.ones_like(step.ids), "position_ids": step.positions}
+            for t, part in self._call(inputs, batch).items():
+                totals[t] = part if t not in totals else totals[t] + part
+        return totals
+
+    def losses(self, batches: Mapping[str, Mapping], training: bool = False) -> dict[str, torch.Tensor]:
+        """Forward only, every group: ``{task: loss}``."""
+        check_batches(batches, self.mux.tasks)
+        out = {}
+        for group in self.groups():
+            if any(t in batches for t in group):
+                out.update(self.run_group(batches, group, training))
+        return {t: out[t] for t in self.mux.tasks if t in out}
 
     def forward_backward(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """Losses of every task in ``batches``; adapter ``.grad`` accumulate like PyTorch."""
         check_batches(batches, self.mux.tasks)
-        groups = [self.mux.tasks] if self.fusion is Fusion.SPATIAL else [(t,) for t in self.mux.tasks]
         out = {}
-        for group in groups:
+        for group in self.groups():
             if not any(t in batches for t in group):
                 continue
-            ids, mask, batch = build_batch(batches, group, self.device, self.impl)
-            losses = self.run(ids, mask, batch)
+            losses = self.run_group(batches, group, training=True)
             total = sum(losses.values())
-            if total.requires_grad:
+            if isinstance(total, torch.Tensor) and total.requires_grad:
                 total.backward()
-            out.update({t: l.detach() for t, l in losses.items()})
+            out.update({t: loss.detach() for t, loss in losses.items()})
         return {t: out[t] for t in self.mux.tasks if t in out}
+
+    def token_stats(self, batches: Mapping[str, Mapping]) -> tuple[int, int]:
+        """(tokens computed, real tokens) for ``batches`` under this layout."""
+        computed = real = 0
+        for group in self.groups():
+            present = [t for t in group if t in batches]
+            if not present:
+                continue
+            if self.alignment is Alignment.CHUNK:
+                lay = self.layout(batches, group)
+                computed += lay.tokens_computed
+                real += lay.real_tokens
+            else:
+                seq = max(batches[t]["input_ids"].shape[1] for t in present)
+                computed += sum(batches[t]["input_ids"].shape[0] for t in present) * seq
+                real += sum(_real(batches[t]) for t in present)
+        return computed, real
+
+
+def _real(batch: Mapping) -> int:
+    m = batch.get("attention_mask")
+    return int(m.sum()) if m is not None else batch["input_ids"].numel()

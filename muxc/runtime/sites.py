@@ -165,7 +165,17 @@ class TaskLoss:
         if rng is None:
             return None
         start, end = rng
-        return causal_lm_loss(logits[start:end], mux.labels[mux.tasks.index(self.task)])
+        i = mux.tasks.index(self.task)
+        if not mux.shifted:
+            return causal_lm_loss(logits[start:end], mux.labels[i])
+        part = logits[start:end]
+        total = F.cross_entropy(
+            part.float().reshape(-1, part.shape[-1]),
+            mux.labels[i].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return total * mux.loss_scale[i]  # this chunk's share of the task's mean loss
 
     def __repr__(self) -> str:
         return f"TaskLoss({self.task})"

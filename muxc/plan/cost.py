@@ -1,0 +1,228 @@
+"""Predicted step time of a merged program: per-op latency models summed over a summary.
+
+`CostModel` prices ``work`` units of an `OpKey`: from a `LatencyModel` fitted to the
+`DeviceProfile`'s samples for that key (flat below saturation, linear above), else from the
+roofline (the profile's measured peaks, or datasheet peaks without a profile).
+`estimate_step` sums it over a `ModelSummary` (or a `MuxGraph`, summarised on the fly) for one
+step of given tokens per task; backward is priced by the ops' own backward samples (a frozen
+GEMM's backward is one dX GEMM; adapters compute dx, dA, dB).
+
+>>> cost = CostModel(profile_device("cpu", summary.op_keys()))            # doctest: +SKIP
+>>> est = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=256, cost=cost)  # doctest: +SKIP
+>>> est                                                                   # doctest: +SKIP
+StepEstimate(1024 tokens (1024 padded), fwd 11.2 ms + bwd 17.9 ms = 29.1 ms)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from muxc.ir import MuxGraph
+from muxc.plan.latency import LatencyModel, fit_latency
+from muxc.plan.ops import CostModelError, OpKey, OpKind, Roofline, roofline_latency
+from muxc.plan.profile import DeviceProfile
+from muxc.plan.summary import ModelSummary, Work, as_summary
+
+__all__ = ["CostModel", "StepEstimate", "StepShape", "estimate_step", "saturation_tokens"]
+
+
+class CostModel:
+    """Latency of any op: fitted to a profile where it has samples, roofline elsewhere.
+
+    Immutable after construction (every key of the profile is fitted up front).
+
+    >>> cost = CostModel(roofline=Roofline(1e12, 1e11, 0.0))
+    >>> cost.latency(OpKey(OpKind.GEMM, (1000, 1000)), 1000)
+    0.002
+    """
+
+    def __init__(self, profile: DeviceProfile | None = None, roofline: Roofline | None = None):
+        if profile is None and roofline is None:
+            roofline = Roofline.for_device("cpu")
+        self.profile = profile
+        self.roofline = roofline if roofline is not None else profile.roofline()
+        fits: dict[tuple[OpKey, bool], LatencyModel] = {}
+        if profile is not None:
+            for k, rows in profile.samples.items():
+                key = OpKey.parse(k)
+                fits[(key, False)] = fit_latency([s.work for s in rows], [s.forward for s in rows])
+                bw = [s.work if s.backward_work is None else s.backward_work for s in rows]
+                if any(s.backward > 0 for s in rows):
+                    fits[(key, True)] = fit_latency(bw, [s.backward for s in rows])
+        self._fits = fits
+
+    @staticmethod
+    def load(path: str | Path) -> CostModel:
+        """A cost model from a profile saved with `DeviceProfile.save`."""
+        return CostModel(DeviceProfile.load(path))
+
+    def __repr__(self) -> str:
+        src = repr(self.profile) if self.profile is not None else repr(self.roofline)
+        return f"CostModel({src}, {len(self._fits)} fitted)"
+
+    def model(self, key: OpKey, backward: bool = False) -> LatencyModel | None:
+        """The fitted latency model of ``key`` (None: it falls back to the roofline)."""
+        return self._fits.get((key, backward))
+
+    def latency(self, key: OpKey, work: float, backward: bool = False) -> float:
+        """Seconds for ``work`` units of ``key`` (its backward when ``backward``)."""
+        m = self._fits.get((key, backward))
+        if m is not None:
+            return m.predict(work)
+        return roofline_latency(self.roofline, key, work, backward)
+
+    def saturation(self, key: OpKey) -> float | None:
+        """Work (in the key's unit) past which the forward grows linearly; None if unfitted."""
+        m = self._fits.get((key, False))
+        return None if m is None else m.saturation
+
+    def fitted(self) -> list[OpKey]:
+        return sorted({k for k, _ in self._fits})
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """How a step lays out its tokens: rows per task, right-padded to ``seq_len``.
+
+    ``kv_len``: keys each query attends to (chunked attention: earlier chunks + this one);
+    None means ``seq_len``.
+
+    >>> StepShape.from_tokens({"a": 300, "b": 100}, seq_len=128).rows
+    {'a': 3, 'b': 1}
+    """
+
+    rows: Mapping[str, int]
+    seq_len: int
+    kv_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1 or any(r < 0 for r in self.rows.values()):
+            raise CostModelError(f"bad step shape: seq_len={self.seq_len}, rows={dict(self.rows)}")
+        if self.kv_len is not None and self.kv_len < 1:
+            raise CostModelError(f"kv_len must be >= 1, got {self.kv_len}")
+
+    @staticmethod
+    def from_tokens(tokens_per_task: Mapping[str, int], seq_len: int, kv_len: int | None = None) -> StepShape:
+        """Each task's tokens cut into rows of ``seq_len`` (the last one padded)."""
+        if seq_len < 1:
+            raise CostModelError(f"seq_len must be >= 1, got {seq_len}")
+        rows = {t: math.ceil(n / seq_len) for t, n in tokens_per_task.items()}
+        return StepShape(rows, seq_len, kv_len)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows.values())
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.total_rows * self.seq_len
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """Predicted seconds of one forward+backward step, with a breakdown by op kind."""
+
+    forward: float
+    backward: float
+    tokens: int
+    padded_tokens: int
+    by_kind: Mapping[str, float]
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+    def __repr__(self) -> str:
+        return (f"StepEstimate({self.tokens} tokens ({self.padded_tokens} padded), "
+                f"fwd {self.forward * 1e3:.1f} ms + bwd {self.backward * 1e3:.1f} ms = "
+                f"{self.total * 1e3:.1f} ms)")
+
+
+def _price(cost: CostModel, w: Work | None, b: float, s: float, kv_scale: float,
+           backward: bool) -> float:
+    if w is None:
+        return 0.0
+    amount = w.amount(b, s)
+    if w.key.kind is OpKind.ATTENTION:
+        amount *= kv_scale
+    return cost.latency(w.key, amount, backward)
+
+
+def estimate_step(
+    model: ModelSummary | MuxGraph,
+    tokens_per_task: Mapping[str, int] | StepShape,
+    *,
+    cost: CostModel,
+    seq_len: int | None = None,
+    kv_len: int | None = None,
+) -> StepEstimate:
+    """Predicted forward+backward seconds of one step of ``model``.
+
+    ``tokens_per_task``: task -> tokens this step (cut into rows of ``seq_len``, padded), or a
+    `StepShape`. Tasks absent or with 0 tokens are inactive (no adapter or loss cost).
+    """
+    summary = as_summary(model)
+    if isinstance(tokens_per_task, StepShape):
+        shape = tokens_per_task
+        tokens = shape.padded_tokens
+    else:
+        if seq_len is None:
+            raise CostModelError("estimate_step needs seq_len with a tokens-per-task mapping")
+        shape = StepShape.from_tokens(tokens_per_task, seq_len, kv_len)
+        tokens = sum(tokens_per_task.values())
+    unknown = sorted(set(shape.rows) - set(summary.tasks))
+    if unknown:
+        raise CostModelError(
+            f"estimate_step: tasks {unknown} are not in the summary (tasks {list(summary.tasks)})"
+        )
+    b, s = float(shape.total_rows), float(shape.seq_len)
+    kv_scale = 1.0 if shape.kv_len is None else shape.kv_len / shape.seq_len
+    fwd = bwd = 0.0
+    by_kind: dict[str, float] = {}
+    if shape.total_rows == 0:
+        return StepEstimate(0.0, 0.0, 0, 0, {})
+    for f, g, task, count in summary.grouped:
+        if task is None:
+            rows = b
+        else:
+            rows = float(shape.rows.get(task, 0))
+            if rows == 0:
+                continue
+        tf = count * _price(cost, f, rows, s, kv_scale, False)
+        tb = count * _price(cost, g, rows, s, kv_scale, True)
+        fwd += tf
+        bwd += tb
+        for w, t in ((f, tf), (g, tb)):
+            if w is not None:
+                by_kind[w.key.kind.value] = by_kind.get(w.key.kind.value, 0.0) + t
+    return StepEstimate(fwd, bwd, tokens, shape.padded_tokens, by_kind)
+
+
+def saturation_tokens(
+    model: ModelSummary | MuxGraph,
+    *,
+    cost: CostModel,
+    seq_len: int,
+    task: str | None = None,
+    tolerance: float = 0.1,
+    max_tokens: int = 1 << 20,
+) -> int:
+    """Tokens per step past which doubling them improves time per token by < ``tolerance``.
+
+    This is the point where fusing more tasks spatially stops paying (the planner stops
+    growing an hTask there). All tokens go to ``task`` (default: the first task), in rows of
+    ``seq_len``; returns ``max_tokens`` if never saturated below it.
+    """
+    summary = as_summary(model)
+    task = summary.tasks[0] if task is None else task
+    t = seq_len
+    per = estimate_step(summary, {task: t}, cost=cost, seq_len=seq_len).total / t
+    while t < max_tokens:
+        nxt = estimate_step(summary, {task: 2 * t}, cost=cost, seq_len=seq_len).total / (2 * t)
+        if nxt >= (1.0 - tolerance) * per:
+            return t
+        t, per = 2 * t, nxt
+    return max_tokens

@@ -1,0 +1,500 @@
+"""Short on-device micro-profile of the ops a program runs, cached per device as JSON.
+
+`profile_device(device, keys)` times each `OpKey` (forward and backward separately) at a few
+work sizes, e.g. a frozen GEMM fwd+bwd at 16..4096 tokens, attention at a few sequence lengths,
+and an elementwise probe for bandwidth and per-op overhead. A `DeviceProfile` holds the raw
+samples plus the measured peaks (for the roofline fallback) and the identity of the device
+they were taken on; `load_or_profile` reuses a saved profile when the identity matches and
+profiles only what is missing.
+
+>>> prof = profile_device("cpu", [OpKey(OpKind.GEMM, (64, 64))], tokens=(16, 64))
+>>> [s.work for s in prof.samples["gemm:float32:64x64"]]
+[16.0, 64.0]
+>>> DeviceProfile.from_json(prof.to_json()) == prof
+True
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from muxc.plan.ops import CostModelError, OpKey, OpKind, Roofline
+
+__all__ = [
+    "Clock",
+    "Sample",
+    "DeviceProfile",
+    "DEFAULT_TOKENS",
+    "DEFAULT_ATTENTION_SHAPES",
+    "DEFAULT_ELEMENTWISE_NUMELS",
+    "device_identity",
+    "profile_device",
+    "load_or_profile",
+]
+
+FORMAT = 1
+DEFAULT_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_ATTENTION_SHAPES = ((1, 32), (1, 64), (1, 128), (2, 128), (1, 256), (2, 256), (4, 256),
+                            (1, 512), (2, 512))  # (batch rows, sequence length)
+DEFAULT_ELEMENTWISE_NUMELS = (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22)
+_VIEW_CHAIN = 16  # views per VIEW sample; the sample is the time per view
+
+
+class Clock(str, Enum):
+    """How a profile (and whoever compares against it) measures time.
+
+    WALL: ``time.perf_counter`` with a device synchronize around each measurement.
+    THREAD: CPU time of the calling thread (``time.thread_time``); immune to other processes
+    taking the cores, meaningful only on CPU with ``torch.get_num_threads() == 1``.
+    """
+
+    WALL = "wall"
+    THREAD = "thread"
+
+    def now(self, device: torch.device) -> float:
+        if self is Clock.THREAD:
+            return time.thread_time()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def check(self, device: torch.device) -> None:
+        if self is Clock.THREAD and (device.type != "cpu" or torch.get_num_threads() != 1):
+            raise CostModelError(
+                f"clock='thread' measures one CPU thread; it needs a cpu device and "
+                f"torch.get_num_threads() == 1 (got {device.type}, "
+                f"{torch.get_num_threads()} threads); use clock='wall' or set 1 thread"
+            )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One timed work size: median forward and backward seconds over the repeats.
+
+    ``backward_work`` is the backward's own work when its unit differs (elementwise bytes).
+    """
+
+    work: float
+    forward: float
+    backward: float
+    backward_work: float | None = None
+
+    def to_json(self) -> list[float | None]:
+        return [self.work, self.forward, self.backward, self.backward_work]
+
+    @staticmethod
+    def from_json(row: Sequence) -> Sample:
+        if len(row) != 4:
+            raise CostModelError(f"bad profile sample {row!r}: expected [work, fwd, bwd, bwd_work]")
+        w, f, b, bw = row
+        return Sample(float(w), float(f), float(b), None if bw is None else float(bw))
+
+
+def device_identity(device: torch.device | str) -> dict[str, str | int]:
+    """What a profile is only valid for: device kind and name, torch version, CPU threads.
+
+    >>> sorted(device_identity("cpu"))
+    ['device_kind', 'device_name', 'threads', 'torch']
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    return {
+        "device_kind": device.type,
+        "device_name": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads() if device.type == "cpu" else 0,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Latency samples per op key, measured on one device, and that device's peaks.
+
+    ``samples`` maps ``str(OpKey)`` to its samples (sorted by work). ``peak_flops``,
+    ``peak_bandwidth`` and ``overhead`` are the best measured GEMM FLOP/s, elementwise bytes/s
+    and smallest per-op time; they parametrise the roofline for ops without samples.
+    """
+
+    identity: Mapping[str, str | int]
+    clock: Clock
+    peak_flops: float
+    peak_bandwidth: float
+    overhead: float
+    samples: Mapping[str, tuple[Sample, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clock", Clock(self.clock))
+        object.__setattr__(self, "identity", dict(self.identity))
+        object.__setattr__(self, "samples", {k: tuple(sorted(v, key=lambda s: s.work))
+                                             for k, v in sorted(self.samples.items())})
+
+    def __repr__(self) -> str:
+        i = self.identity
+        return (f"DeviceProfile({i.get('device_kind')}: {i.get('device_name')!r}, "
+                f"{len(self.samples)} op keys, {self.peak_flops / 1e9:.1f} GFLOP/s, "
+                f"{self.peak_bandwidth / 1e9:.1f} GB/s, clock={self.clock.value})")
+
+    @property
+    def device_name(self) -> str:
+        return str(self.identity.get("device_name", ""))
+
+    def keys(self) -> list[OpKey]:
+        return [OpKey.parse(k) for k in self.samples]
+
+    def missing(self, keys: Iterable[OpKey]) -> list[OpKey]:
+        """The profiled kinds among ``keys`` that have no samples here."""
+        return sorted({k for k in keys if k.kind in PROBES and str(k) not in self.samples})
+
+    def roofline(self) -> Roofline:
+        return Roofline(self.peak_flops, self.peak_bandwidth, self.overhead)
+
+    def merge(self, other: DeviceProfile) -> DeviceProfile:
+        """Samples of both (same device and clock); repeated work sizes keep both samples."""
+        if dict(other.identity) != dict(self.identity) or other.clock is not self.clock:
+            raise CostModelError(
+                f"cannot merge profiles of different devices/clocks: {dict(self.identity)} "
+                f"({self.clock.value}) vs {dict(other.identity)} ({other.clock.value})"
+            )
+        samples = {k: list(v) for k, v in self.samples.items()}
+        for k, v in other.samples.items():
+            samples.setdefault(k, []).extend(v)
+        return DeviceProfile(
+            self.identity,
+            self.clock,
+            max(self.peak_flops, other.peak_flops),
+            max(self.peak_bandwidth, other.peak_bandwidth),
+            min(self.overhead, other.overhead),
+            {k: tuple(v) for k, v in samples.items()},
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "identity": dict(self.identity),
+            "clock": self.clock.value,
+            "peak_flops": self.peak_flops,
+            "peak_bandwidth": self.peak_bandwidth,
+            "overhead": self.overhead,
+            "samples": {k: [s.to_json() for s in v] for k, v in self.samples.items()},
+        }
+
+    @staticmethod
+    def from_json(data: Mapping) -> DeviceProfile:
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+            raise CostModelError(
+                f"not a muxc device profile of format {FORMAT} (got format {got!r}); delete the "
+                "file to re-profile"
+            )
+        try:
+            samples = {}
+            for k, rows in data["samples"].items():
+                OpKey.parse(k)
+                samples[k] = tuple(Sample.from_json(r) for r in rows)
+            return DeviceProfile(
+                identity=data["identity"],
+                clock=Clock(data["clock"]),
+                peak_flops=float(data["peak_flops"]),
+                peak_bandwidth=float(data["peak_bandwidth"]),
+                overhead=float(data["overhead"]),
+                samples=samples,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CostModelError(
+                f"malformed device profile ({type(e).__name__}: {e}); delete it to re-profile"
+            ) from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        return path
+
+    @staticmethod
+    def load(path: str | Path) -> DeviceProfile:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CostModelError(f"no device profile at {str(path)!r}; run profile_device or "
+                                 "load_or_profile to create it") from None
+        except json.JSONDecodeError as e:
+            raise CostModelError(f"device profile {str(path)!r} is not JSON ({e}); delete it to "
+                                 "re-profile") from None
+        return DeviceProfile.from_json(data)
+
+
+# ------------------------------------------------------------------------------- probes
+#
+# A probe builds inputs for one work size and returns (forward_fn, backward_work): calling
+# forward_fn() runs the op and returns the tensor whose .backward() runs its backward.
+
+Probe = Callable[[OpKey, int, torch.device], tuple[Callable[[], torch.Tensor], float | None]]
+
+
+def _dtype(key: OpKey) -> torch.dtype:
+    dt = getattr(torch, key.dtype, None)
+    if not isinstance(dt, torch.dtype):
+        raise CostModelError(f"op key {key}: unknown dtype {key.dtype!r}")
+    return dt
+
+
+def _leaf(*shape, device, dtype, grad=True) -> torch.Tensor:
+    return torch.randn(*shape, device=device, dtype=dtype).div_(4).requires_grad_(grad)
+
+
+def _probe_gemm(key: OpKey, tokens: int, device):
+    k, n = key.shape
+    dt = _dtype(key)
+    x = _leaf(tokens, k, device=device, dtype=dt)
+    w = _leaf(n, k, device=device, dtype=dt, grad=False)
+    return (lambda: F.linear(x, w)), None
+
+
+def _probe_attention(key: OpKey, shape: tuple[int, int], device):
+    heads, d = key.shape
+    b, s = shape
+    dt = _dtype(key)
+    # like HF: (b, s, heads, d) projections viewed as (b, heads, s, d)
+    q, k, v = (_leaf(b, s, heads, d, device=device, dtype=dt) for _ in range(3))
+    kwargs = {}
+    if key.variant == "mask":
+        causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
+        kwargs["attn_mask"] = causal.expand(b, 1, s, s).contiguous()
+    elif key.variant == "causal":
+        kwargs["is_causal"] = True
+
+    def fwd():
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kwargs
+        )
+
+    return fwd, None
+
+
+def _probe_lora(key: OpKey, tokens: int, device):
+    from muxc.kernels import multi_lora
+
+    k, n, r = key.shape
+    dt = _dtype(key)
+    x = _leaf(tokens, k, device=device, dtype=dt)
+    a = _leaf(r, k, device=device, dtype=dt)
+    bm = _leaf(n, r, device=device, dtype=dt)
+    return (lambda: multi_lora(x, [tokens], [a], [bm], [2.0])), None
+
+
+def _probe_ia3(key: OpKey, tokens: int, device):
+    from muxc.kernels import multi_ia3
+
+    (n,) = key.shape
+    dt = _dtype(key)
+    h = _leaf(tokens, n, device=device, dtype=dt)
+    v = _leaf(n, device=device, dtype=dt)
+    return (lambda: multi_ia3(h, [tokens], [v])), None
+
+
+def _probe_loss(key: OpKey, tokens: int, device):
+    from muxc.runtime.sites import causal_lm_loss
+
+    (vocab,) = key.shape
+    logits = _leaf(1, tokens, vocab, device=device, dtype=_dtype(key))
+    labels = torch.randint(0, vocab, (1, tokens), device=device)
+    return (lambda: causal_lm_loss(logits, labels)), None
+
+
+def _probe_elementwise(key: OpKey, numel: int, device):
+    dt = _dtype(key)
+    a = _leaf(numel, device=device, dtype=dt)
+    b = _leaf(numel, device=device, dtype=dt)
+    nbytes = numel * key.itemsize
+    return (lambda: a * b), 6.0 * nbytes  # = elementwise_backward_bytes(n, [n, n])
+
+
+def _probe_view(key: OpKey, _: int, device):
+    x = _leaf(8, 16, device=device, dtype=_dtype(key))
+
+    def fwd():
+        y = x
+        for i in range(_VIEW_CHAIN // 2):
+            y = y.view(16, 8) if i % 2 == 0 else y.view(8, 16)
+            y = y.transpose(0, 1)
+        return y
+
+    return fwd, 1.0
+
+
+PROBES: dict[OpKind, Probe] = {
+    OpKind.GEMM: _probe_gemm,
+    OpKind.ATTENTION: _probe_attention,
+    OpKind.LORA: _probe_lora,
+    OpKind.IA3: _probe_ia3,
+    OpKind.LOSS: _probe_loss,
+    OpKind.ELEMENTWISE: _probe_elementwise,
+    OpKind.VIEW: _probe_view,
+}
+
+
+def _work(key: OpKey, size) -> float:
+    if key.kind is OpKind.ATTENTION:
+        b, s = size
+        return float(b * key.shape[0] * s * s)
+    if key.kind is OpKind.ELEMENTWISE:
+        return 3.0 * size * key.itemsize
+    if key.kind is OpKind.VIEW:
+        return 1.0
+    return float(size)
+
+
+def _time_one(fwd: Callable[[], torch.Tensor], device, clock: Clock, repeats: int, warmup: int,
+              per: int) -> tuple[float, float]:
+    leaves: list[torch.Tensor] = []
+    f_times, b_times = [], []
+    for i in range(warmup + repeats):
+        for t in leaves:
+            t.grad = None
+        t0 = clock.now(device)
+        out = fwd()
+        t1 = clock.now(device)
+        grad = torch.ones_like(out)
+        t2 = clock.now(device)
+        out.backward(grad)
+        t3 = clock.now(device)
+        if i >= warmup:
+            f_times.append((t1 - t0) / per)
+            b_times.append((t3 - t2) / per)
+        if not leaves:
+            leaves = _leaves_of(out)
+    return statistics.median(f_times), statistics.median(b_times)
+
+
+def _leaves_of(out: torch.Tensor) -> list[torch.Tensor]:
+    seen, stack, found = set(), [out.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            found.append(fn.variable)
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+def profile_device(
+    device: torch.device | str,
+    keys: Iterable[OpKey],
+    *,
+    tokens: Sequence[int] = DEFAULT_TOKENS,
+    attention_shapes: Sequence[tuple[int, int]] = DEFAULT_ATTENTION_SHAPES,
+    elementwise_numels: Sequence[int] = DEFAULT_ELEMENTWISE_NUMELS,
+    repeats: int = 5,
+    warmup: int = 1,
+    clock: Clock | str = Clock.WALL,
+) -> DeviceProfile:
+    """Time every profilable key in ``keys`` (plus the elementwise and view probes) on ``device``.
+
+    Each key is timed at each work size (``tokens`` for GEMM/LoRA/IA3/loss, ``(rows, seq)``
+    ``attention_shapes`` for attention, ``elementwise_numels`` elements for the elementwise
+    probe): ``warmup`` untimed runs, then the median of ``repeats``. MATMUL keys are not
+    profiled (roofline). Takes a few seconds for a small model on a 2-core CPU.
+    """
+    device = torch.device(device)
+    clock = Clock(clock)
+    clock.check(device)
+    if repeats < 1 or warmup < 0:
+        raise CostModelError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    wanted = set(keys) | {OpKey(OpKind.ELEMENTWISE), OpKey(OpKind.VIEW)}
+    samples: dict[str, tuple[Sample, ...]] = {}
+    for key in sorted(k for k in wanted if k.kind in PROBES):
+        probe = PROBES[key.kind]
+        if key.kind is OpKind.ATTENTION:
+            sizes: Sequence = attention_shapes
+        elif key.kind is OpKind.ELEMENTWISE:
+            sizes = elementwise_numels
+        elif key.kind is OpKind.VIEW:
+            sizes = (1,)
+        else:
+            sizes = tokens
+        rows = []
+        for size in sizes:
+            fwd, bwd_work = probe(key, size, device)
+            per = _VIEW_CHAIN if key.kind is OpKind.VIEW else 1
+            f, b = _time_one(fwd, device, clock, repeats, warmup, per)
+            rows.append(Sample(_work(key, size), f, b, bwd_work))
+        samples[str(key)] = tuple(rows)
+    return DeviceProfile(
+        identity=device_identity(device),
+        clock=clock,
+        peak_flops=_peak_flops(samples),
+        peak_bandwidth=_peak_bandwidth(samples),
+        overhead=min(s.forward for s in samples[str(OpKey(OpKind.ELEMENTWISE))]),
+        samples=samples,
+    )
+
+
+def _peak_flops(samples: Mapping[str, Sequence[Sample]]) -> float:
+    best = 0.0
+    for k, rows in samples.items():
+        key = OpKey.parse(k)
+        if key.kind is OpKind.GEMM:
+            kk, n = key.shape
+            best = max([best, *(2.0 * s.work * kk * n / s.forward for s in rows if s.forward > 0)])
+    return best or 1e11
+
+
+def _peak_bandwidth(samples: Mapping[str, Sequence[Sample]]) -> float:
+    rows = samples.get(str(OpKey(OpKind.ELEMENTWISE)), ())
+    return max((s.work / s.forward for s in rows if s.forward > 0), default=1e10)
+
+
+def load_or_profile(
+    path: str | Path,
+    device: torch.device | str,
+    keys: Iterable[OpKey],
+    **profile_kwargs,
+) -> DeviceProfile:
+    """The profile saved at ``path`` when it was taken on this device (same identity and
+    clock), with any missing keys profiled and saved back; else a fresh profile, saved.
+    """
+    path = Path(path)
+    keys = list(keys)
+    clock = Clock(profile_kwargs.get("clock", Clock.WALL))
+    here = device_identity(device)
+    old = None
+    if path.exists():
+        old = DeviceProfile.load(path)
+        if dict(old.identity) != here or old.clock is not clock:
+            old = None  # another device, torch or thread count: stale
+    if old is not None:
+        missing = old.missing(keys)
+        if not missing:
+            return old
+        new = old.merge(profile_device(device, missing, **profile_kwargs))
+    else:
+        new = profile_device(device, keys, **profile_kwargs)
+    new.save(path)
+    return new
+

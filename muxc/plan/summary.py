@@ -1,0 +1,569 @@
+"""`ModelSummary`: what one step of a merged program costs, as work polynomials per op.
+
+`summarize_graph(mux)` walks a `MuxGraph` once. Each op node becomes an `OpCost`: the
+`OpKey` that prices it and its forward/backward work as a `Poly` in the step's rows ``b`` and
+sequence length ``s``, read off the symbolic shapes torch.export recorded in
+``node.meta["val"]`` (the weight placeholders give GEMMs their concrete ``(K, N)``).
+Adapter sites become one `OpCost` per task (work = that task's tokens). A second entry point,
+`muxc.plan.config_summary.summarize_config`, builds the same summary from an HF config alone.
+
+Which ops run a backward is found by propagating "needs grad" from the adapter parameters:
+ops upstream of the first adapter, and ops on constants (masks, rotary tables), have none.
+Activation memory is the bytes autograd saves for backward (see `_SAVES`), counted once per
+saved tensor (views resolved to the tensor that owns the storage).
+
+>>> s = summarize_graph(program.mux)                            # doctest: +SKIP
+>>> s                                                           # doctest: +SKIP
+ModelSummary(graph, tasks=['t0', 't1'], 2 layers, 215 ops, 14 GEMMs, 2 attention, 22 adapters)
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+import sympy
+import torch
+import torch.fx as fx
+
+from muxc.errors import MuxcInternalError
+from muxc.ir import AdapterKind, MuxGraph, Role, info
+from muxc.plan.ops import CostModelError, OpKey, OpKind, Poly
+
+__all__ = ["Work", "OpCost", "ModelSummary", "summarize_graph", "as_summary", "layer_of"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Work:
+    """``amount`` units of work priced by ``key``."""
+
+    key: OpKey
+    amount: Poly
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """The cost of one graph node (or one task's adapter at a site).
+
+    ``task``: set for per-task ops (adapters, losses): their polynomials take that task's
+    rows as ``b``. ``layer``: the decoder layer index, None outside the layers.
+    """
+
+    node: str
+    forward: Work | None
+    backward: Work | None = None
+    task: str | None = None
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A merged program's step cost and memory, independent of the device.
+
+    ``frozen_bytes``: shared frozen weights (once). ``adapter_numel``/``adapter_bytes``: per
+    task trainable parameters. ``saved``: activation bytes saved for backward by shared ops
+    (``b`` = rows of the whole step); ``saved_per_task``: by per-task ops (``b`` = the task's
+    rows). ``source``: "graph" or "config".
+    """
+
+    ops: tuple[OpCost, ...]
+    tasks: tuple[str, ...]
+    layers: int
+    frozen_bytes: int
+    adapter_numel: Mapping[str, int]
+    adapter_bytes: Mapping[str, int]
+    saved: Poly
+    saved_per_task: Mapping[str, Poly]
+    source: str = "graph"
+
+    def __repr__(self) -> str:
+        kinds = Counter(o.forward.key.kind for o in self.ops if o.forward is not None)
+        adapters = kinds[OpKind.LORA] + kinds[OpKind.IA3]
+        return (f"ModelSummary({self.source}, tasks={list(self.tasks)}, {self.layers} layers, "
+                f"{len(self.ops)} ops, {kinds[OpKind.GEMM]} GEMMs, "
+                f"{kinds[OpKind.ATTENTION]} attention, {adapters} adapters)")
+
+    def op_keys(self) -> list[OpKey]:
+        """Every key this summary is priced with (what `profile_device` should time)."""
+        keys = set()
+        for o in self.ops:
+            for w in (o.forward, o.backward):
+                if w is not None:
+                    keys.add(w.key)
+        return sorted(keys)
+
+    @cached_property
+    def grouped(self) -> tuple[tuple[Work | None, Work | None, str | None, int], ...]:
+        """Ops with equal work merged: ``(forward, backward, task, count)``; for fast pricing."""
+        c = Counter((o.forward, o.backward, o.task) for o in self.ops)
+        return tuple((f, b, t, n) for (f, b, t), n in c.items())
+
+    def restrict(self, tasks) -> ModelSummary:
+        """This summary with only ``tasks``' adapters and losses (for an hTask's program)."""
+        keep = set(tasks)
+        unknown = keep - set(self.tasks)
+        if unknown:
+            raise MuxcInternalError(f"restrict: unknown tasks {sorted(unknown)}")
+        return ModelSummary(
+            ops=tuple(o for o in self.ops if o.task is None or o.task in keep),
+            tasks=tuple(t for t in self.tasks if t in keep),
+            layers=self.layers,
+            frozen_bytes=self.frozen_bytes,
+            adapter_numel={t: n for t, n in self.adapter_numel.items() if t in keep},
+            adapter_bytes={t: n for t, n in self.adapter_bytes.items() if t in keep},
+            saved=self.saved,
+            saved_per_task={t: p for t, p in self.saved_per_task.items() if t in keep},
+            source=self.source,
+        )
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def layer_of(path: str | None) -> int | None:
+    """Decoder layer index in a module path.
+
+    >>> layer_of("model.layers.3.self_attn.q_proj"), layer_of("lm_head")
+    (3, None)
+    """
+    if not path:
+        return None
+    m = _LAYER.search(path)
+    return int(m.group(1)) if m else None
+
+
+def _node_layer(node: fx.Node) -> int | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    for path, _ in reversed(list(stack.values())):
+        layer = layer_of(path)
+        if layer is not None:
+            return layer
+    return None
+
+
+# ------------------------------------------------------------------ symbolic shapes -> Poly
+
+_B, _S = sympy.symbols("b s", positive=True, integer=True)
+
+
+class _Shapes:
+    """Turns symbolic sizes of fake tensors into `Poly`s in (b, s)."""
+
+    def __init__(self, mux: MuxGraph):
+        self.subs: dict[sympy.Symbol, sympy.Symbol] = {}
+        for node in mux.gm.graph.find_nodes(op="placeholder"):
+            val = node.meta.get("val")
+            if info(node).role is Role.INPUT and isinstance(val, torch.Tensor) and val.dim() == 2:
+                for d, sym in zip(val.shape, (_B, _S)):
+                    if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
+                        self.subs[d.node.expr] = sym
+        if set(self.subs.values()) != {_B, _S}:
+            raise MuxcInternalError(
+                "summarize_graph: the inputs have no dynamic (batch, seq) dims; the merged graph "
+                "must be exported with dynamic batch and sequence"
+            )
+        self._cache: dict[sympy.Expr, Poly] = {}
+
+    def expr(self, d) -> sympy.Expr:
+        if isinstance(d, torch.SymInt):
+            return d.node.expr.xreplace(self.subs)
+        return sympy.Integer(int(d))
+
+    def numel(self, val: torch.Tensor, effective: bool = True) -> sympy.Expr:
+        """Elements of ``val``; ``effective`` skips broadcast (stride-0) dims."""
+        e = sympy.Integer(1)
+        strides = val.stride() if effective else (None,) * val.dim()
+        for d, st in zip(val.shape, strides):
+            if effective and isinstance(st, int) and st == 0:
+                continue
+            e = e * self.expr(d)
+        return e
+
+    def poly(self, expr: sympy.Expr, what: fx.Node) -> Poly:
+        expr = sympy.expand(expr)
+        hit = self._cache.get(expr)
+        if hit is not None:
+            return hit
+        extra = expr.free_symbols - {_B, _S}
+        try:
+            if extra:
+                raise sympy.PolynomialError(f"free symbols {sorted(map(str, extra))}")
+            p = sympy.Poly(expr, _B, _S)
+        except sympy.PolynomialError as e:
+            raise MuxcInternalError(
+                f"summarize_graph: size {expr} of {what.format_node()} is not a polynomial in "
+                f"batch and sequence ({e})"
+            ) from None
+        out = Poly(tuple(sorted((int(i), int(j), float(c)) for (i, j), c in p.terms())))
+        self._cache[expr] = out
+        return out
+
+
+def _val(node) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    out = []
+    for a in (*node.args, *node.kwargs.values()):
+        for x in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(x, fx.Node) and _val(x) is not None:
+                out.append(x)
+    return out
+
+
+def _is_alias(target) -> bool:
+    if target is operator.getitem:
+        return True
+    schema = getattr(target, "_schema", None)
+    if schema is None or not schema.returns:
+        return False
+    a = schema.returns[0].alias_info
+    return a is not None and not a.is_write
+
+
+_GEMMS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default}
+_BMMS = {aten.bmm.default, aten.matmul.default, aten.mm.default, aten.baddbmm.default}
+_SDPA = {aten.scaled_dot_product_attention.default}
+_PASS_THROUGH = {aten.add.Tensor, aten.sub.Tensor, aten.cat.default, aten.add_.Tensor}
+_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.mean.default, aten.sum.default}
+_SAVE_OTHER = {aten.mul.Tensor, aten.div.Tensor}
+_SAVE_INPUT = {aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.silu.default, aten.sigmoid.default,
+               aten.tanh.default, aten.exp.default, aten.log.default, aten.sqrt.default,
+               aten.gelu.default, aten.sin.default, aten.cos.default, aten.reciprocal.default,
+               aten.erf.default, aten.relu.default, aten.softplus.default}
+_SAVE_OUTPUT = {aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
+                aten.log_softmax.int}
+_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
+_DROPOUT = {aten.dropout.default, aten.native_dropout.default}
+_SAVES = (_SAVE_OTHER, _SAVE_INPUT, _SAVE_OUTPUT, _NORMS, _DROPOUT)
+"""Ops whose backward needs saved activations (everything else saves none):
+mul/div save the other operand of each input needing a gradient; unary pointwise ops their
+input; softmaxes their output; norms input and per-row statistics; dropout its mask;
+attention q, k, v, mask, output and per-row log-sum-exp; a GEMM with a frozen weight saves
+nothing but the weight (dX = dY W); LoRA/IA3 save their input; the loss its log-probabilities.
+"""
+
+
+class _Walker:
+    def __init__(self, mux: MuxGraph):
+        self.mux = mux
+        self.shapes = _Shapes(mux)
+        self.grad: dict[fx.Node, bool] = {}
+        self.ops: list[OpCost] = []
+        self.saved: dict[fx.Node, Poly] = {}  # storage-owning node -> bytes
+        self.saved_extra = Poly()
+        self.saved_per_task: dict[str, Poly] = {t: Poly() for t in mux.tasks}
+        self.ew = OpKey(OpKind.ELEMENTWISE)
+        self.view = OpKey(OpKind.VIEW)
+
+    # -- helpers
+    def bytes(self, node: fx.Node, effective: bool = True) -> Poly:
+        v = _val(node)
+        if v is None:
+            return Poly()
+        expr = self.shapes.numel(v, effective) * v.dtype.itemsize
+        return self.shapes.poly(expr, node)
+
+    def tokens(self, x: fx.Node, last: int) -> Poly:
+        """Rows of ``x`` seen as a matrix with ``last`` columns."""
+        v = _val(x)
+        return self.shapes.poly(self.shapes.numel(v, effective=False) / last, x)
+
+    def root(self, node: fx.Node) -> fx.Node:
+        while (node.op == "call_function" and _is_alias(node.target) and node.args
+               and isinstance(node.args[0], fx.Node) and not self.copies(node)):
+            node = node.args[0]
+        return node
+
+    def copies(self, node: fx.Node) -> bool:
+        """An aliasing op that materialises a copy anyway."""
+        out, src = _val(node), _val(node.args[0]) if node.args else None
+        if out is None or src is None:
+            return False
+        t = node.target
+        if t in (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other):
+            return out.dtype != src.dtype or out.device != src.device
+        if t in (aten.reshape.default, aten.contiguous.default, aten.flatten.using_ints):
+            return tuple(map(str, out.shape)) != tuple(map(str, src.shape)) and not src.is_contiguous()
+        return False
+
+    def save(self, node: fx.Node) -> None:
+        r = self.root(node)
+        if r not in self.saved and _val(r) is not None:
+            self.saved[r] = self.bytes(r)
+
+    def add(self, node: fx.Node, fwd: Work | None, bwd: Work | None, task=None, layer=None,
+            suffix: str = "") -> None:
+        self.ops.append(OpCost(node.name + suffix, fwd, bwd, task,
+                               _node_layer(node) if layer is None else layer))
+
+    def needs_grad(self, node) -> bool:
+        return isinstance(node, fx.Node) and self.grad.get(node, False)
+
+    # -- walk
+    def run(self) -> None:
+        graph = self.mux.gm.graph
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                self.grad[node] = info(node).role is Role.ADAPTER_PARAM
+                continue
+            if node.op != "call_function":
+                continue
+            role = info(node).role
+            out = _val(node)
+            floating = out is not None and out.dtype.is_floating_point
+            self.grad[node] = role in (Role.ADAPTER, Role.LOSS) or (
+                floating and any(self.needs_grad(a) for a in _tensor_args(node))
+            )
+            if role is Role.ADAPTER:
+                self.adapter(node)
+            elif role is Role.LOSS:
+                self.loss(node)
+            else:
+                self.backbone(node)
+        self.accumulations()
+
+    def adapter(self, node: fx.Node) -> None:
+        rec = info(node)
+        x = node.args[0]
+        layer = layer_of(rec.site)
+        lora = False
+        for r in rec.adapters:
+            if r.kind is AdapterKind.LORA:
+                a, b = r.params["A"], r.params["B"]
+                key = OpKey(OpKind.LORA, (a.shape[1], b.shape[0], r.rank), _dt(a.dtype))
+                lora = True
+            elif r.kind is AdapterKind.IA3:
+                key = OpKey(OpKind.IA3, (r.params["v"].numel(),), _dt(r.params["v"].dtype))
+            else:
+                raise MuxcInternalError(f"cost model: no cost rule for adapter kind {r.kind}")
+            w = Work(key, Poly.tokens())
+            self.add(node, w, w, task=r.task, layer=layer, suffix=f"[{r.task}]")
+        self.save(x)
+        if lora:  # h + lora(x): one add over the output; its backward passes the gradient
+            out_bytes = self.bytes(node)
+            self.add(node, Work(self.ew, out_bytes.scale(3)), Work(self.view, Poly.const(1)),
+                     layer=layer, suffix="[add]")
+
+    def loss(self, node: fx.Node) -> None:
+        task = info(node).tasks
+        (task,) = tuple(task)
+        logits = node.args[0]
+        v = _val(logits)
+        vocab = int(v.shape[-1])
+        w = Work(OpKey(OpKind.LOSS, (vocab,), _dt(v.dtype)), Poly.tokens())
+        self.add(node, w, w, task=task)
+        self.saved_per_task[task] = self.saved_per_task[task] + Poly.tokens(4.0 * vocab)
+
+    def backbone(self, node: fx.Node) -> None:
+        t = node.target
+        out = _val(node)
+        grad = self.grad[node]
+        view1 = Work(self.view, Poly.const(1))
+        if out is None:  # symbolic sizes, asserts, tuples: dispatch overhead only
+            if isinstance(node.meta.get("val"), (list, tuple)):
+                self.higher_order(node)
+            else:
+                self.add(node, view1, None)
+            return
+        args = _tensor_args(node)
+        if t in _GEMMS and self.gemm(node, grad):
+            return
+        if t in _SDPA:
+            self.attention(node, grad)
+            return
+        if t in _BMMS:
+            self.matmul(node, grad)
+            return
+        if t is aten.embedding.default:
+            self.add(node, Work(self.ew, self.bytes(node).scale(2)), None)
+            return
+        if _is_alias(t) and not self.copies(node):
+            bwd = None
+            if grad:
+                bwd = view1
+                if t is aten.expand.default:  # backward sums the broadcast gradient
+                    bwd = Work(self.ew, self.bytes(node, effective=False) + self.bytes(args[0]))
+            self.add(node, view1, bwd)
+            return
+        fwd_bytes = self.bytes(node)
+        for a in args:
+            fwd_bytes = fwd_bytes + self.bytes(a)
+        self.add(node, Work(self.ew, fwd_bytes), self.elementwise_backward(node, args) if grad else None)
+        if grad:
+            self.saves(node, args)
+
+    def elementwise_backward(self, node: fx.Node, args: list[fx.Node]) -> Work:
+        t = node.target
+        grads = [a for a in args if self.needs_grad(a)]
+        out_b = self.bytes(node)
+        if t in _PASS_THROUGH:
+            reduce = Poly()
+            for a in grads:  # broadcast inputs need their gradient summed
+                if self.bytes(a) != out_b:
+                    reduce = reduce + out_b + self.bytes(a)
+            return Work(self.ew, reduce) if reduce.terms else Work(self.view, Poly.const(1))
+        if t in _REDUCE:
+            return Work(self.ew, sum((self.bytes(a).scale(2) for a in grads), Poly()))
+        # `elementwise_backward_bytes` on polynomials: 3 * max(out, in) per grad input
+        total = Poly()
+        for a in grads:
+            a_b = self.bytes(a)
+            big = out_b if _dominates(out_b, a_b) else a_b
+            total = total + big.scale(3)
+        return Work(self.ew, total)
+
+    def saves(self, node: fx.Node, args: list[fx.Node]) -> None:
+        t = node.target
+        if t in _SAVE_OTHER:
+            for a in args:
+                if self.needs_grad(a):
+                    for other in args:
+                        if other is not a:
+                            self.save(other)
+        elif t in _SAVE_INPUT:
+            self.save(args[0])
+        elif t in _SAVE_OUTPUT:
+            self.save(node)
+        elif t in _NORMS:
+            self.save(args[0])  # and two fp32 statistics per row
+            out = _val(node)
+            rows = self.shapes.numel(out, effective=False) / int(out.shape[-1])
+            self.saved_extra = self.saved_extra + self.shapes.poly(rows * 8, node)
+        elif t in _DROPOUT:
+            self.saved_extra = self.saved_extra + self.bytes(node).scale(0.25)
+
+    def gemm(self, node: fx.Node, grad: bool) -> bool:
+        t = node.target
+        if t is aten.addmm.default:
+            x, w = node.args[1], node.args[2]
+        else:
+            x, w = node.args[0], node.args[1]
+        src = self.root(w) if isinstance(w, fx.Node) else None
+        if src is None or src.op != "placeholder" or info(src).role is not Role.FROZEN:
+            return False
+        xv, out = _val(x), _val(node)
+        k, n = int(xv.shape[-1]), int(out.shape[-1])
+        work = Work(OpKey(OpKind.GEMM, (k, n), _dt(out.dtype)), self.tokens(x, k))
+        self.add(node, work, work if self.needs_grad(x) else None)
+        return True
+
+    def attention(self, node: fx.Node, grad: bool) -> None:
+        q, k, v = node.args[:3]
+        qv, kv = _val(q), _val(k)
+        heads, d = int(qv.shape[-3]), int(qv.shape[-1])
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+        variant = "mask" if mask is not None else ("causal" if causal else "none")
+        rows = self.shapes.numel(qv, effective=False) / d  # b * heads * s
+        amount = self.shapes.poly(rows * self.shapes.expr(kv.shape[-2]), node)
+        work = Work(OpKey(OpKind.ATTENTION, (heads, d), _dt(qv.dtype), variant), amount)
+        self.add(node, work, work if grad else None)
+        if grad:
+            for a in (q, k, v, node):
+                self.save(a)
+            if isinstance(mask, fx.Node):
+                self.save(mask)
+            self.saved_extra = self.saved_extra + self.shapes.poly(rows * 4, node)  # lse
+
+    def matmul(self, node: fx.Node, grad: bool) -> None:
+        args = _tensor_args(node)
+        a = args[-2] if node.target is aten.baddbmm.default else args[0]
+        kdim = int(_val(a).shape[-1])
+        flops = self.shapes.poly(self.shapes.numel(_val(node), effective=False) * 2 * kdim, node)
+        key = OpKey(OpKind.MATMUL, (), _dt(_val(node).dtype))
+        self.add(node, Work(key, flops), Work(key, flops.scale(2)) if grad else None)
+        if grad:
+            for x in args:
+                self.save(x)
+
+    def higher_order(self, node: fx.Node) -> None:
+        """A higher-order op (e.g. a no-grad region): its outputs written once, plus one
+        dispatch per op inside it."""
+        total = Poly()
+        for user in node.users:
+            if user.target is operator.getitem:
+                total = total + self.bytes(user).scale(2)
+        inner = 1
+        for a in node.args:
+            if isinstance(a, fx.Node) and a.op == "get_attr":
+                sub = getattr(self.mux.gm, a.target, None)
+                if isinstance(sub, fx.GraphModule):
+                    inner = max(1, sum(1 for n in sub.graph.nodes if n.op == "call_function"))
+        self.add(node, Work(self.ew, total), None)
+        for i in range(inner - 1):
+            self.add(node, Work(self.view, Poly.const(1)), None, suffix=f"[{i}]")
+
+    def accumulations(self) -> None:
+        """A tensor needing grad used by several differentiable ops gets its gradients
+        summed in backward: one add per extra user."""
+        for node, g in self.grad.items():
+            if not g or node.op == "placeholder":
+                continue
+            users = [u for u in node.users if self.grad.get(u, False)]
+            uses = sum(sum(1 for a in _tensor_args(u) if a is node) for u in users)
+            b3 = self.bytes(node).scale(3)
+            for i in range(uses - 1):
+                self.add(node, None, Work(self.ew, b3), suffix=f"[acc{i}]")
+
+
+def _dominates(a: Poly, b: Poly) -> bool:
+    return a(4.0, 64.0) >= b(4.0, 64.0)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def summarize_graph(mux: MuxGraph) -> ModelSummary:
+    """Summarise a merged program's step cost and memory (see module doc). Pure: reads only."""
+    w = _Walker(mux)
+    w.run()
+    frozen: dict[int, int] = {}
+    for n in mux.nodes_with(Role.FROZEN):
+        t = mux.tensors[n.name]
+        frozen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    numel = {t: 0 for t in mux.tasks}
+    nbytes = {t: 0 for t in mux.tasks}
+    seen = set()
+    for recs in mux.sites.values():
+        for r in recs:
+            for p in r.params.values():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    numel[r.task] += p.numel()
+                    nbytes[r.task] += p.numel() * p.element_size()
+    saved = w.saved_extra
+    for p in w.saved.values():
+        saved = saved + p
+    layers = {o.layer for o in w.ops if o.layer is not None}
+    return ModelSummary(
+        ops=tuple(w.ops),
+        tasks=tuple(mux.tasks),
+        layers=max(layers) + 1 if layers else 0,
+        frozen_bytes=sum(frozen.values()),
+        adapter_numel=numel,
+        adapter_bytes=nbytes,
+        saved=saved,
+        saved_per_task=w.saved_per_task,
+        source="graph",
+    )
+
+
+def as_summary(model: ModelSummary | MuxGraph) -> ModelSummary:
+    """``model`` itself, or the summary of a `MuxGraph` (walks it: keep the result to reuse)."""
+    if isinstance(model, ModelSummary):
+        return model
+    if isinstance(model, MuxGraph):
+        return summarize_graph(model)
+    raise CostModelError(f"expected a ModelSummary or MuxGraph, got {type(model).__name__}")

@@ -1,0 +1,203 @@
+"""Chunk-based data alignment: pack each task's samples into streams cut into equal chunks.
+
+For one hTask and chunk size ``C``: each task's samples (real tokens only) are packed, whole,
+into *streams* (first-fit, longest first, capacity = the longest sample rounded up to a
+multiple of ``C``); no stream mixes tasks. Each stream is padded only up to its next multiple
+of ``C``, then cut into chunks. Step ``c`` batches chunk ``c`` of every stream that has one,
+task after task, so tasks share every kernel with no inter-task padding.
+
+Exactness: positions restart at 0 for each sample; a token attends only to earlier tokens of
+its own sample (document mask over the stream); a chunk attends to the K/V of its stream's
+earlier chunks, which the runtime keeps (with autograd) until the stream completes; labels
+are shifted within each sample exactly as HF shifts them within a row.
+
+>>> ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+>>> b = {"input_ids": ids, "attention_mask": (ids > 0).long(), "labels": ids.masked_fill(ids == 0, -100)}
+>>> lay = build_layout({"t": b}, ("t",), chunk_size=2, device=torch.device("cpu"))
+>>> [s.ids.tolist() for s in lay.steps], lay.ineffective_fraction
+([[[5, 6], [8, 9]], [[7, 0]]], 0.16666666666666663)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from muxc.errors import BatchError
+from muxc.runtime.batch import IGNORE_INDEX
+
+__all__ = ["Stream", "ChunkStep", "ChunkLayout", "build_layout", "default_chunk_size"]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One task's packed samples, padded to a multiple of the chunk size."""
+
+    task: str
+    ids: torch.Tensor  # (L,)
+    positions: torch.Tensor  # (L,) restart at 0 per sample
+    docs: torch.Tensor  # (L,) sample index; padding gets unique negative ids
+    labels: torch.Tensor  # (L,) already shifted within each sample
+    real: int
+
+    @property
+    def chunks(self) -> int:
+        return self.ids.numel()
+
+
+@dataclass(frozen=True)
+class ChunkStep:
+    """Chunk ``index`` of every stream that has one, batched task after task."""
+
+    index: int
+    tasks: tuple[str, ...]
+    rows: tuple[int, ...]  # active streams per task
+    ids: torch.Tensor  # (B, C)
+    positions: torch.Tensor  # (B, C)
+    labels: torch.Tensor  # (B, C), shifted
+    mask: torch.Tensor  # (B, 1, C, (index + 1) * C) bool: may query i attend key j
+    gather: torch.Tensor | None  # (B,) row of each stream in the previous step
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    chunk_size: int
+    steps: tuple[ChunkStep, ...]
+    label_counts: dict[str, int]
+    tokens_computed: int
+    real_tokens: int
+    streams: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ineffective_fraction(self) -> float:
+        return 1 - self.real_tokens / max(self.tokens_computed, 1)
+
+
+def _samples(name: str, batch: Mapping) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, shifted labels) of each row's real tokens, checking right padding."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
+    labels = batch["labels"]
+    out = []
+    for r in range(ids.shape[0]):
+        n = int(mask[r].sum())
+        if n == 0:
+            continue
+        if not bool(mask[r, :n].all()):
+            raise BatchError(
+                f"task {name!r}: row {r} is not right-padded (attention_mask {mask[r].tolist()}); "
+                "alignment='chunk' packs samples and needs right padding (padding_side='right')"
+            )
+        if bool((labels[r, n:] != IGNORE_INDEX).any()):
+            raise BatchError(
+                f"task {name!r}: row {r} has labels on padding; set labels to -100 where "
+                "attention_mask is 0 (alignment='chunk' drops padding)"
+            )
+        shifted = torch.nn.functional.pad(labels[r], (0, 1), value=IGNORE_INDEX)[1 : n + 1]
+        out.append((ids[r, :n], shifted))
+    return out
+
+
+def _pack(name: str, samples, chunk: int) -> list[Stream]:
+    if not samples:
+        return []
+    longest = max(s[0].numel() for s in samples)
+    capacity = -(-max(longest, chunk) // chunk) * chunk
+    bins: list[list[int]] = []
+    fill: list[int] = []
+    for i in sorted(range(len(samples)), key=lambda i: -samples[i][0].numel()):
+        n = samples[i][0].numel()
+        for b, used in enumerate(fill):
+            if used + n <= capacity:
+                bins[b].append(i)
+                fill[b] += n
+                break
+        else:
+            bins.append([i])
+            fill.append(n)
+    streams = []
+    for members in bins:
+        ids = torch.cat([samples[i][0] for i in members])
+        labels = torch.cat([samples[i][1] for i in members])
+        pos = torch.cat([torch.arange(samples[i][0].numel()) for i in members])
+        docs = torch.cat([torch.full((samples[i][0].numel(),), k) for k, i in enumerate(members)])
+        real = ids.numel()
+        pad = -real % chunk
+        if pad:
+            ids = torch.nn.functional.pad(ids, (0, pad), value=0)
+            labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
+            pos = torch.cat([pos, torch.arange(pad)])
+            docs = torch.cat([docs, -1 - torch.arange(real, real + pad)])
+        streams.append(Stream(name, ids, pos, docs, labels, real))
+    return streams
+
+
+def default_chunk_size(batches: Mapping[str, Mapping]) -> int:
+    """A chunk size when none is given: the median sample length rounded up to a multiple of 16
+    (balances leftover padding against more chunk steps; the planner's cost model refines it)."""
+    lens = []
+    for b in batches.values():
+        m = b.get("attention_mask")
+        lens += (m.sum(1) if m is not None else torch.full((b["input_ids"].shape[0],), b["input_ids"].shape[1])).tolist()
+    lens = sorted(int(n) for n in lens if n > 0) or [16]
+    return max(16, -(-lens[len(lens) // 2] // 16) * 16)
+
+
+def build_layout(
+    batches: Mapping[str, Mapping], order: tuple[str, ...], chunk_size: int, device: torch.device
+) -> ChunkLayout:
+    """Lay out the batches of the tasks in ``order`` (absent ones skipped) as chunk steps."""
+    C = chunk_size
+    per_task = {}
+    counts = {}
+    for t in order:
+        if t not in batches:
+            continue
+        samples = _samples(t, batches[t])
+        streams = sorted(_pack(t, samples, C), key=lambda s: -s.chunks)
+        per_task[t] = streams
+        counts[t] = int(sum(int((lab != IGNORE_INDEX).sum()) for _, lab in samples))
+    n_steps = max((s.chunks // C for ss in per_task.values() for s in ss), default=0)
+    steps = []
+    prev_rows: dict[str, int] = {}
+    for c in range(n_steps):
+        tasks, rows, picked, gather = [], [], [], []
+        offset_prev = 0
+        for t, streams in per_task.items():
+            active = [s for s in streams if s.chunks > c * C]
+            if active:
+                tasks.append(t)
+                rows.append(len(active))
+                picked += active
+                gather += [offset_prev + k for k in range(len(active))]
+            offset_prev += prev_rows.get(t, 0)
+        prev_rows = dict(zip(tasks, rows))
+        sl = slice(c * C, (c + 1) * C)
+        docs_k = torch.stack([s.docs[: (c + 1) * C] for s in picked])
+        docs_q = docs_k[:, c * C :]
+        spos = torch.arange((c + 1) * C)
+        mask = (docs_q[:, :, None] == docs_k[:, None, :]) & (spos[None, None, :] <= spos[c * C :][None, :, None])
+        steps.append(
+            ChunkStep(
+                index=c,
+                tasks=tuple(tasks),
+                rows=tuple(rows),
+                ids=torch.stack([s.ids[sl] for s in picked]).to(device),
+                positions=torch.stack([s.positions[sl] for s in picked]).to(device),
+                labels=torch.stack([s.labels[sl] for s in picked]).to(device),
+                mask=mask[:, None].to(device),
+                gather=None if c == 0 else torch.tensor(gather, device=device),
+            )
+        )
+    streams_all = [s for ss in per_task.values() for s in ss]
+    return ChunkLayout(
+        chunk_size=C,
+        steps=tuple(steps),
+        label_counts=counts,
+        tokens_computed=sum(s.chunks for s in streams_all),
+        real_tokens=sum(s.real for s in streams_all),
+        streams={t: len(ss) for t, ss in per_task.items()},
+    )
