@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
@@ -45,6 +46,13 @@ class Options:
     alignment: "pad" | "chunk" (pack each task's samples into streams cut into equal chunks of
       ``chunk_size`` tokens; exact attention through document masks and kept K/V).
     chunk_size: tokens per chunk (>= 1); None picks a default from the batches.
+    stages: pipeline stages the backbone is cut into (1..number of subgraphs); all run in this
+      process for now (the multi-process pipeline runtime is a later step).
+    micro_batches: micro-batches per hTask with alignment="pad" (None: one per task row
+      group); with alignment="chunk" an hTask's micro-batches are its chunk steps.
+    memory_budget: bytes the fusion planner must stay under (None: unlimited).
+    cost_model: path of a saved device profile (JSON) for the cost model (None: profile on
+      first use or fall back to the analytic roofline).
     kernel_impl: None (registry picks: Triton on CUDA, torch on CPU) | "torch" | "triton".
     verify: run invariant checks after every pass (slower compile; on in tests).
 
@@ -55,6 +63,10 @@ class Options:
     fusion: Fusion | str = Fusion.AUTO
     alignment: Alignment | str = Alignment.PAD
     chunk_size: int | None = None
+    stages: int = 1
+    micro_batches: int | None = None
+    memory_budget: int | None = None
+    cost_model: str | None = None
     kernel_impl: Impl | str | None = None
     verify: bool = False
 
@@ -70,6 +82,19 @@ class Options:
                     f"chunk_size={self.chunk_size} needs alignment='chunk' (alignment is "
                     f"{self.alignment.value!r}); set alignment='chunk' or drop chunk_size"
                 )
+        for name in ("stages", "micro_batches", "memory_budget"):
+            value = getattr(self, name)
+            if value is None and name != "stages":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionsError(f"{name} must be a positive int{'' if name == 'stages' else ' or None'}, got {value!r}")
+        if self.micro_batches is not None and self.alignment is Alignment.CHUNK:
+            raise OptionsError(
+                f"micro_batches={self.micro_batches} applies to alignment='pad'; with alignment='chunk' "
+                "the micro-batches are the chunk steps (set chunk_size instead)"
+            )
+        if self.cost_model is not None and not isinstance(self.cost_model, (str, os.PathLike)):
+            raise OptionsError(f"cost_model must be a path or None, got {self.cost_model!r}")
         if not isinstance(self.verify, bool):
             raise OptionsError(f"verify must be a bool, got {self.verify!r}")
 

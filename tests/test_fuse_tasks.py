@@ -1,0 +1,63 @@
+"""Fusion DP: optimal against brute force; spatial/temporal extremes; limits respected."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from muxc.errors import OptionsError
+from muxc.passes.fuse_tasks import GroupCost, brute_force, objective, plan_fusion
+
+
+def _cost_model(loads, sat=256, per_token=1e-6, floor=2e-4, act_per_token=1000.0, mb_tokens=128):
+    """Latency flat below saturation, linear above; micro-batches of ``mb_tokens``."""
+
+    def latency(tokens):
+        return floor + per_token * max(0, tokens - sat)
+
+    def cost(group):
+        tokens = sum(loads[t] for t in group)
+        m = max(1, -(-tokens // mb_tokens))
+        slot = latency(tokens / m) + 1e-5 * len(group)
+        return GroupCost(work=m * slot, slot=slot, activation_bytes=act_per_token * tokens / m, tokens=tokens // m)
+
+    return cost
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_dp_matches_brute_force(seed, stages):
+    rng = random.Random(seed)
+    loads = {f"t{i}": rng.choice([16, 40, 90, 200, 400, 800]) for i in range(rng.randint(1, 7))}
+    cost = _cost_model(loads)
+    sat = rng.choice([None, 300, 1000])
+    budget = rng.choice([None, 2e5, 5e5])
+    if budget is not None and any(cost((t,)).activation_bytes > budget for t in loads):
+        with pytest.raises(OptionsError, match="alone needs"):
+            plan_fusion(loads, cost, stages, sat, budget)
+        return
+    plan = plan_fusion(loads, cost, stages, sat, budget)
+    groups, best = brute_force(loads, cost, stages, sat, budget)
+    assert plan.predicted == pytest.approx(best, rel=1e-12)
+    assert objective(plan.htasks, cost, stages) == pytest.approx(best, rel=1e-12)
+    assert sorted(t for h in plan.htasks for t in h) == sorted(loads)
+
+
+def test_small_tasks_fuse_and_saturation_stops_growth():
+    loads = {"a": 20, "b": 30, "c": 40, "d": 5000}
+    plan = plan_fusion(loads, _cost_model(loads), stages=1, saturation_tokens=1000)
+    assert ("a", "b", "c") in plan.htasks and ("d",) in plan.htasks
+    assert plan.alternatives["auto"] <= min(plan.alternatives["spatial"], plan.alternatives["temporal"])
+
+
+def test_single_task_over_budget_raises():
+    loads = {"a": 100}
+    with pytest.raises(OptionsError, match="task 'a' alone needs .* raise memory_budget"):
+        plan_fusion(loads, _cost_model(loads), activation_budget=10.0)
+
+
+def test_deterministic():
+    loads = {f"t{i}": 64 for i in range(6)}
+    cost = _cost_model(loads)
+    assert plan_fusion(loads, cost, 4).htasks == plan_fusion(dict(reversed(loads.items())), cost, 4).htasks
