@@ -249,7 +249,8 @@ _SAVES = (_SAVE_OTHER, _SAVE_INPUT, _SAVE_OUTPUT, _NORMS, _DROPOUT)
 """Ops whose backward needs saved activations (everything else saves none):
 mul/div save the other operand of each input needing a gradient; unary pointwise ops their
 input; softmaxes their output; norms input and per-row statistics; dropout its mask;
-attention q, k, v, mask, output and per-row log-sum-exp; a GEMM with a frozen weight saves
+attention q, k, v, output, per-row log-sum-exp and its mask (as an additive mask in q's dtype,
+one per call); a GEMM with a frozen weight saves
 nothing but the weight (dX = dY W); LoRA/IA3 save their input; the loss its log-probabilities.
 """
 
@@ -299,6 +300,8 @@ class _Walker:
 
     def save(self, node: fx.Node) -> None:
         r = self.root(node)
+        if r.op == "placeholder":  # weights and adapter parameters are not activations
+            return
         if r not in self.saved and _val(r) is not None:
             self.saved[r] = self.bytes(r)
 
@@ -472,9 +475,10 @@ class _Walker:
         if grad:
             for a in (q, k, v, node):
                 self.save(a)
-            if isinstance(mask, fx.Node):
-                self.save(mask)
-            self.saved_extra = self.saved_extra + self.shapes.poly(rows * 4, node)  # lse
+            extra = rows * 4  # per-row log-sum-exp, fp32
+            if isinstance(mask, fx.Node):  # kept as an additive mask in q's dtype, per call
+                extra = extra + self.shapes.numel(_val(mask), effective=False) * qv.dtype.itemsize
+            self.saved_extra = self.saved_extra + self.shapes.poly(extra, node)
 
     def matmul(self, node: fx.Node, grad: bool) -> None:
         args = _tensor_args(node)
