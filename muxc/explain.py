@@ -118,7 +118,7 @@ def explain_program(program, batches: Mapping[str, Mapping] | None = None) -> Ex
     frozen_bytes = _bytes(frozen)
     n = len(mux.tasks)
     fusion = program.executor.fusion.value
-    htasks = [list(g) for g in program.executor.groups()]
+    htasks = [list(g) for g in program.executor.groups(batches)]
     return Explanation(
         fusion=fusion,
         alignment=program.executor.alignment.value,

@@ -22,6 +22,7 @@ from muxc.ir import MuxGraph
 from muxc.options import Alignment, Fusion, Options
 from muxc.runtime.batch import MuxBatch, build_batch, check_batches
 from muxc.runtime.chunks import ChunkLayout, build_layout, default_chunk_size
+from muxc.runtime.fusion import AutoFusion
 
 __all__ = ["LocalExecutor"]
 
@@ -31,7 +32,6 @@ class LocalExecutor:
 
     def __init__(self, mux: MuxGraph, options: Options):
         self.mux = mux
-        self.fusion = Fusion.SPATIAL if options.fusion is Fusion.AUTO else options.fusion
         self.alignment = options.alignment
         self.chunk_size = options.chunk_size
         self.impl = options.kernel_impl
@@ -39,12 +39,27 @@ class LocalExecutor:
         self._bound = [mux.tensors[n] for n in names if n in mux.tensors]
         self._inputs = [n for n in names if n not in mux.tensors and n != "mux"]
         self.device = self._bound[0].device
+        self.auto = AutoFusion(mux, options) if options.fusion is Fusion.AUTO else None
+        self.fusion = options.fusion
+        self.last_plan = None
 
-    def groups(self) -> list[tuple[str, ...]]:
-        """Task groups run together (hTasks), in execution order."""
+    def groups(self, batches: Mapping[str, Mapping] | None = None) -> list[tuple[str, ...]]:
+        """Task groups run together (hTasks), in execution order.
+
+        ``fusion="auto"`` asks the fusion DP for the tasks present in ``batches``; absent tasks
+        (or no batches) each form their own group, after the planned ones.
+        """
         if self.fusion is Fusion.SPATIAL:
             return [self.mux.tasks]
-        return [(t,) for t in self.mux.tasks]
+        if self.fusion is Fusion.TEMPORAL or batches is None:
+            return [(t,) for t in self.mux.tasks]
+        present = {t: b for t, b in batches.items() if t in self.mux.tasks}
+        chunk = self.chunk_size_for(batches) if self.alignment is Alignment.CHUNK else None
+        self.last_plan = self.auto.plan(present, chunk)
+        order = {t: i for i, t in enumerate(self.mux.tasks)}
+        planned = [tuple(sorted(h, key=order.get)) for h in self.last_plan.htasks]
+        rest = [(t,) for t in self.mux.tasks if t not in present]
+        return planned + rest
 
     def _call(self, inputs: dict[str, torch.Tensor], batch: MuxBatch) -> dict[str, torch.Tensor]:
         losses = self.mux.gm(*self._bound, *(inputs[n] for n in self._inputs), batch)
@@ -80,7 +95,7 @@ class LocalExecutor:
         """Forward only, every group: ``{task: loss}``."""
         check_batches(batches, self.mux.tasks)
         out = {}
-        for group in self.groups():
+        for group in self.groups(batches):
             if any(t in batches for t in group):
                 out.update(self.run_group(batches, group, training))
         return {t: out[t] for t in self.mux.tasks if t in out}
@@ -89,7 +104,7 @@ class LocalExecutor:
         """Losses of every task in ``batches``; adapter ``.grad`` accumulate like PyTorch."""
         check_batches(batches, self.mux.tasks)
         out = {}
-        for group in self.groups():
+        for group in self.groups(batches):
             if not any(t in batches for t in group):
                 continue
             losses = self.run_group(batches, group, training=True)
@@ -102,7 +117,7 @@ class LocalExecutor:
     def token_stats(self, batches: Mapping[str, Mapping]) -> tuple[int, int]:
         """(tokens computed, real tokens) for ``batches`` under this layout."""
         computed = real = 0
-        for group in self.groups():
+        for group in self.groups(batches):
             present = [t for t in group if t in batches]
             if not present:
                 continue

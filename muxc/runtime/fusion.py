@@ -1,0 +1,79 @@
+"""`AutoFusion`: choose hTasks for a step's batches with the fusion DP and the cost model.
+
+Each candidate hTask is priced by `muxc.plan.estimate_step` on the layout the executor would
+run (pad: rows of the group's longest sample; chunk: rows of ``chunk_size`` with the average
+kept-K/V length), split over ``stages`` and over its micro-batches. Plans are cached per
+distinct per-task load signature, so steady-state steps pay nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from functools import lru_cache
+
+from muxc.ir import MuxGraph
+from muxc.options import Alignment, Options
+from muxc.passes.fuse_tasks import FusionPlan, GroupCost, plan_fusion
+from muxc.plan import CostModel, StepShape, estimate_memory, estimate_step, saturation_tokens, summarize_graph
+
+__all__ = ["AutoFusion", "TaskLoad", "loads_of"]
+
+
+def loads_of(batches: Mapping[str, Mapping]) -> dict[str, tuple[int, int, int]]:
+    """task -> (real tokens, longest sample, rows) of its batch."""
+    out = {}
+    for t, b in batches.items():
+        ids = b["input_ids"]
+        m = b.get("attention_mask")
+        lens = m.sum(1) if m is not None else ids.new_full((ids.shape[0],), ids.shape[1])
+        out[t] = (int(lens.sum()), int(lens.max()), int(ids.shape[0]))
+    return out
+
+
+TaskLoad = tuple[int, int, int]
+
+
+class AutoFusion:
+    """Plans hTasks for ``fusion="auto"``."""
+
+    def __init__(self, mux: MuxGraph, options: Options, cost: CostModel | None = None):
+        self.summary = summarize_graph(mux)
+        self.cost = cost if cost is not None else (CostModel.load(options.cost_model) if options.cost_model else CostModel())
+        self.options = options
+        self._plan = lru_cache(maxsize=64)(self._plan_uncached)
+
+    def plan(self, batches: Mapping[str, Mapping], chunk_size: int | None) -> FusionPlan:
+        loads = loads_of(batches)
+        return self._plan(tuple(sorted(loads.items())), chunk_size)
+
+    def _shape(self, loads: Mapping[str, TaskLoad], group: tuple[str, ...], chunk: int | None):
+        longest = max(loads[t][1] for t in group)
+        if self.options.alignment is Alignment.CHUNK:
+            capacity = math.ceil(max(longest, chunk) / chunk) * chunk
+            steps = capacity // chunk
+            rows = {t: math.ceil(loads[t][0] / chunk) for t in group}
+            kv = max(chunk, round((steps + 1) / 2 * chunk))
+            return StepShape(rows, chunk, kv), steps
+        rows = {t: loads[t][2] for t in group}
+        return StepShape(rows, longest), self.options.micro_batches or 1
+
+    def _plan_uncached(self, items: tuple, chunk: int | None) -> FusionPlan:
+        loads = dict(items)
+        stages = self.options.stages
+
+        def cost(group: tuple[str, ...]) -> GroupCost:
+            shape, m = self._shape(loads, group, chunk)
+            est = estimate_step(self.summary, shape, cost=self.cost)
+            act = estimate_memory(self.summary, shape).activations
+            work = est.total / stages
+            return GroupCost(work=work, slot=work / m, activation_bytes=act / m / stages,
+                             tokens=shape.padded_tokens // m)
+
+        seq = chunk or max(v[1] for v in loads.values())
+        sat = saturation_tokens(self.summary, cost=self.cost, seq_len=max(seq, 1))
+        budget = None
+        if self.options.memory_budget is not None:
+            fixed = estimate_memory(self.summary, {}, seq_len=max(seq, 1)).total
+            budget = (self.options.memory_budget - fixed) / stages
+        return plan_fusion({t: v[0] for t, v in loads.items()}, cost, stages, sat, budget)
