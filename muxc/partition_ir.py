@@ -207,7 +207,11 @@ class PartitionedGraph:
     def __repr__(self) -> str:
         counts = self.counts()
         kinds = ", ".join(f"{counts[k]} {k.value}" for k in SubgraphKind)
-        costs = " / ".join(f"{c:.3g}" for c in self.stage_costs())
+        sc = self.stage_costs()
+        if len(sc) <= 4:
+            costs = " / ".join(f"{c:.3g}" for c in sc)
+        else:
+            costs = f"max {max(sc):.3g}, mean {sum(sc) / len(sc):.3g}"
         return (f"PartitionedGraph({self.mux.model_type}, {len(self.stages)} stages, "
                 f"{len(self.subgraphs)} subgraphs ({kinds}), stage cost {costs} {self.cost_name})")
 

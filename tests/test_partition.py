@@ -17,7 +17,7 @@ from muxc.dot import GraphvizNotFoundError, partitioned_dot, render, write_dot
 from muxc.errors import OptionsError
 from muxc.ir import Role, info
 from muxc.partition_ir import PartitionedGraph, SubgraphKind, run_stages
-from muxc.passes.partition import FlopCost, balance, partition, partition_ids
+from muxc.passes.partition import FlopCost, LatencyCost, balance, partition, partition_ids
 from muxc.runtime.batch import MuxBatch, build_batch
 from muxc.runtime.chunks import build_layout
 
@@ -250,6 +250,20 @@ def test_flop_cost_counts_gemms_and_attention(mux):
     assert cost(attn) == 4 * cost.hint.rows * 4 * seq * seq * 8
     views = [n for n in mux.gm.graph.nodes if str(n.target) == "aten.view.default"]
     assert views and all(cost(n) == 0 for n in views)
+
+
+@pytest.mark.parametrize("alignment", ["pad", "chunk"])
+def test_latency_cost_from_the_cost_model_balances_seconds(programs, alignment):
+    mux = programs[alignment].mux
+    cost = LatencyCost(mux)
+    names = {n.name for n in mux.gm.graph.nodes}
+    assert set(cost.seconds) <= names
+    assert cost(next(n for n in mux.gm.graph.nodes if n.name == "linear")) > 0
+    pg = partition(mux, None, 3, node_cost=cost)
+    assert pg.cost_name == "s" and "s)" in repr(pg)
+    assert sum(pg.stage_costs()) == pytest.approx(sum(cost.seconds.values()))
+    items = [sg.cost for sg in pg.subgraphs if sg.kind is not SubgraphKind.COMMUNICATE]
+    assert max(pg.stage_costs()) <= sum(items) / 3 + max(items) + 1e-12
 
 
 def test_custom_node_cost_and_context_options(mux):
