@@ -7,7 +7,8 @@
   `pipeline_dependencies` (the dependencies as data).
 - `simulate`: `simulate(schedule, fwd_time, bwd_time, comm_time, act_bytes)` -> `SimResult`
   (makespan, busy, utilisation, bubble fraction, peak activation memory, step times);
-  `time_table` turns ``times[stage][htask]`` into a step-time function.
+  `time_table` turns ``times[stage][htask]`` into a step-time function; `best_schedule`
+  simulates several policies and returns the fastest that fits a memory budget.
 - `gantt`: `gantt_text` (fixed width) and `gantt_png` (matplotlib).
 
 >>> s = build_schedule([4, 4], stages=4, policy="interleaved", chained=True)
@@ -19,7 +20,7 @@
 from muxc.schedule.build import SchedulePolicy, build_schedule, pipeline_dependencies
 from muxc.schedule.gantt import GanttUnavailableError, gantt_png, gantt_text
 from muxc.schedule.ir import Schedule, ScheduleError, Step, StepKind
-from muxc.schedule.simulate import SimResult, simulate, time_table
+from muxc.schedule.simulate import SimResult, best_schedule, simulate, time_table
 
 __all__ = [
     "GanttUnavailableError",
@@ -29,6 +30,7 @@ __all__ = [
     "SimResult",
     "Step",
     "StepKind",
+    "best_schedule",
     "build_schedule",
     "gantt_png",
     "gantt_text",

@@ -116,7 +116,7 @@ def pipeline_dependencies(
     return deps
 
 
-def _hTask_order(counts: tuple[int, ...]) -> list[tuple[int, int]]:
+def _htask_order(counts: tuple[int, ...]) -> list[tuple[int, int]]:
     return [(h, m) for h, m_h in enumerate(counts) for m in range(m_h)]
 
 
@@ -223,8 +223,9 @@ def build_schedule(
     if pol is SchedulePolicy.SEQUENTIAL:
         order = _sequential(counts, stages, chained, deps)
     else:
-        forward = _hTask_order(counts) if pol is SchedulePolicy.ONE_F_ONE_B else _round_robin(counts)
-        if chained and pol is SchedulePolicy.ONE_F_ONE_B:
+        plain = pol is SchedulePolicy.ONE_F_ONE_B
+        forward = _htask_order(counts) if plain else _round_robin(counts)
+        if chained and plain:  # hTask by hTask, each one's chunks last to first
             backward = [(h, m) for h, m_h in enumerate(counts) for m in reversed(range(m_h))]
         else:
             backward = _backward_sequence(forward, counts, chained)

@@ -66,9 +66,8 @@ class Step:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ScheduleError(f"Step.{name} must be an int >= 0, got {value!r}")
-        if self.subgraph is not None and (
-            isinstance(self.subgraph, bool) or not isinstance(self.subgraph, int) or self.subgraph < 0
-        ):
+        sub = self.subgraph
+        if sub is not None and (isinstance(sub, bool) or not isinstance(sub, int) or sub < 0):
             raise ScheduleError(f"Step.subgraph must be an int >= 0 or None, got {self.subgraph!r}")
 
     @property

@@ -24,9 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from muxc.schedule.build import SchedulePolicy, build_schedule
 from muxc.schedule.ir import Schedule, ScheduleError, Step
 
-__all__ = ["SimResult", "simulate", "time_table"]
+__all__ = ["SimResult", "simulate", "time_table", "best_schedule"]
 
 
 def _fmt(x: float) -> str:
@@ -178,3 +179,47 @@ def time_table(times: Sequence[Sequence[float]]) -> Callable[[Step], float]:
             ) from None
 
     return lookup
+
+
+def best_schedule(
+    micro_batches: Sequence[int],
+    stages: int,
+    chained: bool,
+    fwd_time: Callable[[Step], float],
+    bwd_time: Callable[[Step], float] | None = None,
+    comm_time: float = 0.0,
+    act_bytes: Callable[[Step], float] | None = None,
+    memory_budget: float | None = None,
+    policies: Sequence[SchedulePolicy | str] = ("interleaved", "1f1b"),
+) -> tuple[Schedule, SimResult]:
+    """Build each policy's schedule, simulate it, return the fastest whose every stage's peak
+    activation memory is within ``memory_budget`` (same unit as ``act_bytes``; None: no limit).
+
+    Ties on makespan go to the lower peak memory, then to the earlier policy in ``policies``.
+    Neither policy always wins: interleaving removes the chained-chunk bubbles but holds more
+    activations; with independent micro-batches of unequal hTask sizes, hTask order can be
+    faster. Raises `ScheduleError` listing each policy's peak when none fits.
+
+    >>> s, r = best_schedule([4, 4], stages=4, chained=True, fwd_time=lambda st: 1.0)
+    >>> s.policy, r.makespan, r.peak_memory[0]
+    ('interleaved', 22.0, 8.0)
+    >>> best_schedule([4, 4], 4, True, lambda st: 1.0, memory_budget=7)[0].policy
+    '1f1b'
+    """
+    if not policies:
+        raise ScheduleError("best_schedule needs at least one policy")
+    tried = []
+    for rank, policy in enumerate(policies):
+        schedule = build_schedule(micro_batches, stages, policy, chained)
+        result = simulate(schedule, fwd_time, bwd_time, comm_time, act_bytes)
+        tried.append((result.makespan, max(result.peak_memory), rank, schedule, result))
+    fitting = [t for t in tried if memory_budget is None or t[1] <= memory_budget]
+    if not fitting:
+        peaks = ", ".join(f"{t[3].policy}: {_fmt(t[1])}" for t in tried)
+        raise ScheduleError(
+            f"no schedule of micro-batches {list(micro_batches)} on {stages} stages fits the "
+            f"activation memory budget {_fmt(memory_budget)} per stage (peaks: {peaks}); "
+            "use smaller micro-batches or chunks, fewer tasks per hTask, or more stages"
+        )
+    _, _, _, schedule, result = min(fitting, key=lambda t: (t[0], t[1], t[2]))
+    return schedule, result
