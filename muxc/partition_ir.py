@@ -196,13 +196,10 @@ class PartitionedGraph:
     cost_name: str
     output: Any = field(repr=False)
     input_names: tuple[str, ...] = ()
+    _where: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        where: dict[str, int] = {}
-        for sg in self.subgraphs:
-            for n in sg.nodes:
-                where[n] = sg.id
-        self._where = where
+        self._where = {n: sg.id for sg in self.subgraphs for n in sg.nodes}
 
     def __repr__(self) -> str:
         counts = self.counts()
@@ -239,6 +236,21 @@ class PartitionedGraph:
 
     def stage_costs(self) -> list[float]:
         return [s.cost for s in self.stages]
+
+    def stage_inputs(self, index: int) -> dict[str, tuple[str, ...]]:
+        """Stage ``index``'s inputs by origin, for an executor.
+
+        ``bound``: tensors of ``mux.tensors`` (frozen weights, adapter parameters) the stage
+        holds; ``data``: the step's inputs (``input_ids``, ..., ``mux``); ``received``: values
+        computed by earlier stages (all listed in the previous COMMUNICATE record).
+        """
+        placeholders = set(self.input_names)
+        names = self.stages[index].inputs
+        return {
+            "bound": tuple(n for n in names if n in self.mux.tensors),
+            "data": tuple(n for n in names if n in placeholders and n not in self.mux.tensors),
+            "received": tuple(n for n in names if n not in placeholders),
+        }
 
     def boundaries(self) -> list[Subgraph]:
         """The COMMUNICATE subgraphs, one per stage boundary, in order."""

@@ -121,6 +121,32 @@ def test_stage_signatures_chain(mux):
         later = {n for s in pg.stages[comm.stage + 1:] for n in s.inputs}
         earlier = {n for s in pg.stages[: comm.stage + 1] for n in s.outputs}
         assert {c.name for c in comm.crossing} == later & earlier
+    for i, stage in enumerate(pg.stages):
+        parts = pg.stage_inputs(i)
+        assert sorted(sum(parts.values(), ())) == sorted(stage.inputs)
+        assert "mux" in parts["data"] and all(n in mux.tensors for n in parts["bound"])
+        if i:
+            assert set(parts["received"]) <= {c.name for c in pg.boundaries()[i - 1].crossing}
+        assert stage.module is getattr(pg.split, f"submod_stage_{i}")
+    # the exported higher-order-op body keeps its own name next to the stage modules
+    assert any(isinstance(m, torch.fx.GraphModule) for n, m in pg.split.named_children() if "stage" not in n)
+
+
+def test_split_without_partition_affix(programs, monkeypatch):
+    """Older torch has no ``partition_affix``: stage modules are numbered past HOP bodies."""
+    import muxc.passes.partition as mod
+
+    real = mod.split_module
+
+    def old_split_module(m, root_m, split_callback, keep_original_node_name=False):
+        return real(m, root_m, split_callback, keep_original_node_name=keep_original_node_name)
+
+    monkeypatch.setattr(mod, "split_module", old_split_module)
+    program = programs["chunk"]
+    ref, _ = _losses_and_grads(program, program.mux.gm)
+    pg = partition(program.mux, None, 3)
+    got, _ = _losses_and_grads(program, lambda *a: run_stages(pg, *a))
+    assert all(torch.equal(got[t], ref[t]) for t in ref)
 
 
 # ------------------------------------------------------------------ structure

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import inspect
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -484,10 +485,32 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def _stages(split: fx.GraphModule, count: int, subgraphs: list[Subgraph], known: set[str]) -> tuple[Stage, ...]:
+def _split(gm: fx.GraphModule, stage_of: dict[str, int], count: int) -> tuple[fx.GraphModule, list[str]]:
+    """``split_module`` by stage; returns the root and the attribute name of each stage module.
+
+    Exported graphs already own ``submod_<i>`` attributes (higher-order-op bodies), so stage
+    modules are named ``submod_stage_<i>`` (or, on a torch without ``partition_affix``, numbered
+    past every existing ``submod_<i>``) to keep the two apart.
+    """
+    taken = {name for name, _ in gm.named_children()}
+    if "partition_affix" in inspect.signature(split_module).parameters:
+        names = [f"submod_stage_{i}" for i in range(count)]
+        kwargs: dict = {"partition_affix": "stage"}
+        offset = 0
+    else:
+        offset = 1 + max((int(n[7:]) for n in taken if n.startswith("submod_") and n[7:].isdigit()), default=-1)
+        names = [f"submod_{offset + i}" for i in range(count)]
+        kwargs = {}
+    if taken & set(names):
+        raise MuxcInternalError(f"stage module names {sorted(taken & set(names))} already used in the graph")
+    split = split_module(gm, gm, lambda n: stage_of[n.name] + offset, keep_original_node_name=True, **kwargs)
+    return split, names
+
+
+def _stages(split: fx.GraphModule, names: list[str], subgraphs: list[Subgraph], known: set[str]) -> tuple[Stage, ...]:
     out = []
-    for i in range(count):
-        mod = getattr(split, f"submod_{i}", None)
+    for i, attr in enumerate(names):
+        mod = getattr(split, attr, None)
         if not isinstance(mod, fx.GraphModule):
             raise MuxcInternalError(f"split_module made no module for stage {i}")
         inputs = tuple(n.name for n in mod.graph.find_nodes(op="placeholder"))
@@ -568,13 +591,12 @@ def partition(
             ))
 
     copy = _copy(mux.gm)
-    ids = {n.name: s for n, s in stage_of.items()}
-    split = split_module(copy, copy, lambda n: ids[n.name], keep_original_node_name=True)
+    split, names = _split(copy, {n.name: s for n, s in stage_of.items()}, stages)
     known = {n.name for n in mux.gm.graph.nodes}
     pg = PartitionedGraph(
         mux=mux,
         subgraphs=tuple(subgraphs),
-        stages=_stages(split, stages, subgraphs, known),
+        stages=_stages(split, names, subgraphs, known),
         split=split,
         hint=hint,
         cost_name=cost_name,
