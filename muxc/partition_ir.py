@@ -18,9 +18,9 @@ input. ``get_attr`` nodes (higher-order-op bodies) are copied into the stages th
 
 >>> pg = partition(program.mux, None, stages=2)                 # doctest: +SKIP
 >>> pg                                                          # doctest: +SKIP
-PartitionedGraph(llama, 2 stages, 29 subgraphs (14 compute, 14 peft, 1 communicate), stage cost 1.93e+09 / 1.85e+09 flop)
+PartitionedGraph(llama, 2 stages, 18 subgraphs (9 compute, 8 peft, 1 communicate), stage cost 5.68e+07 / 5.77e+07 flop)
 >>> run_stages(pg, *bound, input_ids, attention_mask, batch)   # doctest: +SKIP
-(tensor(4.6137, grad_fn=<DivBackward1>), tensor(4.6094, grad_fn=<DivBackward1>))
+(tensor(4.5393, grad_fn=<NllLossBackward0>), tensor(4.5941, grad_fn=<NllLossBackward0>))
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ def run_stages(pg: PartitionedGraph, *args: Any) -> Any:
     """Run ``pg``'s stages in sequence; same arguments and result as ``pg.mux.gm(*args)``.
 
     >>> run_stages(pg, *bound, input_ids, attention_mask, batch)   # doctest: +SKIP
-    (tensor(4.6137, grad_fn=<DivBackward1>), tensor(4.6094, grad_fn=<DivBackward1>))
+    (tensor(4.5393, grad_fn=<NllLossBackward0>), tensor(4.5941, grad_fn=<NllLossBackward0>))
     """
     env = pg.bind(*args)
     for stage in pg.stages:

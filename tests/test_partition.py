@@ -102,6 +102,8 @@ def test_stages_in_sequence_equal_the_whole_graph(programs, alignment):
             torch.testing.assert_close(losses[t], ref_losses[t], rtol=0, atol=0)
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, rtol=0, atol=0)
+        if stages != 3:
+            continue
         # the split_module root runs the same stages
         losses_split, _ = _losses_and_grads(program, pg.split)
         for t in ref_losses:
@@ -337,9 +339,10 @@ def test_bad_stage_counts_raise_with_values_and_remedy(mux, stages):
         assert f"stages={stages}" in str(e.value) and "1 <= stages <=" in str(e.value)
 
 
-def test_negative_node_cost_is_rejected(mux):
-    with pytest.raises(OptionsError, match="costs must be >= 0"):
-        partition(mux, None, 2, node_cost=lambda n: -1.0)
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_bad_node_costs_are_rejected(mux, bad):
+    with pytest.raises(OptionsError, match="costs must be finite and >= 0"):
+        partition(mux, None, 2, node_cost=lambda n: bad)
 
 
 # ------------------------------------------------------------------ text and dot
