@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from muxc.dump import dump_history
+from muxc.dump import dump_history, dump_plan
 from muxc.explain import Explanation, explain_program
 from muxc.ir import MuxGraph
 from muxc.options import Options
@@ -70,12 +70,21 @@ class Program:
         """What is shared, what is per task, which kernels run and why (``str()`` is a table)."""
         return explain_program(self, batches)
 
-    def dump(self, directory: str | Path) -> list[Path]:
-        """Write ``pass_NN_<name>.txt`` per pass and ``explain.txt``; returns the paths."""
-        paths = dump_history(self.history, Path(directory))
-        p = Path(directory) / "explain.txt"
-        p.write_text(str(self.explain()) + "\n")
-        return [*paths, p]
+    def dump(self, directory: str | Path, batches: Mapping[str, Mapping] | None = None) -> list[Path]:
+        """Write ``pass_NN_<name>.txt`` per pass and ``explain.txt``; returns the paths.
+
+        With ``batches``, also the step plan for them: ``schedule.txt`` (per-stage step table,
+        simulated times, text Gantt) and ``schedule_gantt.png`` (needs matplotlib).
+        """
+        directory = Path(directory)
+        paths = dump_history(self.history, directory)
+        report = self.explain(batches)
+        p = directory / "explain.txt"
+        p.write_text(str(report) + "\n")
+        paths.append(p)
+        if report.plan is not None:
+            paths += dump_plan(report.plan, directory)
+        return paths
 
     def save_adapters(self, directory: str | Path) -> list[Path]:
         """Write each task's adapter to ``<directory>/<task>/`` in PEFT format."""

@@ -13,7 +13,7 @@ import torch.fx as fx
 from muxc.ir import META_KEY, MuxGraph, TaskGraph
 from muxc.task import Task
 
-__all__ = ["graph_table", "render", "dump_history", "table"]
+__all__ = ["graph_table", "render", "dump_history", "dump_plan", "table"]
 
 
 def table(headers: list[str], rows: list[list], max_width: int = 60) -> str:
@@ -78,3 +78,35 @@ def dump_history(history, directory: Path) -> list[Path]:
         p.write_text(f"# pass {rec.index}: {rec.name} ({rec.seconds * 1e3:.1f} ms)\n# {rec.summary}\n\n{render(rec.output)}\n")
         paths.append(p)
     return paths
+
+
+def dump_plan(plan, directory: Path) -> list[Path]:
+    """``schedule.txt`` and ``schedule_gantt.png`` for a `StepPlan`; returns the paths written.
+
+    The PNG is skipped (with a note in ``schedule.txt``) when matplotlib is missing.
+    """
+    from muxc.schedule import GanttUnavailableError, gantt_png, gantt_text
+
+    directory.mkdir(parents=True, exist_ok=True)
+    txt = directory / "schedule.txt"
+    png = directory / "schedule_gantt.png"
+    parts = [
+        f"# step plan: hTasks {plan.htasks}, stages {plan.stages}, chunk_size {plan.chunk_size}, "
+        f"policy {plan.schedule.policy}",
+        f"# predicted {plan.predicted_step_ms:.3f} ms, bubble fraction {plan.bubble_fraction:.4f}, "
+        f"ineffective tokens {plan.ineffective_token_fraction:.4f}",
+        "",
+        plan.schedule.table(deps=False),
+        "",
+        plan.sim.table(),
+        "",
+        gantt_text(plan.schedule, plan.sim),
+    ]
+    written = [txt]
+    try:
+        gantt_png(plan.schedule, plan.sim, png, title=f"hTasks {plan.htasks}", time_unit="s")
+        written.append(png)
+    except GanttUnavailableError as e:
+        parts.append(f"\n(no PNG: {e})")
+    txt.write_text("\n".join(parts) + "\n")
+    return written

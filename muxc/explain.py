@@ -9,6 +9,7 @@ import torch
 
 from muxc.dump import table
 from muxc.ir import Role
+from muxc.runtime.stepplan import StepPlan, plan_step
 
 __all__ = ["Explanation", "TaskRow", "explain_program"]
 
@@ -42,7 +43,25 @@ class Explanation:
     muxc_bytes: int  # one frozen copy + all adapters
     kernels: dict[str, tuple[str, str]]
     htasks: list[list[str]]
+    stages: int = 1
+    chunk_size: int | None = None
     padding: dict[str, float] = field(default_factory=dict)
+    plan: StepPlan | None = field(default=None, repr=False)
+
+    @property
+    def ineffective_token_fraction(self) -> float | None:
+        """Padding tokens / all tokens computed, for the batches given to explain()."""
+        return self.plan.ineffective_token_fraction if self.plan else None
+
+    @property
+    def bubble_fraction(self) -> float | None:
+        """Idle share of the simulated pipeline schedule for those batches."""
+        return self.plan.bubble_fraction if self.plan else None
+
+    @property
+    def predicted_step_ms(self) -> float | None:
+        """Simulated step time (cost model + schedule) for those batches."""
+        return self.plan.predicted_step_ms if self.plan else None
 
     @property
     def memory_ratio(self) -> float:
@@ -77,8 +96,22 @@ class Explanation:
             "",
             table(["kernel op", "impl", "why"], [[op, i, why] for op, (i, why) in self.kernels.items()], 100),
         ]
-        if self.padding:
-            parts += ["", table(["batch tokens", "value"], [[k, f"{v:.4g}"] for k, v in self.padding.items()])]
+        if self.plan:
+            p = self.plan
+            rows = [
+                ["hTasks (spatial groups, interleaved in time)", p.htasks],
+                ["stages", p.stages],
+                ["chunk_size", p.chunk_size if p.chunk_size else "- (pad)"],
+                ["micro-batches per hTask", [c.micro_batches for c in p.costs]],
+                ["schedule policy", p.schedule.policy],
+                ["tokens computed / real", f"{p.tokens_computed} / {p.real_tokens}"],
+                ["ineffective_token_fraction", f"{p.ineffective_token_fraction:.4f}"],
+                ["bubble_fraction (simulated)", f"{p.bubble_fraction:.4f}"],
+                ["predicted_step_ms", f"{p.predicted_step_ms:.3f}"],
+            ]
+            if p.fusion is not None:
+                rows.append(["fusion DP predicted ms", ", ".join(f"{k}={v * 1e3:.3f}" for k, v in p.fusion.alternatives.items())])
+            parts += ["", table(["plan for these batches", "value"], rows, 100)]
         return "\n".join(parts)
 
 
@@ -118,7 +151,8 @@ def explain_program(program, batches: Mapping[str, Mapping] | None = None) -> Ex
     frozen_bytes = _bytes(frozen)
     n = len(mux.tasks)
     fusion = program.executor.fusion.value
-    htasks = [list(g) for g in program.executor.groups(batches)]
+    plan = plan_step(program.executor, batches) if batches else None
+    htasks = plan.htasks if plan else [list(g) for g in program.executor.groups(None)]
     return Explanation(
         fusion=fusion,
         alignment=program.executor.alignment.value,
@@ -134,15 +168,17 @@ def explain_program(program, batches: Mapping[str, Mapping] | None = None) -> Ex
         muxc_bytes=frozen_bytes + adapter_bytes,
         kernels=dict(program.kernel_plan.choices),
         htasks=htasks,
-        padding=_padding(program, batches) if batches else {},
+        stages=program.executor.stages,
+        chunk_size=plan.chunk_size if plan else program.options.chunk_size,
+        padding=_padding(plan) if plan else {},
+        plan=plan,
     )
 
 
-def _padding(program, batches) -> dict[str, float]:
+def _padding(plan: StepPlan) -> dict[str, float]:
     """Tokens computed vs tokens carrying data under this program's layout."""
-    computed, real = program.executor.token_stats(batches)
     return {
-        "tokens computed": computed,
-        "real tokens": real,
-        "ineffective_token_fraction": 1 - real / max(computed, 1),
+        "tokens computed": plan.tokens_computed,
+        "real tokens": plan.real_tokens,
+        "ineffective_token_fraction": plan.ineffective_token_fraction,
     }

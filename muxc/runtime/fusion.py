@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 
 from muxc.ir import MuxGraph
@@ -17,7 +18,7 @@ from muxc.options import Alignment, Options
 from muxc.passes.fuse_tasks import FusionPlan, GroupCost, plan_fusion
 from muxc.plan import CostModel, StepShape, estimate_memory, estimate_step, saturation_tokens, summarize_graph
 
-__all__ = ["AutoFusion", "TaskLoad", "loads_of"]
+__all__ = ["AutoFusion", "HTaskCost", "TaskLoad", "loads_of"]
 
 
 def loads_of(batches: Mapping[str, Mapping]) -> dict[str, tuple[int, int, int]]:
@@ -32,6 +33,17 @@ def loads_of(batches: Mapping[str, Mapping]) -> dict[str, tuple[int, int, int]]:
 
 
 TaskLoad = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class HTaskCost:
+    """One hTask on one pipeline stage: per micro-batch seconds and activation bytes."""
+
+    micro_batches: int
+    forward: float
+    backward: float
+    activation_bytes: float
+    tokens: int  # tokens of one micro-batch
 
 
 class AutoFusion:
@@ -58,17 +70,34 @@ class AutoFusion:
         rows = {t: loads[t][2] for t in group}
         return StepShape(rows, longest), self.options.micro_batches or 1
 
+    def price(
+        self, loads: Mapping[str, TaskLoad], group: tuple[str, ...], chunk: int | None,
+        micro_batches: int | None = None,
+    ) -> HTaskCost:
+        """Predicted per-stage, per-micro-batch times and activations of hTask ``group``
+        (``micro_batches``: the real count when known, e.g. a built chunk layout's steps)."""
+        shape, m = self._shape(loads, group, chunk)
+        m = micro_batches or m
+        est = estimate_step(self.summary, shape, cost=self.cost)
+        act = estimate_memory(self.summary, shape).activations
+        stages = self.options.stages
+        return HTaskCost(
+            micro_batches=m,
+            forward=est.forward / stages / m,
+            backward=est.backward / stages / m,
+            activation_bytes=act / stages / m,
+            tokens=shape.padded_tokens // m,
+        )
+
     def _plan_uncached(self, items: tuple, chunk: int | None) -> FusionPlan:
         loads = dict(items)
         stages = self.options.stages
 
         def cost(group: tuple[str, ...]) -> GroupCost:
-            shape, m = self._shape(loads, group, chunk)
-            est = estimate_step(self.summary, shape, cost=self.cost)
-            act = estimate_memory(self.summary, shape).activations
-            work = est.total / stages
-            return GroupCost(work=work, slot=work / m, activation_bytes=act / m / stages,
-                             tokens=shape.padded_tokens // m)
+            h = self.price(loads, group, chunk)
+            slot = h.forward + h.backward
+            return GroupCost(work=slot * h.micro_batches, slot=slot,
+                             activation_bytes=h.activation_bytes, tokens=h.tokens)
 
         seq = chunk or max(v[1] for v in loads.values())
         sat = saturation_tokens(self.summary, cost=self.cost, seq_len=max(seq, 1))

@@ -39,9 +39,19 @@ class LocalExecutor:
         self._bound = [mux.tensors[n] for n in names if n in mux.tensors]
         self._inputs = [n for n in names if n not in mux.tensors and n != "mux"]
         self.device = self._bound[0].device
-        self.auto = AutoFusion(mux, options) if options.fusion is Fusion.AUTO else None
+        self.options = options
+        self.stages = options.stages
+        self._planner = None
+        self.auto = self.planner if options.fusion is Fusion.AUTO else None
         self.fusion = options.fusion
         self.last_plan = None
+
+    @property
+    def planner(self) -> AutoFusion:
+        """Cost-model pricing of hTasks (built on first use)."""
+        if self._planner is None:
+            self._planner = AutoFusion(self.mux, self.options)
+        return self._planner
 
     def groups(self, batches: Mapping[str, Mapping] | None = None) -> list[tuple[str, ...]]:
         """Task groups run together (hTasks), in execution order.
