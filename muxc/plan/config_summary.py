@@ -11,7 +11,7 @@ work, backward and saved-activation rules. Tests check it against the traced gra
 ...                     num_attention_heads=4, vocab_size=100)
 >>> s = summarize_config(cfg, {"a": AdapterSpec(rank=8, targets=("q_proj", "v_proj"))})
 >>> s.layers, s.adapter_numel["a"], s.frozen_bytes // 4
-(2, 2048, 125248)
+(2, 4096, 95040)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from muxc.ir import AdapterKind
 from muxc.plan.ops import CostModelError, OpKey, OpKind, Poly
-from muxc.plan.summary import ModelSummary, OpCost, Work
+from muxc.plan.summary import KV, ModelSummary, OpCost, Work
 
 __all__ = ["AdapterSpec", "summarize_config", "LINEAR_TARGETS"]
 
@@ -76,8 +76,8 @@ class _Build:
         self.view = OpKey(OpKind.VIEW)
         self.tasks = tasks
 
-    def op(self, name, layer, fwd: Work | None, bwd: Work | None, task=None) -> None:
-        self.ops.append(OpCost(name, fwd, bwd, task, layer))
+    def op(self, name, layer, fwd: Work | None, bwd: Work | None, task=None, kv=KV.NONE) -> None:
+        self.ops.append(OpCost(name, fwd, bwd, task, layer, kv))
 
     def views(self, name, layer, n, grad) -> None:
         w = Work(self.view, Poly.const(1))
@@ -211,7 +211,7 @@ def summarize_config(
                 b.pw(f"{pre}.repeat_{t}.copy", layer, (q + kv) * e, 3 * q * e, gt)
         g_attn = any(g.values())
         w = Work(OpKey(OpKind.ATTENTION, (heads, d), dtype, "mask"), attn)
-        b.op(f"{pre}.self_attn.sdpa", layer, w, w if g_attn else None)
+        b.op(f"{pre}.self_attn.sdpa", layer, w, w if g_attn else None, kv=KV.TOTAL)
         if g_attn:  # q, k, v, out, log-sum-exp; the mask as an additive mask per call
             b.saved = b.saved + Poly.tokens(4 * q * e + 4 * heads) + Poly(((1, 2, float(e)),))
         b.views(f"{pre}.attn_out", layer, 3, g_attn)

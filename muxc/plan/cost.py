@@ -24,7 +24,7 @@ from muxc.ir import MuxGraph
 from muxc.plan.latency import LatencyModel, fit_latency
 from muxc.plan.ops import CostModelError, OpKey, OpKind, Roofline, roofline_latency
 from muxc.plan.profile import DeviceProfile
-from muxc.plan.summary import ModelSummary, Work, as_summary
+from muxc.plan.summary import KV, ModelSummary, Work, as_summary
 
 __all__ = ["CostModel", "StepEstimate", "StepShape", "estimate_step", "saturation_tokens"]
 
@@ -101,8 +101,9 @@ class StepShape:
     def __post_init__(self) -> None:
         if self.seq_len < 1 or any(r < 0 for r in self.rows.values()):
             raise CostModelError(f"bad step shape: seq_len={self.seq_len}, rows={dict(self.rows)}")
-        if self.kv_len is not None and self.kv_len < 1:
-            raise CostModelError(f"kv_len must be >= 1, got {self.kv_len}")
+        if self.kv_len is not None and self.kv_len < self.seq_len:
+            raise CostModelError(f"kv_len ({self.kv_len}) counts this chunk's own keys too: it "
+                                 f"must be >= seq_len ({self.seq_len})")
 
     @staticmethod
     def from_tokens(tokens_per_task: Mapping[str, int], seq_len: int, kv_len: int | None = None) -> StepShape:
@@ -141,14 +142,11 @@ class StepEstimate:
                 f"{self.total * 1e3:.1f} ms)")
 
 
-def _price(cost: CostModel, w: Work | None, b: float, s: float, kv_scale: float,
+def _price(cost: CostModel, w: Work | None, b: float, s: float, scale: float,
            backward: bool) -> float:
-    if w is None:
+    if w is None or scale <= 0:
         return 0.0
-    amount = w.amount(b, s)
-    if w.key.kind is OpKind.ATTENTION:
-        amount *= kv_scale
-    return cost.latency(w.key, amount, backward)
+    return cost.latency(w.key, w.amount(b, s) * scale, backward)
 
 
 def estimate_step(
@@ -179,20 +177,22 @@ def estimate_step(
             f"estimate_step: tasks {unknown} are not in the summary (tasks {list(summary.tasks)})"
         )
     b, s = float(shape.total_rows), float(shape.seq_len)
-    kv_scale = 1.0 if shape.kv_len is None else shape.kv_len / shape.seq_len
+    kv_len = shape.seq_len if shape.kv_len is None else shape.kv_len
+    scales = {KV.NONE: 1.0, KV.TOTAL: kv_len / shape.seq_len,
+              KV.PAST: (kv_len - shape.seq_len) / shape.seq_len}
     fwd = bwd = 0.0
     by_kind: dict[str, float] = {}
     if shape.total_rows == 0:
         return StepEstimate(0.0, 0.0, 0, 0, {})
-    for f, g, task, count in summary.grouped:
+    for f, g, task, kv, count in summary.grouped:
         if task is None:
             rows = b
         else:
             rows = float(shape.rows.get(task, 0))
             if rows == 0:
                 continue
-        tf = count * _price(cost, f, rows, s, kv_scale, False)
-        tb = count * _price(cost, g, rows, s, kv_scale, True)
+        tf = count * _price(cost, f, rows, s, scales[kv], False)
+        tb = count * _price(cost, g, rows, s, scales[kv], True)
         fwd += tf
         bwd += tb
         for w, t in ((f, tf), (g, tb)):

@@ -9,6 +9,12 @@ where the two meet.
 (weighted least squares on relative error, so small and large samples count alike) and keeps
 the split whose combined model fits all samples best. Noise-free samples give the exact knee.
 
+Real curves have more than two regimes (on a CPU an elementwise op is overhead-bound, then
+runs at cache bandwidth, then at DRAM bandwidth), so inside the profiled range `predict`
+interpolates the measured medians (made non-decreasing); the flat/linear fit gives the
+saturation point and extrapolates past the largest sample (continuing from it with the fitted
+slope) and below the smallest.
+
 >>> xs = [16, 32, 64, 128, 256, 512, 1024]
 >>> ys = [max(1.0, 0.01 * x) for x in xs]          # flat at 1.0, linear past x = 100
 >>> m = fit_latency(xs, ys)
@@ -18,10 +24,11 @@ the split whose combined model fits all samples best. Noise-free samples give th
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from muxc.plan.ops import CostModelError
 
@@ -34,7 +41,8 @@ class LatencyModel:
 
     ``saturation``: the work past which latency grows linearly (the knee; the smallest sample
     when every sample was already linear). ``samples``: how many distinct work sizes it was
-    fit on (0 for a hand-made model).
+    fit on (0 for a hand-made model). ``points``: measured ``(work, seconds)`` medians, sorted
+    and non-decreasing, that `predict` interpolates between (empty: the fit alone).
     """
 
     flat: float
@@ -42,6 +50,7 @@ class LatencyModel:
     slope: float
     saturation: float
     samples: int = 0
+    points: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not all(math.isfinite(v) for v in (self.flat, self.intercept, self.slope, self.saturation)):
@@ -49,11 +58,24 @@ class LatencyModel:
         if self.slope < 0:
             raise CostModelError(f"latency model slope must be >= 0, got {self.slope}")
 
+    def fitted(self, work: float) -> float:
+        """The flat/linear fit alone at ``work``."""
+        return max(self.flat, self.intercept + self.slope * work)
+
     def predict(self, work: float) -> float:
-        """Seconds for ``work`` units (0 for no work)."""
+        """Seconds for ``work`` units (0 for no work); see the module doc."""
         if work <= 0:
             return 0.0
-        return max(self.flat, self.intercept + self.slope * work)
+        pts = self.points
+        if not pts:
+            return self.fitted(work)
+        if work <= pts[0][0]:
+            return min(pts[0][1], self.fitted(work))
+        if work >= pts[-1][0]:
+            return pts[-1][1] + self.slope * (work - pts[-1][0])
+        i = bisect.bisect_right([p[0] for p in pts], work)
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        return y0 + (y1 - y0) * (work - x0) / (x1 - x0)
 
     @staticmethod
     def constant(seconds: float, samples: int = 0) -> LatencyModel:
@@ -120,4 +142,7 @@ def fit_latency(work: Sequence[float], seconds: Sequence[float]) -> LatencyModel
         err = _rel_sse(cand, xs, ys)
         if err < best_err * (1 - 1e-12):
             best, best_err = cand, err
-    return best
+    ys_mono = []
+    for y in ys:
+        ys_mono.append(max(y, ys_mono[-1]) if ys_mono else y)
+    return replace(best, points=tuple(zip(xs, ys_mono)))

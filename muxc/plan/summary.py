@@ -24,6 +24,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from functools import cached_property
 
 import sympy
@@ -33,8 +34,9 @@ import torch.fx as fx
 from muxc.errors import MuxcInternalError
 from muxc.ir import AdapterKind, MuxGraph, Role, info
 from muxc.plan.ops import CostModelError, OpKey, OpKind, Poly
+from muxc.runtime.attention import ChunkAttention
 
-__all__ = ["Work", "OpCost", "ModelSummary", "summarize_graph", "as_summary", "layer_of"]
+__all__ = ["KV", "Work", "OpCost", "ModelSummary", "summarize_graph", "as_summary", "layer_of"]
 
 aten = torch.ops.aten
 
@@ -47,12 +49,23 @@ class Work:
     amount: Poly
 
 
+class KV(str, Enum):
+    """How an op's work grows when a chunk attends to ``kv_len`` keys (kept K/V of earlier
+    chunks plus its own ``s``): not at all, by ``kv_len / s`` (attention itself), or by
+    ``(kv_len - s) / s`` (gathering and concatenating the kept K/V)."""
+
+    NONE = "none"
+    TOTAL = "total"
+    PAST = "past"
+
+
 @dataclass(frozen=True)
 class OpCost:
     """The cost of one graph node (or one task's adapter at a site).
 
     ``task``: set for per-task ops (adapters, losses): their polynomials take that task's
-    rows as ``b``. ``layer``: the decoder layer index, None outside the layers.
+    rows as ``b``. ``layer``: the decoder layer index, None outside the layers. ``kv``: how
+    the work scales with the attended length (`KV`).
     """
 
     node: str
@@ -60,6 +73,7 @@ class OpCost:
     backward: Work | None = None
     task: str | None = None
     layer: int | None = None
+    kv: KV = KV.NONE
 
 
 @dataclass(frozen=True)
@@ -99,10 +113,10 @@ class ModelSummary:
         return sorted(keys)
 
     @cached_property
-    def grouped(self) -> tuple[tuple[Work | None, Work | None, str | None, int], ...]:
-        """Ops with equal work merged: ``(forward, backward, task, count)``; for fast pricing."""
-        c = Counter((o.forward, o.backward, o.task) for o in self.ops)
-        return tuple((f, b, t, n) for (f, b, t), n in c.items())
+    def grouped(self) -> tuple[tuple[Work | None, Work | None, str | None, KV, int], ...]:
+        """Ops with equal work merged: ``(forward, backward, task, kv, count)``; for pricing."""
+        c = Counter((o.forward, o.backward, o.task, o.kv) for o in self.ops)
+        return tuple((f, b, t, kv, n) for (f, b, t, kv), n in c.items())
 
     def restrict(self, tasks) -> ModelSummary:
         """This summary with only ``tasks``' adapters and losses (for an hTask's program)."""
@@ -212,11 +226,19 @@ def _val(node) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def _floating(node: fx.Node) -> bool:
+    """Does ``node`` produce a floating tensor (or a sequence holding one)?"""
+    v = node.meta.get("val")
+    vals = v if isinstance(v, (list, tuple)) else (v,)
+    return any(isinstance(x, torch.Tensor) and x.dtype.is_floating_point for x in vals)
+
+
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
     out = []
     for a in (*node.args, *node.kwargs.values()):
         for x in (a if isinstance(a, (list, tuple)) else (a,)):
-            if isinstance(x, fx.Node) and _val(x) is not None:
+            if isinstance(x, fx.Node) and (_val(x) is not None
+                                           or isinstance(x.meta.get("val"), (list, tuple))):
                 out.append(x)
     return out
 
@@ -237,18 +259,18 @@ _SDPA = {aten.scaled_dot_product_attention.default}
 _PASS_THROUGH = {aten.add.Tensor, aten.sub.Tensor, aten.cat.default, aten.add_.Tensor}
 _REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.mean.default, aten.sum.default}
 _SAVE_OTHER = {aten.mul.Tensor, aten.div.Tensor}
-_SAVE_INPUT = {aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.silu.default, aten.sigmoid.default,
-               aten.tanh.default, aten.exp.default, aten.log.default, aten.sqrt.default,
-               aten.gelu.default, aten.sin.default, aten.cos.default, aten.reciprocal.default,
-               aten.erf.default, aten.relu.default, aten.softplus.default}
+_SAVE_INPUT = {aten.pow.Tensor_Scalar, aten.silu.default, aten.log.default, aten.gelu.default,
+               aten.sin.default, aten.cos.default, aten.erf.default, aten.softplus.default}
 _SAVE_OUTPUT = {aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
-                aten.log_softmax.int}
+                aten.log_softmax.int, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
+                aten.exp.default, aten.rsqrt.default, aten.sqrt.default, aten.reciprocal.default}
 _NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
 _DROPOUT = {aten.dropout.default, aten.native_dropout.default}
 _SAVES = (_SAVE_OTHER, _SAVE_INPUT, _SAVE_OUTPUT, _NORMS, _DROPOUT)
 """Ops whose backward needs saved activations (everything else saves none):
 mul/div save the other operand of each input needing a gradient; unary pointwise ops their
-input; softmaxes their output; norms input and per-row statistics; dropout its mask;
+input, or their output when the derivative is written in it (relu, sigmoid, tanh, exp, rsqrt,
+sqrt, reciprocal, softmaxes); norms input and per-row statistics; dropout its mask;
 attention q, k, v, output, per-row log-sum-exp and its mask (as an additive mask in q's dtype,
 one per call); a GEMM with a frozen weight saves
 nothing but the weight (dX = dY W); LoRA/IA3 save their input; the loss its log-probabilities.
@@ -306,9 +328,9 @@ class _Walker:
             self.saved[r] = self.bytes(r)
 
     def add(self, node: fx.Node, fwd: Work | None, bwd: Work | None, task=None, layer=None,
-            suffix: str = "") -> None:
+            suffix: str = "", kv: KV = KV.NONE) -> None:
         self.ops.append(OpCost(node.name + suffix, fwd, bwd, task,
-                               _node_layer(node) if layer is None else layer))
+                               _node_layer(node) if layer is None else layer, kv))
 
     def needs_grad(self, node) -> bool:
         return isinstance(node, fx.Node) and self.grad.get(node, False)
@@ -323,8 +345,7 @@ class _Walker:
             if node.op != "call_function":
                 continue
             role = info(node).role
-            out = _val(node)
-            floating = out is not None and out.dtype.is_floating_point
+            floating = _floating(node)
             self.grad[node] = role in (Role.ADAPTER, Role.LOSS) or (
                 floating and any(self.needs_grad(a) for a in _tensor_args(node))
             )
@@ -373,17 +394,20 @@ class _Walker:
         out = _val(node)
         grad = self.grad[node]
         view1 = Work(self.view, Poly.const(1))
-        if out is None:  # symbolic sizes, asserts, tuples: dispatch overhead only
-            if isinstance(node.meta.get("val"), (list, tuple)):
-                self.higher_order(node)
-            else:
-                self.add(node, view1, None)
+        if isinstance(t, torch._ops.HigherOrderOperator):
+            self.higher_order(node)
+            return
+        if out is None:  # symbolic sizes, asserts; split/unbind-like ops return views
+            self.add(node, view1, view1 if grad else None)
             return
         args = _tensor_args(node)
         if t in _GEMMS and self.gemm(node, grad):
             return
         if t in _SDPA:
-            self.attention(node, grad)
+            self.attention(node, grad, node.args, node.kwargs, chunked=False)
+            return
+        if isinstance(t, ChunkAttention):  # (mux, *sdpa args): may attend to kept K/V
+            self.attention(node, grad, node.args[1:], node.kwargs, chunked=True)
             return
         if t in _BMMS:
             self.matmul(node, grad)
@@ -443,8 +467,9 @@ class _Walker:
             out = _val(node)
             rows = self.shapes.numel(out, effective=False) / int(out.shape[-1])
             self.saved_extra = self.saved_extra + self.shapes.poly(rows * 8, node)
-        elif t in _DROPOUT:
-            self.saved_extra = self.saved_extra + self.bytes(node).scale(0.25)
+        elif t in _DROPOUT and _dropout_p(node) > 0:  # a one-byte mask per element
+            out = _val(node)
+            self.saved_extra = self.saved_extra + self.bytes(node).scale(1 / out.dtype.itemsize)
 
     def gemm(self, node: fx.Node, grad: bool) -> bool:
         t = node.target
@@ -461,17 +486,21 @@ class _Walker:
         self.add(node, work, work if self.needs_grad(x) else None)
         return True
 
-    def attention(self, node: fx.Node, grad: bool) -> None:
-        q, k, v = node.args[:3]
+    def attention(self, node: fx.Node, grad: bool, args, kwargs, chunked: bool) -> None:
+        q, k, v = args[:3]
         qv, kv = _val(q), _val(k)
         heads, d = int(qv.shape[-3]), int(qv.shape[-1])
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
-        variant = "mask" if mask is not None else ("causal" if causal else "none")
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
+        variant = "mask" if mask is not None or chunked else ("causal" if causal else "none")
         rows = self.shapes.numel(qv, effective=False) / d  # b * heads * s
         amount = self.shapes.poly(rows * self.shapes.expr(kv.shape[-2]), node)
         work = Work(OpKey(OpKind.ATTENTION, (heads, d), _dt(qv.dtype), variant), amount)
-        self.add(node, work, work if grad else None)
+        self.add(node, work, work if grad else None, kv=KV.TOTAL)
+        if chunked:  # kept K/V gathered to this step's rows and prepended: read + write twice
+            kv_bytes = self.bytes(k, effective=False) + self.bytes(v, effective=False)
+            self.add(node, Work(self.ew, kv_bytes.scale(4)),
+                     Work(self.ew, kv_bytes.scale(2)) if grad else None, suffix="[kv]", kv=KV.PAST)
         if grad:
             for a in (q, k, v, node):
                 self.save(a)
@@ -519,6 +548,11 @@ class _Walker:
             b3 = self.bytes(node).scale(3)
             for i in range(uses - 1):
                 self.add(node, None, Work(self.ew, b3), suffix=f"[acc{i}]")
+
+
+def _dropout_p(node: fx.Node) -> float:
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    return float(p) if isinstance(p, (int, float)) else 0.5
 
 
 def _dominates(a: Poly, b: Poly) -> bool:

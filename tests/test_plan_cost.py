@@ -1,0 +1,341 @@
+"""Cost model: latency fit, profile cache, roofline, step time and memory vs measurements."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import pytest
+import torch
+import transformers as T
+from models import CORE_FAMILIES, VOCAB, make_batch, make_peft
+from peft import LoraConfig
+
+import muxc
+from muxc.ir import Role
+from muxc.plan import (
+    AdapterSpec,
+    Clock,
+    CostModel,
+    CostModelError,
+    DeviceProfile,
+    LatencyModel,
+    OpKey,
+    OpKind,
+    Roofline,
+    StepShape,
+    bubble_fraction,
+    estimate_memory,
+    estimate_step,
+    fit_latency,
+    load_or_profile,
+    pipeline_iteration_time,
+    profile_device,
+    saturation_tokens,
+    summarize_config,
+    summarize_graph,
+)
+
+STEP_TOLERANCE = 0.30  # the issue's bar for predicted vs measured step time on this CPU
+# (rows per task, seq) for 2 tasks: 256, 1024 and 2048 tokens per step
+STEP_SHAPES = ((1, 128), (2, 256), (4, 256))
+ADAPTERS = {"t0": AdapterSpec(rank=4, targets=("q_proj", "v_proj")),
+            "t1": AdapterSpec(rank=8, targets="all-linear")}
+
+
+def _config() -> T.LlamaConfig:
+    return T.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def program():
+    """Two LoRA tasks (rank 4 on q,v; rank 8 on every linear) on one tiny Llama, fused
+    spatially: one forward and one backward over both tasks' tokens per step."""
+    torch.manual_seed(0)
+    base = T.LlamaForCausalLM(_config()).eval()
+    models = [make_peft(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0), 0),
+              make_peft(base, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0), 1)]
+    tasks = [muxc.Task(name=f"t{i}", model=m) for i, m in enumerate(models)]
+    return muxc.compile(tasks, muxc.Options(fusion="spatial"))  # the program estimate_step prices
+
+
+@pytest.fixture(scope="module")
+def summary(program):
+    return summarize_graph(program.mux)
+
+
+@pytest.fixture
+def one_thread():
+    """Time on one thread: with other processes on the 2 cores, a 2-thread op waits for a
+    descheduled peer at every barrier, and per-thread CPU time is only defined for one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _batches(rows: int, seq: int):
+    return {f"t{i}": make_batch(rows, seq, i, pad_rows=0) for i in range(2)}
+
+
+# ------------------------------------------------------------------------- latency fit
+
+@pytest.mark.parametrize("knee", [300.0, 64.0, 1000.0])
+def test_fit_recovers_a_synthetic_knee_exactly(knee):
+    truth = LatencyModel(flat=2e-5, intercept=2e-5 - 1e-8 * knee, slope=1e-8, saturation=knee)
+    xs = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+    fit = fit_latency(xs, [truth.predict(x) for x in xs])
+    assert fit.saturation == pytest.approx(knee, rel=1e-9)
+    assert fit.flat == pytest.approx(2e-5, rel=1e-9)
+    assert fit.slope == pytest.approx(1e-8, rel=1e-9)
+    for x in (1, 100, 5000, 10**6):
+        assert fit.predict(x) == pytest.approx(truth.predict(x), rel=1e-9)
+
+
+def test_fit_handles_all_linear_all_flat_and_repeats():
+    xs = [16, 64, 256, 1024]
+    linear = fit_latency(xs, [1e-6 + 1e-9 * x for x in xs])  # saturated from the start (CPU)
+    assert linear.saturation == pytest.approx(16) and linear.predict(2048) == pytest.approx(1e-6 + 2048e-9)
+    flat = fit_latency(xs, [5e-6] * 4)  # launch-bound everywhere (small GPU kernels)
+    assert flat.slope == 0 and flat.predict(10**6) == pytest.approx(5e-6)
+    noisy = fit_latency([16, 16, 16, 64, 64, 64], [1.0, 9.0, 1.1, 2.0, 2.1, 50.0])  # medians
+    assert noisy.predict(16) == pytest.approx(1.1) and noisy.predict(64) == pytest.approx(2.1)
+    with pytest.raises(CostModelError, match="no usable latency samples"):
+        fit_latency([0, 16], [1.0, 0.0])
+
+
+# ---------------------------------------------------------------------- profile cache
+
+def test_profile_json_round_trip_and_cache(tmp_path):
+    keys = [OpKey(OpKind.GEMM, (32, 48)), OpKey(OpKind.LOSS, (VOCAB,))]
+    kw = dict(tokens=(16, 64), elementwise_numels=(1024, 4096), repeats=1)
+    prof = profile_device("cpu", keys, **kw)
+    assert {str(k) for k in keys} <= set(prof.samples)
+    assert prof.peak_flops > 0 and prof.peak_bandwidth > 0 and prof.overhead > 0
+    path = prof.save(tmp_path / "p" / "cpu.json")
+    assert DeviceProfile.load(path) == prof
+    assert DeviceProfile.from_json(json.loads(path.read_text())) == prof
+    # same device: reused as is; a missing key is profiled and saved back
+    assert load_or_profile(path, "cpu", keys, **kw) == prof
+    more = load_or_profile(path, "cpu", [*keys, OpKey(OpKind.GEMM, (16, 16))], **kw)
+    assert "gemm:float32:16x16" in more.samples and DeviceProfile.load(path) == more
+    # another device (here: another torch version) makes the file stale: re-profiled
+    data = json.loads(path.read_text())
+    data["identity"]["torch"] = "0.0.0"
+    path.write_text(json.dumps(data))
+    fresh = load_or_profile(path, "cpu", keys, **kw)
+    assert fresh.identity["torch"] == torch.__version__
+    path.write_text("{not json")
+    with pytest.raises(CostModelError, match="not JSON"):
+        DeviceProfile.load(path)
+    path.write_text(json.dumps({"format": 99}))
+    with pytest.raises(CostModelError, match="format"):
+        DeviceProfile.load(path)
+
+
+# ------------------------------------------------------------------------- roofline
+
+def test_roofline_fallback_is_monotone_in_tokens(summary):
+    cost = CostModel(roofline=Roofline(peak_flops=1e11, peak_bandwidth=2e10, overhead=5e-6))
+    assert cost.model(OpKey(OpKind.GEMM, (128, 128))) is None  # nothing fitted: roofline
+    for key in summary.op_keys():
+        for backward in (False, True):
+            ts = [cost.latency(key, w, backward) for w in (1, 16, 256, 4096, 65536)]
+            assert ts == sorted(ts), f"{key} backward={backward}: {ts}"
+    steps = [estimate_step(summary, {"t0": n, "t1": n}, seq_len=128, cost=cost).total
+             for n in (128, 256, 1024, 4096)]
+    assert steps == sorted(steps) and steps[0] > 0
+    gemm = OpKey(OpKind.GEMM, (1000, 1000))  # compute-bound: 2 GFLOP at 100 GFLOP/s
+    assert cost.latency(gemm, 1000) == pytest.approx(0.02 + 5e-6)
+    assert Roofline.for_device("NVIDIA H200", "bfloat16").peak_bandwidth == 4.8e12
+
+
+# ------------------------------------------------------------- step time vs measurement
+
+def _measure(program, batches, clock: Clock, repeats: int) -> list[float]:
+    params = [p for s in program.states.values() for p in s.params]
+    out = []
+    for i in range(repeats + 1):
+        for p in params:
+            p.grad = None  # as after each task's optimizer step
+        t0 = clock.now(torch.device("cpu"))
+        program.forward_backward(batches)
+        t1 = clock.now(torch.device("cpu"))
+        if i:  # the first run warms up
+            out.append(t1 - t0)
+    return out
+
+
+def test_predicted_step_time_within_30_percent_of_measured(program, summary, one_thread):
+    """Predicted forward+backward step time of the real merged program within 30% of its
+    measured time, at 256, 1024 and 2048 tokens, from a profile taken in this process.
+
+    Time is this thread's CPU time (the profile uses the same clock): the 2 cores are shared
+    with other processes, which stretch wall time by whatever they run, not by our work.
+    Profiling and measuring are interleaved over rounds so both see the same conditions, and
+    the profile covers the graph's own op shapes (its attention at the steps' batch shapes).
+    """
+    clock = Clock.THREAD
+    attention_shapes = tuple(sorted({(2 * r, s) for r, s in STEP_SHAPES} | {(1, 64), (1, 128)}))
+    batches = {shape: _batches(*shape) for shape in STEP_SHAPES}
+    profile, measured = None, {shape: [] for shape in STEP_SHAPES}
+    for _ in range(3):
+        p = profile_device("cpu", summary.op_keys(), clock=clock, repeats=3,
+                           attention_shapes=attention_shapes)
+        profile = p if profile is None else profile.merge(p)
+        for shape in STEP_SHAPES:
+            measured[shape] += _measure(program, batches[shape], clock, repeats=3)
+    cost = CostModel(profile)
+    report, worst = [], 0.0
+    for rows, seq in STEP_SHAPES:
+        est = estimate_step(summary, {"t0": rows * seq, "t1": rows * seq}, seq_len=seq, cost=cost)
+        meas = statistics.median(measured[(rows, seq)])
+        err = est.total / meas - 1
+        worst = max(worst, abs(err))
+        report.append(f"{2 * rows * seq} tokens: predicted {est.total * 1e3:.1f} ms, measured "
+                      f"{meas * 1e3:.1f} ms ({err:+.1%})")
+    assert worst <= STEP_TOLERANCE, "; ".join(report)
+
+
+def test_thread_clock_needs_one_cpu_thread():
+    if torch.get_num_threads() == 1:
+        pytest.skip("torch runs one thread here; the check needs more")
+    with pytest.raises(CostModelError, match="get_num_threads"):
+        profile_device("cpu", [], clock="thread")
+
+
+# ----------------------------------------------------------------------- memory model
+
+def test_activation_memory_matches_tensors_saved_for_backward(program, summary, one_thread):
+    """The activation model counts what autograd keeps, measured with saved-tensor hooks."""
+    for rows, seq in ((1, 128), (2, 256), (1, 512)):
+        est = estimate_memory(summary, {"t0": rows * seq, "t1": rows * seq}, seq_len=seq)
+        measured = _saved_bytes(program, _batches(rows, seq))
+        assert est.activations == pytest.approx(measured, rel=0.05), (rows, seq)
+
+
+def _saved_bytes(program, batches) -> int:
+    """Bytes of the tensors autograd saves in one forward_backward (unique storages, weights
+    and adapter parameters excluded)."""
+    params = {t.untyped_storage().data_ptr() for t in program.mux.tensors.values()}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        program.forward_backward(batches)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("family", [f for f in CORE_FAMILIES if f != "llama"])  # llama: above
+def test_summary_reads_every_core_family(bases, family):
+    """GPT-2 (Conv1D addmm, GELU, LayerNorm) and OPT (ReLU, biases) summarise, price, and
+    predict their saved activations, like Llama."""
+    model = make_peft(bases(family), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 3)
+    prog = muxc.compile([muxc.Task(name="a", model=model)])
+    s = summarize_graph(prog.mux)
+    kinds = {k.kind for k in s.op_keys()}
+    assert {OpKind.GEMM, OpKind.ATTENTION, OpKind.LORA, OpKind.LOSS} <= kinds, kinds
+    est = estimate_memory(s, {"a": 2 * 24}, seq_len=24)
+    assert est.activations == pytest.approx(_saved_bytes(prog, {"a": make_batch(2, 24, 0)}), rel=0.05)
+    cost = CostModel(roofline=Roofline(1e11, 2e10, 5e-6))
+    assert estimate_step(s, {"a": 48}, seq_len=24, cost=cost).total > 0
+
+
+def test_chunked_attention_is_priced_by_the_keys_it_attends_to(bases):
+    """With alignment='chunk' attention nodes attend to kept K/V: their work grows with kv_len,
+    and gathering the kept K/V costs extra only past the first chunk."""
+    model = make_peft(bases("llama"), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0), 4)
+    prog = muxc.compile([muxc.Task(name="a", model=model)], muxc.Options(alignment="chunk", chunk_size=8))
+    s = summarize_graph(prog.mux)
+    assert sum(o.forward.key.kind is OpKind.ATTENTION for o in s.ops if o.forward) == 2
+    exact = CostModel(roofline=Roofline(1e11, 2e10, 0.0))
+    first = estimate_step(s, StepShape({"a": 2}, 8), cost=exact)
+    third = estimate_step(s, StepShape({"a": 2}, 8, kv_len=24), cost=exact)
+    assert third.by_kind["attention"] == pytest.approx(3 * first.by_kind["attention"], rel=0.02)
+    assert third.by_kind["elementwise"] > first.by_kind["elementwise"]
+    with pytest.raises(CostModelError, match="kv_len"):
+        StepShape({"a": 2}, 8, kv_len=4)
+
+
+def test_memory_counts_shared_weights_once_and_state_per_task(program, summary):
+    mux = program.mux
+    frozen = {mux.tensors[n.name].untyped_storage().data_ptr(): mux.tensors[n.name].untyped_storage().nbytes()
+              for n in mux.nodes_with(Role.FROZEN)}
+    assert summary.frozen_bytes == sum(frozen.values())
+    adapter = {t: sum(p.numel() * p.element_size() for p in s.params) for t, s in program.states.items()}
+    assert dict(summary.adapter_bytes) == adapter
+    est = estimate_memory(summary, {"t0": 256}, seq_len=128, in_flight=2)
+    one = estimate_memory(summary.restrict(["t0"]), {"t0": 256}, seq_len=128, in_flight=2)
+    assert est.weights == one.weights  # one copy of the base whatever the number of tasks
+    assert est.adapters == sum(adapter.values()) == est.gradients == est.optimizer / 2
+    assert est.activations == one.activations  # t1 idle: no activations
+    assert est.total == est.weights + 4 * est.adapters + est.activations
+    with pytest.raises(CostModelError, match="not in the summary"):
+        estimate_memory(summary, {"nope": 16}, seq_len=16)
+
+
+# ------------------------------------------------------------------ config-only summary
+
+def test_config_summary_agrees_with_the_traced_graph(summary):
+    cfg_summary = summarize_config(_config(), ADAPTERS)
+    assert cfg_summary.adapter_numel == summary.adapter_numel
+    assert cfg_summary.frozen_bytes == pytest.approx(summary.frozen_bytes, rel=1e-3)
+    for b, s in ((1, 128), (8, 512)):
+        assert cfg_summary.saved(b, s) == pytest.approx(summary.saved(b, s), rel=0.02)
+    heavy = {OpKind.GEMM, OpKind.ATTENTION, OpKind.LORA, OpKind.LOSS}
+    assert ({k for k in cfg_summary.op_keys() if k.kind in heavy}
+            == {k for k in summary.op_keys() if k.kind in heavy})
+    cost = CostModel(roofline=Roofline(1e11, 2e10, 5e-6))
+    for tokens, seq in ((256, 128), (4096, 512)):
+        a = estimate_step(summary, {"t0": tokens, "t1": tokens}, seq_len=seq, cost=cost)
+        b = estimate_step(cfg_summary, {"t0": tokens, "t1": tokens}, seq_len=seq, cost=cost)
+        assert b.total == pytest.approx(a.total, rel=0.03)
+        assert b.by_kind["gemm"] == pytest.approx(a.by_kind["gemm"], rel=1e-9)
+    with pytest.raises(CostModelError, match="not Llama linear modules"):
+        AdapterSpec(targets=("c_attn",))
+    with pytest.raises(CostModelError, match="summarize_graph"):
+        summarize_config(T.GPT2Config(), ADAPTERS)
+
+
+# ------------------------------------------------------------- step estimate semantics
+
+def test_step_estimate_prices_active_tasks_padding_and_saturation(summary):
+    cost = CostModel(roofline=Roofline(1e11, 2e10, 5e-6))
+    both = estimate_step(summary, {"t0": 256, "t1": 256}, seq_len=128, cost=cost)
+    only = estimate_step(summary, {"t0": 512}, seq_len=128, cost=cost)
+    assert only.total < both.total  # same tokens, fewer adapters
+    padded = estimate_step(summary, {"t0": 129}, seq_len=128, cost=cost)
+    assert padded.padded_tokens == 256 and padded.tokens == 129
+    exact = CostModel(roofline=Roofline(1e11, 2e10, 0.0))  # no per-op overhead: work scales
+    chunked = estimate_step(summary, StepShape({"t0": 2}, 128, kv_len=512), cost=exact)
+    plain = estimate_step(summary, StepShape({"t0": 2}, 128), cost=exact)
+    assert chunked.by_kind["attention"] == pytest.approx(4 * plain.by_kind["attention"], rel=0.01)
+    sat = saturation_tokens(summary, cost=cost, seq_len=128)
+    assert 128 <= sat < 1 << 20
+    with pytest.raises(CostModelError, match="not in the summary"):
+        estimate_step(summary, {"zz": 4}, seq_len=4, cost=cost)
+
+
+def test_pipeline_iteration_time_formula():
+    assert pipeline_iteration_time([1.0, 2.0, 1.5], micro_batches=[4, 2]) == 16.0
+    assert pipeline_iteration_time([1.0, 2.0], 4, comm_time=0.5, hidden_comm=1.0) == 11.5
+    assert pipeline_iteration_time([2.0], 3, hidden_comm=100.0) == 6.0  # never below busy time
+    assert bubble_fraction(1, 5) == 0.0 and bubble_fraction(4, 8) == pytest.approx(3 / 11)
+    with pytest.raises(CostModelError, match="micro-batch"):
+        pipeline_iteration_time([1.0], 0)
+
+
+def test_summary_is_fast_and_cheap_to_evaluate(summary):
+    cost = CostModel(roofline=Roofline(1e11, 2e10, 5e-6))
+    t0 = time.perf_counter()
+    for n in range(1, 201):
+        estimate_step(summary, {"t0": 64 * n, "t1": 32 * n}, seq_len=64, cost=cost)
+    assert (time.perf_counter() - t0) / 200 < 5e-3  # the fusion DP evaluates many groups
