@@ -22,7 +22,9 @@ from pathlib import Path
 from muxc.errors import MuxcError
 from muxc.partition_ir import PartitionedGraph, Subgraph, SubgraphKind
 
-__all__ = ["partitioned_dot", "write_dot", "render", "GraphvizNotFoundError", "GraphvizError", "KIND_COLORS"]
+__all__ = [
+    "partitioned_dot", "write_dot", "render", "GraphvizNotFoundError", "GraphvizError", "KIND_COLORS",
+]
 
 KIND_COLORS = {
     SubgraphKind.COMPUTE: "#cfe2f3",
@@ -51,8 +53,8 @@ def _label(sg: Subgraph, cost_name: str) -> str:
     tasks = ",".join(sorted(sg.tasks))
     if sg.kind is SubgraphKind.COMMUNICATE:
         names = [c.name for c in sg.crossing]
-        shown = ", ".join(names[:_MAX_NAMES]) + (f" +{len(names) - _MAX_NAMES}" if len(names) > _MAX_NAMES else "")
-        return f"{head} {sg.stage}->{sg.dst_stage}\n{len(names)} tensors, {sg.bytes_per_token:.4g} B/token\n{shown}"
+        return (f"{head} {sg.stage}->{sg.dst_stage}\n"
+                f"{len(names)} tensors, {sg.bytes_per_token:.4g} B/token\n{_edge_label(tuple(names))}")
     body = sg.site if sg.kind is SubgraphKind.PEFT else sg.describe()
     return f"{head}\n{body}\n{len(sg.nodes)} ops, {sg.cost:.3g} {cost_name}\ntasks {tasks}"
 
@@ -109,6 +111,8 @@ def render(pg: PartitionedGraph, path: str | Path, fmt: str | None = None, dot: 
     """
     path = Path(path)
     fmt = fmt or path.suffix.lstrip(".") or "png"
+    if fmt == "dot":
+        return write_dot(pg, path)
     exe = shutil.which(dot)
     if exe is None:
         raise GraphvizNotFoundError(
@@ -119,5 +123,7 @@ def render(pg: PartitionedGraph, path: str | Path, fmt: str | None = None, dot: 
     src = write_dot(pg, path.with_suffix(".dot"))
     proc = subprocess.run([exe, f"-T{fmt}", str(src), "-o", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise GraphvizError(f"{dot} -T{fmt} {src} failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
+        raise GraphvizError(
+            f"{dot} -T{fmt} {src} failed ({proc.returncode}): {proc.stderr.strip()[:500]}"
+        )
     return path

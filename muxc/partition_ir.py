@@ -151,7 +151,9 @@ class Stage:
         if not self.tuple_out:
             out = (out,)
         if len(out) != len(self.outputs):
-            raise MuxcInternalError(f"stage {self.index}: {len(out)} outputs for {len(self.outputs)} names")
+            raise MuxcInternalError(
+                f"stage {self.index}: {len(out)} outputs for {len(self.outputs)} names"
+            )
         env.update(zip(self.outputs, out))
 
 
@@ -228,7 +230,9 @@ class PartitionedGraph:
         """The subgraph holding ``node`` (a node of ``mux.gm`` or its name)."""
         name = node.name if isinstance(node, fx.Node) else node
         if name not in self._where:
-            raise MuxcInternalError(f"node {name!r} is in no subgraph (placeholders, get_attr and output are not)")
+            raise MuxcInternalError(
+                f"node {name!r} is in no subgraph (placeholders, get_attr and output are not)"
+            )
         return self.subgraphs[self._where[name]]
 
     def stage_of(self, node: str | fx.Node) -> int:
@@ -288,7 +292,8 @@ class PartitionedGraph:
         """The environment of a run: the merged graph's placeholder names -> ``args``."""
         if len(args) != len(self.input_names):
             raise MuxcInternalError(
-                f"partitioned graph takes {len(self.input_names)} arguments like mux.gm, got {len(args)}"
+                f"partitioned graph takes {len(self.input_names)} arguments like mux.gm, "
+                f"got {len(args)}"
             )
         return dict(zip(self.input_names, args))
 
@@ -304,7 +309,8 @@ class PartitionedGraph:
 
         rows = []
         for sg in self.subgraphs:
-            stage = f"{sg.stage}->{sg.dst_stage}" if sg.kind is SubgraphKind.COMMUNICATE else str(sg.stage)
+            comm = sg.kind is SubgraphKind.COMMUNICATE
+            stage = f"{sg.stage}->{sg.dst_stage}" if comm else str(sg.stage)
             cost = "-" if sg.kind is SubgraphKind.COMMUNICATE else f"{sg.cost:.3g}"
             first, last = (sg.nodes[0], sg.nodes[-1]) if sg.nodes else ("", "")
             note = sg.site or (sg.describe() if sg.kind is SubgraphKind.COMMUNICATE else "")

@@ -116,7 +116,7 @@ def test_stage_signatures_chain(mux):
     produced: set[str] = set()
     for stage in pg.stages:
         for name in stage.inputs:
-            assert name in placeholders or name in produced, f"stage {stage.index} reads {name} too early"
+            assert name in placeholders or name in produced, (stage.index, name)
         produced |= set(stage.outputs)
     # each boundary sends exactly the values produced before it and read after it
     for comm in pg.boundaries():
@@ -131,7 +131,8 @@ def test_stage_signatures_chain(mux):
             assert set(parts["received"]) <= {c.name for c in pg.boundaries()[i - 1].crossing}
         assert stage.module is getattr(pg.split, f"submod_stage_{i}")
     # the exported higher-order-op body keeps its own name next to the stage modules
-    assert any(isinstance(m, torch.fx.GraphModule) for n, m in pg.split.named_children() if "stage" not in n)
+    hop = [m for n, m in pg.split.named_children() if "stage" not in n]
+    assert any(isinstance(m, torch.fx.GraphModule) for m in hop)
 
 
 def test_split_without_partition_affix(programs, monkeypatch):
@@ -211,7 +212,8 @@ def test_partition_ids_are_monotone_along_edges_and_losses_are_last(mux):
 def test_gpt2_input_and_output_sites_on_one_base_op_form_one_peft_subgraph(bases):
     base = bases("gpt2")
     lora = make_peft(base, LoraConfig(r=2, target_modules=["c_proj"], lora_dropout=0.0), 1)
-    ia3 = make_peft(base, IA3Config(target_modules=["c_fc", "c_proj"], feedforward_modules=["c_proj"]), 2)
+    ia3 = make_peft(base, IA3Config(target_modules=["c_fc", "c_proj"],
+                                    feedforward_modules=["c_proj"]), 2)
     program = muxc.compile([muxc.Task(name="a", model=lora), muxc.Task(name="b", model=ia3)])
     mux = program.mux
     pg = partition(mux, None, 2)
@@ -383,6 +385,7 @@ def test_render_without_graphviz_says_how_to_install(mux, tmp_path):
     pg = partition(mux, None, 2)
     with pytest.raises(GraphvizNotFoundError, match="install Graphviz"):
         render(pg, tmp_path / "p.png", dot="muxc-no-such-dot-binary")
+    assert render(pg, tmp_path / "p.dot", dot="muxc-no-such-dot-binary").read_text() == partitioned_dot(pg)
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'dot' is not installed")

@@ -169,7 +169,9 @@ class FlopCost:
             a = node.args[1] if packet in (aten.addmm, aten.baddbmm) else node.args[0]
             k = self.sizes.dim(_val(a).shape[-1])
             flops = 2.0 * self.sizes.numel(out) * k
-            has_bias = packet in (aten.addmm, aten.baddbmm) or (len(node.args) > 2 and node.args[2] is not None)
+            has_bias = packet in (aten.addmm, aten.baddbmm) or (
+                len(node.args) > 2 and node.args[2] is not None
+            )
             return flops + (self.sizes.numel(out) if has_bias else 0)
         attn = self._attention_qk(node)
         if attn is not None:
@@ -286,16 +288,22 @@ def _peft_groups(mux: MuxGraph) -> list[_Group]:
         if rec.adapters[0].position is Position.OUT:
             h = site.args[1]
             if not isinstance(h, fx.Node) or h.op != "call_function":
-                raise MuxcInternalError(f"output site {site.format_node()}: its base output is not an op")
+                raise MuxcInternalError(
+                    f"output site {site.format_node()}: its base output is not an op"
+                )
             chain = _walk_to_gemm(h, _backward) if len(h.users) == 1 else [h]
         else:
             users = list(site.users)
             if len(users) != 1 or users[0].op != "call_function":
-                raise MuxcInternalError(f"input site {site.format_node()} feeds {len(users)} ops, not one base op")
+                raise MuxcInternalError(
+                    f"input site {site.format_node()} feeds {len(users)} ops, not one base op"
+                )
             chain = _walk_to_gemm(users[0], _forward)
         base = chain[-1]
         if base.meta.get("muxc") is None or info(base).role is not Role.BACKBONE:
-            raise MuxcInternalError(f"site {rec.site!r}: base op {base.format_node()} is not a backbone op")
+            raise MuxcInternalError(
+                f"site {rec.site!r}: base op {base.format_node()} is not a backbone op"
+            )
         group = by_base.setdefault(base, _Group(base, [], rec.site or base.name))
         for n in (site, *chain):
             if owner.setdefault(n, base) is not base:
@@ -350,7 +358,8 @@ def _ordered_units(mux: MuxGraph, groups: list[_Group]) -> list[tuple[list[fx.No
     if len(order) != len(units):
         stuck = [units[u][1].site for u in range(len(units)) if waiting[u] and units[u][1] is not None]
         raise MuxcInternalError(
-            f"cannot make PEFT groups contiguous: grouping {stuck[:3]} with their base ops creates a cycle"
+            f"cannot make PEFT groups contiguous: grouping {stuck[:3]} with their base ops "
+            "creates a cycle"
         )
     return order
 
@@ -484,7 +493,9 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def _split(gm: fx.GraphModule, stage_of: dict[str, int], count: int) -> tuple[fx.GraphModule, list[str]]:
+def _split(
+    gm: fx.GraphModule, stage_of: dict[str, int], count: int
+) -> tuple[fx.GraphModule, list[str]]:
     """``split_module`` by stage; returns the root and the attribute name of each stage module.
 
     Exported graphs already own ``submod_<i>`` attributes (higher-order-op bodies), so stage
@@ -497,16 +508,21 @@ def _split(gm: fx.GraphModule, stage_of: dict[str, int], count: int) -> tuple[fx
         kwargs: dict = {"partition_affix": "stage"}
         offset = 0
     else:
-        offset = 1 + max((int(n[7:]) for n in taken if n.startswith("submod_") and n[7:].isdigit()), default=-1)
+        used = [int(n[7:]) for n in taken if n.startswith("submod_") and n[7:].isdigit()]
+        offset = 1 + max(used, default=-1)
         names = [f"submod_{offset + i}" for i in range(count)]
         kwargs = {}
     if taken & set(names):
-        raise MuxcInternalError(f"stage module names {sorted(taken & set(names))} already used in the graph")
-    split = split_module(gm, gm, lambda n: stage_of[n.name] + offset, keep_original_node_name=True, **kwargs)
+        raise MuxcInternalError(f"stage module names {sorted(taken & set(names))} already used")
+    split = split_module(
+        gm, gm, lambda n: stage_of[n.name] + offset, keep_original_node_name=True, **kwargs
+    )
     return split, names
 
 
-def _stages(split: fx.GraphModule, names: list[str], subgraphs: list[Subgraph], known: set[str]) -> tuple[Stage, ...]:
+def _stages(
+    split: fx.GraphModule, names: list[str], subgraphs: list[Subgraph], known: set[str]
+) -> tuple[Stage, ...]:
     out = []
     for i, attr in enumerate(names):
         mod = getattr(split, attr, None)
@@ -518,7 +534,7 @@ def _stages(split: fx.GraphModule, names: list[str], subgraphs: list[Subgraph], 
         outputs = tuple(n.name for n in (ret if tuple_out else (ret,)))
         unknown = [n for n in (*inputs, *outputs) if n not in known]
         if unknown:
-            raise MuxcInternalError(f"stage {i} names values {unknown[:3]} absent from the merged graph")
+            raise MuxcInternalError(f"stage {i} names values {unknown[:3]} not in the merged graph")
         mine = [sg for sg in subgraphs if sg.stage == i]
         out.append(Stage(
             index=i, module=mod, inputs=inputs, outputs=outputs,
@@ -630,7 +646,8 @@ def _check(pg: PartitionedGraph, order: list[fx.Node]) -> None:
         for a in n.all_input_nodes:
             if a.name in stage and stage[a.name] > stage[n.name]:
                 raise MuxcInternalError(
-                    f"partition: edge {a.name} (stage {stage[a.name]}) -> {n.name} (stage {stage[n.name]})"
+                    f"partition: edge {a.name} (stage {stage[a.name]}) -> {n.name} "
+                    f"(stage {stage[n.name]})"
                 )
     last = len(pg.stages) - 1
     for n in ops:
