@@ -1,0 +1,411 @@
+"""``muxc bench e2e``: muxc end to end against the systems users would pick instead.
+
+Trains N synthetic PEFT tasks (uniform and non-uniform lengths and adapters) with five systems
+on the same batches for the same steps: HF-PEFT separate instances, HF-PEFT one model with many
+adapters, spatial-only muxc (S-LoRA style), temporal-only muxc (mLoRA style) and muxc full
+(see ``bench/e2e_systems.py``). Every (model, workload, tasks, system) case runs in a fresh
+process, forked from a server that has only imported the libraries, so its peak memory
+(GPU: ``torch.cuda.max_memory_allocated``; CPU: peak RSS) minus the idle baseline measured in
+that process before building anything is the case's own.
+
+Metrics per case: effective tokens/s (non-padding tokens, the ones that carry loss), raw
+tokens/s (every token the system computes, padding included), step time (medians over the
+timed steps after warm-up), peak memory during training, and, from a line fitted to memory vs
+tasks, how many tasks fit a memory budget.
+
+Writes ``bench/results/e2e-<device>.csv`` (tidy, one row per case), ``.md`` (tables, notes)
+and ``-throughput.png`` / ``-memory.png``; prints the markdown path and, as its last line, a
+JSON summary (muxc full vs every system, 8 non-uniform tasks).
+
+>>> plan(quick=True, device="cpu")[0]
+('llama-cpu', 'nonuniform', 2, 'hf-separate')
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import multiprocessing
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+__all__ = ["main", "plan"]
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+PRELOAD = ["torch", "transformers", "peft", "muxc", "muxc.bench_e2e",
+           "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2"]
+HEADLINE_TASKS = 8
+
+
+def _load(name: str) -> ModuleType:
+    """Import ``bench/<name>.py`` by path (``bench/`` is not a package)."""
+    key = f"muxc_bench_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    path = BENCH / f"{name}.py"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: `muxc bench e2e` runs from a source checkout of muxc "
+            "(its helpers live in bench/)"
+        )
+    spec = importlib.util.spec_from_file_location(key, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------ plan
+
+_PLANS = {
+    # (quick, device) -> models, workloads, task counts
+    (True, "cpu"): (("llama-cpu",), ("nonuniform",), (2, 8)),
+    (False, "cpu"): (("llama-cpu", "gpt2-cpu"), ("nonuniform", "uniform"), (1, 2, 4, 8, 16)),
+    (True, "cuda"): (("llama-gpu",), ("nonuniform",), (2, 8)),
+    (False, "cuda"): (("llama-gpu",), ("nonuniform", "uniform"), (1, 2, 4, 8, 16, 32)),
+}
+
+
+def plan(quick: bool, device: str, models=None, workloads=None, tasks=None,
+         systems=None) -> list[tuple[str, str, int, str]]:
+    """The cases to run, in order: (model, workload, tasks, system); None picks the default."""
+    d_models, d_workloads, d_tasks = _PLANS[(quick, device)]
+    systems = systems or _load("e2e_systems").SYSTEMS
+    return [(m, w, n, s) for m in models or d_models for w in workloads or d_workloads
+            for n in tasks or d_tasks for s in systems]
+
+
+# --------------------------------------------------------------------------------- running
+
+
+def _turns(case: dict[str, Any], conn) -> None:
+    """Runs in a fresh child process: builds one case, then runs steps when told to."""
+    try:
+        import warnings
+
+        from transformers.utils import logging as hf_logging
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 deprecations
+        hf_logging.set_verbosity_error()
+        systems = _load("e2e_systems")
+        run = systems.CaseRun(systems.Case(**case))
+        conn.send(("ready", run.total_steps))
+        while True:
+            what, arg = conn.recv()
+            if what == "step":
+                conn.send(("done", run.step(arg)))
+            elif what == "finish":
+                conn.send(("row", run.finish()))
+                return
+    except BaseException:  # the parent re-raises it with the case named
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _expect(conn, what: str, case: dict[str, Any]):
+    got, value = conn.recv()
+    if got == "error":
+        raise RuntimeError(f"case {case} failed in its worker process:\n{value}")
+    if got != what:
+        raise RuntimeError(f"case {case}: worker sent {got!r}, expected {what!r}")
+    return value
+
+
+def run_group(ctx, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``cases`` (one per system, same model/workload/tasks) in one fresh process each.
+
+    The processes build their systems concurrently, then take turns: step ``i`` runs in one
+    process at a time, in an order rotated every step, so load from elsewhere on the machine
+    hits every system alike. Each process measures its own memory.
+    """
+    procs = []
+    try:
+        for case in cases:
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_turns, args=(case, theirs), daemon=True)
+            proc.start()
+            theirs.close()
+            procs.append((proc, mine, case))
+        steps = {_expect(conn, "ready", case) for _, conn, case in procs}
+        if len(steps) != 1:
+            raise RuntimeError(f"cases of one group disagree on the number of steps: {steps}")
+        for i in range(steps.pop()):
+            k = i % len(procs)
+            for _, conn, case in procs[k:] + procs[:k]:
+                conn.send(("step", i))
+                _expect(conn, "done", case)
+        rows = []
+        for _, conn, case in procs:
+            conn.send(("finish", None))
+            rows.append(_expect(conn, "row", case))
+        return rows
+    finally:
+        for proc, conn, _ in procs:
+            conn.close()
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def run_cases(cases: list[dict[str, Any]], log) -> list[dict[str, Any]]:
+    """Run every case in its own fresh process, the systems of one (model, workload, tasks)
+    side by side (see `run_group`); ``log`` gets one progress line per case."""
+    ctx = _context()
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for case in cases:
+        groups.setdefault((case["model"], case["workload"], case["tasks"]), []).append(case)
+    rows, t_start, done = [], time.perf_counter(), 0
+    for group in groups.values():
+        for row in run_group(ctx, group):
+            done += 1
+            rows.append(row)
+            log(f"[{done}/{len(cases)}] {row['model']} {row['workload']} {row['tasks']:>2} tasks "
+                f"{row['system']:<16} {row['step_ms']:8.0f} ms/step {row['effective_tok_s']:8.0f}"
+                f" eff tok/s  peak {row['peak_mem_mib']:7.0f} MiB  padding "
+                f"{100 * row['ineffective_fraction']:4.1f}%  ({time.perf_counter() - t_start:.0f} s)")
+    return rows
+
+
+# -------------------------------------------------------------------------------- metadata
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                              cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _meta(device: torch.device, harness, argv: list[str], wall_s: float) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    import muxc
+
+    info = harness.machine(device)
+    return {
+        **info,
+        "commit": _git("rev-parse", "--short", "HEAD") or info["commit"],
+        "dirty": bool(_git("status", "--porcelain", "--", "muxc")),
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "muxc_options_fields": " ".join(f.name for f in dataclasses.fields(muxc.Options)),
+        "command": shlex.join(["muxc", "bench", "e2e", *argv]),
+        "wall_s": wall_s,
+    }
+
+
+def _build_text(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    opts = {}
+    for r in rows:
+        opts.setdefault(r["system"], r["options"])
+    has_chunk = "alignment" in meta["muxc_options_fields"].split()
+    parts = [f"`muxc.Options` fields in this build: {meta['muxc_options_fields']}."]
+    parts.append("Chunk alignment is available and muxc full runs with `alignment=chunk`."
+                 if has_chunk else
+                 "This build has NO `alignment` option: muxc full (`fusion=auto`) runs like "
+                 "spatial with every task padded to the step's longest sequence.")
+    parts += [f"{s}: `{o}`." for s, o in opts.items()]
+    return " ".join(parts)
+
+
+def _setup_text(args, device: torch.device) -> str:
+    threads = (f"{args.threads} CPU intra-op thread(s) (on this 2-vCPU VM 2 threads made step "
+               "times erratic; every system runs with the same setting)"
+               if device.type == "cpu" else "bf16 base weights (PEFT keeps adapters in fp32)")
+    memory = ("peak RSS (VmHWM, reset after setup) minus the RSS measured after imports, before "
+              "any model is built" if device.type == "cpu" else
+              "torch.cuda.max_memory_allocated (reset after setup) minus memory allocated "
+              "before any model is built")
+    clock = ("Step time = CPU time of the worker process (`time.process_time`; with one "
+             "intra-op thread that is the step's own compute): this VM's 2 vCPUs are shared "
+             "with other jobs and wall time swung up to 2x between identical steps. Wall-clock "
+             "medians (`time.perf_counter`) are in the `wall step ms` column and the CSV."
+             if device.type == "cpu" and args.threads == 1 else
+             "Step time = wall clock (`time.perf_counter`, CUDA synchronised).")
+    return (f"{clock} {args.rows} samples per task per step, {args.warmup} warm-up + {args.steps} timed "
+            f"steps per case (medians), {threads}. Every case runs in a fresh process; the five "
+            "systems of one (model, workload, tasks) run side by side and take turns step by "
+            "step (rotating who goes first), so load from elsewhere on the machine hits them "
+            f"alike. Peak memory = {memory}, i.e. during training, after building and "
+            "compiling. "
+            "`setup peak` is the peak while building (muxc systems build N PeftModels over N base "
+            "copies, as separate jobs would, then compile keeps one copy and the others are "
+            "freed). Effective tokens = non-padding tokens; raw tokens = all tokens the system "
+            "computes (for muxc from `program.explain(batches).padding`).")
+
+
+# ----------------------------------------------------------------------------------- notes
+
+
+def _notes(rows, summary, budgets, device: torch.device) -> list[str]:
+    """Data-driven sentences on the targets: met or missed, and the measured reason."""
+    report = _load("e2e_report")
+    notes = []
+    if summary.get("memory_ratio_vs_separate") is None:
+        return ["The headline case (non-uniform, hf-separate and muxc) was not measured."]
+    n, model = summary["tasks"], summary["model"]
+    at = {r["system"]: r for r in rows
+          if r["model"] == model and r["workload"] == "nonuniform" and r["tasks"] == n}
+    sep, full = at[report.BASELINE], at[report.FULL]
+    weights = _load("e2e_systems").MODELS[model].weight_mib()
+    mem_ok = summary["memory_ratio_vs_separate"] >= report.TARGETS["memory_ratio_vs_separate"]
+    notes.append(
+        f"Memory target (>= {report.TARGETS['memory_ratio_vs_separate']}x at {n} tasks): "
+        f"{'met' if mem_ok else 'MISSED'}: muxc full peaks at {full['peak_mem_mib']:.0f} MiB vs "
+        f"{sep['peak_mem_mib']:.0f} MiB for {n} separate instances "
+        f"({summary['memory_ratio_vs_separate']:.2f}x). One base copy is {weights:.0f} MiB; "
+        f"separate instances hold {n} copies but only one task's activations at a time"
+        + ("" if mem_ok else
+           ", while a fused step holds every task's activations until its backward: at these "
+           "sequence lengths one task's activations are comparable to the whole small model, "
+           "so sharing the weights cannot save N-fold")
+        + "." + (f" Temporal-only (one copy, one task's activations at a time) saves "
+                 f"{sep['peak_mem_mib'] / at['temporal']['peak_mem_mib']:.2f}x."
+                 if "temporal" in at else ""))
+    target = report.TARGETS["gpu_throughput_vs_hf" if device.type == "cuda" else
+                            "cpu_throughput_vs_hf"]
+    thr = summary["effective_throughput_ratio_vs_hf_peft"]
+    pads = ", ".join(f"{s} {100 * r['ineffective_fraction']:.0f}%" for s, r in at.items())
+    notes.append(
+        f"Throughput target (>= {target}x vs hf-separate, > 1x vs every other system): "
+        f"{'met' if thr >= target else 'MISSED'} vs hf-separate ({thr:.2f}x); vs the others: "
+        + ", ".join(f"{s} {v:.2f}x" for s, v in summary["effective_throughput_ratio_vs"].items())
+        + f". Padding (ineffective tokens) at {n} tasks: {pads}."
+        + (" On a CPU a bigger GEMM is not faster per token, so fusing tasks gains only what "
+           "it saves in computed tokens and per-step overhead; the profile shows where the time "
+           "goes." if device.type == "cpu" else ""))
+    fits = [b for b in budgets if b["model"] == model and b["workload"] == "nonuniform"]
+    if fits:
+        notes.append(f"Tasks within {fits[0]['budget_mib']:.0f} MiB ({fits[0]['budget_source']}, "
+                     f"{model}, non-uniform): " +
+                     ", ".join(f"{b['system']} {b['tasks_fit']}" for b in fits) + ".")
+    return notes
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="muxc bench e2e", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="llama, non-uniform, 2 and 8 tasks (under 3 minutes on 2 CPU cores)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--models", type=lambda s: s.split(","), default=None,
+                    help="comma list of bench/e2e_systems.py MODELS (default by device)")
+    ap.add_argument("--workloads", type=lambda s: s.split(","), default=None,
+                    help="comma list of nonuniform,uniform")
+    ap.add_argument("--tasks", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="comma list of task counts (default 1,2,4,8,16; 32 too on GPU)")
+    ap.add_argument("--systems", type=lambda s: s.split(","), default=None,
+                    help="comma list of hf-separate,hf-multi-adapter,spatial,temporal,muxc")
+    ap.add_argument("--rows", type=int, default=None, help="samples per task per step (4; GPU 8)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (lazy init)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
+    ap.add_argument("--budget-mib", type=float, default=None,
+                    help="memory budget for `tasks fit` (default: hf-separate's 8-task peak)")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the profiled step of the 8-task non-uniform cases")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=BENCH / "results",
+                    help="directory for e2e-<device>[-quick].csv/.md/.png")
+    return ap.parse_args(argv)
+
+
+def _cases(args, device: torch.device) -> list[dict[str, Any]]:
+    rows, steps = args.rows, args.steps
+    first_model = (args.models or _PLANS[(args.quick, device.type)][0])[0]
+    cases = []
+    for model, workload, n, system in plan(args.quick, device.type, args.models, args.workloads,
+                                           args.tasks, args.systems):
+        profile = (not args.no_profile and model == first_model and workload == "nonuniform"
+                   and n == HEADLINE_TASKS)
+        cases.append(dict(model=model, workload=workload, tasks=n, system=system,
+                          device=device.type, rows=rows, steps=steps, warmup=args.warmup,
+                          seed=args.seed, threads=args.threads if device.type == "cpu" else 0,
+                          profile=profile))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``muxc bench e2e``; progress to stderr, paths and the JSON to stdout."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    want = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    device = torch.device(want)
+    args.rows = args.rows or (8 if device.type == "cuda" else 4)
+    args.steps = args.steps or (5 if device.type == "cuda" else 3)
+    try:
+        harness, report = _load("harness"), _load("e2e_report")
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    cases = _cases(args, device)
+    print(f"muxc bench e2e: {len(cases)} cases on {harness.device_name(device)}, each in a "
+          "fresh process", file=sys.stderr)
+    t0 = time.perf_counter()
+    rows = run_cases(cases, log=lambda s: print(s, file=sys.stderr, flush=True))
+    meta = _meta(device, harness, argv, time.perf_counter() - t0)
+    return _write(rows, meta, args, device, harness, report)
+
+
+def _write(rows, meta, args, device: torch.device, harness, report) -> int:
+    profile = [{"system": r["system"], **r.pop("profile_ms")} for r in rows if "profile_ms" in r]
+    for r in rows:
+        r.update({k: meta[k] for k in ("host", "device", "torch", "transformers", "peft",
+                                       "commit", "dirty", "timestamp")}, device_type=device.type)
+    summary = report.headline(rows, device.type, HEADLINE_TASKS)
+    budgets = report.budget_rows(rows, args.budget_mib, HEADLINE_TASKS)
+    slug = harness.device_slug(device) + ("-quick" if args.quick else "")
+    csv_path = args.out / f"e2e-{slug}.csv"
+    harness.write_csv(rows, csv_path)
+    plots, notes = [], _notes(rows, summary, budgets, device)
+    for metric, label, suffix in (("effective_tok_s", "effective tokens/s", "throughput"),
+                                  ("peak_mem_mib", "peak memory (MiB)", "memory")):
+        png = args.out / f"e2e-{slug}-{suffix}.png"
+        missing = report.plot(rows, metric, label, png, f"muxc e2e: {label}, {meta['device']}")
+        if missing:
+            notes.append(missing)
+        else:
+            plots.append(png)
+    meta["build"] = _build_text(rows, meta)
+    meta["setup"] = _setup_text(args, device)
+    md_path = csv_path.with_suffix(".md")
+    md_path.write_text(report.markdown(rows, meta=meta, summary=summary, budgets=budgets,
+                                       profile=profile, notes=notes, plots=plots))
+    for path in (csv_path, md_path, *plots):
+        print(f"wrote {path}")
+    for note in notes:
+        print(f"- {note}")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
