@@ -34,7 +34,8 @@ Row = dict[str, Any]
 
 
 def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    """Least-squares ``(intercept, slope)`` of ``y = a + b * x`` (one point: slope 0)."""
+    """Least-squares ``(intercept, slope)`` of ``y = a + b * x`` (one point: slope 0),
+    rounded to 6 decimals."""
     n = len(points)
     if n == 0:
         raise ValueError("fit_line needs at least one point")
@@ -44,7 +45,7 @@ def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     if sxx == 0:
         return my, 0.0
     slope = sum((x - mx) * (y - my) for x, y in points) / sxx
-    return my - slope * mx, slope
+    return round(my - slope * mx, 6), round(slope, 6)
 
 
 def tasks_within_budget(intercept: float, slope: float, budget: float, cap: int = 4096) -> int:
