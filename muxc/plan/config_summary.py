@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from muxc.ir import AdapterKind
-from muxc.plan.ops import CostModelError, OpKey, OpKind, Poly
+from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Poly
 from muxc.plan.summary import KV, ModelSummary, OpCost, Work
 
 __all__ = ["AdapterSpec", "summarize_config", "LINEAR_TARGETS"]
@@ -73,25 +73,30 @@ class _Build:
         self.ops: list[OpCost] = []
         self.saved = Poly()
         self.ew = OpKey(OpKind.ELEMENTWISE)
+        self.math = OpKey(OpKind.ELEMENTWISE, variant=MATH)
         self.view = OpKey(OpKind.VIEW)
         self.tasks = tasks
 
-    def op(self, name, layer, fwd: Work | None, bwd: Work | None, task=None, kv=KV.NONE) -> None:
-        self.ops.append(OpCost(name, fwd, bwd, task, layer, kv))
+    def op(self, name, layer, fwd: Work | None, bwd: Work | None, task=None, kv=KV.NONE,
+           site: str | None = None) -> None:
+        self.ops.append(OpCost(name, fwd, bwd, task, layer, kv, site))
 
     def views(self, name, layer, n, grad) -> None:
         w = Work(self.view, Poly.const(1))
         for i in range(n):
             self.op(f"{name}{i}", layer, w, w if grad else None)
 
-    def pw(self, name, layer, fwd_per_token, bwd_per_token, grad, saved_per_token=0.0) -> None:
-        """A memory-bound op: bytes per token forward/backward; bwd 0 = pass-through (view)."""
+    def pw(self, name, layer, fwd_per_token, bwd_per_token, grad, saved_per_token=0.0,
+           math: bool = False) -> None:
+        """A memory-bound op: bytes per token forward/backward; bwd 0 = pass-through (view);
+        ``math``: a transcendental op (ELEMENTWISE/math)."""
+        key = self.math if math else self.ew
         bwd = None
         if grad:
-            bwd = (Work(self.ew, Poly.tokens(bwd_per_token)) if bwd_per_token
+            bwd = (Work(key, Poly.tokens(bwd_per_token)) if bwd_per_token
                    else Work(self.view, Poly.const(1)))
             self.saved = self.saved + Poly.tokens(saved_per_token)
-        self.op(name, layer, Work(self.ew, Poly.tokens(fwd_per_token)), bwd)
+        self.op(name, layer, Work(key, Poly.tokens(fwd_per_token)), bwd)
 
     def acc(self, name, layer, uses, width, grad) -> None:
         """Gradient accumulation of a tensor of ``width`` features used ``uses`` times."""
@@ -103,10 +108,10 @@ class _Build:
         """RMSNorm as HF writes it: pow, mean, add eps, rsqrt, x * r, weight * y."""
         e = self.e
         self.views(f"{name}.to", layer, 2, grad)
-        self.pw(f"{name}.pow", layer, 2 * h * e, 3 * h * e, grad, h * e)
+        self.pw(f"{name}.pow", layer, 2 * h * e, 3 * h * e, grad, h * e, math=True)
         self.pw(f"{name}.mean", layer, h * e + e, 2 * h * e, grad)
         self.pw(f"{name}.add", layer, 2 * e, 0, grad)
-        self.pw(f"{name}.rsqrt", layer, 2 * e, 3 * e, grad, e)
+        self.pw(f"{name}.rsqrt", layer, 2 * e, 3 * e, grad, e, math=True)
         self.pw(f"{name}.mul", layer, 2 * h * e + e, 6 * h * e, grad)
         self.pw(f"{name}.scale", layer, 2 * h * e, 3 * h * e, grad)
 
@@ -129,7 +134,7 @@ class _Build:
                 width = k if name.endswith(_IA3_PRE) else n
                 key = OpKey(OpKind.IA3, (width,), spec.dtype)
             w = Work(key, Poly.tokens())
-            self.op(f"{name}[{task}]", layer, w, w, task)
+            self.op(f"{name}[{task}]", layer, w, w, task, site=name)
         if any_lora:
             self.op(f"{name}[add]", layer, Work(self.ew, Poly.tokens(3 * n * self.e)),
                     Work(self.view, Poly.const(1)))
@@ -231,7 +236,7 @@ def summarize_config(
         if x_uses > 2:
             b.saved = b.saved + Poly.tokens(h * e)
         g_mlp = g_gate or g_up
-        b.pw(f"{pre}.mlp.act", layer, 2 * inter * e, 3 * inter * e, g_gate, inter * e)
+        b.pw(f"{pre}.mlp.act", layer, 2 * inter * e, 3 * inter * e, g_gate, inter * e, math=True)
         b.pw(f"{pre}.mlp.mul", layer, 3 * inter * e, 6 * inter * e, g_mlp, 2 * inter * e)
         b.gemm(f"{pre}.mlp.down_proj", layer, inter, h, dtype, g_mlp)
         down_ad = b.adapters(f"{pre}.mlp.down_proj", layer, inter, h, adapters, dtype)

@@ -198,7 +198,36 @@ def estimate_step(
         for w, t in ((f, tf), (g, tb)):
             if w is not None:
                 by_kind[w.key.kind.value] = by_kind.get(w.key.kind.value, 0.0) + t
+    for members, count in summary.sites:
+        tf, tb, kind = _site(cost, members, shape.rows, s)
+        fwd += count * tf
+        bwd += count * tb
+        if kind is not None:
+            by_kind[kind] = by_kind.get(kind, 0.0) + count * (tf + tb)
     return StepEstimate(fwd, bwd, tokens, shape.padded_tokens, by_kind)
+
+
+def _site(cost: CostModel, members, rows: Mapping[str, int], s: float):
+    """One adapter site: each active task's adapter latency, less the fixed call overhead
+    (latency at one token) of all but one of them, since one kernel call serves them all."""
+    fwd = bwd = 0.0
+    over_f, over_b = [], []
+    kind = None
+    for task, f, g in members:
+        r = rows.get(task, 0)
+        if not r:
+            continue
+        kind = f.key.kind.value
+        fwd += cost.latency(f.key, f.amount(r, s))
+        over_f.append(cost.latency(f.key, 1.0))
+        if g is not None:
+            bwd += cost.latency(g.key, g.amount(r, s), True)
+            over_b.append(cost.latency(g.key, 1.0, True))
+    if len(over_f) > 1:
+        fwd -= sum(over_f) - max(over_f)
+    if len(over_b) > 1:
+        bwd -= sum(over_b) - max(over_b)
+    return fwd, bwd, kind
 
 
 def saturation_tokens(

@@ -25,6 +25,7 @@ from muxc.errors import MuxcError
 
 __all__ = [
     "CostModelError",
+    "MATH",
     "OpKind",
     "OpKey",
     "Poly",
@@ -32,6 +33,9 @@ __all__ = [
     "roofline_latency",
     "elementwise_backward_bytes",
 ]
+
+
+MATH = "math"  # variant of ELEMENTWISE keys for transcendental pointwise ops
 
 
 class CostModelError(MuxcError):
@@ -50,7 +54,8 @@ class OpKind(str, Enum):
     - IA3: one task's IA3 scaling; shape ``(N,)``; work = that task's tokens.
     - LOSS: one task's causal-LM cross-entropy; shape ``(vocab,)``; work = that task's tokens.
     - ELEMENTWISE: any memory-bound op (pointwise, reductions, copies, gathers); work = bytes
-      read + written (backward: `elementwise_backward_bytes`).
+      read + written (backward: `elementwise_backward_bytes`). Variant ``math`` (`MATH`):
+      pointwise ops evaluating exp/pow/rsqrt-like functions, compute-bound on CPUs.
     - VIEW: a metadata-only op (view, slice, transpose, ...); work = 1 per op: pure overhead.
     - MATMUL: a matmul between activations (eager attention); work = FLOPs.
     """

@@ -26,9 +26,8 @@ from enum import Enum
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from muxc.plan.ops import CostModelError, OpKey, OpKind, Roofline
+from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Roofline
 
 __all__ = [
     "Clock",
@@ -43,6 +42,7 @@ __all__ = [
 ]
 
 FORMAT = 1
+aten = torch.ops.aten  # probes call the same OpOverloads exported graphs call
 DEFAULT_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_ATTENTION_SHAPES = ((1, 32), (1, 64), (1, 128), (2, 128), (1, 256), (2, 256), (4, 256),
                             (1, 512), (2, 512))  # (batch rows, sequence length)
@@ -271,7 +271,7 @@ def _probe_gemm(key: OpKey, tokens: int, device):
     dt = _dtype(key)
     x = _leaf(tokens, k, device=device, dtype=dt)
     w = _leaf(n, k, device=device, dtype=dt, grad=False)
-    return (lambda: F.linear(x, w)), None
+    return (lambda: aten.linear.default(x, w)), None
 
 
 def _probe_attention(key: OpKey, shape: tuple[int, int], device):
@@ -288,7 +288,7 @@ def _probe_attention(key: OpKey, shape: tuple[int, int], device):
         kwargs["is_causal"] = True
 
     def fwd():
-        return F.scaled_dot_product_attention(
+        return aten.scaled_dot_product_attention.default(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kwargs
         )
 
@@ -326,21 +326,25 @@ def _probe_loss(key: OpKey, tokens: int, device):
 
 
 def _probe_elementwise(key: OpKey, numel: int, device):
+    """Memory-bound ops: ``a * b``; MATH ops (exp, silu, ...: compute-bound on CPUs): silu."""
     dt = _dtype(key)
     a = _leaf(numel, device=device, dtype=dt)
-    b = _leaf(numel, device=device, dtype=dt)
     nbytes = numel * key.itemsize
-    return (lambda: a * b), 6.0 * nbytes  # = elementwise_backward_bytes(n, [n, n])
+    if key.variant == MATH:
+        return (lambda: aten.silu.default(a)), 3.0 * nbytes  # elementwise_backward_bytes(n, [n])
+    b = _leaf(numel, device=device, dtype=dt)
+    return (lambda: aten.mul.Tensor(a, b)), 6.0 * nbytes  # = elementwise_backward_bytes(n, [n, n])
 
 
 def _probe_view(key: OpKey, _: int, device):
     x = _leaf(8, 16, device=device, dtype=_dtype(key))
+    shapes = ([16, 8], [8, 16])
 
     def fwd():
         y = x
         for i in range(_VIEW_CHAIN // 2):
-            y = y.view(16, 8) if i % 2 == 0 else y.view(8, 16)
-            y = y.transpose(0, 1)
+            y = aten.transpose.int(y, 0, 1)
+            y = aten.view.default(y, shapes[i % 2])
         return y
 
     return fwd, 1.0
@@ -362,23 +366,29 @@ def _work(key: OpKey, size) -> float:
         b, s = size
         return float(b * key.shape[0] * s * s)
     if key.kind is OpKind.ELEMENTWISE:
-        return 3.0 * size * key.itemsize
+        return (2.0 if key.variant == MATH else 3.0) * size * key.itemsize
     if key.kind is OpKind.VIEW:
         return 1.0
     return float(size)
 
 
 def _time_one(fwd: Callable[[], torch.Tensor], device, clock: Clock, repeats: int, warmup: int,
-              per: int) -> tuple[float, float]:
+              per: int, flush: torch.Tensor | None) -> tuple[float, float]:
+    """Median forward and backward seconds; with ``flush``, caches are evicted (by writing
+    ``flush``) before each, outside the timed region."""
     leaves: list[torch.Tensor] = []
     f_times, b_times = [], []
     for i in range(warmup + repeats):
         for t in leaves:
             t.grad = None
+        if flush is not None:
+            flush.add_(1)
         t0 = clock.now(device)
         out = fwd()
         t1 = clock.now(device)
         grad = torch.ones_like(out)
+        if flush is not None:
+            flush.add_(1)
         t2 = clock.now(device)
         out.backward(grad)
         t3 = clock.now(device)
@@ -413,6 +423,7 @@ def profile_device(
     repeats: int = 5,
     warmup: int = 1,
     clock: Clock | str = Clock.WALL,
+    cold_bytes: int | None = None,
 ) -> DeviceProfile:
     """Time every profilable key in ``keys`` (plus the elementwise and view probes) on ``device``.
 
@@ -420,6 +431,12 @@ def profile_device(
     ``attention_shapes`` for attention, ``elementwise_numels`` elements for the elementwise
     probe): ``warmup`` untimed runs, then the median of ``repeats``. MATMUL keys are not
     profiled (roofline). Takes a few seconds for a small model on a 2-core CPU.
+
+    ``cold_bytes``: when set, elementwise probes run cache-cold (that many bytes written
+    between runs, untimed), as in a step whose activations overflow the last-level cache; on
+    this CPU 16 MiB doubled a 1 MB add's latency, which matched a 2048-token step but
+    overstated a 256-token one, so the default is warm. GEMM, attention and adapter probes
+    always run warm (their cost is compute, and matched in-graph timings).
     """
     device = torch.device(device)
     clock = Clock(clock)
@@ -427,6 +444,9 @@ def profile_device(
     if repeats < 1 or warmup < 0:
         raise CostModelError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     wanted = set(keys) | {OpKey(OpKind.ELEMENTWISE), OpKey(OpKind.VIEW)}
+    flush = None
+    if cold_bytes:
+        flush = torch.zeros(cold_bytes // 4, dtype=torch.float32, device=device)
     samples: dict[str, tuple[Sample, ...]] = {}
     for key in sorted(k for k in wanted if k.kind in PROBES):
         probe = PROBES[key.kind]
@@ -442,7 +462,8 @@ def profile_device(
         for size in sizes:
             fwd, bwd_work = probe(key, size, device)
             per = _VIEW_CHAIN if key.kind is OpKind.VIEW else 1
-            f, b = _time_one(fwd, device, clock, repeats, warmup, per)
+            cold = flush if key.kind is OpKind.ELEMENTWISE else None
+            f, b = _time_one(fwd, device, clock, repeats, warmup, per, cold)
             rows.append(Sample(_work(key, size), f, b, bwd_work))
         samples[str(key)] = tuple(rows)
     return DeviceProfile(

@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
 from muxc.ir import AdapterKind, MuxGraph, Role, info
-from muxc.plan.ops import CostModelError, OpKey, OpKind, Poly
+from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Poly
 from muxc.runtime.attention import ChunkAttention
 
 __all__ = ["KV", "Work", "OpCost", "ModelSummary", "summarize_graph", "as_summary", "layer_of"]
@@ -63,9 +63,12 @@ class KV(str, Enum):
 class OpCost:
     """The cost of one graph node (or one task's adapter at a site).
 
+    ``node``: the fx node's name, with ``[part]`` appended when a node has several costs
+    (``site_x[t0]``: task t0's adapter at site_x; ``[add]``, ``[kv]``, ``[acc0]``).
     ``task``: set for per-task ops (adapters, losses): their polynomials take that task's
     rows as ``b``. ``layer``: the decoder layer index, None outside the layers. ``kv``: how
-    the work scales with the attended length (`KV`).
+    the work scales with the attended length (`KV`). ``site``: for adapters, the site they
+    share: one kernel call serves every task there, so its fixed overhead is paid once.
     """
 
     node: str
@@ -74,6 +77,7 @@ class OpCost:
     task: str | None = None
     layer: int | None = None
     kv: KV = KV.NONE
+    site: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,9 +118,19 @@ class ModelSummary:
 
     @cached_property
     def grouped(self) -> tuple[tuple[Work | None, Work | None, str | None, KV, int], ...]:
-        """Ops with equal work merged: ``(forward, backward, task, kv, count)``; for pricing."""
-        c = Counter((o.forward, o.backward, o.task, o.kv) for o in self.ops)
+        """Non-adapter ops with equal work merged: ``(forward, backward, task, kv, count)``."""
+        c = Counter((o.forward, o.backward, o.task, o.kv) for o in self.ops if o.site is None)
         return tuple((f, b, t, kv, n) for (f, b, t, kv), n in c.items())
+
+    @cached_property
+    def sites(self) -> tuple[tuple[tuple[tuple[str, Work, Work | None], ...], int], ...]:
+        """Adapter sites with equal adapters merged: ``(((task, fwd, bwd), ...), count)``."""
+        members: dict[str, list] = {}
+        for o in self.ops:
+            if o.site is not None:
+                members.setdefault(o.site, []).append((o.task, o.forward, o.backward))
+        c = Counter(tuple(sorted(m, key=lambda x: x[0])) for m in members.values())
+        return tuple(c.items())
 
     def restrict(self, tasks) -> ModelSummary:
         """This summary with only ``tasks``' adapters and losses (for an hTask's program)."""
@@ -264,6 +278,10 @@ _SAVE_INPUT = {aten.pow.Tensor_Scalar, aten.silu.default, aten.log.default, aten
 _SAVE_OUTPUT = {aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
                 aten.log_softmax.int, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
                 aten.exp.default, aten.rsqrt.default, aten.sqrt.default, aten.reciprocal.default}
+_MATH = {aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.rsqrt.default, aten.sqrt.default,
+         aten.silu.default, aten.gelu.default, aten.exp.default, aten.tanh.default,
+         aten.sigmoid.default, aten.log.default, aten.sin.default, aten.cos.default,
+         aten.erf.default, aten.softplus.default}  # priced as ELEMENTWISE/math
 _NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
 _DROPOUT = {aten.dropout.default, aten.native_dropout.default}
 _SAVES = (_SAVE_OTHER, _SAVE_INPUT, _SAVE_OUTPUT, _NORMS, _DROPOUT)
@@ -287,6 +305,7 @@ class _Walker:
         self.saved_extra = Poly()
         self.saved_per_task: dict[str, Poly] = {t: Poly() for t in mux.tasks}
         self.ew = OpKey(OpKind.ELEMENTWISE)
+        self.math = OpKey(OpKind.ELEMENTWISE, variant=MATH)
         self.view = OpKey(OpKind.VIEW)
 
     # -- helpers
@@ -328,9 +347,9 @@ class _Walker:
             self.saved[r] = self.bytes(r)
 
     def add(self, node: fx.Node, fwd: Work | None, bwd: Work | None, task=None, layer=None,
-            suffix: str = "", kv: KV = KV.NONE) -> None:
+            suffix: str = "", kv: KV = KV.NONE, site: str | None = None) -> None:
         self.ops.append(OpCost(node.name + suffix, fwd, bwd, task,
-                               _node_layer(node) if layer is None else layer, kv))
+                               _node_layer(node) if layer is None else layer, kv, site))
 
     def needs_grad(self, node) -> bool:
         return isinstance(node, fx.Node) and self.grad.get(node, False)
@@ -372,7 +391,7 @@ class _Walker:
             else:
                 raise MuxcInternalError(f"cost model: no cost rule for adapter kind {r.kind}")
             w = Work(key, Poly.tokens())
-            self.add(node, w, w, task=r.task, layer=layer, suffix=f"[{r.task}]")
+            self.add(node, w, w, task=r.task, layer=layer, suffix=f"[{r.task}]", site=node.name)
         self.save(x)
         if lora:  # h + lora(x): one add over the output; its backward passes the gradient
             out_bytes = self.bytes(node)
@@ -426,11 +445,12 @@ class _Walker:
         fwd_bytes = self.bytes(node)
         for a in args:
             fwd_bytes = fwd_bytes + self.bytes(a)
-        self.add(node, Work(self.ew, fwd_bytes), self.elementwise_backward(node, args) if grad else None)
+        key = self.math if t in _MATH else self.ew
+        self.add(node, Work(key, fwd_bytes), self.elementwise_backward(node, args, key) if grad else None)
         if grad:
             self.saves(node, args)
 
-    def elementwise_backward(self, node: fx.Node, args: list[fx.Node]) -> Work:
+    def elementwise_backward(self, node: fx.Node, args: list[fx.Node], key: OpKey) -> Work:
         t = node.target
         grads = [a for a in args if self.needs_grad(a)]
         out_b = self.bytes(node)
@@ -448,7 +468,7 @@ class _Walker:
             a_b = self.bytes(a)
             big = out_b if _dominates(out_b, a_b) else a_b
             total = total + big.scale(3)
-        return Work(self.ew, total)
+        return Work(key, total)
 
     def saves(self, node: fx.Node, args: list[fx.Node]) -> None:
         t = node.target
