@@ -44,6 +44,10 @@ ADAPTERS = {"t0": AdapterSpec(rank=4, targets=("q_proj", "v_proj")),
             "t1": AdapterSpec(rank=8, targets="all-linear")}
 
 
+def _lora(rank: int, targets) -> LoraConfig:
+    return LoraConfig(r=rank, target_modules=targets, lora_dropout=0.0)
+
+
 def _config() -> T.LlamaConfig:
     return T.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -56,8 +60,8 @@ def program():
     spatially: one forward and one backward over both tasks' tokens per step."""
     torch.manual_seed(0)
     base = T.LlamaForCausalLM(_config()).eval()
-    models = [make_peft(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0), 0),
-              make_peft(base, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0), 1)]
+    models = [make_peft(base, _lora(4, ["q_proj", "v_proj"]), 0),
+              make_peft(base, _lora(8, "all-linear"), 1)]
     tasks = [muxc.Task(name=f"t{i}", model=m) for i, m in enumerate(models)]
     return muxc.compile(tasks, muxc.Options(fusion="spatial"))  # the program estimate_step prices
 
@@ -98,7 +102,8 @@ def test_fit_recovers_a_synthetic_knee_exactly(knee):
 def test_fit_handles_all_linear_all_flat_and_repeats():
     xs = [16, 64, 256, 1024]
     linear = fit_latency(xs, [1e-6 + 1e-9 * x for x in xs])  # saturated from the start (CPU)
-    assert linear.saturation == pytest.approx(16) and linear.predict(2048) == pytest.approx(1e-6 + 2048e-9)
+    assert linear.saturation == pytest.approx(16)
+    assert linear.predict(2048) == pytest.approx(1e-6 + 2048e-9)
     flat = fit_latency(xs, [5e-6] * 4)  # launch-bound everywhere (small GPU kernels)
     assert flat.slope == 0 and flat.predict(10**6) == pytest.approx(5e-6)
     noisy = fit_latency([16, 16, 16, 64, 64, 64], [1.0, 9.0, 1.1, 2.0, 2.1, 50.0])  # medians
@@ -238,13 +243,14 @@ def _saved_bytes(program, batches) -> int:
 def test_summary_reads_every_core_family(bases, family):
     """GPT-2 (Conv1D addmm, GELU, LayerNorm) and OPT (ReLU, biases) summarise, price, and
     predict their saved activations, like Llama."""
-    model = make_peft(bases(family), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 3)
+    model = make_peft(bases(family), _lora(4, "all-linear"), 3)
     prog = muxc.compile([muxc.Task(name="a", model=model)])
     s = summarize_graph(prog.mux)
     kinds = {k.kind for k in s.op_keys()}
     assert {OpKind.GEMM, OpKind.ATTENTION, OpKind.LORA, OpKind.LOSS} <= kinds, kinds
     est = estimate_memory(s, {"a": 2 * 24}, seq_len=24)
-    assert est.activations == pytest.approx(_saved_bytes(prog, {"a": make_batch(2, 24, 0)}), rel=0.05)
+    measured = _saved_bytes(prog, {"a": make_batch(2, 24, 0)})
+    assert est.activations == pytest.approx(measured, rel=0.05)
     cost = CostModel(roofline=Roofline(1e11, 2e10, 5e-6))
     assert estimate_step(s, {"a": 48}, seq_len=24, cost=cost).total > 0
 
@@ -252,8 +258,9 @@ def test_summary_reads_every_core_family(bases, family):
 def test_chunked_attention_is_priced_by_the_keys_it_attends_to(bases):
     """With alignment='chunk' attention nodes attend to kept K/V: their work grows with kv_len,
     and gathering the kept K/V costs extra only past the first chunk."""
-    model = make_peft(bases("llama"), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0), 4)
-    prog = muxc.compile([muxc.Task(name="a", model=model)], muxc.Options(alignment="chunk", chunk_size=8))
+    model = make_peft(bases("llama"), _lora(4, ["q_proj"]), 4)
+    options = muxc.Options(alignment="chunk", chunk_size=8)
+    prog = muxc.compile([muxc.Task(name="a", model=model)], options)
     s = summarize_graph(prog.mux)
     assert sum(o.forward.key.kind is OpKind.ATTENTION for o in s.ops if o.forward) == 2
     exact = CostModel(roofline=Roofline(1e11, 2e10, 0.0))
@@ -267,10 +274,11 @@ def test_chunked_attention_is_priced_by_the_keys_it_attends_to(bases):
 
 def test_memory_counts_shared_weights_once_and_state_per_task(program, summary):
     mux = program.mux
-    frozen = {mux.tensors[n.name].untyped_storage().data_ptr(): mux.tensors[n.name].untyped_storage().nbytes()
-              for n in mux.nodes_with(Role.FROZEN)}
+    storages = [mux.tensors[n.name].untyped_storage() for n in mux.nodes_with(Role.FROZEN)]
+    frozen = {st.data_ptr(): st.nbytes() for st in storages}
     assert summary.frozen_bytes == sum(frozen.values())
-    adapter = {t: sum(p.numel() * p.element_size() for p in s.params) for t, s in program.states.items()}
+    adapter = {t: sum(p.numel() * p.element_size() for p in s.params)
+               for t, s in program.states.items()}
     assert dict(summary.adapter_bytes) == adapter
     est = estimate_memory(summary, {"t0": 256}, seq_len=128, in_flight=2)
     one = estimate_memory(summary.restrict(["t0"]), {"t0": 256}, seq_len=128, in_flight=2)

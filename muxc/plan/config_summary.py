@@ -102,7 +102,8 @@ class _Build:
         """Gradient accumulation of a tensor of ``width`` features used ``uses`` times."""
         if grad:
             for i in range(uses - 1):
-                self.op(f"{name}.acc{i}", layer, None, Work(self.ew, Poly.tokens(3 * width * self.e)))
+                acc = Work(self.ew, Poly.tokens(3 * width * self.e))
+                self.op(f"{name}.acc{i}", layer, None, acc)
 
     def norm(self, name, layer, h, grad) -> None:
         """RMSNorm as HF writes it: pow, mean, add eps, rsqrt, x * r, weight * y."""

@@ -106,7 +106,9 @@ class StepShape:
                                  f"must be >= seq_len ({self.seq_len})")
 
     @staticmethod
-    def from_tokens(tokens_per_task: Mapping[str, int], seq_len: int, kv_len: int | None = None) -> StepShape:
+    def from_tokens(
+        tokens_per_task: Mapping[str, int], seq_len: int, kv_len: int | None = None
+    ) -> StepShape:
         """Each task's tokens cut into rows of ``seq_len`` (the last one padded)."""
         if seq_len < 1:
             raise CostModelError(f"seq_len must be >= 1, got {seq_len}")

@@ -27,7 +27,9 @@ def _total(micro_batches: int | Sequence[int]) -> int:
     total = micro_batches if isinstance(micro_batches, int) else sum(micro_batches)
     counts = [micro_batches] if isinstance(micro_batches, int) else list(micro_batches)
     if total < 1 or any(m < 0 for m in counts):
-        raise CostModelError(f"need at least one micro-batch and none negative, got {micro_batches}")
+        raise CostModelError(
+            f"need at least one micro-batch and none negative, got {micro_batches}"
+        )
     return total
 
 
@@ -48,7 +50,9 @@ def pipeline_iteration_time(
     if not stage_times or any(t < 0 for t in stage_times):
         raise CostModelError(f"need one non-negative time per stage, got {list(stage_times)}")
     if comm_time < 0 or hidden_comm < 0:
-        raise CostModelError(f"comm_time and hidden_comm must be >= 0, got {comm_time}, {hidden_comm}")
+        raise CostModelError(
+            f"comm_time and hidden_comm must be >= 0, got {comm_time}, {hidden_comm}"
+        )
     m = _total(micro_batches)
     slowest = max(stage_times)
     t = (m + len(stage_times) - 1) * (slowest + comm_time) - hidden_comm

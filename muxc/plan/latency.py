@@ -53,7 +53,8 @@ class LatencyModel:
     points: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
-        if not all(math.isfinite(v) for v in (self.flat, self.intercept, self.slope, self.saturation)):
+        coefficients = (self.flat, self.intercept, self.slope, self.saturation)
+        if not all(math.isfinite(v) for v in coefficients):
             raise CostModelError(f"latency model has a non-finite coefficient: {self}")
         if self.slope < 0:
             raise CostModelError(f"latency model slope must be >= 0, got {self.slope}")

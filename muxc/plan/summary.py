@@ -336,7 +336,8 @@ class _Walker:
         if t in (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other):
             return out.dtype != src.dtype or out.device != src.device
         if t in (aten.reshape.default, aten.contiguous.default, aten.flatten.using_ints):
-            return tuple(map(str, out.shape)) != tuple(map(str, src.shape)) and not src.is_contiguous()
+            same = tuple(map(str, out.shape)) == tuple(map(str, src.shape))
+            return not same and not src.is_contiguous()
         return False
 
     def save(self, node: fx.Node) -> None:
@@ -446,7 +447,8 @@ class _Walker:
         for a in args:
             fwd_bytes = fwd_bytes + self.bytes(a)
         key = self.math if t in _MATH else self.ew
-        self.add(node, Work(key, fwd_bytes), self.elementwise_backward(node, args, key) if grad else None)
+        bwd = self.elementwise_backward(node, args, key) if grad else None
+        self.add(node, Work(key, fwd_bytes), bwd)
         if grad:
             self.saves(node, args)
 
