@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from muxc.ir import MuxGraph
 from muxc.plan.latency import LatencyModel, fit_latency
 from muxc.plan.ops import CostModelError, OpKey, OpKind, Roofline, roofline_latency
@@ -58,6 +60,17 @@ class CostModel:
     def load(path: str | Path) -> CostModel:
         """A cost model from a profile saved with `DeviceProfile.save`."""
         return CostModel(DeviceProfile.load(path))
+
+    @staticmethod
+    def for_device(device: torch.device | str, dtype: str = "float32") -> CostModel:
+        """Roofline only, from the datasheet peaks of ``device`` (no profile needed).
+
+        >>> CostModel.for_device("cpu").roofline.peak_flops
+        100000000000.0
+        """
+        device = torch.device(device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        return CostModel(roofline=Roofline.for_device(name, dtype))
 
     def __repr__(self) -> str:
         src = repr(self.profile) if self.profile is not None else repr(self.roofline)
