@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from muxc.dot import write_dot
 from muxc.dump import dump_history, dump_plan
 from muxc.explain import Explanation, explain_program
 from muxc.ir import MuxGraph
@@ -28,7 +29,8 @@ class Program:
     {'a': tensor(4.85), 'b': tensor(4.87)}
     """
 
-    def __init__(self, tasks: list[Task], mux: MuxGraph, ctx: CompileContext, history: list[PassRecord], kernel_plan):
+    def __init__(self, tasks: list[Task], mux: MuxGraph, ctx: CompileContext, history: list[PassRecord], kernel_plan,
+                 partitioned=None):
         self.tasks = {t.name: t for t in tasks}
         self.mux = mux
         self.options = ctx.options
@@ -40,7 +42,8 @@ class Program:
             records[tg.task] = list(tg.adapters)
         self.adapters = records
         self.states: dict[str, TaskState] = build_states(tasks, records)
-        self.executor = LocalExecutor(mux, ctx.options)
+        self.partitioned = partitioned
+        self.executor = LocalExecutor(mux, ctx.options, partitioned)
 
     def __repr__(self) -> str:
         return f"Program(tasks={list(self.tasks)}, fusion={self.executor.fusion.value}, {self.mux!r})"
@@ -78,6 +81,10 @@ class Program:
         """
         directory = Path(directory)
         paths = dump_history(self.history, directory)
+        if self.partitioned is not None:
+            dot = directory / "partition.dot"
+            write_dot(self.partitioned, dot)
+            paths.append(dot)
         report = self.explain(batches)
         p = directory / "explain.txt"
         p.write_text(str(report) + "\n")
@@ -104,4 +111,4 @@ def compile(
     options = options if options is not None else Options()
     ctx = CompileContext(options=options, on_progress=on_progress)
     state, history = run_pipeline(tasks, ctx)
-    return Program(state["tasks"], state["mux_graph"], ctx, history, state["kernel_plan"])
+    return Program(state["tasks"], state["mux_graph"], ctx, history, state["kernel_plan"], state["partitioned"])

@@ -28,7 +28,6 @@ launch per kind, not their speed; GPU numbers come from a CUDA run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from muxc.benchutil import load_harness
 from muxc.kernels import _triton, multi_ia3, multi_lora
 from muxc.kernels.lora import segments_for
 
@@ -372,17 +372,7 @@ def _markdown(rows, peak, harness, device, dtype, args, png: Path, plot_note) ->
 
 
 def _load_harness():
-    path = ROOT / "bench" / "harness.py"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: `muxc bench kernels` runs from a source checkout of muxc "
-            "(the shared harness lives in bench/)"
-        )
-    spec = importlib.util.spec_from_file_location("muxc_bench_harness", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_harness()
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -42,6 +42,8 @@ def _demo(args) -> int:
 def _bench(args, rest) -> int:
     if args.what == "kernels":
         from muxc.bench_kernels import main as bench_main
+    elif args.what == "plan":
+        from muxc.bench_plan import main as bench_main
     else:
         from muxc.bench_e2e import main as bench_main
     return bench_main(rest)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--kernel-impl", default=None, choices=["torch", "triton"])
     d.add_argument("--out", default="out/demo", help="where dumps and adapters go")
     b = sub.add_parser("bench", help="benchmarks; `muxc bench kernels --help`", add_help=False)
-    b.add_argument("what", choices=["kernels", "e2e"])
+    b.add_argument("what", choices=["kernels", "plan", "e2e"])
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "demo":
         if rest:

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from muxc.ir import META_KEY, MuxGraph, TaskGraph
+from muxc.partition_ir import PartitionedGraph
 from muxc.task import Task
 
 __all__ = ["graph_table", "render", "dump_history", "dump_plan", "table"]
@@ -57,6 +58,8 @@ def render(value) -> str:
     """Long text form of any pass output."""
     if isinstance(value, MuxGraph):
         return f"{value!r}\n\n{graph_table(value.gm)}"
+    if isinstance(value, PartitionedGraph):
+        return f"{value!r}\n\n{value.table()}"
     if isinstance(value, TaskGraph):
         return f"{value!r}\n\n{graph_table(value.gm)}"
     if isinstance(value, list) and value and isinstance(value[0], TaskGraph):

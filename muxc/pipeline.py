@@ -15,6 +15,7 @@ from typing import Any
 from muxc.options import Options
 from muxc.passes import (
     merge_backbones,
+    partition,
     rewrite_attention,
     select_kernels,
     share_frozen_weights,
@@ -40,6 +41,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("share_frozen_weights", share_frozen_weights, "task_graphs", "task_graphs", "one copy of the base"),
     Pass("merge_backbones", merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
     Pass("rewrite_attention", rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),
+    Pass("partition", partition, "mux_graph", "partitioned", "subgraphs + cost-balanced pipeline stages"),
     Pass("select_kernels", select_kernels, "mux_graph", "kernel_plan", "pick adapter kernels, say why"),
 )
 

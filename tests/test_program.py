@@ -109,7 +109,7 @@ def test_explain_dump_history(llama, tmp_path):
     program = muxc.compile([muxc.Task(name=n, model=m) for n, m in models.items()])
     names = [r.name for r in program.history]
     assert names == ["validate_tasks", "trace_tasks", "share_frozen_weights", "merge_backbones",
-                     "rewrite_attention", "select_kernels"]
+                     "rewrite_attention", "partition", "select_kernels"]
     assert all(r.seconds >= 0 for r in program.history)
     rep = program.explain(_batches(0))
     assert [r.task for r in rep.tasks] == ["a", "b", "c"]

@@ -16,7 +16,15 @@ from functools import lru_cache
 from muxc.ir import MuxGraph
 from muxc.options import Alignment, Options
 from muxc.passes.fuse_tasks import FusionPlan, GroupCost, plan_fusion
-from muxc.plan import CostModel, StepShape, estimate_memory, estimate_step, saturation_tokens, summarize_graph
+from muxc.plan import (
+    CostModel,
+    StepShape,
+    estimate_memory,
+    estimate_step,
+    load_or_profile,
+    saturation_tokens,
+    summarize_graph,
+)
 
 __all__ = ["AutoFusion", "HTaskCost", "TaskLoad", "loads_of"]
 
@@ -51,7 +59,13 @@ class AutoFusion:
 
     def __init__(self, mux: MuxGraph, options: Options, cost: CostModel | None = None):
         self.summary = summarize_graph(mux)
-        self.cost = cost if cost is not None else (CostModel.load(options.cost_model) if options.cost_model else CostModel())
+        if cost is None:
+            if options.cost_model:  # a short on-device profile, cached per device in this JSON
+                device = next(iter(mux.tensors.values())).device
+                cost = CostModel(load_or_profile(options.cost_model, device, self.summary.op_keys()))
+            else:
+                cost = CostModel()  # analytic roofline of this device kind
+        self.cost = cost
         self.options = options
         self._plan = lru_cache(maxsize=64)(self._plan_uncached)
 

@@ -22,6 +22,7 @@ from muxc.ir import MuxGraph
 from muxc.options import Alignment, Fusion, Options
 from muxc.runtime.batch import MuxBatch, build_batch, check_batches
 from muxc.runtime.chunks import ChunkLayout, build_layout, default_chunk_size
+from muxc.partition_ir import run_stages
 from muxc.runtime.fusion import AutoFusion
 
 __all__ = ["LocalExecutor"]
@@ -30,8 +31,9 @@ __all__ = ["LocalExecutor"]
 class LocalExecutor:
     """Executes one MuxGraph; holds no tensors beyond the graph's bindings."""
 
-    def __init__(self, mux: MuxGraph, options: Options):
+    def __init__(self, mux: MuxGraph, options: Options, partitioned=None):
         self.mux = mux
+        self.partitioned = partitioned if options.stages > 1 else None
         self.alignment = options.alignment
         self.chunk_size = options.chunk_size
         self.impl = options.kernel_impl
@@ -72,7 +74,11 @@ class LocalExecutor:
         return planned + rest
 
     def _call(self, inputs: dict[str, torch.Tensor], batch: MuxBatch) -> dict[str, torch.Tensor]:
-        losses = self.mux.gm(*self._bound, *(inputs[n] for n in self._inputs), batch)
+        args = (*self._bound, *(inputs[n] for n in self._inputs), batch)
+        if self.partitioned is not None:  # stage modules in sequence (all in this process)
+            losses = run_stages(self.partitioned, *args)
+        else:
+            losses = self.mux.gm(*args)
         return {t: loss for t, loss in zip(self.mux.tasks, losses) if loss is not None}
 
     def chunk_size_for(self, batches: Mapping[str, Mapping]) -> int:

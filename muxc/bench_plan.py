@@ -1,0 +1,191 @@
+"""``muxc bench plan``: what the planner buys on a non-uniform workload, measured side by side.
+
+One run, one set of batches (fixed seeds, SST-2/OpenBookQA/RTE-like lengths, LoRA of mixed
+ranks plus IA3 on one tiny Llama), reporting:
+
+1. ineffective tokens: padding ÷ tokens computed, ``alignment="pad"`` vs ``"chunk"`` at
+   several chunk sizes, with the measured step time of each;
+2. predicted (cost model, summed) vs simulated (cost model + schedule) vs measured
+   (``forward_backward`` wall time) step time, one stage, single process;
+3. bubble fraction of plain 1F1B vs temporally interleaved hTasks at 4 stages (simulated with
+   the cost model's per-stage times), with a Gantt PNG of each.
+
+Writes ``bench/results/plan-<device>.csv``, ``.md`` and ``plan-<device>-gantt-*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["main"]
+
+
+def _workload(tasks_per_kind: int, rows: int, seed: int, hidden: int):
+    from peft import IA3Config, LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from muxc.workloads import LENGTHS, Rule, SyntheticTask, sample_batch, tiny_llama_config
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(tiny_llama_config(hidden=hidden, layers=2, vocab=128)).eval()
+    kinds = [("sst2", LENGTHS["sst2"]), ("obqa", LENGTHS["obqa"]), ("rte", LENGTHS["rte"])]
+    ranks = [4, 8, 16, 32, 64]
+    g = torch.Generator().manual_seed(seed + 1)
+    models, batches = {}, {}
+    i = 0
+    for k in range(tasks_per_kind):
+        for kind, lengths in kinds:
+            name = f"{kind}{k}"
+            if i % 4 == 3:
+                cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+            else:
+                cfg = LoraConfig(r=ranks[i % len(ranks)], target_modules="all-linear", lora_dropout=0.0)
+            models[name] = get_peft_model(copy.deepcopy(base), cfg)
+            batches[name] = sample_batch(SyntheticTask(name, Rule(1, 1 + i % 5), lengths), rows, 128, g)
+            i += 1
+    return models, batches
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()  # warm-up: first call builds metadata and caches
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="muxc bench plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (about a minute on 2 cores)")
+    ap.add_argument("--tasks-per-kind", type=int, default=2, help="tasks per length profile (x3)")
+    ap.add_argument("--rows", type=int, default=4, help="samples per task per step")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    args = ap.parse_args(argv)
+
+    import muxc
+    from muxc.benchutil import ROOT, load_harness
+    from muxc.plan import pipeline_iteration_time
+    from muxc.runtime.stepplan import plan_step
+    from muxc.schedule import build_schedule, gantt_png, simulate, time_table
+
+    harness = load_harness()
+    device = torch.device("cpu")
+    out = Path(args.out) if args.out else ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    slug = harness.device_slug(device)
+    info = harness.machine(device)
+    reps = 2 if args.quick else 5
+    profile = out / f"cost-profile-{slug}.json"
+    models, batches = _workload(args.tasks_per_kind, args.rows, 0, args.hidden)
+    tasks = [muxc.Task(name=n, model=m) for n, m in models.items()]
+    rows = []
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    configs = [("pad", None)] + [("chunk", c) for c in (16, 32, 64, None)]
+    for alignment, chunk in configs:
+        opts = muxc.Options(fusion="spatial", alignment=alignment, chunk_size=chunk, cost_model=str(profile))
+        program = muxc.compile(tasks, opts)
+        plan = plan_step(program.executor, batches)
+        measured = _median_ms(lambda: program.forward_backward(batches), reps)
+        for m in models.values():
+            m.zero_grad(set_to_none=True)
+        predicted = sum(c.micro_batches * (c.forward + c.backward) for c in plan.costs) * 1e3
+        rows.append({
+            **info, "section": "alignment", "alignment": alignment, "chunk_size": plan.chunk_size or "",
+            "tasks": len(tasks), "tokens_computed": plan.tokens_computed, "real_tokens": plan.real_tokens,
+            "ineffective_token_fraction": plan.ineffective_token_fraction,
+            "predicted_ms": predicted, "simulated_ms": plan.predicted_step_ms, "measured_ms": measured,
+            "pred_error": predicted / measured - 1,
+        })
+        log(f"{alignment} chunk={plan.chunk_size}: ineffective {plan.ineffective_token_fraction:.3f}, "
+            f"predicted {predicted:.1f} ms, simulated {plan.predicted_step_ms:.1f} ms, measured {measured:.1f} ms")
+
+    # bubbles at 4 stages: one hTask per task (temporal), chunked, cost-model times per stage
+    stages = 4
+    program = muxc.compile(tasks, muxc.Options(fusion="temporal", alignment="chunk", chunk_size=32,
+                                               stages=stages, cost_model=str(profile)))
+    plan = plan_step(program.executor, batches)
+    counts = [c.micro_batches for c in plan.costs]
+    fwd = time_table([[c.forward for c in plan.costs]] * stages)
+    bwd = time_table([[c.backward for c in plan.costs]] * stages)
+    for policy in ("1f1b", "interleaved"):
+        sched = build_schedule(counts, stages, policy, chained=True)
+        sim = simulate(sched, fwd, bwd)
+        png = out / f"plan-{slug}-gantt-{policy}.png"
+        gantt_png(sched, sim, png, title=f"{policy}: {len(counts)} hTasks x chunks {counts}, {stages} stages", time_unit="s")
+        slowest = max(c.forward + c.backward for c in plan.costs)
+        rows.append({
+            **info, "section": "bubbles", "alignment": "chunk", "chunk_size": 32, "tasks": len(tasks),
+            "stages": stages, "policy": policy, "micro_batches": "/".join(map(str, counts)),
+            "simulated_ms": sim.makespan * 1e3, "bubble_fraction": sim.bubble_fraction,
+            "formula_ms": pipeline_iteration_time([slowest] * stages, counts) * 1e3,
+        })
+        log(f"{policy}: bubble {sim.bubble_fraction:.3f}, makespan {sim.makespan * 1e3:.1f} ms")
+    bub = {r["policy"]: r["bubble_fraction"] for r in rows if r["section"] == "bubbles"}
+    ratio = bub["interleaved"] / bub["1f1b"]
+
+    csv_path = out / f"plan-{slug}.csv"
+    harness.write_csv(rows, csv_path)
+    align = [r for r in rows if r["section"] == "alignment"]
+    pad_frac = align[0]["ineffective_token_fraction"]
+    best_chunk = min(align[1:], key=lambda r: r["ineffective_token_fraction"])
+    md = [
+        f"# muxc planner benchmark: {info['device']}",
+        "",
+        f"`muxc bench plan{' --quick' if args.quick else ''}` on {info['timestamp']}, commit {info['commit']}, "
+        f"torch {info['torch']}. Workload: {len(tasks)} tasks (SST-2/OpenBookQA/RTE-like lengths, "
+        f"{args.rows} samples each, LoRA ranks 4–64 and IA3) on a 2-layer Llama (hidden {args.hidden}); "
+        "all rows use the same batches. Cost model: an on-device profile cached in "
+        f"`{profile.name}`.",
+        "",
+        "## Ineffective tokens and step time (fusion=spatial, 1 stage)",
+        "",
+        harness.markdown_table(align, ["alignment", "chunk_size", "tokens_computed", "real_tokens",
+                                       "ineffective_token_fraction", "predicted_ms", "simulated_ms",
+                                       "measured_ms", "pred_error"]),
+        "",
+        f"Padding every task to the step's longest sample computes {pad_frac:.1%} padding; chunk "
+        f"alignment gets it to {best_chunk['ineffective_token_fraction']:.1%} (chunk "
+        f"{best_chunk['chunk_size']}). Goal: under 5% — "
+        f"{'met' if best_chunk['ineffective_token_fraction'] < 0.05 else 'NOT met'}. `predicted` sums the cost "
+        "model over each hTask's micro-batches; `simulated` runs the same times through the schedule "
+        "simulator (equal at one stage); `measured` is the median wall time of `forward_backward`.",
+        "",
+        f"## Pipeline bubbles at {stages} stages (simulated; one hTask per task, chunk 32)",
+        "",
+        harness.markdown_table([r for r in rows if r["section"] == "bubbles"],
+                               ["policy", "micro_batches", "simulated_ms", "formula_ms", "bubble_fraction"]),
+        "",
+        f"Interleaving hTasks' chunk slots gives {ratio:.2f}× the bubble fraction of plain 1F1B "
+        f"(goal ≤ 0.5×: {'met' if ratio <= 0.5 else 'NOT met'}). The local runtime runs all stages in one "
+        "process; these are schedule simulations on the cost model's per-stage times, not "
+        "multi-process measurements. `formula_ms` is the paper's `(Σ micro-batches + stages − 1) · "
+        "slowest stage`.",
+        "",
+        f"![plain 1F1B](plan-{slug}-gantt-1f1b.png)",
+        f"![interleaved](plan-{slug}-gantt-interleaved.png)",
+    ]
+    (out / f"plan-{slug}.md").write_text("\n".join(md) + "\n")
+    log(f"wrote {csv_path} and {out / f'plan-{slug}.md'}")
+    import json
+
+    print(json.dumps({"ineffective_pad": round(pad_frac, 4),
+                      "ineffective_chunk_best": round(best_chunk["ineffective_token_fraction"], 4),
+                      "bubble_ratio_interleaved_vs_1f1b": round(ratio, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
