@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=4, help="samples per task per step")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: multi-threaded small GEMMs stall on shared 2-core VMs)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     import muxc
     from muxc.benchutil import ROOT, load_harness

@@ -26,7 +26,8 @@ def _demo(args) -> int:
             print(f"  {stage} {done + 1}/{total}: {item}", file=sys.stderr)
 
     res = run_demo(steps=args.steps, rows=args.rows, out_dir=args.out,
-                   options=Options(fusion=args.fusion, kernel_impl=args.kernel_impl),
+                   options=Options(fusion=args.fusion, alignment=args.alignment, chunk_size=args.chunk_size,
+                                   stages=args.stages, kernel_impl=args.kernel_impl),
                    on_step=on_step, on_progress=on_progress)
     bar.close()
     rows = [[n, res.specs[n], f"{v[0]:.3f}", f"{v[-1]:.3f}", f"{v[0] - v[-1]:+.3f}"] for n, v in res.losses.items()]
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="train 4 PEFT tasks on one tiny Llama (no downloads)")
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--rows", type=int, default=4, help="samples per task per step")
-    d.add_argument("--fusion", default="spatial", choices=["auto", "spatial", "temporal"])
+    d.add_argument("--fusion", default="auto", choices=["auto", "spatial", "temporal"])
+    d.add_argument("--alignment", default="chunk", choices=["pad", "chunk"])
+    d.add_argument("--chunk-size", type=int, default=None)
+    d.add_argument("--stages", type=int, default=1)
     d.add_argument("--kernel-impl", default=None, choices=["torch", "triton"])
     d.add_argument("--out", default="out/demo", help="where dumps and adapters go")
     b = sub.add_parser("bench", help="benchmarks; `muxc bench kernels --help`", add_help=False)

@@ -79,7 +79,7 @@ def run_demo(
         tasks.append(Task(name=synth.name, model=model, lr=lr))
         data[synth.name] = synth
     t0 = time.perf_counter()
-    program = compile(tasks, options or Options(fusion="spatial"), on_progress=on_progress)
+    program = compile(tasks, options or Options(fusion="auto", alignment="chunk"), on_progress=on_progress)
     compile_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(seed + 1)
     losses: dict[str, list[float]] = {t.name: [] for t in tasks}
@@ -94,7 +94,7 @@ def run_demo(
             on_step(step, {n: float(v) for n, v in out.items()})
     train_s = time.perf_counter() - t0
     out_dir = Path(out_dir)
-    dumps = program.dump(out_dir / "dump")
+    dumps = program.dump(out_dir / "dump", batches)
     adapters = program.save_adapters(out_dir / "adapters")
     return DemoResult(
         losses=losses,

@@ -28,7 +28,7 @@ import torch
 from muxc.errors import BatchError
 from muxc.runtime.batch import IGNORE_INDEX
 
-__all__ = ["Stream", "ChunkStep", "ChunkLayout", "build_layout", "default_chunk_size"]
+__all__ = ["Stream", "ChunkStep", "ChunkLayout", "build_layout"]
 
 
 @dataclass(frozen=True)
@@ -133,17 +133,6 @@ def _pack(name: str, samples, chunk: int) -> list[Stream]:
             docs = torch.cat([docs, -1 - torch.arange(real, real + pad)])
         streams.append(Stream(name, ids, pos, docs, labels, real))
     return streams
-
-
-def default_chunk_size(batches: Mapping[str, Mapping]) -> int:
-    """A chunk size when none is given: the median sample length rounded up to a multiple of 16
-    (balances leftover padding against more chunk steps; the planner's cost model refines it)."""
-    lens = []
-    for b in batches.values():
-        m = b.get("attention_mask")
-        lens += (m.sum(1) if m is not None else torch.full((b["input_ids"].shape[0],), b["input_ids"].shape[1])).tolist()
-    lens = sorted(int(n) for n in lens if n > 0) or [16]
-    return max(16, -(-lens[len(lens) // 2] // 16) * 16)
 
 
 def build_layout(

@@ -21,7 +21,7 @@ import torch
 from muxc.ir import MuxGraph
 from muxc.options import Alignment, Fusion, Options
 from muxc.runtime.batch import MuxBatch, build_batch, check_batches
-from muxc.runtime.chunks import ChunkLayout, build_layout, default_chunk_size
+from muxc.runtime.chunks import ChunkLayout, build_layout
 from muxc.partition_ir import run_stages
 from muxc.runtime.fusion import AutoFusion
 
@@ -82,7 +82,9 @@ class LocalExecutor:
         return {t: loss for t, loss in zip(self.mux.tasks, losses) if loss is not None}
 
     def chunk_size_for(self, batches: Mapping[str, Mapping]) -> int:
-        return self.chunk_size or default_chunk_size(batches)
+        """``chunk_size`` if set, else the cost model's best for these batches."""
+        present = {t: b for t, b in batches.items() if t in self.mux.tasks}
+        return self.chunk_size or self.planner.best_chunk(present)
 
     def layout(self, batches: Mapping[str, Mapping], group: tuple[str, ...]) -> ChunkLayout:
         return build_layout(batches, group, self.chunk_size_for(batches), self.device)
