@@ -16,7 +16,7 @@ __all__ = ["Options", "Fusion", "Alignment"]
 class Fusion(str, Enum):
     """How tasks share the backbone in time and space."""
 
-    AUTO = "auto"  # muxc chooses (spatial for now; the planner issue adds the DP)
+    AUTO = "auto"  # the fusion DP chooses hTasks per step from the cost model
     SPATIAL = "spatial"  # all tasks' tokens through each frozen op at once
     TEMPORAL = "temporal"  # tasks one after another on the same shared graph
 
