@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -51,16 +49,6 @@ def _workload(tasks_per_kind: int, rows: int, seed: int, hidden: int):
             batches[name] = sample_batch(SyntheticTask(name, Rule(1, 1 + i % 5), lengths), rows, 128, g)
             i += 1
     return models, batches
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()  # warm-up: first call builds metadata and caches
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = muxc.Options(fusion="spatial", alignment=alignment, chunk_size=chunk, cost_model=str(profile))
         program = muxc.compile(tasks, opts)
         plan = plan_step(program.executor, batches)
-        measured = _median_ms(lambda: program.forward_backward(batches), reps)
+        measured = harness.time_ms(lambda: program.forward_backward(batches), device, reps=reps, warmup=1)
         for m in models.values():
             m.zero_grad(set_to_none=True)
         predicted = sum(c.micro_batches * (c.forward + c.backward) for c in plan.costs) * 1e3
