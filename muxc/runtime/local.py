@@ -43,10 +43,9 @@ class LocalExecutor:
         self.device = self._bound[0].device
         self.options = options
         self.stages = options.stages
-        self._planner = None
-        self.auto = self.planner if options.fusion is Fusion.AUTO else None
         self.fusion = options.fusion
-        self.last_plan = None
+        self._planner = None
+        self.last_plan = None  # the fusion DP's latest plan (fusion="auto")
 
     @property
     def planner(self) -> AutoFusion:
@@ -67,7 +66,7 @@ class LocalExecutor:
             return [(t,) for t in self.mux.tasks]
         present = {t: b for t, b in batches.items() if t in self.mux.tasks}
         chunk = self.chunk_size_for(batches) if self.alignment is Alignment.CHUNK else None
-        self.last_plan = self.auto.plan(present, chunk)
+        self.last_plan = self.planner.plan(present, chunk)
         order = {t: i for i, t in enumerate(self.mux.tasks)}
         planned = [tuple(sorted(h, key=order.get)) for h in self.last_plan.htasks]
         rest = [(t,) for t in self.mux.tasks if t not in present]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from muxc.options import Alignment
+from muxc.options import Alignment, Fusion
 from muxc.passes.fuse_tasks import FusionPlan
 from muxc.runtime.fusion import HTaskCost, loads_of
 from muxc.schedule import Schedule, SimResult, best_schedule, time_table
@@ -68,7 +68,7 @@ def plan_step(executor, batches: Mapping[str, Mapping]) -> StepPlan:
         stages=stages,
         schedule=schedule,
         sim=sim,
-        fusion=executor.last_plan if executor.auto is not None else None,
+        fusion=executor.last_plan if executor.fusion is Fusion.AUTO else None,
         tokens_computed=computed,
         real_tokens=real,
     )
