@@ -60,11 +60,11 @@ class AutoFusion:
     def __init__(self, mux: MuxGraph, options: Options, cost: CostModel | None = None):
         self.summary = summarize_graph(mux)
         if cost is None:
+            device = next(iter(mux.tensors.values())).device
             if options.cost_model:  # a short on-device profile, cached per device in this JSON
-                device = next(iter(mux.tensors.values())).device
                 cost = CostModel(load_or_profile(options.cost_model, device, self.summary.op_keys()))
             else:
-                cost = CostModel()  # analytic roofline of this device kind
+                cost = CostModel.for_device(device)  # analytic roofline of this device
         self.cost = cost
         self.options = options
         self._plan = lru_cache(maxsize=64)(self._plan_uncached)
