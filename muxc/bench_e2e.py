@@ -108,14 +108,22 @@ def _turns(case: dict[str, Any], conn) -> None:
             elif what == "finish":
                 conn.send(("row", run.finish()))
                 return
+    except torch.OutOfMemoryError as exc:
+        conn.send(("oom", str(exc).splitlines()[0]))
     except BaseException:  # the parent re-raises it with the case named
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
 
 
+class _OutOfMemory(Exception):
+    """A case ran out of device memory (its row says so; the run goes on)."""
+
+
 def _expect(conn, what: str, case: dict[str, Any]):
     got, value = conn.recv()
+    if got == "oom":
+        raise _OutOfMemory(value)
     if got == "error":
         raise RuntimeError(f"case {case} failed in its worker process:\n{value}")
     if got != what:
@@ -124,13 +132,14 @@ def _expect(conn, what: str, case: dict[str, Any]):
 
 
 def run_group(ctx, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run ``cases`` (one per system, same model/workload/tasks) in one fresh process each.
+    """Run ``cases`` (same model/workload/tasks) in one fresh process each, side by side.
 
     The processes build their systems concurrently, then take turns: step ``i`` runs in one
     process at a time, in an order rotated every step, so load from elsewhere on the machine
-    hits every system alike. Each process measures its own memory.
+    hits every system alike. Each process measures its own memory. A case that runs out of
+    device memory leaves the turns and gets a row with ``status="oom"``.
     """
-    procs = []
+    procs, failed = [], []
     try:
         for case in cases:
             mine, theirs = ctx.Pipe()
@@ -138,19 +147,18 @@ def run_group(ctx, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
             proc.start()
             theirs.close()
             procs.append((proc, mine, case))
-        steps = {_expect(conn, "ready", case) for _, conn, case in procs}
-        if len(steps) != 1:
-            raise RuntimeError(f"cases of one group disagree on the number of steps: {steps}")
-        for i in range(steps.pop()):
-            k = i % len(procs)
-            for _, conn, case in procs[k:] + procs[:k]:
-                conn.send(("step", i))
-                _expect(conn, "done", case)
+        live = _survivors(procs, "ready", failed)
+        for i in range(live[0][3] if live else 0):
+            k = i % len(live)
+            ran = {id(e[0]) for e in _survivors(live[k:] + live[:k], "done", failed, step=i)}
+            live = [entry for entry in live if id(entry[0]) in ran]
+            if not live:
+                break
         rows = []
-        for _, conn, case in procs:
+        for _, conn, case, _ in live:
             conn.send(("finish", None))
-            rows.append(_expect(conn, "row", case))
-        return rows
+            rows.append({**_expect(conn, "row", case), "status": "ok"})
+        return rows + [{**case, "status": "oom", "error": msg} for case, msg in failed]
     finally:
         for proc, conn, _ in procs:
             conn.close()
@@ -159,24 +167,47 @@ def run_group(ctx, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 proc.terminate()
 
 
+def _survivors(entries, what: str, failed: list, step: int | None = None) -> list[tuple]:
+    """One process at a time: (tell it to run ``step`` and) wait for ``what``; returns
+    ``(proc, conn, case, value)`` of those that did not run out of memory."""
+    live = []
+    for proc, conn, case, *_ in entries:
+        if step is not None:
+            conn.send(("step", step))
+        try:
+            live.append((proc, conn, case, _expect(conn, what, case)))
+        except _OutOfMemory as exc:
+            failed.append((case, str(exc)))
+    if what == "ready" and len({entry[3] for entry in live}) > 1:
+        raise RuntimeError("cases of one group disagree on the number of steps")
+    return live
+
+
 def _context():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
 
 
-def run_cases(cases: list[dict[str, Any]], log) -> list[dict[str, Any]]:
-    """Run every case in its own fresh process, the systems of one (model, workload, tasks)
-    side by side (see `run_group`); ``log`` gets one progress line per case."""
+def run_cases(cases: list[dict[str, Any]], log, side_by_side: bool) -> list[dict[str, Any]]:
+    """Run every case in its own fresh process; with ``side_by_side`` the systems of one
+    (model, workload, tasks) are alive together and take turns (see `run_group`), else one
+    case at a time (on a GPU: N base copies per system would not fit five times over).
+    ``log`` gets one progress line per case."""
     ctx = _context()
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for case in cases:
-        groups.setdefault((case["model"], case["workload"], case["tasks"]), []).append(case)
+    for i, case in enumerate(cases):
+        key = (case["model"], case["workload"], case["tasks"]) if side_by_side else (i,)
+        groups.setdefault(key, []).append(case)
     rows, t_start, done = [], time.perf_counter(), 0
     for group in groups.values():
         for row in run_group(ctx, group):
             done += 1
             rows.append(row)
+            if row["status"] != "ok":
+                log(f"[{done}/{len(cases)}] {row['model']} {row['workload']} {row['tasks']:>2} "
+                    f"tasks {row['system']:<16} OUT OF MEMORY: {row['error']}")
+                continue
             log(f"[{done}/{len(cases)}] {row['model']} {row['workload']} {row['tasks']:>2} tasks "
                 f"{row['system']:<16} {row['step_ms']:8.0f} ms/step {row['effective_tok_s']:8.0f}"
                 f" eff tok/s  peak {row['peak_mem_mib']:7.0f} MiB  padding "
@@ -254,54 +285,6 @@ def _setup_text(args, device: torch.device) -> str:
             "computes (for muxc from `program.explain(batches).padding`).")
 
 
-# ----------------------------------------------------------------------------------- notes
-
-
-def _notes(rows, summary, budgets, device: torch.device) -> list[str]:
-    """Data-driven sentences on the targets: met or missed, and the measured reason."""
-    report = _load("e2e_report")
-    notes = []
-    if summary.get("memory_ratio_vs_separate") is None:
-        return ["The headline case (non-uniform, hf-separate and muxc) was not measured."]
-    n, model = summary["tasks"], summary["model"]
-    at = {r["system"]: r for r in rows
-          if r["model"] == model and r["workload"] == "nonuniform" and r["tasks"] == n}
-    sep, full = at[report.BASELINE], at[report.FULL]
-    weights = _load("e2e_systems").MODELS[model].weight_mib()
-    mem_ok = summary["memory_ratio_vs_separate"] >= report.TARGETS["memory_ratio_vs_separate"]
-    notes.append(
-        f"Memory target (>= {report.TARGETS['memory_ratio_vs_separate']}x at {n} tasks): "
-        f"{'met' if mem_ok else 'MISSED'}: muxc full peaks at {full['peak_mem_mib']:.0f} MiB vs "
-        f"{sep['peak_mem_mib']:.0f} MiB for {n} separate instances "
-        f"({summary['memory_ratio_vs_separate']:.2f}x). One base copy is {weights:.0f} MiB; "
-        f"separate instances hold {n} copies but only one task's activations at a time"
-        + ("" if mem_ok else
-           ", while a fused step holds every task's activations until its backward: at these "
-           "sequence lengths one task's activations are comparable to the whole small model, "
-           "so sharing the weights cannot save N-fold")
-        + "." + (f" Temporal-only (one copy, one task's activations at a time) saves "
-                 f"{sep['peak_mem_mib'] / at['temporal']['peak_mem_mib']:.2f}x."
-                 if "temporal" in at else ""))
-    target = report.TARGETS["gpu_throughput_vs_hf" if device.type == "cuda" else
-                            "cpu_throughput_vs_hf"]
-    thr = summary["effective_throughput_ratio_vs_hf_peft"]
-    pads = ", ".join(f"{s} {100 * r['ineffective_fraction']:.0f}%" for s, r in at.items())
-    notes.append(
-        f"Throughput target (>= {target}x vs hf-separate, > 1x vs every other system): "
-        f"{'met' if thr >= target else 'MISSED'} vs hf-separate ({thr:.2f}x); vs the others: "
-        + ", ".join(f"{s} {v:.2f}x" for s, v in summary["effective_throughput_ratio_vs"].items())
-        + f". Padding (ineffective tokens) at {n} tasks: {pads}."
-        + (" On a CPU a bigger GEMM is not faster per token, so fusing tasks gains only what "
-           "it saves in computed tokens and per-step overhead; the profile shows where the time "
-           "goes." if device.type == "cpu" else ""))
-    fits = [b for b in budgets if b["model"] == model and b["workload"] == "nonuniform"]
-    if fits:
-        notes.append(f"Tasks within {fits[0]['budget_mib']:.0f} MiB ({fits[0]['budget_source']}, "
-                     f"{model}, non-uniform): " +
-                     ", ".join(f"{b['system']} {b['tasks_fit']}" for b in fits) + ".")
-    return notes
-
-
 # -------------------------------------------------------------------------------------- CLI
 
 
@@ -370,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"muxc bench e2e: {len(cases)} cases on {harness.device_name(device)}, each in a "
           "fresh process", file=sys.stderr)
     t0 = time.perf_counter()
-    rows = run_cases(cases, log=lambda s: print(s, file=sys.stderr, flush=True))
+    rows = run_cases(cases, log=lambda s: print(s, file=sys.stderr, flush=True),
+                     side_by_side=device.type == "cpu")
     meta = _meta(device, harness, argv, time.perf_counter() - t0)
     return _write(rows, meta, args, device, harness, report)
 
@@ -380,24 +364,29 @@ def _write(rows, meta, args, device: torch.device, harness, report) -> int:
     for r in rows:
         r.update({k: meta[k] for k in ("host", "device", "torch", "transformers", "peft",
                                        "commit", "dirty", "timestamp")}, device_type=device.type)
-    summary = report.headline(rows, device.type, HEADLINE_TASKS)
-    budgets = report.budget_rows(rows, args.budget_mib, HEADLINE_TASKS)
+    ok = [r for r in rows if r["status"] == "ok"]
+    summary = report.headline(ok, device.type, HEADLINE_TASKS)
+    budgets = report.budget_rows(ok, args.budget_mib, HEADLINE_TASKS)
     slug = harness.device_slug(device) + ("-quick" if args.quick else "")
     csv_path = args.out / f"e2e-{slug}.csv"
     harness.write_csv(rows, csv_path)
-    plots, notes = [], _notes(rows, summary, budgets, device)
+    weights = {m: _load("e2e_systems").MODELS[m].weight_mib() for m in {r["model"] for r in ok}}
+    plots = []
+    notes = report.notes(ok, summary, budgets, device.type, weights)
+    notes += [f"Out of memory: {r['model']} {r['workload']} {r['tasks']} tasks {r['system']} "
+              f"({r['error']})." for r in rows if r["status"] != "ok"]
     for metric, label, suffix in (("effective_tok_s", "effective tokens/s", "throughput"),
                                   ("peak_mem_mib", "peak memory (MiB)", "memory")):
         png = args.out / f"e2e-{slug}-{suffix}.png"
-        missing = report.plot(rows, metric, label, png, f"muxc e2e: {label}, {meta['device']}")
+        missing = report.plot(ok, metric, label, png, f"muxc e2e: {label}, {meta['device']}")
         if missing:
             notes.append(missing)
         else:
             plots.append(png)
-    meta["build"] = _build_text(rows, meta)
+    meta["build"] = _build_text(ok, meta)
     meta["setup"] = _setup_text(args, device)
     md_path = csv_path.with_suffix(".md")
-    md_path.write_text(report.markdown(rows, meta=meta, summary=summary, budgets=budgets,
+    md_path.write_text(report.markdown(ok, meta=meta, summary=summary, budgets=budgets,
                                        profile=profile, notes=notes, plots=plots))
     for path in (csv_path, md_path, *plots):
         print(f"wrote {path}")
