@@ -309,6 +309,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                     help="memory budget for `tasks fit` (default: hf-separate's 8-task peak)")
     ap.add_argument("--no-profile", action="store_true",
                     help="skip the profiled step of the 8-task non-uniform cases")
+    ap.add_argument("--append", action="store_true",
+                    help="merge with the rows already in the output CSV (a newer row replaces "
+                         "one with the same model/workload/tasks/system): split long GPU runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=BENCH / "results",
                     help="directory for e2e-<device>[-quick].csv/.md/.png")
@@ -364,12 +367,15 @@ def _write(rows, meta, args, device: torch.device, harness, report) -> int:
     for r in rows:
         r.update({k: meta[k] for k in ("host", "device", "torch", "transformers", "peft",
                                        "commit", "dirty", "timestamp")}, device_type=device.type)
+    slug = harness.device_slug(device) + ("-quick" if args.quick else "")
+    csv_path = args.out / f"e2e-{slug}.csv"
+    if args.append and csv_path.exists():
+        rows = _merge(_read_csv(csv_path), rows)
+        meta["command"] += " (merged with earlier rows of the CSV)"
+    harness.write_csv(rows, csv_path)
     ok = [r for r in rows if r["status"] == "ok"]
     summary = report.headline(ok, device.type, HEADLINE_TASKS)
     budgets = report.budget_rows(ok, args.budget_mib, HEADLINE_TASKS)
-    slug = harness.device_slug(device) + ("-quick" if args.quick else "")
-    csv_path = args.out / f"e2e-{slug}.csv"
-    harness.write_csv(rows, csv_path)
     weights = {m: _load("e2e_systems").MODELS[m].weight_mib() for m in {r["model"] for r in ok}}
     plots = []
     notes = report.notes(ok, summary, budgets, device.type, weights)
@@ -394,6 +400,31 @@ def _write(rows, meta, args, device: torch.device, harness, report) -> int:
         print(f"- {note}")
     print(json.dumps(summary))
     return 0
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of an earlier results CSV, with numbers and booleans parsed back."""
+    import csv
+
+    def parse(v: str):
+        if v in ("True", "False"):
+            return v == "True"
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+
+    with path.open() as f:
+        return [{k: parse(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def _merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` rows not re-measured in ``new``, then ``new``."""
+    key = ("model", "workload", "tasks", "system")
+    seen = {tuple(r[k] for k in key) for r in new}
+    return [r for r in old if tuple(r.get(k) for k in key) not in seen] + new
 
 
 if __name__ == "__main__":
