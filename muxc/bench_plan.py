@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    configs = [("pad", None)] + [("chunk", c) for c in (16, 32, 64, None)]
+    configs = [("pad", None)] + [("chunk", c) for c in (8, 16, 32, 64, None)]
     for alignment, chunk in configs:
         opts = muxc.Options(fusion="spatial", alignment=alignment, chunk_size=chunk, cost_model=str(profile))
         program = muxc.compile(tasks, opts)
