@@ -175,7 +175,7 @@ _COLS = [
     ("ineffective_pct", "padding %"),
     ("peak_mem_mib", "peak MiB"), ("setup_peak_mib", "setup peak MiB"),
     ("compile_s", "compile s"), ("thr_vs_sep", "throughput vs sep"),
-    ("mem_vs_sep", "memory saved vs sep"),
+    ("mem_vs_sep", "memory saved vs sep"), ("plan", "muxc plan (last step)"),
 ]
 
 
@@ -316,7 +316,8 @@ def _throughput_note(at: dict[str, Row], summary: dict[str, Any], n: int, device
              f"zero padding only {1 / (1 - p_sep):.2f}x, below the {target}x target. Measured "
              f"cost per computed token: " + ", ".join(f"{s} {v:.0f} us" for s, v in us.items())
              + f", i.e. muxc full spends {us[FULL] / us[BASELINE]:.2f}x what {BASELINE} does "
-             "per computed token (see the profile for where).")
+             "per computed token (see the profile for where)."
+             + (f" muxc full's executor ran: {full['plan']}." if full.get("plan") else ""))
     return text
 
 

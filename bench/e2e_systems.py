@@ -338,6 +338,19 @@ class Muxc:
         padding = self.program.explain(batches).padding
         return int(padding["tokens computed"])
 
+    def plan(self, batches: Step) -> str:
+        """What the executor runs for ``batches``: hTask sizes and chunk size (best effort:
+        reads the executor, whose API may move; empty when it does)."""
+        executor = self.program.executor
+        try:
+            groups = executor.groups(batches)
+            text = "hTasks " + "+".join(str(len(g)) for g in groups)
+            if getattr(getattr(self.program.options, "alignment", None), "value", "") == "chunk":
+                text += f", chunk {executor.chunk_size_for(batches)}"
+        except (AttributeError, TypeError):
+            return ""
+        return text
+
 
 def build_system(system: str, model: ModelSpec, tasks: list[TaskSpec], device: torch.device,
                  seed: int) -> System:
@@ -502,6 +515,7 @@ class CaseRun:
             "effective_tokens_per_step": statistics.mean(effective),
             "computed_tokens_per_step": statistics.mean(computed),
             "ineffective_fraction": 1 - sum(effective) / sum(computed),
+            "plan": self.system.plan(timed[-1]) if hasattr(self.system, "plan") else "",
             "peak_mem_mib": peak_mib,
             "setup_peak_mib": self.setup_mib,
             "setup_s": self.setup_s,
