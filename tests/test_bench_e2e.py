@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import torch
 
-from muxc.bench_e2e import _load, plan
+from muxc.bench_e2e import _context, _load, plan, run_group
 
 systems = _load("e2e_systems")
 report = _load("e2e_report")
@@ -46,26 +42,14 @@ def test_memory_fit_and_tasks_within_budget():
     assert fits["muxc"]["tasks_fit"] == 72  # (420 - 60) / 5
 
 
-_TINY_RUN = """
-import json, sys
-from muxc.bench_e2e import _load
-systems = _load("e2e_systems")
-case = systems.Case(model="llama-tiny", workload="nonuniform", tasks=2, system=sys.argv[1],
-                    rows=2, steps=1, warmup=0, threads=1)
-print(json.dumps(systems.run_case(case), default=str))
-"""
-
-
-def _fresh_case(system: str) -> dict:
-    """run_case in a fresh process, as the benchmark runs it: peak RSS minus the process's idle
-    RSS is only meaningful there (this test process already peaked during earlier tests)."""
-    out = subprocess.run([sys.executable, "-c", _TINY_RUN, system], capture_output=True, text=True,
-                         timeout=300, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_tiny_two_task_run_and_headline():
-    rows = [_fresh_case(system) for system in ("hf-separate", "temporal", "muxc")]
+    # as the benchmark runs them: one fresh process per system (peak RSS minus the process's
+    # idle RSS is only meaningful there), side by side, taking turns step by step
+    cases = [dict(model="llama-tiny", workload="nonuniform", tasks=2, system=system, rows=2,
+                  steps=1, warmup=0, threads=1)
+             for system in ("hf-separate", "temporal", "muxc")]
+    rows = run_group(_context(), cases)
+    assert [r["status"] for r in rows] == ["ok"] * 3
     effective = {r["effective_tokens_per_step"] for r in rows}
     assert len(effective) == 1  # same data for every system
     for r in rows:
