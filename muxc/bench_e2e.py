@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from muxc.benchutil import resolve_device
+
 __all__ = ["main", "plan"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,12 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``muxc bench e2e``; progress to stderr, paths and the JSON to stdout."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
-    want = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    if want == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+    device = resolve_device(args.device)
+    if device is None:
         return 2
-    device = torch.device(want)
     args.rows = args.rows or (8 if device.type == "cuda" else 4)
     args.steps = args.steps or (5 if device.type == "cuda" else 3)
     try:

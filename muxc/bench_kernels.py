@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from muxc.benchutil import load_harness
+from muxc.benchutil import load_harness, resolve_device
 from muxc.kernels import _triton, multi_ia3, multi_lora
 from muxc.kernels.lora import segments_for
 
@@ -400,12 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``muxc bench kernels``; prints progress and the output paths."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
-    want = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    if want == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+    device = resolve_device(args.device)
+    if device is None:
         return 2
-    device = torch.device(want)
     if device.type == "cpu" and _triton.AVAILABLE and not _triton.interpreting():
         # The interpreter is chosen when triton decorates kernels, i.e. at import: start a
         # fresh interpreter-mode process for the CPU run (this is CLI code, env is ours).

@@ -26,3 +26,15 @@ def load_harness():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def resolve_device(name: str):
+    """``"auto"`` -> cuda when visible else cpu; None (after printing why) when cuda is asked
+    for but not visible. Benchmarks are CLI entries, so printing here is allowed."""
+    import torch
+
+    want = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return None
+    return torch.device(want)
