@@ -110,7 +110,9 @@ class Explanation:
                 ["predicted_step_ms", f"{p.predicted_step_ms:.3f}"],
             ]
             if p.fusion is not None:
-                rows.append(["fusion DP predicted ms", ", ".join(f"{k}={v * 1e3:.3f}" for k, v in p.fusion.alternatives.items())])
+                rows.append(["fusion DP predicted ms", ", ".join(
+                    f"{k}={v * 1e3:.3f}{' (past saturation/budget: not allowed)' if k in p.fusion.infeasible else ''}"
+                    for k, v in p.fusion.alternatives.items())])
             parts += ["", table(["plan for these batches", "value"], rows, 100)]
         return "\n".join(parts)
 

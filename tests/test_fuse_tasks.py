@@ -61,3 +61,11 @@ def test_deterministic():
     loads = {f"t{i}": 64 for i in range(6)}
     cost = _cost_model(loads)
     assert plan_fusion(loads, cost, 4).htasks == plan_fusion(dict(reversed(loads.items())), cost, 4).htasks
+
+
+def test_alternatives_past_saturation_are_marked():
+    loads = {"a": 600, "b": 700}
+    plan = plan_fusion(loads, _cost_model(loads, mb_tokens=10_000), stages=1, saturation_tokens=1000)
+    assert plan.htasks == (("a",), ("b",))
+    assert plan.infeasible == ("spatial",)
+    assert "spatial=" in str(plan) and "(not allowed)" in str(plan)

@@ -45,9 +45,11 @@ class FusionPlan:
     htasks: tuple[tuple[str, ...], ...]
     predicted: float
     alternatives: dict[str, float] = field(default_factory=dict)  # name -> predicted objective
+    infeasible: tuple[str, ...] = ()  # alternatives the DP may not pick (past saturation / budget)
 
     def __str__(self) -> str:
-        alts = ", ".join(f"{k}={v * 1e3:.2f}ms" for k, v in self.alternatives.items())
+        alts = ", ".join(f"{k}={v * 1e3:.2f}ms{' (not allowed)' if k in self.infeasible else ''}"
+                         for k, v in self.alternatives.items())
         return f"hTasks {[list(h) for h in self.htasks]} predicted {self.predicted * 1e3:.2f}ms ({alts})"
 
 
@@ -114,7 +116,9 @@ def plan_fusion(
         "temporal": objective([(t,) for t in order], cost, stages),
         "auto": exact,
     }
-    return FusionPlan(htasks=best_groups, predicted=exact, alternatives=alternatives)
+    spans = {"spatial": [(0, n)], "temporal": [(i, i + 1) for i in range(n)]}
+    infeasible = tuple(name for name, runs in spans.items() if any(r not in cands for r in runs))
+    return FusionPlan(htasks=best_groups, predicted=exact, alternatives=alternatives, infeasible=infeasible)
 
 
 def brute_force(loads: Mapping[str, int], cost, stages: int = 1, saturation_tokens=None, activation_budget=None):
