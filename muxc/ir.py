@@ -167,22 +167,13 @@ class TaskGraph:
         return f"TaskGraph({self.task!r}, {self.model_type}, {n} nodes, {len(self.adapters)} adapters)"
 
     def frozen_bindings(self) -> dict[str, Binding]:
+        """Placeholder name -> binding of every frozen weight/buffer/constant (not adapters,
+        not user inputs), in graph order."""
         return {
-            k: b
-            for k, b in self.bindings.items()
-            if b.kind is not BindingKind.USER_INPUT and not self.is_adapter_param(k)
+            n.name: self.bindings[n.name]
+            for n in self.gm.graph.find_nodes(op="placeholder")
+            if info(n).role is Role.FROZEN
         }
-
-    def is_adapter_param(self, placeholder: str) -> bool:
-        node = _find_placeholder(self.gm.graph, placeholder)
-        return info(node).role is Role.ADAPTER_PARAM
-
-
-def _find_placeholder(graph: fx.Graph, name: str) -> fx.Node:
-    for n in graph.find_nodes(op="placeholder"):
-        if n.name == name:
-            return n
-    raise MuxcInternalError(f"no placeholder {name!r}")
 
 
 @dataclass

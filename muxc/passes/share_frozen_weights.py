@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from muxc.errors import ArchitectureMismatchError, BaseWeightMismatchError
-from muxc.ir import Binding, BindingKind, Role, TaskGraph, info
+from muxc.ir import Binding, BindingKind, TaskGraph
 
 __all__ = ["share_frozen_weights", "SharingReport"]
 
@@ -28,11 +28,11 @@ class SharingReport(dict):
 def share_frozen_weights(graphs: list[TaskGraph], ctx) -> list[TaskGraph]:
     """Point every task's frozen bindings at the first task's tensors (see module doc)."""
     first = graphs[0]
-    shared = {b.fqn: b.tensor for b in _frozen(first).values()}
+    shared = {b.fqn: b.tensor for b in first.frozen_bindings().values()}
     report = SharingReport({fqn: "identity" for fqn in shared})
     aliases, rebound = [], []
     for g in graphs[1:]:
-        mine = _frozen(g)
+        mine = g.frozen_bindings()
         names = {b.fqn for b in mine.values()}
         if names != set(shared):
             missing = sorted(set(shared) - names)[:3]
@@ -57,14 +57,6 @@ def share_frozen_weights(graphs: list[TaskGraph], ctx) -> list[TaskGraph]:
         param.data = ref.data
     ctx.sharing = report
     return graphs
-
-
-def _frozen(g: TaskGraph) -> dict[str, Binding]:
-    out = {}
-    for node in g.gm.graph.find_nodes(op="placeholder"):
-        if info(node).role is Role.FROZEN:
-            out[node.name] = g.bindings[node.name]
-    return out
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
