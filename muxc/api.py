@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from muxc.dot import write_dot
+from muxc.dump.dot import write_dot
 from muxc.dump import dump_history, dump_plan
 from muxc.explain import Explanation, explain_program
 from muxc.ir import MuxGraph

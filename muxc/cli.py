@@ -12,7 +12,7 @@ def _demo(args) -> int:
     from tqdm import tqdm
 
     from muxc.demo import run_demo
-    from muxc.dump import table
+    from muxc.ir import table
     from muxc.options import Options
 
     bar = tqdm(total=args.steps, desc="training 4 tasks", unit="step", file=sys.stderr)

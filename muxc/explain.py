@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from muxc.dump import table
+from muxc.ir import table
 from muxc.ir import Role
-from muxc.runtime.stepplan import StepPlan, plan_step
+from muxc.plan.step import StepPlan, plan_step
 
 __all__ = ["Explanation", "TaskRow", "explain_program"]
 

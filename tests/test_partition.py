@@ -13,12 +13,14 @@ from models import make_batch, make_peft
 from peft import IA3Config, LoraConfig
 
 import muxc
-from muxc.dot import GraphvizNotFoundError, partitioned_dot, render, write_dot
+from muxc.dump.dot import GraphvizNotFoundError, partitioned_dot, render, write_dot
 from muxc.errors import OptionsError
 from muxc.ir import Role, info
-from muxc.partition_ir import PartitionedGraph, SubgraphKind, run_stages
+from muxc.ir import PartitionedGraph, SubgraphKind
+from muxc.runtime.stages import run_stages
 from muxc.passes.partition import FlopCost, LatencyCost, balance, partition, partition_ids
-from muxc.runtime.batch import MuxBatch, build_batch
+from muxc.ir import MuxBatch
+from muxc.runtime.batch import build_batch
 from muxc.runtime.chunks import build_layout
 
 BATCHES = {"a": make_batch(2, 9, 0), "b": make_batch(3, 6, 1, pad_rows=2)}

@@ -1,4 +1,4 @@
-"""Schedule IR, builders, simulator and Gantt charts (muxc.schedule). CPU only, fast."""
+"""Schedule IR, builders, simulator and Gantt charts (muxc.ir.schedule, muxc.plan.schedule/simulate, muxc.dump.gantt). CPU only, fast."""
 
 from __future__ import annotations
 
@@ -8,18 +8,13 @@ import sys
 import pytest
 
 from muxc.errors import MuxcError
-from muxc.schedule import (
-    GanttUnavailableError,
-    Schedule,
-    ScheduleError,
+from muxc.dump.gantt import GanttUnavailableError, gantt_png, gantt_text
+from muxc.ir import Schedule, ScheduleError, Step, StepKind
+from muxc.plan import (
     SchedulePolicy,
     SimResult,
-    Step,
-    StepKind,
     best_schedule,
     build_schedule,
-    gantt_png,
-    gantt_text,
     pipeline_dependencies,
     simulate,
     time_table,

@@ -24,7 +24,7 @@ import torch.fx as fx
 from muxc.errors import ArchitectureMismatchError, MuxcInternalError
 from muxc.frontends.ops import ADAPTER_OPS
 from muxc.ir import AdapterRecord, MuxGraph, NodeInfo, Position, Role, TaskGraph, info, set_info
-from muxc.runtime.sites import InputSite, OutputSite, TaskLoss
+from muxc.ir import InputSite, OutputSite, TaskLoss
 
 __all__ = ["merge_backbones"]
 

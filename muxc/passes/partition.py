@@ -46,7 +46,7 @@ from torch.fx.passes.split_module import split_module
 
 from muxc.errors import MuxcInternalError, OptionsError
 from muxc.ir import AdapterKind, MuxGraph, Position, Role, info
-from muxc.partition_ir import (
+from muxc.ir.partition import (
     Crossing,
     PartitionedGraph,
     ShapeHint,
@@ -182,7 +182,7 @@ class FlopCost:
 
     @staticmethod
     def _attention_qk(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-        from muxc.runtime.attention import SDPA, ChunkAttention
+        from muxc.ir import SDPA, ChunkAttention
 
         if node.target is SDPA:
             return node.args[0], node.args[1]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from muxc.errors import UnsupportedPeftError
 from muxc.ir import MuxGraph, NodeInfo, Role, info, set_info
 from muxc.options import Alignment
-from muxc.runtime.attention import SDPA, ChunkAttention
+from muxc.ir import SDPA, ChunkAttention
 
 __all__ = ["rewrite_attention"]
 

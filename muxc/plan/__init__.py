@@ -1,4 +1,4 @@
-"""muxc's planner, part 1: the cost model.
+"""muxc's planner: the cost model, the fusion DP, chunk-size choice, schedules and step plans.
 
 - `ops`: op kinds and keys, work polynomials, the roofline fallback.
 - `latency`: `LatencyModel`, flat below the saturation point and linear above, and its fit.
@@ -9,6 +9,12 @@
 - `cost`: `CostModel` (fitted latency or roofline per op) and `estimate_step`.
 - `memory`: `estimate_memory` (weights once + per-task training state + activations).
 - `iteration`: the pipeline iteration-time formula and bubble fraction.
+- `fusion_dp`: the exact hTask DP (`plan_fusion`); `fusion`: `AutoFusion`, which prices hTasks
+  with the cost model and picks the chunk size.
+- `schedule`: 1F1B / hTask-interleaved / sequential schedule builders; `simulate`: the
+  schedule simulator and `best_schedule`.
+- `step`: `plan_step` -> `StepPlan`, the one plan of a step that `explain()` prints and the
+  runtime executes.
 
 >>> summary = summarize_graph(program.mux)                                  # doctest: +SKIP
 >>> cost = CostModel(load_or_profile("out/cpu.json", "cpu", summary.op_keys()))  # doctest: +SKIP
@@ -24,9 +30,29 @@ from muxc.plan.memory import MemoryEstimate, activation_bytes_per_token_per_laye
 from muxc.plan.ops import CostModelError, OpKey, OpKind, Poly, Roofline, roofline_latency
 from muxc.plan.profile import Clock, DeviceProfile, Sample, load_or_profile, profile_device
 from muxc.plan.summary import ModelSummary, OpCost, Work, as_summary, summarize_graph
+from muxc.plan.fusion_dp import FusionPlan, GroupCost, plan_fusion
+from muxc.plan.fusion import AutoFusion, HTaskCost, loads_of
+from muxc.plan.schedule import SchedulePolicy, build_schedule, pipeline_dependencies
+from muxc.plan.simulate import SimResult, best_schedule, simulate, time_table
+from muxc.plan.step import StepPlan, plan_step
 
 __all__ = [
     "AdapterSpec",
+    "AutoFusion",
+    "FusionPlan",
+    "GroupCost",
+    "HTaskCost",
+    "SchedulePolicy",
+    "SimResult",
+    "StepPlan",
+    "best_schedule",
+    "build_schedule",
+    "loads_of",
+    "pipeline_dependencies",
+    "plan_fusion",
+    "plan_step",
+    "simulate",
+    "time_table",
     "Clock",
     "CostModel",
     "CostModelError",

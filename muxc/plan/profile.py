@@ -317,7 +317,7 @@ def _probe_ia3(key: OpKey, tokens: int, device):
 
 
 def _probe_loss(key: OpKey, tokens: int, device):
-    from muxc.runtime.sites import causal_lm_loss
+    from muxc.ir import causal_lm_loss
 
     (vocab,) = key.shape
     logits = _leaf(1, tokens, vocab, device=device, dtype=_dtype(key))

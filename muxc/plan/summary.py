@@ -34,7 +34,7 @@ import torch.fx as fx
 from muxc.errors import MuxcInternalError
 from muxc.ir import AdapterKind, MuxGraph, Role, info
 from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Poly
-from muxc.runtime.attention import ChunkAttention
+from muxc.ir.ops import ChunkAttention
 
 __all__ = ["KV", "Work", "OpCost", "ModelSummary", "summarize_graph", "as_summary", "layer_of"]
 

@@ -1,4 +1,4 @@
-"""`MuxBatch`: one step's tasks laid out as one batch, plus the per-task facts the graph needs.
+"""Checking user batches and laying a group's batches out as one `MuxBatch` (pad alignment).
 
 Each task's rows are stacked task after task and right-padded (``attention_mask`` 0, labels
 -100) to a common sequence length, so every task's tokens form one contiguous segment of the
@@ -8,50 +8,16 @@ flattened ``(rows * seq, hidden)`` activations. Right padding changes no real to
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from muxc.errors import BatchError
+from muxc.ir import IGNORE_INDEX, MuxBatch
 from muxc.kernels.registry import Impl
 
-__all__ = ["MuxBatch", "check_batches", "build_batch", "IGNORE_INDEX"]
+__all__ = ["check_batches", "build_batch"]
 
-IGNORE_INDEX = -100
 _KEYS = {"input_ids", "attention_mask", "labels"}
-
-
-@dataclass(frozen=True)
-class MuxBatch:
-    """The runtime context passed to the merged graph as its ``mux`` input."""
-
-    tasks: tuple[str, ...]  # active tasks, in layout order
-    rows: tuple[int, ...]  # batch rows per active task
-    seq_len: int
-    labels: tuple[torch.Tensor, ...]  # (rows_i, seq_len), padded with IGNORE_INDEX
-    impl: Impl | None = None
-    training: bool = True
-    shifted: bool = False  # labels already shifted within each sample (chunk alignment)
-    loss_scale: tuple[float, ...] | None = None  # per task: 1 / its label count this step
-    chunk: Any = None  # the ChunkStep being run (chunk alignment), else None
-    kv: dict | None = None  # K/V kept across an hTask's chunk steps: attention node -> (K, V)
-
-    @property
-    def seg_lens(self) -> tuple[int, ...]:
-        """Tokens per active task in the flattened layout."""
-        return tuple(r * self.seq_len for r in self.rows)
-
-    def row_range(self, task: str) -> tuple[int, int] | None:
-        """``(start, end)`` rows of ``task``, or None when it is not in this batch."""
-        if task not in self.tasks:
-            return None
-        i = self.tasks.index(task)
-        start = sum(self.rows[:i])
-        return start, start + self.rows[i]
-
-    def tokens(self) -> int:
-        return sum(self.rows) * self.seq_len
 
 
 def check_batches(batches: Mapping[str, Mapping], tasks: tuple[str, ...]) -> None:

@@ -20,10 +20,11 @@ import torch
 
 from muxc.ir import MuxGraph
 from muxc.options import Alignment, Fusion, Options
-from muxc.runtime.batch import MuxBatch, build_batch, check_batches
+from muxc.ir import MuxBatch
+from muxc.runtime.batch import build_batch, check_batches
 from muxc.runtime.chunks import ChunkLayout, build_layout
-from muxc.partition_ir import run_stages
-from muxc.runtime.fusion import AutoFusion
+from muxc.runtime.stages import run_stages
+from muxc.plan.fusion import AutoFusion
 
 __all__ = ["LocalExecutor"]
 

@@ -230,7 +230,7 @@ class Schedule:
                     f"{self!r} deadlocks after {len(out)} of {total} steps; blocked: "
                     + "; ".join(blocked)
                     + ". Reorder the stage orders so every dependency runs earlier, or build "
-                    "the schedule with muxc.schedule.build_schedule"
+                    "the schedule with muxc.plan.build_schedule"
                 )
         return tuple(out)
 

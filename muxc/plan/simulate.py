@@ -9,7 +9,7 @@ The paper's closed form, ``(Σ micro-batches + S − 1) · slowest stage``, is
 `muxc.plan.iteration.pipeline_iteration_time`; plain 1F1B with uniform times simulates to
 exactly that.
 
->>> from muxc.schedule.build import build_schedule
+>>> from muxc.plan.schedule import build_schedule
 >>> s = build_schedule([4], stages=2, policy="1f1b")
 >>> r = simulate(s, fwd_time=lambda st: 1.0, bwd_time=lambda st: 2.0)
 >>> r
@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from muxc.schedule.build import SchedulePolicy, build_schedule
-from muxc.schedule.ir import Schedule, ScheduleError, Step
+from muxc.plan.schedule import SchedulePolicy, build_schedule
+from muxc.ir.schedule import Schedule, ScheduleError, Step
 
 __all__ = ["SimResult", "simulate", "time_table", "best_schedule"]
 
@@ -110,7 +110,7 @@ def simulate(
     1 per forward, so peak memory counts micro-batches in flight).
     Raises `ScheduleError` if the schedule deadlocks or a time is negative.
 
-    >>> from muxc.schedule.build import build_schedule
+    >>> from muxc.plan.schedule import build_schedule
     >>> simulate(build_schedule([1], 2, "1f1b"), lambda s: 1.0, lambda s: 2.0).makespan
     6.0
     """
@@ -163,7 +163,7 @@ def simulate(
 def time_table(times: Sequence[Sequence[float]]) -> Callable[[Step], float]:
     """A step-time function from ``times[stage][htask]`` (time of one micro-batch).
 
-    >>> from muxc.schedule.ir import StepKind
+    >>> from muxc.ir.schedule import StepKind
     >>> time_table([[1.0, 2.0], [3.0, 4.0]])(Step(1, StepKind.FORWARD, 0, 5))
     3.0
     """

@@ -34,7 +34,8 @@ from typing import Any
 import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
-from muxc.ir import MuxGraph
+from muxc.ir.graph import MuxGraph
+from muxc.ir.text import table
 
 __all__ = [
     "SubgraphKind",
@@ -43,7 +44,6 @@ __all__ = [
     "Subgraph",
     "Stage",
     "PartitionedGraph",
-    "run_stages",
 ]
 
 
@@ -305,8 +305,6 @@ class PartitionedGraph:
 
     def table(self) -> str:
         """A fixed-width table: one row per subgraph, then one per stage."""
-        from muxc.dump import table
-
         rows = []
         for sg in self.subgraphs:
             comm = sg.kind is SubgraphKind.COMMUNICATE
@@ -325,15 +323,3 @@ class PartitionedGraph:
 
     def __iter__(self) -> Iterator[Stage]:
         return iter(self.stages)
-
-
-def run_stages(pg: PartitionedGraph, *args: Any) -> Any:
-    """Run ``pg``'s stages in sequence; same arguments and result as ``pg.mux.gm(*args)``.
-
-    >>> run_stages(pg, *bound, input_ids, attention_mask, batch)   # doctest: +SKIP
-    (tensor(4.5393, grad_fn=<NllLossBackward0>), tensor(4.5941, grad_fn=<NllLossBackward0>))
-    """
-    env = pg.bind(*args)
-    for stage in pg.stages:
-        stage.run(env)
-    return pg.result(env)

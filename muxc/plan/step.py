@@ -2,7 +2,7 @@
 
 hTasks (from the executor), each hTask's micro-batches (its chunk steps with
 ``alignment="chunk"``, else ``micro_batches``), per-stage times from the cost model, and the
-pipeline schedule that interleaves hTasks (`muxc.schedule.best_schedule`), simulated for
+pipeline schedule that interleaves hTasks (`muxc.plan.simulate.best_schedule`), simulated for
 makespan, bubble fraction and peak activations.
 """
 
@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from muxc.options import Alignment, Fusion
-from muxc.passes.fuse_tasks import FusionPlan
-from muxc.runtime.fusion import HTaskCost, loads_of
-from muxc.schedule import Schedule, SimResult, best_schedule, time_table
+from muxc.plan.fusion_dp import FusionPlan
+from muxc.plan.fusion import HTaskCost, loads_of
+from muxc.ir.schedule import Schedule
+from muxc.plan.simulate import SimResult, best_schedule, time_table
 
 __all__ = ["StepPlan", "plan_step"]
 

@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 from muxc.errors import MuxcError
-from muxc.partition_ir import PartitionedGraph, Subgraph, SubgraphKind
+from muxc.ir.partition import PartitionedGraph, Subgraph, SubgraphKind
 
 __all__ = [
     "partitioned_dot", "write_dot", "render", "GraphvizNotFoundError", "GraphvizError", "KIND_COLORS",

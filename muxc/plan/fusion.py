@@ -15,16 +15,11 @@ from functools import lru_cache
 
 from muxc.ir import MuxGraph
 from muxc.options import Alignment, Options
-from muxc.passes.fuse_tasks import FusionPlan, GroupCost, plan_fusion
-from muxc.plan import (
-    CostModel,
-    StepShape,
-    estimate_memory,
-    estimate_step,
-    load_or_profile,
-    saturation_tokens,
-    summarize_graph,
-)
+from muxc.plan.fusion_dp import FusionPlan, GroupCost, plan_fusion
+from muxc.plan.cost import CostModel, StepShape, estimate_step, saturation_tokens
+from muxc.plan.memory import estimate_memory
+from muxc.plan.profile import load_or_profile
+from muxc.plan.summary import summarize_graph
 
 __all__ = ["AutoFusion", "HTaskCost", "TaskLoad", "loads_of"]
 

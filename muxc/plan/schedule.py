@@ -55,7 +55,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 
-from muxc.schedule.ir import Schedule, ScheduleError, Step, StepKind, _as_counts
+from muxc.ir.schedule import Schedule, ScheduleError, Step, StepKind, _as_counts
 
 __all__ = ["SchedulePolicy", "build_schedule", "pipeline_dependencies"]
 

@@ -4,8 +4,8 @@ Text: one row per stage; a forward of hTask ``h`` is drawn with ``h``'s letter i
 (A, B, ...), a backward in lower case, idle time as ``.``; a box wide enough carries its
 micro-batch index.
 
->>> from muxc.schedule.build import build_schedule
->>> from muxc.schedule.simulate import simulate
+>>> from muxc.plan.schedule import build_schedule
+>>> from muxc.plan.simulate import simulate
 >>> s = build_schedule([2, 1], stages=2, policy="interleaved")
 >>> print(gantt_text(s, simulate(s, lambda st: 1.0), width=24))
 time 0 .. 8 (1 column = 0.3333)
@@ -20,8 +20,8 @@ import string
 from pathlib import Path
 
 from muxc.errors import MuxcError
-from muxc.schedule.ir import Schedule, Step
-from muxc.schedule.simulate import SimResult
+from muxc.ir.schedule import Schedule, Step
+from muxc.plan.simulate import SimResult
 
 __all__ = ["GanttUnavailableError", "gantt_text", "gantt_png"]
 

@@ -10,21 +10,10 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from muxc.ir import META_KEY, MuxGraph, TaskGraph
-from muxc.partition_ir import PartitionedGraph
+from muxc.ir import META_KEY, MuxGraph, PartitionedGraph, TaskGraph, table
 from muxc.task import Task
 
 __all__ = ["graph_table", "render", "dump_history", "dump_plan", "table"]
-
-
-def table(headers: list[str], rows: list[list], max_width: int = 60) -> str:
-    """A fixed-width text table."""
-    cells = [[str(c) if len(str(c)) <= max_width else str(c)[: max_width - 1] + "…" for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
-    return "\n".join(out)
 
 
 def _target(node: fx.Node) -> str:
@@ -88,7 +77,7 @@ def dump_plan(plan, directory: Path) -> list[Path]:
 
     The PNG is skipped (with a note in ``schedule.txt``) when matplotlib is missing.
     """
-    from muxc.schedule import GanttUnavailableError, gantt_png, gantt_text
+    from muxc.dump.gantt import GanttUnavailableError, gantt_png, gantt_text
 
     directory.mkdir(parents=True, exist_ok=True)
     txt = directory / "schedule.txt"

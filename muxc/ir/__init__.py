@@ -1,0 +1,80 @@
+"""muxc's intermediate representations: what a program is, independent of how it is built or run.
+
+- `graph`: `TaskGraph` (one task's export), `MuxGraph` (all tasks on one backbone), the typed
+  node record `NodeInfo` (``node.meta["muxc"]``) and the unified adapter record `AdapterRecord`.
+- `ops`: what a merged graph may contain besides aten ops (`OutputSite`, `InputSite`,
+  `TaskLoss`, `ChunkAttention`) and the per-step layout contract they read (`MuxBatch`).
+- `partition`: the merged graph cut into subgraphs (COMPUTE/PEFT/COMMUNICATE) and stages.
+- `schedule`: per-stage ordered forward/backward steps with their dependencies.
+- `text`: the fixed-width tables every IR prints.
+
+Rule: this package imports nothing of muxc but `muxc.errors`; everything else imports it.
+"""
+
+from muxc.ir.graph import (
+    META_KEY,
+    AdapterKind,
+    AdapterRecord,
+    Aggregate,
+    Binding,
+    BindingKind,
+    Dispatch,
+    MuxGraph,
+    NodeInfo,
+    Position,
+    Role,
+    TaskGraph,
+    info,
+    set_info,
+)
+from muxc.ir.ops import (
+    IGNORE_INDEX,
+    SDPA,
+    ChunkAttention,
+    InputSite,
+    MuxBatch,
+    OutputSite,
+    TaskLoss,
+    bind_site_impl,
+    causal_lm_loss,
+)
+from muxc.ir.partition import Crossing, PartitionedGraph, ShapeHint, Stage, Subgraph, SubgraphKind
+from muxc.ir.schedule import Schedule, ScheduleError, Step, StepKind
+from muxc.ir.text import table
+
+__all__ = [
+    "META_KEY",
+    "AdapterKind",
+    "AdapterRecord",
+    "Aggregate",
+    "Binding",
+    "BindingKind",
+    "ChunkAttention",
+    "Crossing",
+    "Dispatch",
+    "IGNORE_INDEX",
+    "InputSite",
+    "MuxBatch",
+    "MuxGraph",
+    "NodeInfo",
+    "OutputSite",
+    "PartitionedGraph",
+    "Position",
+    "Role",
+    "SDPA",
+    "Schedule",
+    "ScheduleError",
+    "ShapeHint",
+    "Stage",
+    "Step",
+    "StepKind",
+    "Subgraph",
+    "SubgraphKind",
+    "TaskGraph",
+    "TaskLoss",
+    "bind_site_impl",
+    "causal_lm_loss",
+    "info",
+    "set_info",
+    "table",
+]

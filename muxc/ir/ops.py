@@ -1,0 +1,243 @@
+"""The operations a merged graph may contain besides aten ops, and the per-step batch they read.
+
+- `MuxBatch`: the layout contract of one step (which tasks, how many rows each, labels, the
+  chunk step being run and the K/V kept across chunks). The graph takes it as its ``mux`` input.
+- `OutputSite` / `InputSite`: one node per adapted base op serving every task's adapter there
+  (one multi-task kernel call per adapter kind). They are immutable records; HOW a site runs is
+  supplied by the runtime (`bind_site_impl`), so this module needs no kernels.
+- `TaskLoss`: one task's loss on its own rows of the shared logits.
+- `ChunkAttention`: the backbone's attention, able to attend to K/V kept by earlier chunks.
+
+>>> TaskLoss("sst2"), ChunkAttention(3)
+(TaskLoss(sst2), ChunkAttention(3))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx.operator_schemas import normalize_function
+
+from muxc.errors import MuxcInternalError, UnsupportedPeftError
+from muxc.ir.graph import AdapterRecord, Position
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SDPA",
+    "MuxBatch",
+    "OutputSite",
+    "InputSite",
+    "TaskLoss",
+    "ChunkAttention",
+    "bind_site_impl",
+    "causal_lm_loss",
+]
+
+IGNORE_INDEX = -100
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+@dataclass(frozen=True)
+class MuxBatch:
+    """The runtime context passed to the merged graph as its ``mux`` input.
+
+    Each active task's rows are stacked task after task at one sequence length, so every task's
+    tokens form one contiguous segment of the flattened ``(rows * seq, hidden)`` activations.
+    """
+
+    tasks: tuple[str, ...]  # active tasks, in layout order
+    rows: tuple[int, ...]  # batch rows per active task
+    seq_len: int
+    labels: tuple[torch.Tensor, ...]  # (rows_i, seq_len), padded with IGNORE_INDEX
+    impl: Any = None  # the kernel implementation requested (a `muxc.kernels.Impl`), None = registry
+    training: bool = True
+    shifted: bool = False  # labels already shifted within each sample (chunk alignment)
+    loss_scale: tuple[float, ...] | None = None  # per task: 1 / its label count this step
+    chunk: Any = None  # the ChunkStep being run (chunk alignment), else None
+    kv: dict | None = None  # K/V kept across an hTask's chunk steps: attention node -> (K, V)
+
+    @property
+    def seg_lens(self) -> tuple[int, ...]:
+        """Tokens per active task in the flattened layout."""
+        return tuple(r * self.seq_len for r in self.rows)
+
+    def row_range(self, task: str) -> tuple[int, int] | None:
+        """``(start, end)`` rows of ``task``, or None when it is not in this batch."""
+        if task not in self.tasks:
+            return None
+        i = self.tasks.index(task)
+        start = sum(self.rows[:i])
+        return start, start + self.rows[i]
+
+    def tokens(self) -> int:
+        return sum(self.rows) * self.seq_len
+
+
+# ---------------------------------------------------------------------------- adapter sites
+
+_SITE_IMPLS: dict[type, Callable[..., torch.Tensor]] = {}
+
+
+def bind_site_impl(site_type: type, fn: Callable[..., torch.Tensor]) -> None:
+    """Supply how ``site_type`` nodes run: ``fn(site, *node_args)`` (the runtime does this once,
+    when `muxc.runtime` is imported)."""
+    _SITE_IMPLS[site_type] = fn
+
+
+def common_dtype(records: tuple[AdapterRecord, ...], site: str) -> torch.dtype | None:
+    """The one dtype of ``records``' parameters (None without parameters)."""
+    dtypes = {p.dtype for r in records for p in r.params.values()}
+    if len(dtypes) > 1:
+        raise UnsupportedPeftError(
+            f"site {site!r}: tasks' adapters have different dtypes {sorted(map(str, dtypes))}; "
+            "cast every task's adapter to one dtype"
+        )
+    return dtypes.pop() if dtypes else None
+
+
+@dataclass(frozen=True, eq=False)
+class _Site:
+    site: str
+    records: tuple[AdapterRecord, ...]  # graph args after (x[, h], mux) are these records' params
+
+    def __post_init__(self) -> None:
+        common_dtype(self.records, self.site)
+        # fx code generation names a call_function target by __name__
+        object.__setattr__(self, "__name__", f"{type(self).__name__}_{self.site.replace('.', '_')}")
+
+    def params_by_task(self, flat_params) -> dict[str, dict[str, torch.Tensor]]:
+        """The flat parameter arguments of a call, as task -> name -> tensor."""
+        out, i = {}, 0
+        for r in self.records:
+            n = len(r.params)
+            out[r.task] = dict(zip(r.params, flat_params[i : i + n]))
+            i += n
+        if i != len(flat_params):
+            raise MuxcInternalError(f"site {self.site!r}: expected {i} params, got {len(flat_params)}")
+        return out
+
+    def __call__(self, *args) -> torch.Tensor:
+        impl = _SITE_IMPLS.get(type(self))
+        if impl is None:
+            raise MuxcInternalError(
+                f"no runtime implementation bound for {type(self).__name__}; import muxc.runtime"
+            )
+        return impl(self, *args)
+
+    def __repr__(self) -> str:
+        kinds = ",".join(f"{r.task}:{r.kind.value}" for r in self.records)
+        return f"{type(self).__name__}({self.site}; {kinds})"
+
+
+class OutputSite(_Site):
+    """After a base op, called as ``(x, h, mux, *params)``: each task's adapter on its segment
+    (LoRA ``h + s*B(A(x))``, IA3 ``h * v``)."""
+
+
+class InputSite(_Site):
+    """Before a base op, called as ``(x, mux, *params)``: ``x * v`` for IA3 feed-forward tasks
+    (the base op then reads it)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if any(r.position is not Position.IN for r in self.records):
+            raise MuxcInternalError(f"InputSite {self.site!r} given an output-side adapter")
+
+
+# ---------------------------------------------------------------------------- losses
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF's causal-LM loss: next-token cross-entropy in fp32, ignoring -100, mean over tokens."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        shifted.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="mean",
+    )
+
+
+@dataclass(frozen=True)
+class TaskLoss:
+    """One task's loss on its own rows of the shared logits (None when the task is inactive).
+
+    Without ``mux.loss_scale`` it is HF's mean loss of the rows; with it (chunk steps, pad
+    micro-batches) it is this part's share: the summed token losses times the task's scale.
+    """
+
+    task: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "__name__", f"loss_{self.task}")
+
+    def __call__(self, logits: torch.Tensor, mux: MuxBatch) -> torch.Tensor | None:
+        rng = mux.row_range(self.task)
+        if rng is None:
+            return None
+        start, end = rng
+        i = mux.tasks.index(self.task)
+        labels = mux.labels[i]
+        if mux.loss_scale is None:
+            return causal_lm_loss(logits[start:end], labels)
+        if not mux.shifted:
+            labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        part = logits[start:end]
+        total = F.cross_entropy(
+            part.float().reshape(-1, part.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return total * mux.loss_scale[i]
+
+    def __repr__(self) -> str:
+        return f"TaskLoss({self.task})"
+
+
+# ---------------------------------------------------------------------------- attention
+
+@dataclass(frozen=True)
+class ChunkAttention:
+    """Attention node ``index`` of the backbone (one per layer), called as
+    ``(mux, *sdpa_args, **sdpa_kwargs)``.
+
+    Without a chunk step in ``mux`` it is exactly the original SDPA call. In a chunk step it
+    prepends the K/V its stream's earlier chunks left in ``mux.kv`` (gathered to this step's
+    rows), stores the result for the next chunk, and attends under the step's document mask
+    (each token sees only earlier tokens of its own sample). ``mux.kv[index]`` holds
+    ``(K, V)``; how gradients cross chunks is the runtime's business (it may replace the stored
+    tensors by detached leaves between steps).
+    """
+
+    index: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "__name__", f"chunk_attention_{self.index}")
+
+    def __call__(self, mux: MuxBatch, *args, **kwargs) -> torch.Tensor:
+        step = mux.chunk
+        if step is None:
+            return SDPA(*args, **kwargs)
+        norm = normalize_function(SDPA, args, kwargs, normalize_to_only_use_kwargs=True)
+        if norm is None:
+            raise MuxcInternalError(f"cannot normalise attention arguments of node {self.index}")
+        kw = dict(norm.kwargs)
+        q, k, v = kw.pop("query"), kw.pop("key"), kw.pop("value")
+        kw.pop("attn_mask", None)
+        kw["is_causal"] = False
+        if step.index > 0:
+            past = mux.kv.get(self.index)
+            if past is None:
+                raise MuxcInternalError(f"attention {self.index}: no kept K/V for chunk {step.index}")
+            pk, pv = past
+            k = torch.cat([pk.index_select(0, step.gather), k], dim=-2)
+            v = torch.cat([pv.index_select(0, step.gather), v], dim=-2)
+        mux.kv[self.index] = (k, v)
+        return SDPA(q, k, v, attn_mask=step.mask, **kw)
+
+    def __repr__(self) -> str:
+        return f"ChunkAttention({self.index})"
