@@ -13,6 +13,9 @@ from muxc.explain import Explanation, explain_program
 from muxc.ir import MuxGraph
 from muxc.options import Options
 from muxc.pipeline import CompileContext, PassRecord, run_pipeline
+from muxc.ir import StepPlan
+from muxc.plan import Planner
+from muxc.runtime.batch import check_batches
 from muxc.runtime.local import LocalExecutor
 from muxc.runtime.training import TaskState, build_states
 from muxc.save import save_task_adapter
@@ -43,10 +46,12 @@ class Program:
         self.adapters = records
         self.states: dict[str, TaskState] = build_states(tasks, records)
         self.partitioned = partitioned
-        self.executor = LocalExecutor(mux, ctx.options, partitioned)
+        self.planner = Planner(mux, ctx.options)
+        self.executor = LocalExecutor(mux, partitioned, ctx.options.kernel_impl)
+        self.last_plan: StepPlan | None = None  # the plan the last step ran
 
     def __repr__(self) -> str:
-        return f"Program(tasks={list(self.tasks)}, fusion={self.executor.fusion.value}, {self.mux!r})"
+        return f"Program(tasks={list(self.tasks)}, fusion={self.options.fusion.value}, {self.mux!r})"
 
     def forward_backward(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """Each task's loss on its batch; adds each task's gradients to its adapter ``.grad``.
@@ -55,7 +60,9 @@ class Program:
         ``attention_mask``); tasks may be left out of a step. Losses equal
         ``model(**batch).loss`` of each task alone.
         """
-        return self.executor.forward_backward(batches)
+        plan = self.plan(batches)
+        self.last_plan = plan
+        return self.executor.run(plan, batches, training=True)
 
     def step(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """`forward_backward`, then each stepped task's own optimizer/scheduler step and zero_grad."""
@@ -67,7 +74,14 @@ class Program:
     @torch.no_grad()
     def evaluate(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """Losses without gradients (dropout off)."""
-        return self.executor.losses(batches, training=False)
+        plan = self.plan(batches)
+        return self.executor.run(plan, batches, training=False, backward=False)
+
+    def plan(self, batches: Mapping[str, Mapping]) -> StepPlan:
+        """The `StepPlan` for ``batches``: hTasks, micro-batches and the per-stage ordered actions
+        that `forward_backward` runs (and `explain(batches)` prints)."""
+        check_batches(batches, self.mux.tasks)
+        return self.planner.plan(batches)
 
     def explain(self, batches: Mapping[str, Mapping] | None = None) -> Explanation:
         """What is shared, what is per task, which kernels run and why (``str()`` is a table)."""

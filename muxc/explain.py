@@ -9,7 +9,8 @@ import torch
 
 from muxc.ir import table
 from muxc.ir import Role
-from muxc.plan.step import StepPlan, plan_step
+from muxc.ir import StepPlan
+from muxc.options import Fusion
 
 __all__ = ["Explanation", "TaskRow", "explain_program"]
 
@@ -152,12 +153,17 @@ def explain_program(program, batches: Mapping[str, Mapping] | None = None) -> Ex
     frozen = [mux.tensors[n.name] for n in mux.nodes_with(Role.FROZEN)]
     frozen_bytes = _bytes(frozen)
     n = len(mux.tasks)
-    fusion = program.executor.fusion.value
-    plan = plan_step(program.executor, batches) if batches else None
-    htasks = plan.htasks if plan else [list(g) for g in program.executor.groups(None)]
+    opts = program.options
+    plan = program.plan(batches) if batches else None
+    if plan:
+        htasks = plan.htasks
+    elif opts.fusion is Fusion.SPATIAL:
+        htasks = [list(mux.tasks)]
+    else:  # temporal, or auto before it has seen batches
+        htasks = [[t] for t in mux.tasks]
     return Explanation(
-        fusion=fusion,
-        alignment=program.executor.alignment.value,
+        fusion=opts.fusion.value,
+        alignment=opts.alignment.value,
         model_type=mux.model_type,
         tasks=rows,
         shared_ops=len(mux.nodes_with(Role.BACKBONE)),
@@ -170,7 +176,7 @@ def explain_program(program, batches: Mapping[str, Mapping] | None = None) -> Ex
         muxc_bytes=frozen_bytes + adapter_bytes,
         kernels=dict(program.kernel_plan.choices),
         htasks=htasks,
-        stages=program.executor.stages,
+        stages=opts.stages,
         chunk_size=plan.chunk_size if plan else program.options.chunk_size,
         padding=_padding(plan) if plan else {},
         plan=plan,

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from muxc.errors import OptionsError
-from muxc.plan.fusion_dp import GroupCost, brute_force, objective, plan_fusion
+from muxc.ir import GroupCost
+from muxc.plan.fusion_dp import brute_force, objective, plan_fusion
 
 
 def _cost_model(loads, sat=256, per_token=1e-6, floor=2e-4, act_per_token=1000.0, mb_tokens=128):

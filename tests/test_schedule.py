@@ -9,10 +9,9 @@ import pytest
 
 from muxc.errors import MuxcError
 from muxc.dump.gantt import GanttUnavailableError, gantt_png, gantt_text
-from muxc.ir import Schedule, ScheduleError, Step, StepKind
+from muxc.ir import Schedule, ScheduleError, SimResult, Step, StepKind
 from muxc.plan import (
     SchedulePolicy,
-    SimResult,
     best_schedule,
     build_schedule,
     pipeline_dependencies,

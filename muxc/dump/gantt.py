@@ -21,7 +21,7 @@ from pathlib import Path
 
 from muxc.errors import MuxcError
 from muxc.ir.schedule import Schedule, Step
-from muxc.plan.simulate import SimResult
+from muxc.ir.schedule import SimResult
 
 __all__ = ["GanttUnavailableError", "gantt_text", "gantt_png"]
 

@@ -5,7 +5,9 @@
 - `ops`: what a merged graph may contain besides aten ops (`OutputSite`, `InputSite`,
   `TaskLoss`, `ChunkAttention`) and the per-step layout contract they read (`MuxBatch`).
 - `partition`: the merged graph cut into subgraphs (COMPUTE/PEFT/COMMUNICATE) and stages.
-- `schedule`: per-stage ordered forward/backward steps with their dependencies.
+- `schedule`: per-stage ordered forward/backward steps with their dependencies; `SimResult`.
+- `chunks`: the chunk layout of a step (streams cut into equal chunks, masks, kept-K/V gathers).
+- `step`: `StepPlan`, one step's plan (hTasks, micro-batches, schedule) that the runtime runs.
 - `text`: the fixed-width tables every IR prints.
 
 Rule: this package imports nothing of muxc but `muxc.errors`; everything else imports it.
@@ -39,7 +41,8 @@ from muxc.ir.ops import (
     causal_lm_loss,
 )
 from muxc.ir.partition import Crossing, PartitionedGraph, ShapeHint, Stage, Subgraph, SubgraphKind
-from muxc.ir.schedule import Schedule, ScheduleError, Step, StepKind
+from muxc.ir.schedule import Schedule, ScheduleError, SimResult, Step, StepKind
+from muxc.ir.step import FusionPlan, GroupCost, HTask, HTaskCost, StepPlan
 from muxc.ir.text import table
 
 __all__ = [
@@ -52,6 +55,10 @@ __all__ = [
     "ChunkAttention",
     "Crossing",
     "Dispatch",
+    "FusionPlan",
+    "GroupCost",
+    "HTask",
+    "HTaskCost",
     "IGNORE_INDEX",
     "InputSite",
     "MuxBatch",
@@ -67,6 +74,8 @@ __all__ = [
     "ShapeHint",
     "Stage",
     "Step",
+    "StepPlan",
+    "SimResult",
     "StepKind",
     "Subgraph",
     "SubgraphKind",

@@ -26,7 +26,7 @@ from types import MappingProxyType
 
 from muxc.errors import MuxcError
 
-__all__ = ["ScheduleError", "StepKind", "Step", "Schedule"]
+__all__ = ["ScheduleError", "StepKind", "Step", "Schedule", "SimResult"]
 
 
 class ScheduleError(MuxcError):
@@ -283,3 +283,59 @@ def _as_counts(micro_batches: Sequence[int]) -> tuple[int, ...]:
                 f"(counts given: {list(counts)})"
             )
     return counts
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What `simulate` predicts for one iteration of a schedule (time in the cost model's unit).
+
+    makespan: end of the last step. busy: per stage, summed step time. peak_memory: per stage,
+    the most activation bytes held at once (micro-batches in flight when no sizes were given).
+    start, end: per step.
+    """
+
+    stages: int
+    makespan: float
+    busy: tuple[float, ...]
+    peak_memory: tuple[float, ...]
+    start: Mapping[Step, float] = field(hash=False, repr=False)
+    end: Mapping[Step, float] = field(hash=False, repr=False)
+
+    @property
+    def utilisation(self) -> tuple[float, ...]:
+        """Per stage, busy time / makespan (1.0 for an empty zero-length run)."""
+        if self.makespan <= 0:
+            return tuple(1.0 for _ in self.busy)
+        return tuple(b / self.makespan for b in self.busy)
+
+    @property
+    def bubble_fraction(self) -> float:
+        """``1 − Σ busy / (stages · makespan)``: the idle share of the stages' time."""
+        if self.makespan <= 0:
+            return 0.0
+        return 1.0 - sum(self.busy) / (self.stages * self.makespan)
+
+    def table(self) -> str:
+        """Fixed-width per-stage table plus a summary line."""
+        lines = [
+            f"makespan {_fmt(self.makespan)}, bubble fraction {self.bubble_fraction:.3f}",
+            "stage | busy       | utilisation | idle       | peak memory",
+        ]
+        for s in range(self.stages):
+            lines.append(
+                f"{s:>5} | {_fmt(self.busy[s]):<10} | {self.utilisation[s]:<11.3f} | "
+                f"{_fmt(self.makespan - self.busy[s]):<10} | {_fmt(self.peak_memory[s])}"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        util = ", ".join(f"{u:.3g}" for u in self.utilisation)
+        mem = ", ".join(_fmt(m) for m in self.peak_memory)
+        return (
+            f"SimResult(makespan {_fmt(self.makespan)}, bubble {self.bubble_fraction:.3g}, "
+            f"utilisation [{util}], peak memory [{mem}])"
+        )

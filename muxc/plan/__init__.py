@@ -30,27 +30,23 @@ from muxc.plan.memory import MemoryEstimate, activation_bytes_per_token_per_laye
 from muxc.plan.ops import CostModelError, OpKey, OpKind, Poly, Roofline, roofline_latency
 from muxc.plan.profile import Clock, DeviceProfile, Sample, load_or_profile, profile_device
 from muxc.plan.summary import ModelSummary, OpCost, Work, as_summary, summarize_graph
-from muxc.plan.fusion_dp import FusionPlan, GroupCost, plan_fusion
-from muxc.plan.fusion import AutoFusion, HTaskCost, loads_of
+from muxc.plan.fusion_dp import plan_fusion
+from muxc.plan.fusion import AutoFusion, loads_of
 from muxc.plan.schedule import SchedulePolicy, build_schedule, pipeline_dependencies
-from muxc.plan.simulate import SimResult, best_schedule, simulate, time_table
-from muxc.plan.step import StepPlan, plan_step
+from muxc.plan.simulate import best_schedule, simulate, time_table
+from muxc.plan.step import Planner, plan_step
 
 __all__ = [
     "AdapterSpec",
     "AutoFusion",
-    "FusionPlan",
-    "GroupCost",
-    "HTaskCost",
     "SchedulePolicy",
-    "SimResult",
-    "StepPlan",
     "best_schedule",
     "build_schedule",
     "loads_of",
     "pipeline_dependencies",
     "plan_fusion",
     "plan_step",
+    "Planner",
     "simulate",
     "time_table",
     "Clock",

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 
 from muxc.ir import MuxGraph
 from muxc.options import Alignment, Options
-from muxc.plan.fusion_dp import FusionPlan, GroupCost, plan_fusion
+from muxc.ir.step import FusionPlan, GroupCost, HTaskCost
+from muxc.plan.fusion_dp import plan_fusion
 from muxc.plan.cost import CostModel, StepShape, estimate_step, saturation_tokens
 from muxc.plan.memory import estimate_memory
 from muxc.plan.profile import load_or_profile
@@ -36,17 +36,6 @@ def loads_of(batches: Mapping[str, Mapping]) -> dict[str, tuple[int, int, int]]:
 
 
 TaskLoad = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class HTaskCost:
-    """One hTask on one pipeline stage: per micro-batch seconds and activation bytes."""
-
-    micro_batches: int
-    forward: float
-    backward: float
-    activation_bytes: float
-    tokens: int  # tokens of one micro-batch
 
 
 class AutoFusion:

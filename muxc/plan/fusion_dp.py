@@ -22,35 +22,12 @@ minimises ``sum work`` with every slot <= M; the best ``sum + (stages-1)*M`` is 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from itertools import combinations
 
 from muxc.errors import OptionsError
+from muxc.ir.step import FusionPlan, GroupCost
 
 __all__ = ["GroupCost", "FusionPlan", "plan_fusion", "objective", "brute_force"]
-
-
-@dataclass(frozen=True)
-class GroupCost:
-    """Predicted cost of running one candidate hTask."""
-
-    work: float  # busy time on one stage over all its micro-batches
-    slot: float  # time of one micro-batch on one stage
-    activation_bytes: float  # activations one in-flight micro-batch holds
-    tokens: int  # tokens of one micro-batch
-
-
-@dataclass(frozen=True)
-class FusionPlan:
-    htasks: tuple[tuple[str, ...], ...]
-    predicted: float
-    alternatives: dict[str, float] = field(default_factory=dict)  # name -> predicted objective
-    infeasible: tuple[str, ...] = ()  # alternatives the DP may not pick (past saturation / budget)
-
-    def __str__(self) -> str:
-        alts = ", ".join(f"{k}={v * 1e3:.2f}ms{' (not allowed)' if k in self.infeasible else ''}"
-                         for k, v in self.alternatives.items())
-        return f"hTasks {[list(h) for h in self.htasks]} predicted {self.predicted * 1e3:.2f}ms ({alts})"
 
 
 def objective(groups, cost: Callable[[tuple[str, ...]], GroupCost], stages: int) -> float:

@@ -1,75 +1,112 @@
-"""`plan_step`: the full plan of one step for given batches, for `explain()` and dumps.
+"""`plan_step`: the plan of one step for given batches — the object `explain()` prints and the
+runtime executes.
 
-hTasks (from the executor), each hTask's micro-batches (its chunk steps with
-``alignment="chunk"``, else ``micro_batches``), per-stage times from the cost model, and the
-pipeline schedule that interleaves hTasks (`muxc.plan.simulate.best_schedule`), simulated for
-makespan, bubble fraction and peak activations.
+hTasks (spatial: all tasks; temporal: one per task; auto: the fusion DP's choice), each
+hTask's micro-batches (its chunk steps with ``alignment="chunk"``, laid out here once; else
+``micro_batches`` row splits), per-stage times from the cost model, and the pipeline schedule
+that interleaves hTasks (`muxc.plan.simulate.best_schedule`), simulated for makespan, bubble
+fraction and peak activations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-from muxc.options import Alignment, Fusion
-from muxc.plan.fusion_dp import FusionPlan
-from muxc.plan.fusion import HTaskCost, loads_of
-from muxc.ir.schedule import Schedule
-from muxc.plan.simulate import SimResult, best_schedule, time_table
+from muxc.ir import MuxGraph
+from muxc.ir.chunks import build_layout
+from muxc.ir.step import HTask, StepPlan
+from muxc.options import Alignment, Fusion, Options
+from muxc.plan.fusion import AutoFusion, loads_of
+from muxc.plan.simulate import best_schedule, time_table
 
-__all__ = ["StepPlan", "plan_step"]
+__all__ = ["Planner", "plan_step"]
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    htasks: list[list[str]]
-    costs: list[HTaskCost]
-    chunk_size: int | None
-    stages: int
-    schedule: Schedule
-    sim: SimResult
-    fusion: FusionPlan | None  # the DP's choice and alternatives (fusion="auto")
-    tokens_computed: int
-    real_tokens: int
+class Planner:
+    """Plans steps of one compiled graph under fixed options (the cost model is built lazily)."""
+
+    def __init__(self, mux: MuxGraph, options: Options):
+        self.mux = mux
+        self.options = options
+        self.device = next(iter(mux.tensors.values())).device
+        self._fusion: AutoFusion | None = None
 
     @property
-    def ineffective_token_fraction(self) -> float:
-        return 1 - self.real_tokens / max(self.tokens_computed, 1)
+    def fusion(self) -> AutoFusion:
+        """Cost-model pricing of hTasks and the fusion DP (built on first use)."""
+        if self._fusion is None:
+            self._fusion = AutoFusion(self.mux, self.options)
+        return self._fusion
 
-    @property
-    def predicted_step_ms(self) -> float:
-        return self.sim.makespan * 1e3
+    def chunk_size(self, present: Mapping[str, Mapping]) -> int | None:
+        """``chunk_size`` if set, else the cost model's best for these batches (None: pad)."""
+        if self.options.alignment is not Alignment.CHUNK:
+            return None
+        return self.options.chunk_size or self.fusion.best_chunk(present)
 
-    @property
-    def bubble_fraction(self) -> float:
-        return self.sim.bubble_fraction
+    def plan(self, batches: Mapping[str, Mapping]) -> StepPlan:
+        return plan_step(self, batches)
 
 
-def plan_step(executor, batches: Mapping[str, Mapping]) -> StepPlan:
-    """Plan one step of ``batches`` as ``executor`` would run it (does not run it)."""
-    groups = [g for g in executor.groups(batches) if any(t in batches for t in g)]
-    chunk = executor.chunk_size_for(batches) if executor.alignment is Alignment.CHUNK else None
-    loads = loads_of({t: b for t, b in batches.items() if t in executor.mux.tasks})
-    planner = executor.planner
-    costs = []
+def _groups(planner: Planner, present: Mapping[str, Mapping], chunk: int | None):
+    tasks = [t for t in planner.mux.tasks if t in present]
+    fusion = planner.options.fusion
+    if fusion is Fusion.SPATIAL:
+        return [tuple(tasks)], None
+    if fusion is Fusion.TEMPORAL:
+        return [(t,) for t in tasks], None
+    chosen = planner.fusion.plan(present, chunk)
+    order = {t: i for i, t in enumerate(planner.mux.tasks)}
+    return [tuple(sorted(h, key=order.get)) for h in chosen.htasks], chosen
+
+
+def _pad_tokens(present: Mapping[str, Mapping], group: tuple[str, ...]) -> tuple[int, int]:
+    seq = max(present[t]["input_ids"].shape[1] for t in group)
+    computed = sum(present[t]["input_ids"].shape[0] for t in group) * seq
+    real = 0
+    for t in group:
+        m = present[t].get("attention_mask")
+        real += int(m.sum()) if m is not None else present[t]["input_ids"].numel()
+    return computed, real
+
+
+def plan_step(planner: Planner, batches: Mapping[str, Mapping]) -> StepPlan:
+    """Plan one step of ``batches`` (tasks absent from ``batches`` are not run)."""
+    present = {t: b for t, b in batches.items() if t in planner.mux.tasks}
+    chunk = planner.chunk_size(present)
+    groups, chosen = _groups(planner, present, chunk)
+    loads = loads_of(present)
+    htasks, costs = [], []
+    computed = real = 0
     for g in groups:
-        present = tuple(t for t in g if t in batches)
-        steps = len(executor.layout(batches, present).steps) if chunk is not None else None
-        costs.append(planner.price(loads, present, chunk, micro_batches=steps))
-    stages = executor.stages
+        if chunk is not None:
+            layout = build_layout(present, g, chunk, planner.device)
+            m = len(layout.steps)
+            computed += layout.tokens_computed
+            real += layout.real_tokens
+        else:
+            layout = None
+            m = min(planner.options.micro_batches or 1, max(loads[t][2] for t in g))
+            c, r = _pad_tokens(present, g)
+            computed += c
+            real += r
+        htasks.append(HTask(tasks=g, micro_batches=m, layout=layout))
+        costs.append(planner.fusion.price(loads, g, chunk, micro_batches=m))
+    stages = planner.options.stages
     fwd = time_table([[c.forward for c in costs]] * stages)
     bwd = time_table([[c.backward for c in costs]] * stages)
     act = time_table([[c.activation_bytes for c in costs]] * stages)
-    schedule, sim = best_schedule([c.micro_batches for c in costs], stages, chunk is not None, fwd, bwd, act_bytes=act)
-    computed, real = executor.token_stats(batches)
+    schedule, sim = best_schedule(
+        [h.micro_batches for h in htasks], stages, chunk is not None, fwd, bwd, act_bytes=act
+    )
     return StepPlan(
-        htasks=[[t for t in g if t in batches] for g in groups],
-        costs=costs,
+        htask_plans=tuple(htasks),
+        costs=tuple(costs),
         chunk_size=chunk,
         stages=stages,
         schedule=schedule,
         sim=sim,
-        fusion=executor.last_plan if executor.fusion is Fusion.AUTO else None,
+        fusion=chosen,
         tokens_computed=computed,
         real_tokens=real,
     )

@@ -1,155 +1,196 @@
-"""Local executor: runs a `MuxGraph` in this process.
+"""Local executor: runs a `StepPlan` in this process, action by action in its schedule's order.
 
-Fusion decides which tasks run together (one group of all tasks for spatial, one group per
-task for temporal); alignment decides how a group's samples form the batch:
+A `StepPlan` names hTasks (tasks fused spatially), each hTask's micro-batches and, per pipeline
+stage, the ordered forward/backward actions. The executor decides nothing: it walks
+``plan.schedule.execution_order()`` (every stage's own order, dependencies respected) and runs
 
-- pad: each sample is a row, right-padded to the group's longest sample; one forward.
-- chunk: each task's samples packed into streams cut into equal chunks; one forward per chunk
-  step, with attention K/V kept across a stream's chunks (see `muxc.runtime.chunks`).
+- forward of micro-batch ``m`` of hTask ``h`` on stage ``s``: the stage's module (the whole
+  merged graph at ``stages=1``) over the micro-batch's inputs and what earlier stages sent;
+- backward of it: autograd from what that forward produced — the task losses (last stage),
+  the activations later stages received (with the gradients they sent back), and the K/V kept
+  for later chunks (with the gradients those chunks' backwards left on them).
 
-Within a group every frozen op runs ONCE over all its tasks' tokens and each adapter site makes
-one multi-task kernel call; one backward per group over the sum of its task losses (each
-adapter only sees its own task's tokens, so each task's gradient is its own).
+Between stages and between chunk steps values cross as detached leaves (`Boundary`), so each
+action's backward covers exactly its own forward, in the order the plan gives, and the
+gradients of everything crossing come back explicitly. A multi-process runtime replaces only
+the transport. Within a micro-batch every frozen op runs ONCE over all its tasks' tokens and
+each adapter site makes one multi-task kernel call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
-from muxc.ir import MuxGraph
-from muxc.options import Alignment, Fusion, Options
-from muxc.ir import MuxBatch
-from muxc.runtime.batch import build_batch, check_batches
-from muxc.runtime.chunks import ChunkLayout, build_layout
-from muxc.runtime.stages import run_stages
-from muxc.plan.fusion import AutoFusion
+from muxc.ir import IGNORE_INDEX, MuxBatch, MuxGraph, PartitionedGraph, Step, StepPlan
+from muxc.runtime.batch import build_batch
 
-__all__ = ["LocalExecutor"]
+__all__ = ["LocalExecutor", "Boundary"]
+
+
+@dataclass
+class Boundary:
+    """Values one action hands to later ones: ``(original, leaf)`` pairs. Later actions compute
+    with ``leaf`` (detached, requires grad); the producer's backward sends ``leaf.grad`` into
+    ``original``."""
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def cut(self, value):
+        """A detached stand-in for ``value`` (the value itself when no gradient flows)."""
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            return value
+        leaf = value.detach().requires_grad_(True)
+        self.pairs.append((value, leaf))
+        return leaf
+
+    def grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The originals whose stand-ins received gradients, and those gradients."""
+        outs, grads = [], []
+        for orig, leaf in self.pairs:
+            if leaf.grad is not None:
+                outs.append(orig)
+                grads.append(leaf.grad)
+        return outs, grads
+
+
+@dataclass
+class _MicroBatch:
+    """Per (hTask, micro-batch): the graph arguments and what each stage produced."""
+
+    inputs: dict[str, torch.Tensor]
+    mux: MuxBatch
+    env: dict = field(default_factory=dict)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    sent: dict[int, Boundary] = field(default_factory=dict)  # stage -> what it handed on
 
 
 class LocalExecutor:
-    """Executes one MuxGraph; holds no tensors beyond the graph's bindings."""
+    """Executes `StepPlan`s of one MuxGraph (optionally cut into stages); holds no tensors
+    beyond the graph's bindings between steps. ``executed`` lists the actions of the last run,
+    in the order they ran."""
 
-    def __init__(self, mux: MuxGraph, options: Options, partitioned=None):
+    def __init__(self, mux: MuxGraph, partitioned: PartitionedGraph | None, impl=None):
         self.mux = mux
-        self.partitioned = partitioned if options.stages > 1 else None
-        self.alignment = options.alignment
-        self.chunk_size = options.chunk_size
-        self.impl = options.kernel_impl
+        self.partitioned = partitioned if partitioned is not None and len(partitioned.stages) > 1 else None
+        self.impl = impl
         names = mux.input_names()
-        self._bound = [mux.tensors[n] for n in names if n in mux.tensors]
+        self._bound_names = [n for n in names if n in mux.tensors]
         self._inputs = [n for n in names if n not in mux.tensors and n != "mux"]
-        self.device = self._bound[0].device
-        self.options = options
-        self.stages = options.stages
-        self.fusion = options.fusion
-        self._planner = None
-        self.last_plan = None  # the fusion DP's latest plan (fusion="auto")
+        self.device = mux.tensors[self._bound_names[0]].device
+        self.executed: list[Step] = []
 
-    @property
-    def planner(self) -> AutoFusion:
-        """Cost-model pricing of hTasks (built on first use)."""
-        if self._planner is None:
-            self._planner = AutoFusion(self.mux, self.options)
-        return self._planner
+    # ------------------------------------------------------------------ inputs
 
-    def groups(self, batches: Mapping[str, Mapping] | None = None) -> list[tuple[str, ...]]:
-        """Task groups run together (hTasks), in execution order.
+    def _pad_micro_batches(self, batches, tasks, m: int, training: bool) -> list[_MicroBatch]:
+        ids, mask, full = build_batch(batches, tasks, self.device, self.impl, training)
+        if m == 1:
+            return [_MicroBatch({"input_ids": ids, "attention_mask": mask}, full)]
+        counts = [int((torch.nn.functional.pad(lab, (0, 1), value=IGNORE_INDEX)[:, 1:] != IGNORE_INDEX).sum())
+                  for lab in full.labels]
+        starts = [sum(full.rows[:i]) for i in range(len(full.rows))]
+        out = []
+        for k in range(m):
+            names, rows, labels, scale, sel = [], [], [], [], []
+            for i, t in enumerate(full.tasks):
+                lo, hi = full.rows[i] * k // m, full.rows[i] * (k + 1) // m
+                if hi > lo:
+                    names.append(t)
+                    rows.append(hi - lo)
+                    labels.append(full.labels[i][lo:hi])
+                    scale.append(1.0 / counts[i] if counts[i] else float("nan"))
+                    sel.append(torch.arange(starts[i] + lo, starts[i] + hi))
+            idx = torch.cat(sel).to(self.device)
+            mux = MuxBatch(tasks=tuple(names), rows=tuple(rows), seq_len=full.seq_len,
+                           labels=tuple(labels), impl=self.impl, training=training,
+                           loss_scale=tuple(scale))
+            out.append(_MicroBatch({"input_ids": ids[idx], "attention_mask": mask[idx]}, mux))
+        return out
 
-        ``fusion="auto"`` asks the fusion DP for the tasks present in ``batches``; absent tasks
-        (or no batches) each form their own group, after the planned ones.
-        """
-        if self.fusion is Fusion.SPATIAL:
-            return [self.mux.tasks]
-        if self.fusion is Fusion.TEMPORAL or batches is None:
-            return [(t,) for t in self.mux.tasks]
-        present = {t: b for t, b in batches.items() if t in self.mux.tasks}
-        chunk = self.chunk_size_for(batches) if self.alignment is Alignment.CHUNK else None
-        self.last_plan = self.planner.plan(present, chunk)
-        order = {t: i for i, t in enumerate(self.mux.tasks)}
-        planned = [tuple(sorted(h, key=order.get)) for h in self.last_plan.htasks]
-        rest = [(t,) for t in self.mux.tasks if t not in present]
-        return planned + rest
-
-    def _call(self, inputs: dict[str, torch.Tensor], batch: MuxBatch) -> dict[str, torch.Tensor]:
-        args = (*self._bound, *(inputs[n] for n in self._inputs), batch)
-        if self.partitioned is not None:  # stage modules in sequence (all in this process)
-            losses = run_stages(self.partitioned, *args)
-        else:
-            losses = self.mux.gm(*args)
-        return {t: loss for t, loss in zip(self.mux.tasks, losses) if loss is not None}
-
-    def chunk_size_for(self, batches: Mapping[str, Mapping]) -> int:
-        """``chunk_size`` if set, else the cost model's best for these batches."""
-        present = {t: b for t, b in batches.items() if t in self.mux.tasks}
-        return self.chunk_size or self.planner.best_chunk(present)
-
-    def layout(self, batches: Mapping[str, Mapping], group: tuple[str, ...]) -> ChunkLayout:
-        return build_layout(batches, group, self.chunk_size_for(batches), self.device)
-
-    def run_group(self, batches: Mapping[str, Mapping], group: tuple[str, ...], training: bool):
-        """Forward the tasks of ``group`` present in ``batches``: ``{task: loss}``."""
-        if self.alignment is Alignment.PAD:
-            ids, mask, batch = build_batch(batches, group, self.device, self.impl, training)
-            return self._call({"input_ids": ids, "attention_mask": mask}, batch)
-        layout = self.layout(batches, group)
+    def _chunk_micro_batches(self, layout, training: bool) -> list[_MicroBatch]:
         kv: dict = {}
-        totals: dict[str, torch.Tensor] = {}
+        out = []
         for step in layout.steps:
             labels = torch.split(step.labels, list(step.rows))
-            scale = tuple(1.0 / layout.label_counts[t] if layout.label_counts[t] else float("nan") for t in step.tasks)
-            batch = MuxBatch(
-                tasks=step.tasks, rows=step.rows, seq_len=layout.chunk_size, labels=tuple(labels),
-                impl=self.impl, training=training, shifted=True, loss_scale=scale, chunk=step, kv=kv,
-            )
-            inputs = {"input_ids": step.ids, "attention_mask": torch.ones_like(step.ids), "position_ids": step.positions}
-            for t, part in self._call(inputs, batch).items():
-                totals[t] = part if t not in totals else totals[t] + part
-        return totals
+            scale = tuple(1.0 / layout.label_counts[t] if layout.label_counts[t] else float("nan")
+                          for t in step.tasks)
+            mux = MuxBatch(tasks=step.tasks, rows=step.rows, seq_len=layout.chunk_size,
+                           labels=tuple(labels), impl=self.impl, training=training, shifted=True,
+                           loss_scale=scale, chunk=step, kv=kv)
+            inputs = {"input_ids": step.ids, "attention_mask": torch.ones_like(step.ids),
+                      "position_ids": step.positions}
+            out.append(_MicroBatch(inputs, mux))
+        return out
 
-    def losses(self, batches: Mapping[str, Mapping], training: bool = False) -> dict[str, torch.Tensor]:
-        """Forward only, every group: ``{task: loss}``."""
-        check_batches(batches, self.mux.tasks)
-        out = {}
-        for group in self.groups(batches):
-            if any(t in batches for t in group):
-                out.update(self.run_group(batches, group, training))
-        return {t: out[t] for t in self.mux.tasks if t in out}
+    # ------------------------------------------------------------------ actions
 
-    def forward_backward(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
-        """Losses of every task in ``batches``; adapter ``.grad`` accumulate like PyTorch."""
-        check_batches(batches, self.mux.tasks)
-        out = {}
-        for group in self.groups(batches):
-            if not any(t in batches for t in group):
-                continue
-            losses = self.run_group(batches, group, training=True)
-            total = sum(losses.values())
-            if isinstance(total, torch.Tensor) and total.requires_grad:
-                total.backward()
-            out.update({t: loss.detach() for t, loss in losses.items()})
-        return {t: out[t] for t in self.mux.tasks if t in out}
+    def _args(self, mb: _MicroBatch) -> list:
+        bound = [self.mux.tensors[n] for n in self._bound_names]
+        return [*bound, *(mb.inputs[n] for n in self._inputs), mb.mux]
 
-    def token_stats(self, batches: Mapping[str, Mapping]) -> tuple[int, int]:
-        """(tokens computed, real tokens) for ``batches`` under this layout."""
-        computed = real = 0
-        for group in self.groups(batches):
-            present = [t for t in group if t in batches]
-            if not present:
-                continue
-            if self.alignment is Alignment.CHUNK:
-                lay = self.layout(batches, group)
-                computed += lay.tokens_computed
-                real += lay.real_tokens
+    def _forward(self, mb: _MicroBatch, stage: int, grad: bool) -> None:
+        cut = Boundary()
+        before = dict(mb.mux.kv) if mb.mux.kv is not None else None
+        if self.partitioned is None:
+            losses = self.mux.gm(*self._args(mb))
+            mb.losses = {t: l for t, l in zip(self.mux.tasks, losses) if l is not None}
+        else:
+            pg = self.partitioned
+            if stage == 0:
+                mb.env = pg.bind(*self._args(mb))
+            pg.stages[stage].run(mb.env)
+            if stage == len(pg.stages) - 1:
+                losses = pg.result(mb.env)
+                mb.losses = {t: l for t, l in zip(self.mux.tasks, losses) if l is not None}
+            elif grad:
+                for name in pg.stages[stage].outputs:
+                    mb.env[name] = cut.cut(mb.env[name])
+        if grad and before is not None:  # K/V this action kept for later chunks
+            for key, kv in mb.mux.kv.items():
+                if before.get(key) is not kv:
+                    mb.mux.kv[key] = tuple(cut.cut(x) for x in kv)
+        mb.sent[stage] = cut
+
+    def _backward(self, mb: _MicroBatch, stage: int) -> None:
+        outs, grads = mb.sent.pop(stage).grads()
+        last = self.partitioned is None or stage == len(self.partitioned.stages) - 1
+        if last:
+            total = [l for l in mb.losses.values() if l.requires_grad]
+            if total:
+                outs.append(torch.stack(total).sum() if len(total) > 1 else total[0])
+                grads.append(torch.ones_like(outs[-1]))
+        if outs:
+            torch.autograd.backward(outs, grads)
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, plan: StepPlan, batches: Mapping[str, Mapping], training: bool = True,
+            backward: bool = True) -> dict[str, torch.Tensor]:
+        """Run ``plan`` on ``batches``: ``{task: loss}`` (detached when ``backward``); adapter
+        ``.grad`` accumulate like PyTorch when ``backward``."""
+        grad = backward and torch.is_grad_enabled()
+        micro: list[list[_MicroBatch]] = []
+        for h in plan.htask_plans:
+            if h.layout is not None:
+                micro.append(self._chunk_micro_batches(h.layout, training))
             else:
-                seq = max(batches[t]["input_ids"].shape[1] for t in present)
-                computed += sum(batches[t]["input_ids"].shape[0] for t in present) * seq
-                real += sum(_real(batches[t]) for t in present)
-        return computed, real
-
-
-def _real(batch: Mapping) -> int:
-    m = batch.get("attention_mask")
-    return int(m.sum()) if m is not None else batch["input_ids"].numel()
+                micro.append(self._pad_micro_batches(batches, h.tasks, h.micro_batches, training))
+        self.executed = []
+        for step in plan.schedule.execution_order():
+            mb = micro[step.htask][step.micro_batch]
+            if step.is_forward:
+                self._forward(mb, step.stage, grad)
+            elif grad:
+                self._backward(mb, step.stage)
+            else:
+                continue
+            self.executed.append(step)
+        totals: dict[str, torch.Tensor] = {}
+        for parts in micro:
+            for mb in parts:
+                for t, loss in mb.losses.items():
+                    loss = loss.detach() if grad else loss
+                    totals[t] = loss if t not in totals else totals[t] + loss
+        return {t: totals[t] for t in self.mux.tasks if t in totals}

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from muxc.errors import BatchError
-from muxc.ir import IGNORE_INDEX
+from muxc.ir.ops import IGNORE_INDEX
 
 __all__ = ["Stream", "ChunkStep", "ChunkLayout", "build_layout"]
 
