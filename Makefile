@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.muxc-installed
 
-.PHONY: setup demo test test-fast bench bench-kernels clean
+.PHONY: setup demo test test-fast bench bench-kernels bench-plan clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,15 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# Benchmarks are the checkout's `bench` package (not installed): run from this directory.
 bench: setup
-	$(VENV)/bin/muxc bench e2e
+	$(PY) -m bench.e2e
 
 bench-kernels: setup
-	$(VENV)/bin/muxc bench kernels --quick
+	$(PY) -m bench.kernels --quick
+
+bench-plan: setup
+	$(PY) -m bench.plan
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,6 +1,6 @@
 """Tables, fits and plots of `muxc bench e2e` results (rows as written by `run_case`).
 
-Loaded by path from `muxc.bench_e2e` (``bench/`` is not a package).
+Used by `bench.e2e`.
 
 >>> fit_line([(1, 110.0), (2, 120.0), (4, 140.0)])
 (100.0, 10.0)
@@ -185,8 +185,9 @@ def markdown(rows: Sequence[Row], *, meta: dict[str, Any], summary: dict[str, An
     """The results page: how it was run, the headline, tables, budgets, profile, notes."""
     cols, heads = [c for c, _ in _COLS], [h for _, h in _COLS]
     out = [f"# muxc end-to-end benchmark: {meta['device']}", ""]
+    dirty = " + uncommitted changes in muxc/ or bench/*.py" if meta["dirty"] else ""
     out += [f"Command: `{meta['command']}` ({meta['wall_s']:.0f} s wall), {meta['timestamp']}, "
-            f"commit {meta['commit']}{' + uncommitted changes in muxc/' if meta['dirty'] else ''}, "
+            f"commit {meta['commit']}{dirty}, "
             f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}.", ""]
     out += [f"Build measured: {meta['build']}", ""]
     out += [f"Setup: {meta['setup']}", ""]

@@ -1,7 +1,7 @@
 """What `muxc bench e2e` measures: the workloads, the five systems, and one measured case.
 
-Loaded by path from `muxc.bench_e2e` (``bench/`` is not a package). Everything here runs
-inside ONE fresh worker process per case, so the process's peak memory is that case's alone.
+Used by `bench.e2e`. Everything here runs inside ONE fresh worker process per case, so the
+process's peak memory is that case's alone.
 
 Workloads (synthetic tokens, fixed seeds, no downloads):
 

@@ -1,5 +1,5 @@
-"""The benchmark harness shared by every ``bench_<unit>``: timing, machine facts, rooflines,
-tidy CSV and markdown.
+"""The benchmark harness shared by every driver of the `bench` package: where results go,
+device choice, timing, machine facts, rooflines, tidy CSV and markdown.
 
 Timing: on CUDA ``triton.testing.do_bench`` (median; it flushes L2 between runs); on CPU the
 median of ``reps`` wall-clock runs after ``warmup`` runs. Rooflines: the peak bandwidth and
@@ -20,6 +20,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "ROOT",
+    "RESULTS",
+    "resolve_device",
     "Peaks",
     "peaks",
     "time_ms",
@@ -38,6 +42,21 @@ __all__ = [
     "write_csv",
     "markdown_table",
 ]
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The source checkout the `bench` package belongs to."""
+RESULTS = ROOT / "bench" / "results"
+"""Where the drivers write their CSV, markdown and plots unless told otherwise (``--out``)."""
+
+
+def resolve_device(name: str) -> torch.device | None:
+    """``"auto"`` -> cuda when visible else cpu; None (after printing why) when cuda is asked
+    for but not visible. The drivers are command-line entries, so printing here is allowed."""
+    want = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return None
+    return torch.device(want)
 
 
 def device_name(device: torch.device) -> str:

@@ -1,9 +1,12 @@
-"""The ``muxc`` command: ``demo`` and ``bench``. The only module that prints."""
+"""The ``muxc`` command: ``demo``, and ``bench`` (a thin entry to the source checkout's
+`bench` package: ``muxc bench e2e`` = ``python -m bench.e2e``). The only module that prints."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -40,14 +43,32 @@ def _demo(args) -> int:
     return 0
 
 
-def _bench(args, rest) -> int:
-    if args.what == "kernels":
-        from muxc.bench_kernels import main as bench_main
-    elif args.what == "plan":
-        from muxc.bench_plan import main as bench_main
-    else:
-        from muxc.bench_e2e import main as bench_main
-    return bench_main(rest)
+NO_CHECKOUT = (
+    "error: `muxc bench {what}` needs the `bench` package of a muxc source checkout, and none "
+    "is importable here. Benchmarks are not installed with muxc: from the root of a checkout run "
+    "`python -m bench.{what}` (or `muxc bench {what}` from that directory)."
+)
+
+
+def _bench(what: str, rest: list[str]) -> int:
+    """Run ``bench.<what>.main(rest)``: the benchmarks live in the checkout's `bench` package.
+
+    ``python -m bench.e2e`` run from the repository root finds `bench` because ``-m`` puts the
+    working directory on ``sys.path``; the ``muxc`` console script does not, so when the
+    working directory holds ``bench/__init__.py`` it is put first on ``sys.path`` here (and
+    only then). Without a checkout this prints `NO_CHECKOUT` and returns 2.
+    """
+    cwd = Path.cwd()
+    if (cwd / "bench" / "__init__.py").is_file() and str(cwd) not in sys.path:
+        sys.path.insert(0, str(cwd))
+    try:
+        module = importlib.import_module(f"bench.{what}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("bench", f"bench.{what}"):
+            raise  # a dependency of the benchmark is missing: its own message says which
+        print(NO_CHECKOUT.format(what=what), file=sys.stderr)
+        return 2
+    return module.main(rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,14 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--stages", type=int, default=1)
     d.add_argument("--kernel-impl", default=None, choices=["torch", "triton"])
     d.add_argument("--out", default="out/demo", help="where dumps and adapters go")
-    b = sub.add_parser("bench", help="benchmarks; `muxc bench kernels --help`", add_help=False)
+    b = sub.add_parser("bench", add_help=False,
+                       help="benchmarks, from a source checkout; `muxc bench kernels --help`")
     b.add_argument("what", choices=["kernels", "plan", "e2e"])
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "demo":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _demo(args)
-    return _bench(args, rest)
+    return _bench(args.what, rest)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,12 @@
-"""Smoke test of `muxc bench e2e`'s harness logic: data, memory fit, headline, a tiny run."""
+"""Smoke test of `bench.e2e`'s harness logic: data, memory fit, headline, a tiny run."""
 
 from __future__ import annotations
 
 import torch
 
-from muxc.bench_e2e import _context, _load, plan, run_group
-
-systems = _load("e2e_systems")
-report = _load("e2e_report")
+from bench import e2e_report as report
+from bench import e2e_systems as systems
+from bench.e2e import _context, plan, run_group
 
 
 def test_plan_covers_every_system_and_quick_has_the_headline_case():

@@ -235,7 +235,7 @@ def segment_table(
 
 
 def clear_tables() -> None:
-    """Drop every cached segment/float table (benchmarks use it to time metadata building)."""
+    """Drop every cached segment/float table (to time building the metadata from scratch)."""
     _TABLES.data.clear()
 
 

@@ -1,17 +1,19 @@
-"""`muxc bench kernels` smoke test: one tiny point end to end, files written."""
+"""`bench.kernels` smoke test: one tiny point end to end, files written."""
 
 import csv
 
 import torch
 
-from muxc import bench_kernels
-from muxc.bench_kernels import Point
+from bench import kernels as bench_kernels
+from bench.kernels import Point
 
 
 def test_one_point_writes_csv_markdown_and_plot(tmp_path, device, capsys):
+    threads = torch.get_num_threads()
     rc = bench_kernels.main(["--quick", "--max-points", "1", "--reps", "1", "--out",
                              str(tmp_path), "--device", device.type])
     assert rc == 0
+    assert torch.get_num_threads() == threads  # --threads 1 applies to the run only
     slug = "cpu" if device.type == "cpu" else None
     csv_path = next(tmp_path.glob("kernels-*.csv"))
     if slug:
@@ -33,4 +35,3 @@ def test_useful_work_model():
     assert flops == 2 * 10 * (1 + 3) * (8 + 8)
     assert nbytes == 2 * (20 * 8 * 2 + 4 * 16)
     assert bench_kernels._work(p, backward=True, elem=2)[1] == 3 * flops
-    assert torch.get_num_threads() > 0

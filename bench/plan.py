@@ -1,4 +1,5 @@
-"""``muxc bench plan``: what the planner buys on a non-uniform workload, measured side by side.
+"""``python -m bench.plan`` (or ``muxc bench plan``): what the planner buys on a non-uniform
+workload, measured side by side.
 
 One run, one set of batches (fixed seeds, SST-2/OpenBookQA/RTE-like lengths, LoRA of mixed
 ranks plus IA3 on one tiny Llama), reporting:
@@ -21,6 +22,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from bench import harness
 
 __all__ = ["main"]
 
@@ -52,6 +55,8 @@ def _workload(tasks_per_kind: int, rows: int, seed: int, hidden: int):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m bench.plan`` and ``muxc bench plan``; progress to stderr, the
+    JSON summary to stdout."""
     ap = argparse.ArgumentParser(prog="muxc bench plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (about a minute on 2 cores)")
     ap.add_argument("--tasks-per-kind", type=int, default=2, help="tasks per length profile (x3)")
@@ -64,14 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import muxc
-    from muxc.benchutil import ROOT, load_harness
     from muxc.plan import pipeline_iteration_time
     from muxc.runtime.stepplan import plan_step
     from muxc.schedule import build_schedule, gantt_png, simulate, time_table
 
-    harness = load_harness()
     device = torch.device("cpu")
-    out = Path(args.out) if args.out else ROOT / "bench" / "results"
+    out = Path(args.out) if args.out else harness.RESULTS
     out.mkdir(parents=True, exist_ok=True)
     slug = harness.device_slug(device)
     info = harness.machine(device)

@@ -1,9 +1,10 @@
-"""``muxc bench e2e``: muxc end to end against the systems users would pick instead.
+"""``python -m bench.e2e`` (or ``muxc bench e2e``): muxc end to end against the systems users
+would pick instead.
 
 Trains N synthetic PEFT tasks (uniform and non-uniform lengths and adapters) with five systems
 on the same batches for the same steps: HF-PEFT separate instances, HF-PEFT one model with many
 adapters, spatial-only muxc (S-LoRA style), temporal-only muxc (mLoRA style) and muxc full
-(see ``bench/e2e_systems.py``). Every (model, workload, tasks, system) case runs in a fresh
+(see `bench.e2e_systems`). Every (model, workload, tasks, system) case runs in a fresh
 process, forked from a server that has only imported the libraries, so its peak memory
 (GPU: ``torch.cuda.max_memory_allocated``; CPU: peak RSS) minus the idle baseline measured in
 that process before building anything is the case's own.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import multiprocessing
 import shlex
@@ -34,38 +34,21 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
-from muxc.benchutil import resolve_device
+from bench import e2e_report, e2e_systems, harness
+from bench.harness import ROOT, resolve_device
 
 __all__ = ["main", "plan"]
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench"
-PRELOAD = ["torch", "transformers", "peft", "muxc", "muxc.bench_e2e",
+PRELOAD = ["torch", "transformers", "peft", "muxc", "bench.e2e",
            "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2"]
+"""What the forkserver imports once, before forking a worker per case. Workers unpickle
+`_turns` as ``bench.e2e._turns``: they get the parent's ``sys.path``, so `bench` imports there
+whenever it imported here."""
 HEADLINE_TASKS = 8
-
-
-def _load(name: str) -> ModuleType:
-    """Import ``bench/<name>.py`` by path (``bench/`` is not a package)."""
-    key = f"muxc_bench_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    path = BENCH / f"{name}.py"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: `muxc bench e2e` runs from a source checkout of muxc "
-            "(its helpers live in bench/)"
-        )
-    spec = importlib.util.spec_from_file_location(key, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -83,7 +66,7 @@ def plan(quick: bool, device: str, models=None, workloads=None, tasks=None,
          systems=None) -> list[tuple[str, str, int, str]]:
     """The cases to run, in order: (model, workload, tasks, system); None picks the default."""
     d_models, d_workloads, d_tasks = _PLANS[(quick, device)]
-    systems = systems or _load("e2e_systems").SYSTEMS
+    systems = systems or e2e_systems.SYSTEMS
     return [(m, w, n, s) for m in models or d_models for w in workloads or d_workloads
             for n in tasks or d_tasks for s in systems]
 
@@ -100,8 +83,7 @@ def _turns(case: dict[str, Any], conn) -> None:
 
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 deprecations
         hf_logging.set_verbosity_error()
-        systems = _load("e2e_systems")
-        run = systems.CaseRun(systems.Case(**case))
+        run = e2e_systems.CaseRun(e2e_systems.Case(**case))
         conn.send(("ready", run.total_steps))
         while True:
             what, arg = conn.recv()
@@ -228,7 +210,7 @@ def _git(*args: str) -> str:
         return ""
 
 
-def _meta(device: torch.device, harness, argv: list[str], wall_s: float) -> dict[str, Any]:
+def _meta(device: torch.device, argv: list[str], wall_s: float) -> dict[str, Any]:
     import peft
     import transformers
 
@@ -238,7 +220,7 @@ def _meta(device: torch.device, harness, argv: list[str], wall_s: float) -> dict
     return {
         **info,
         "commit": _git("rev-parse", "--short", "HEAD") or info["commit"],
-        "dirty": bool(_git("status", "--porcelain", "--", "muxc")),
+        "dirty": bool(_git("status", "--porcelain", "--", "muxc", "bench/*.py")),
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "muxc_options_fields": " ".join(f.name for f in dataclasses.fields(muxc.Options)),
@@ -296,7 +278,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                     help="llama, non-uniform, 2 and 8 tasks (under 3 minutes on 2 CPU cores)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--models", type=lambda s: s.split(","), default=None,
-                    help="comma list of bench/e2e_systems.py MODELS (default by device)")
+                    help="comma list of bench.e2e_systems MODELS (default by device)")
     ap.add_argument("--workloads", type=lambda s: s.split(","), default=None,
                     help="comma list of nonuniform,uniform")
     ap.add_argument("--tasks", type=lambda s: [int(x) for x in s.split(",")], default=None,
@@ -315,7 +297,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                     help="merge with the rows already in the output CSV (a newer row replaces "
                          "one with the same model/workload/tasks/system): split long GPU runs")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=BENCH / "results",
+    ap.add_argument("--out", type=Path, default=harness.RESULTS,
                     help="directory for e2e-<device>[-quick].csv/.md/.png")
     return ap.parse_args(argv)
 
@@ -336,7 +318,8 @@ def _cases(args, device: torch.device) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``muxc bench e2e``; progress to stderr, paths and the JSON to stdout."""
+    """Entry point of ``python -m bench.e2e`` and ``muxc bench e2e``; progress to stderr, paths
+    and the JSON to stdout."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     device = resolve_device(args.device)
@@ -344,11 +327,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.rows = args.rows or (8 if device.type == "cuda" else 4)
     args.steps = args.steps or (5 if device.type == "cuda" else 3)
-    try:
-        harness, report = _load("harness"), _load("e2e_report")
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     cases = _cases(args, device)
@@ -357,11 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = run_cases(cases, log=lambda s: print(s, file=sys.stderr, flush=True),
                      side_by_side=device.type == "cpu")
-    meta = _meta(device, harness, argv, time.perf_counter() - t0)
-    return _write(rows, meta, args, device, harness, report)
+    meta = _meta(device, argv, time.perf_counter() - t0)
+    return _write(rows, meta, args, device)
 
 
-def _write(rows, meta, args, device: torch.device, harness, report) -> int:
+def _write(rows, meta, args, device: torch.device) -> int:
     profile = [{"system": r["system"], **r.pop("profile_ms")} for r in rows if "profile_ms" in r]
     for r in rows:
         r.update({k: meta[k] for k in ("host", "device", "torch", "transformers", "peft",
@@ -373,17 +351,18 @@ def _write(rows, meta, args, device: torch.device, harness, report) -> int:
         meta["command"] += " (merged with earlier rows of the CSV)"
     harness.write_csv(rows, csv_path)
     ok = [r for r in rows if r["status"] == "ok"]
-    summary = report.headline(ok, device.type, HEADLINE_TASKS)
-    budgets = report.budget_rows(ok, args.budget_mib, HEADLINE_TASKS)
-    weights = {m: _load("e2e_systems").MODELS[m].weight_mib() for m in {r["model"] for r in ok}}
+    summary = e2e_report.headline(ok, device.type, HEADLINE_TASKS)
+    budgets = e2e_report.budget_rows(ok, args.budget_mib, HEADLINE_TASKS)
+    weights = {m: e2e_systems.MODELS[m].weight_mib() for m in {r["model"] for r in ok}}
     plots = []
-    notes = report.notes(ok, summary, budgets, device.type, weights)
+    notes = e2e_report.notes(ok, summary, budgets, device.type, weights)
     notes += [f"Out of memory: {r['model']} {r['workload']} {r['tasks']} tasks {r['system']} "
               f"({r['error']})." for r in rows if r["status"] != "ok"]
     for metric, label, suffix in (("effective_tok_s", "effective tokens/s", "throughput"),
                                   ("peak_mem_mib", "peak memory (MiB)", "memory")):
         png = args.out / f"e2e-{slug}-{suffix}.png"
-        missing = report.plot(ok, metric, label, png, f"muxc e2e: {label}, {meta['device']}")
+        title = f"muxc e2e: {label}, {meta['device']}"
+        missing = e2e_report.plot(ok, metric, label, png, title)
         if missing:
             notes.append(missing)
         else:
@@ -391,8 +370,8 @@ def _write(rows, meta, args, device: torch.device, harness, report) -> int:
     meta["build"] = _build_text(ok, meta)
     meta["setup"] = _setup_text(args, device)
     md_path = csv_path.with_suffix(".md")
-    md_path.write_text(report.markdown(ok, meta=meta, summary=summary, budgets=budgets,
-                                       profile=profile, notes=notes, plots=plots))
+    md_path.write_text(e2e_report.markdown(ok, meta=meta, summary=summary, budgets=budgets,
+                                           profile=profile, notes=notes, plots=plots))
     for path in (csv_path, md_path, *plots):
         print(f"wrote {path}")
     for note in notes:

@@ -1,4 +1,5 @@
-"""``muxc bench kernels``: the multi-adapter kernels against what other systems do, side by side.
+"""``python -m bench.kernels`` (or ``muxc bench kernels``): the multi-adapter kernels against
+what other systems do, side by side.
 
 For every point of a sweep (tasks x tokens per task x hidden size x uniform/mixed ranks) it
 times, in the same process and on the same inputs:
@@ -36,15 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from muxc.benchutil import load_harness, resolve_device
+import muxc
+from bench import harness
+from bench.harness import resolve_device
 from muxc.kernels import _triton, multi_ia3, multi_lora
 from muxc.kernels.lora import segments_for
 
 __all__ = ["main", "sweep", "Point", "run"]
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = (1, 2, 4, 8, 16, 32)
 MIXED = (4, 8, 16, 64)
 """Mixed ranks cycle through these: the padded baseline pads them all to 64."""
@@ -225,7 +226,7 @@ def _work(p: Point, backward: bool, elem: int) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- driver
 
 
-def run(points: list[Point], dtype: torch.dtype, device: torch.device, harness, reps: int,
+def run(points: list[Point], dtype: torch.dtype, device: torch.device, reps: int,
         log: Callable[[str], None] = lambda s: None) -> tuple[list[dict], object]:
     """Measure every point; returns (rows, peaks)."""
     peak = harness.peaks(device, dtype)
@@ -314,7 +315,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> str | None:
     return None
 
 
-def _markdown(rows, peak, harness, device, dtype, args, png: Path, plot_note) -> str:
+def _markdown(rows, peak, device, dtype, args, png: Path, plot_note) -> str:
     info = harness.machine(device)
     interp = device.type == "cpu"
     lines = [
@@ -334,7 +335,7 @@ def _markdown(rows, peak, harness, device, dtype, args, png: Path, plot_note) ->
         "",
         f"Roofline: {peak.bytes_per_s / 1e9:.1f} GB/s, {peak.flops_per_s / 1e12:.2f} TFLOP/s "
         f"({peak.source}). Rates count the op's useful bytes and FLOPs (see "
-        "`muxc/bench_kernels.py`), identical for every implementation.",
+        "`bench/kernels.py`), identical for every implementation.",
         "",
     ]
     if interp:
@@ -371,10 +372,6 @@ def _markdown(rows, peak, harness, device, dtype, args, png: Path, plot_note) ->
     return "\n".join(lines)
 
 
-def _load_harness():
-    return load_harness()
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="muxc bench kernels",
@@ -387,7 +384,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     default="auto", help="auto: float16 on GPU, float32 on CPU")
     ap.add_argument("--reps", type=int, default=None,
                     help="CPU repeats per measurement (median); default 5, 3 with --quick")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
+    ap.add_argument("--out", type=Path, default=harness.RESULTS,
                     help="directory for kernels-<device>.csv/.md/.png")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU runs: torch intra-op threads (default 1: on small VMs, idle "
@@ -397,7 +394,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``muxc bench kernels``; prints progress and the output paths."""
+    """Entry point of ``python -m bench.kernels`` and ``muxc bench kernels``; prints progress
+    and the output paths."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     device = resolve_device(args.device)
@@ -406,40 +404,44 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and _triton.AVAILABLE and not _triton.interpreting():
         # The interpreter is chosen when triton decorates kernels, i.e. at import: start a
         # fresh interpreter-mode process for the CPU run (this is CLI code, env is ours).
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        return subprocess.call([sys.executable, "-m", "muxc.bench_kernels", *argv], env=env)
+        return subprocess.call([sys.executable, "-m", "bench.kernels", *argv], env=_child_env())
     if not _triton.AVAILABLE:
         print(f"error: {_triton.UNAVAILABLE_REASON}", file=sys.stderr)
-        return 2
-    try:
-        harness = _load_harness()
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
         return 2
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     try:
-        return _bench(args, device, harness)
+        return _bench(args, device)
     finally:
         torch.set_num_threads(threads)
 
 
-def _bench(args: argparse.Namespace, device: torch.device, harness) -> int:
+def _child_env() -> dict[str, str]:
+    """This environment with the interpreter on, and ``PYTHONPATH`` leading to the `bench` and
+    `muxc` imported here (the child may start in any directory: relative ``--out`` paths must
+    mean what they mean here)."""
+    roots = [str(harness.ROOT), str(Path(muxc.__file__).resolve().parents[1])]
+    old = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, TRITON_INTERPRET="1",
+                PYTHONPATH=os.pathsep.join(dict.fromkeys(roots + old)))
+
+
+def _bench(args: argparse.Namespace, device: torch.device) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.float16 if device.type == "cuda" else torch.float32)
     reps = args.reps or (3 if args.quick else 5)
     points = sweep(args.quick, device)[: args.max_points]
     print(f"muxc bench kernels: {len(points)} points on {harness.device_name(device)}, "
           f"{str(dtype)[6:]}" + (" (triton columns: interpreter)" if device.type == "cpu" else ""))
-    rows, peak = run(points, dtype, device, harness, reps, log=lambda s: print(s, flush=True))
+    rows, peak = run(points, dtype, device, reps, log=lambda s: print(s, flush=True))
     slug = harness.device_slug(device)
     csv_path = args.out / f"kernels-{slug}.csv"
     md_path, png_path = csv_path.with_suffix(".md"), csv_path.with_suffix(".png")
     harness.write_csv(rows, csv_path)
     note = _plot(rows, png_path, f"muxc kernels on {harness.device_name(device)}, "
                                  f"{str(dtype)[6:]}")
-    md_path.write_text(_markdown(rows, peak, harness, device, dtype, args, png_path, note))
+    md_path.write_text(_markdown(rows, peak, device, dtype, args, png_path, note))
     for path in (csv_path, md_path) + (() if note else (png_path,)):
         print(f"wrote {path}")
     if note:
