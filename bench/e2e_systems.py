@@ -339,16 +339,11 @@ class Muxc:
         return int(padding["tokens computed"])
 
     def plan(self, batches: Step) -> str:
-        """What the executor runs for ``batches``: hTask sizes and chunk size (best effort:
-        reads the executor, whose API may move; empty when it does)."""
-        executor = self.program.executor
-        try:
-            groups = executor.groups(batches)
-            text = "hTasks " + "+".join(str(len(g)) for g in groups)
-            if getattr(getattr(self.program.options, "alignment", None), "value", "") == "chunk":
-                text += f", chunk {executor.chunk_size_for(batches)}"
-        except (AttributeError, TypeError):
-            return ""
+        """What the executor runs for ``batches``: hTask sizes and chunk size (the StepPlan)."""
+        plan = self.program.plan(batches)
+        text = "hTasks " + "+".join(str(len(h)) for h in plan.htasks)
+        if plan.chunk_size is not None:
+            text += f", chunk {plan.chunk_size}"
         return text
 
 

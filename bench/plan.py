@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import muxc
     from muxc.plan import pipeline_iteration_time
-    from muxc.runtime.stepplan import plan_step
-    from muxc.schedule import build_schedule, gantt_png, simulate, time_table
+    from muxc.dump.gantt import gantt_png
+    from muxc.plan import build_schedule, simulate, time_table
 
     device = torch.device("cpu")
     out = Path(args.out) if args.out else harness.RESULTS
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for alignment, chunk in configs:
         opts = muxc.Options(fusion="spatial", alignment=alignment, chunk_size=chunk, cost_model=str(profile))
         program = muxc.compile(tasks, opts)
-        plan = plan_step(program.executor, batches)
+        plan = program.plan(batches)
         measured = harness.time_ms(lambda: program.forward_backward(batches), device, reps=reps, warmup=1)
         for m in models.values():
             m.zero_grad(set_to_none=True)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = 4
     program = muxc.compile(tasks, muxc.Options(fusion="temporal", alignment="chunk", chunk_size=32,
                                                stages=stages, cost_model=str(profile)))
-    plan = plan_step(program.executor, batches)
+    plan = program.plan(batches)
     counts = [c.micro_batches for c in plan.costs]
     fwd = time_table([[c.forward for c in plan.costs]] * stages)
     bwd = time_table([[c.backward for c in plan.costs]] * stages)
