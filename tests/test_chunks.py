@@ -9,7 +9,7 @@ from models import make_batch, make_peft
 from peft import IA3Config, LoraConfig
 
 import muxc
-from muxc.runtime.chunks import build_layout
+from muxc.ir.chunks import build_layout
 
 CPU = torch.device("cpu")
 

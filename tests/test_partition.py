@@ -21,7 +21,7 @@ from muxc.runtime.stages import run_stages
 from muxc.passes.partition import FlopCost, LatencyCost, balance, partition, partition_ids
 from muxc.ir import MuxBatch
 from muxc.runtime.batch import build_batch
-from muxc.runtime.chunks import build_layout
+from muxc.ir.chunks import build_layout
 
 BATCHES = {"a": make_batch(2, 9, 0), "b": make_batch(3, 6, 1, pad_rows=2)}
 
