@@ -3,7 +3,8 @@
 Data flows frontends -> passes -> plan -> runtime, and imports point the same way: `muxc.ir`
 depends on nothing else of muxc; passes and runtime never import each other; the planner never
 imports the runtime or the passes; the runtime runs the plan it is handed (it never imports
-the planner); kernels stand alone. Parsed from the source, so lazy imports count too.
+the planner); kernels stand alone; the adapter-kind table (`muxc.kinds`) sits on ir and
+kernels, below everything that asks it. Parsed from the source, so lazy imports count too.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def _layer(module: str) -> str:
 # layer -> layers it must never import
 FORBIDDEN = {
     "ir": {l for l in {_layer(m) for m in MODULES}} - {"ir", "errors"},
-    "kernels": {"ir", "frontends", "passes", "plan", "runtime", "api", "pipeline", "dump", "explain"},
+    "kernels": {"ir", "kinds", "frontends", "passes", "plan", "runtime", "api", "pipeline", "dump",
+                "explain"},
+    "kinds": {"frontends", "passes", "plan", "runtime", "api", "pipeline", "dump", "explain"},
     "frontends": {"passes", "plan", "runtime", "api", "pipeline", "dump", "explain"},
     "passes": {"runtime", "api", "dump", "explain"},
     "plan": {"runtime", "passes", "frontends", "api", "dump", "explain"},

@@ -16,7 +16,6 @@ from torch.export import Dim
 from torch.export.graph_signature import InputKind
 
 from muxc.errors import TraceError
-from muxc.frontends.ops import ADAPTER_OPS
 from muxc.frontends.peft import (
     adapter_name_of,
     adapter_param_ids,
@@ -25,6 +24,7 @@ from muxc.frontends.peft import (
     normalize_fqn,
     routed_adapters,
 )
+from muxc.kinds import spec_for_trace_op
 from muxc.ir import Binding, BindingKind, NodeInfo, Role, TaskGraph, set_info
 from muxc.task import Task
 
@@ -162,7 +162,7 @@ def _tag(task_name: str, gm, bindings: dict[str, Binding], adapter_fqns, other_a
             set_info(node, NodeInfo(role=role, tasks=every, fqn=b.fqn, sources=src))
         elif node.op == "output":
             set_info(node, NodeInfo(role=Role.OUTPUT, tasks=every, sources=src))
-        elif node.op == "call_function" and node.target in ADAPTER_OPS:
+        elif node.op == "call_function" and spec_for_trace_op(node.target) is not None:
             set_info(node, NodeInfo(role=Role.ADAPTER, tasks=every, site=node.args[-1], sources=src))
         else:
             set_info(node, NodeInfo(role=Role.BACKBONE, tasks=every, sources=src))

@@ -14,13 +14,11 @@ from collections.abc import Iterator
 
 import torch
 from peft import PeftModel
-from peft.tuners.ia3.layer import Linear as IA3Linear
-from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from muxc.errors import TaskSpecError, UnsupportedPeftError
-from muxc.frontends.ops import ia3_adapter, lora_adapter
-from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch
+from muxc.ir import AdapterRecord
+from muxc.kinds import KINDS, SUPPORTED, spec_for_layer
 
 __all__ = [
     "SUPPORTED",
@@ -32,8 +30,6 @@ __all__ = [
     "routed_adapters",
     "adapter_param_ids",
 ]
-
-SUPPORTED = "LoRA (Linear/Conv1D targets, bias='none', no DoRA) and IA3 (Linear targets)"
 
 # Model FQNs relative to the HF model: PEFT prefixes and wrappers removed.
 _WRAPPER_PARTS = ("base_layer",)
@@ -73,7 +69,7 @@ def adapter_name_of(task_name: str, model: PeftModel, adapter_name: str | None) 
 def _check_config(task_name: str, cfg, adapter: str) -> None:
     ptype = getattr(cfg.peft_type, "value", str(cfg.peft_type))
     where = f"task {task_name!r} (adapter {adapter!r})"
-    if ptype not in ("LORA", "IA3"):
+    if ptype not in {k.peft_type for k in KINDS.values()}:
         raise UnsupportedPeftError(f"{where}: PEFT type {ptype} is not supported; supported: {SUPPORTED}")
     bad = []
     if ptype == "LORA":
@@ -114,21 +110,21 @@ def adapter_layers(task_name: str, hf: torch.nn.Module, adapter: str) -> dict[st
     for path, mod in hf.named_modules():
         if not isinstance(mod, BaseTunerLayer):
             continue
-        holds = adapter in getattr(mod, "lora_A", {}) or adapter in getattr(mod, "ia3_l", {})
+        holds = any(k.holds(mod, adapter) for k in KINDS.values())
         if not holds:
             if any(adapter in getattr(mod, attr, {}) for attr in ("lora_embedding_A", "lora_magnitude_vector")):
                 holds = True
             else:
                 continue
         where = f"task {task_name!r}: layer {path!r} ({type(mod).__module__}.{type(mod).__name__})"
-        if type(mod) not in (LoraLinear, IA3Linear):
+        if spec_for_layer(mod) is None:
             raise UnsupportedPeftError(f"{where} is not supported; supported: {SUPPORTED}")
         if getattr(mod, "merged", False):
             raise UnsupportedPeftError(
                 f"{where} has merged adapters {mod.merged_adapters}; unmerge them "
                 "(model.unmerge_adapter()) before compiling"
             )
-        if type(mod) is LoraLinear and adapter in getattr(mod, "lora_variant", {}):
+        if adapter in getattr(mod, "lora_variant", {}):
             variant = type(mod.lora_variant[adapter]).__name__
             raise UnsupportedPeftError(f"{where} uses LoRA variant {variant}; supported: {SUPPORTED}")
         found[path] = mod
@@ -139,44 +135,8 @@ def adapter_layers(task_name: str, hf: torch.nn.Module, adapter: str) -> dict[st
 
 def adapter_records(task_name: str, hf: torch.nn.Module, adapter: str) -> list[AdapterRecord]:
     """The task's adapters in unified form, holding the user's own parameter tensors."""
-    out = []
-    for path, mod in adapter_layers(task_name, hf, adapter).items():
-        if type(mod) is LoraLinear:
-            a, b = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
-            drop = mod.lora_dropout[adapter]
-            p = float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0
-            out.append(
-                AdapterRecord(
-                    task=task_name,
-                    site=path,
-                    kind=AdapterKind.LORA,
-                    dispatch=Dispatch.PARALLEL,
-                    aggregate=Aggregate.ADD_SCALED,
-                    params={"A": a, "B": b},
-                    param_names={
-                        "A": f"{path}.lora_A.{adapter}.weight",
-                        "B": f"{path}.lora_B.{adapter}.weight",
-                    },
-                    rank=a.shape[0],
-                    scaling=float(mod.scaling[adapter]),
-                    dropout=p,
-                )
-            )
-        else:
-            ff = bool(mod.is_feedforward)
-            out.append(
-                AdapterRecord(
-                    task=task_name,
-                    site=path,
-                    kind=AdapterKind.IA3,
-                    dispatch=Dispatch.PRE if ff else Dispatch.OUTPUT,
-                    aggregate=Aggregate.SCALE_INPUT if ff else Aggregate.SCALE_OUTPUT,
-                    params={"v": mod.ia3_l[adapter]},
-                    param_names={"v": f"{path}.ia3_l.{adapter}"},
-                    rank=0,
-                )
-            )
-    return out
+    return [spec_for_layer(mod).records(task_name, path, mod, adapter)
+            for path, mod in adapter_layers(task_name, hf, adapter).items()]
 
 
 def adapter_param_ids(model: PeftModel) -> set[int]:
@@ -189,25 +149,6 @@ def adapter_param_ids(model: PeftModel) -> set[int]:
                 if container is not None:
                     ids.update(id(p) for p in container.parameters())
     return ids
-
-
-def _lora_forward(site: str, adapter: str):
-    def forward(self, x, *args, **kwargs):
-        h = self.base_layer(x, *args, **kwargs)
-        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        return lora_adapter(x, h, a, b, float(self.scaling[adapter]), site)
-
-    return forward
-
-
-def _ia3_forward(site: str, adapter: str):
-    def forward(self, x, *args, **kwargs):
-        v = self.ia3_l[adapter]
-        if self.is_feedforward:
-            return self.base_layer(ia3_adapter(x, v, site), *args, **kwargs)
-        return ia3_adapter(self.base_layer(x, *args, **kwargs), v, site)
-
-    return forward
 
 
 @contextlib.contextmanager
@@ -224,8 +165,7 @@ def routed_adapters(task_name: str, hf: torch.nn.Module, adapter: str) -> Iterat
     try:
         for path, mod in layers.items():
             if path in mine:
-                make = _lora_forward if type(mod) is LoraLinear else _ia3_forward
-                fwd = make(path, adapter)
+                fwd = spec_for_layer(mod).traced_forward(path, adapter)
             else:
                 fwd = _base_only_forward
             mod.forward = types.MethodType(fwd, mod)

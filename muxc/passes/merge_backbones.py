@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from muxc.errors import ArchitectureMismatchError, MuxcInternalError
-from muxc.frontends.ops import ADAPTER_OPS
 from muxc.ir import AdapterRecord, MuxGraph, NodeInfo, Position, Role, TaskGraph, info, set_info
 from muxc.ir import InputSite, OutputSite, TaskLoss
+from muxc.kinds import spec_for_trace_op
 
 __all__ = ["merge_backbones"]
 
@@ -53,8 +53,8 @@ class _Backbone:
 
     def resolve(self, node: fx.Node) -> fx.Node:
         """The backbone node an adapter node stands in for (its adapted tensor)."""
-        while node.op == "call_function" and node.target in ADAPTER_OPS:
-            node = node.args[1] if ADAPTER_OPS[node.target] == "lora" else node.args[0]
+        while node.op == "call_function" and (spec := spec_for_trace_op(node.target)) is not None:
+            node = node.args[spec.adapted_arg]
         return node
 
     def key_of(self, node: fx.Node) -> Key:
@@ -90,13 +90,14 @@ def _anchors(bb: _Backbone) -> list[_Anchor]:
     records = {r.site: r for r in bb.graph.adapters}
     out = []
     for node in bb.graph.gm.graph.nodes:
-        if node.op != "call_function" or node.target not in ADAPTER_OPS:
+        spec = spec_for_trace_op(node.target) if node.op == "call_function" else None
+        if spec is None:
             continue
         site = node.args[-1]
         rec = records.get(site)
         if rec is None:
             raise MuxcInternalError(f"{bb.graph.task}: adapter node at {site!r} has no record")
-        tensors = node.args[2:4] if ADAPTER_OPS[node.target] == "lora" else node.args[1:2]
+        tensors = spec.param_tensors(node.args)
         ph = [bb.graph.bindings[t.name].tensor for t in tensors]
         if any(a is not b for a, b in zip(ph, rec.params.values())):
             raise MuxcInternalError(f"{bb.graph.task}: adapter tensors at {site!r} are not the model's")
@@ -106,10 +107,8 @@ def _anchors(bb: _Backbone) -> list[_Anchor]:
                 raise MuxcInternalError(f"{bb.graph.task}: IA3 input at {site!r} has {len(users)} users")
             out.append(_Anchor(rec, bb.key_of(users[0]), bb.key_of(node.args[0])))
         else:
-            if ADAPTER_OPS[node.target] == "lora":
-                out.append(_Anchor(rec, bb.key_of(node.args[1]), bb.key_of(node.args[0])))
-            else:
-                out.append(_Anchor(rec, bb.key_of(node.args[0]), None))
+            x = None if spec.input_arg is None else bb.key_of(node.args[spec.input_arg])
+            out.append(_Anchor(rec, bb.key_of(node.args[spec.adapted_arg]), x))
     if len(out) != len(records):
         raise MuxcInternalError(f"{bb.graph.task}: {len(records)} adapters but {len(out)} adapter nodes")
     return out

@@ -11,13 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from muxc.ir import AdapterKind, MuxGraph
+from muxc.ir import MuxGraph
 from muxc.kernels import registry
+from muxc.kinds import spec_of
 
 __all__ = ["select_kernels", "KernelPlan"]
-
-_OPS = {AdapterKind.LORA: "multi_lora", AdapterKind.IA3: "multi_ia3"}
-
 
 @dataclass(frozen=True)
 class KernelPlan:
@@ -35,7 +33,7 @@ def select_kernels(mux: MuxGraph, ctx) -> KernelPlan:
     kinds = {r.kind for recs in mux.sites.values() for r in recs}
     choices = {}
     for kind in sorted(kinds, key=lambda k: k.value):
-        op = _OPS[kind]
+        op = spec_of(kind).kernel_op
         probe = next(p for recs in mux.sites.values() for r in recs if r.kind is kind for p in r.params.values())
         like = torch.empty(0, device=probe.device, dtype=probe.dtype)
         for name in (op, f"{op}_bwd"):

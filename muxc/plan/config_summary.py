@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from muxc.ir import AdapterKind
+from muxc.kinds import spec_of
 from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Poly
 from muxc.plan.summary import KV, ModelSummary, OpCost, Work
 
@@ -51,7 +52,7 @@ class AdapterSpec:
         if bad or not targets:
             raise CostModelError(f"adapter targets {bad or targets} are not Llama linear modules; "
                                  f"choose from {list(LINEAR_TARGETS)} or 'all-linear'")
-        if self.kind is AdapterKind.LORA and self.rank < 1:
+        if spec_of(self.kind).adds_to_output and self.rank < 1:
             raise CostModelError(f"LoRA rank must be >= 1, got {self.rank}")
         object.__setattr__(self, "targets", targets)
 
@@ -128,12 +129,10 @@ class _Build:
             if name.rsplit(".", 1)[-1] not in spec.targets:
                 continue
             hit = True
-            if spec.kind is AdapterKind.LORA:
-                key = OpKey(OpKind.LORA, (k, n, spec.rank), spec.dtype)
-                any_lora = True
-            else:
-                width = k if name.endswith(_IA3_PRE) else n
-                key = OpKey(OpKind.IA3, (width,), spec.dtype)
+            kind = spec_of(spec.kind)
+            dims = kind.cost_dims(k, n, spec.rank, name.endswith(_IA3_PRE))
+            key = OpKey(OpKind(kind.cost_op), dims, spec.dtype)
+            any_lora = any_lora or kind.adds_to_output
             w = Work(key, Poly.tokens())
             self.op(f"{name}[{task}]", layer, w, w, task, site=name)
         if any_lora:
@@ -277,8 +276,5 @@ def _adapter_numel(spec: AdapterSpec, layers, h, q, kv, inter) -> int:
     total = 0
     for t in spec.targets:
         k, n = shapes[t]
-        if spec.kind is AdapterKind.LORA:
-            total += spec.rank * (k + n)
-        else:
-            total += k if t in _IA3_PRE else n
+        total += spec_of(spec.kind).numel(k, n, spec.rank, t in _IA3_PRE)
     return layers * total

@@ -32,7 +32,8 @@ import torch
 import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
-from muxc.ir import AdapterKind, MuxGraph, Role, info
+from muxc.ir import MuxGraph, Position, Role, info
+from muxc.kinds import spec_of
 from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Poly
 from muxc.ir.ops import ChunkAttention
 
@@ -382,15 +383,14 @@ class _Walker:
         x = node.args[0]
         layer = layer_of(rec.site)
         lora = False
+        xv, hv = _val(x), _val(node)
+        k, n = int(xv.shape[-1]), int(hv.shape[-1])
         for r in rec.adapters:
-            if r.kind is AdapterKind.LORA:
-                a, b = r.params["A"], r.params["B"]
-                key = OpKey(OpKind.LORA, (a.shape[1], b.shape[0], r.rank), _dt(a.dtype))
-                lora = True
-            elif r.kind is AdapterKind.IA3:
-                key = OpKey(OpKind.IA3, (r.params["v"].numel(),), _dt(r.params["v"].dtype))
-            else:
-                raise MuxcInternalError(f"cost model: no cost rule for adapter kind {r.kind}")
+            spec = spec_of(r.kind)
+            pre = r.position is Position.IN
+            dtype = _dt(next(iter(r.params.values())).dtype)
+            key = OpKey(OpKind(spec.cost_op), spec.cost_dims(k, n, r.rank, pre), dtype)
+            lora = lora or spec.adds_to_output
             w = Work(key, Poly.tokens())
             self.add(node, w, w, task=r.task, layer=layer, suffix=f"[{r.task}]", site=node.name)
         self.save(x)

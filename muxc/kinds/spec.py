@@ -1,0 +1,55 @@
+"""`AdapterKindSpec`: everything muxc knows about one adapter kind, in one record.
+
+Each PEFT method muxc supports is one entry (`muxc.kinds.lora`, `muxc.kinds.ia3`): the PEFT
+layer it reads and how its config becomes `AdapterRecord`s, the single-task custom op that
+keeps it one node while tracing (and which of that op's arguments are what), how a multi-task
+site applies it (its kernel op), and what the cost model charges for it. Frontends, passes,
+plan and runtime ask this table instead of switching on the kind; adding a kind is one new
+entry plus its kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from muxc.ir import AdapterKind, AdapterRecord
+
+__all__ = ["AdapterKindSpec"]
+
+
+@dataclass(frozen=True)
+class AdapterKindSpec:
+    """One adapter kind (see module doc). Callables take plain values, never graph nodes."""
+
+    kind: AdapterKind
+    peft_type: str  # PeftConfig.peft_type value ("LORA")
+    peft_layers: tuple[type, ...]  # PEFT layer classes holding this kind
+    holds: Callable[[torch.nn.Module, str], bool]  # (layer, adapter) -> does it hold the adapter
+    records: Callable[[str, str, torch.nn.Module, str], AdapterRecord]  # (task, path, layer, adapter)
+    traced_forward: Callable[[str, str], Callable]  # (site, adapter) -> forward routing the trace op
+    # the single-task trace op and its argument layout: the base tensor the adapter node stands
+    # in for, the extra tensor it reads (LoRA: x), and the slice holding the adapter's params
+    trace_op: torch._ops.OpOverload
+    adapted_arg: int
+    input_arg: int | None
+    param_args: tuple[int, int]
+    # multi-task execution: the kernel registry's op name, and how a site applies every task's
+    # adapter of this kind: (site, x, t, mux, params by task, records by task) -> new t
+    kernel_op: str
+    apply: Callable[..., torch.Tensor]
+    # cost model: the op kind name (`muxc.plan.OpKind` value), and for an adapter on a base op
+    # with input width k, output width n, rank r, reading the op's input (pre) or output: its
+    # cost-key dims, forward FLOPs per token, and trainable numel
+    cost_op: str
+    cost_dims: Callable[[int, int, int, bool], tuple[int, ...]]
+    flops_per_token: Callable[[int, int, int, bool], float]
+    numel: Callable[[int, int, int, bool], int]
+    adds_to_output: bool  # the site adds a delta to the base output (an extra elementwise add)
+
+    def param_tensors(self, args: tuple) -> tuple:
+        """The adapter-parameter arguments of a trace-op call."""
+        lo, hi = self.param_args
+        return tuple(args[lo:hi])
