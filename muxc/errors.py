@@ -69,3 +69,25 @@ class TraceError(MuxcError):
 
 class MuxcInternalError(RuntimeError):
     """An invariant of muxc itself was violated: a bug, please report it."""
+
+
+def parse_enum(cls, value, name: str, error: type[MuxcError] = OptionsError):
+    """``value`` as a member of enum ``cls`` (members pass through), or ``error`` naming the
+    choices.
+
+    >>> import enum
+    >>> class Color(str, enum.Enum):
+    ...     RED = "red"
+    >>> parse_enum(Color, "red", "color")
+    <Color.RED: 'red'>
+    >>> parse_enum(Color, "blue", "color")
+    Traceback (most recent call last):
+    muxc.errors.OptionsError: color='blue' is not one of ['red']
+    """
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        choices = [c.value for c in cls]
+        raise error(f"{name}={value!r} is not one of {choices}") from None

@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from muxc.ir import table
-from muxc.ir import Role
-from muxc.ir import StepPlan
+from muxc.ir import Role, StepPlan, table
 from muxc.options import Fusion
 
 __all__ = ["Explanation", "TaskRow", "explain_program"]

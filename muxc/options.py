@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
-from muxc.errors import OptionsError
+from muxc.errors import OptionsError, parse_enum
 from muxc.kernels.registry import Impl
 
 __all__ = ["Options", "Fusion", "Alignment"]
@@ -26,16 +26,6 @@ class Alignment(str, Enum):
 
     PAD = "pad"  # each sample a row, right-padded to the step's longest sample
     CHUNK = "chunk"  # samples packed per task along the sequence axis, cut into equal chunks
-
-
-def _enum(cls, value, name):
-    if isinstance(value, cls):
-        return value
-    try:
-        return cls(value)
-    except ValueError:
-        choices = [c.value for c in cls]
-        raise OptionsError(f"{name}={value!r} is not one of {choices}") from None
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -71,8 +61,8 @@ class Options:
     verify: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fusion", _enum(Fusion, self.fusion, "fusion"))
-        object.__setattr__(self, "alignment", _enum(Alignment, self.alignment, "alignment"))
+        object.__setattr__(self, "fusion", parse_enum(Fusion, self.fusion, "fusion"))
+        object.__setattr__(self, "alignment", parse_enum(Alignment, self.alignment, "alignment"))
         object.__setattr__(self, "kernel_impl", Impl.parse(self.kernel_impl))
         if self.chunk_size is not None:
             if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:

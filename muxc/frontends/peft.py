@@ -69,24 +69,10 @@ def adapter_name_of(task_name: str, model: PeftModel, adapter_name: str | None) 
 def _check_config(task_name: str, cfg, adapter: str) -> None:
     ptype = getattr(cfg.peft_type, "value", str(cfg.peft_type))
     where = f"task {task_name!r} (adapter {adapter!r})"
-    if ptype not in {k.peft_type for k in KINDS.values()}:
+    spec = next((k for k in KINDS.values() if k.peft_type == ptype), None)
+    if spec is None:
         raise UnsupportedPeftError(f"{where}: PEFT type {ptype} is not supported; supported: {SUPPORTED}")
-    bad = []
-    if ptype == "LORA":
-        if getattr(cfg, "bias", "none") != "none":
-            bad.append(f"bias={cfg.bias!r}")
-        if getattr(cfg, "use_dora", False):
-            bad.append("use_dora=True")
-        if getattr(cfg, "lora_bias", False):
-            bad.append("lora_bias=True")
-        if getattr(cfg, "target_parameters", None):
-            bad.append(f"target_parameters={cfg.target_parameters}")
-        if getattr(cfg, "trainable_token_indices", None):
-            bad.append("trainable_token_indices")
-        if getattr(cfg, "alora_invocation_tokens", None):
-            bad.append("alora_invocation_tokens (aLoRA)")
-        if getattr(cfg, "use_qalora", False):
-            bad.append("use_qalora=True")
+    bad = spec.config_problems(cfg)
     if getattr(cfg, "modules_to_save", None):
         bad.append(f"modules_to_save={cfg.modules_to_save}")
     if bad:

@@ -89,6 +89,7 @@ IA3 = AdapterKindSpec(
     kind=AdapterKind.IA3,
     peft_type="IA3",
     peft_layers=(IA3Linear,),
+    config_problems=lambda cfg: [],
     holds=_holds,
     records=_records,
     traced_forward=_traced_forward,

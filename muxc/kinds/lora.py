@@ -46,6 +46,27 @@ def _backward(ctx, dy):
 lora_adapter.register_autograd(_backward, setup_context=_setup)
 
 
+# LoraConfig options muxc does not run yet: (attribute, is it set?, how to name it)
+_UNSUPPORTED = (
+    ("bias", lambda v: v not in (None, "none"), lambda v: f"bias={v!r}"),
+    ("use_dora", bool, lambda v: "use_dora=True"),
+    ("lora_bias", bool, lambda v: "lora_bias=True"),
+    ("target_parameters", bool, lambda v: f"target_parameters={v}"),
+    ("trainable_token_indices", bool, lambda v: "trainable_token_indices"),
+    ("alora_invocation_tokens", bool, lambda v: "alora_invocation_tokens (aLoRA)"),
+    ("use_qalora", bool, lambda v: "use_qalora=True"),
+)
+
+
+def _config_problems(cfg) -> list[str]:
+    out = []
+    for attr, is_set, label in _UNSUPPORTED:
+        value = getattr(cfg, attr, None)
+        if is_set(value):
+            out.append(label(value))
+    return out
+
+
 def _holds(mod, adapter: str) -> bool:
     return adapter in getattr(mod, "lora_A", {})
 
@@ -111,6 +132,7 @@ LORA = AdapterKindSpec(
     kind=AdapterKind.LORA,
     peft_type="LORA",
     peft_layers=(LoraLinear,),
+    config_problems=_config_problems,
     holds=_holds,
     records=_records,
     traced_forward=_traced_forward,

@@ -27,6 +27,7 @@ class AdapterKindSpec:
     kind: AdapterKind
     peft_type: str  # PeftConfig.peft_type value ("LORA")
     peft_layers: tuple[type, ...]  # PEFT layer classes holding this kind
+    config_problems: Callable[[object], list[str]]  # PeftConfig -> options muxc cannot run
     holds: Callable[[torch.nn.Module, str], bool]  # (layer, adapter) -> does it hold the adapter
     records: Callable[[str, str, torch.nn.Module, str], AdapterRecord]  # (task, path, layer, adapter)
     traced_forward: Callable[[str, str], Callable]  # (site, adapter) -> forward routing the trace op

@@ -55,6 +55,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 
+from muxc.errors import parse_enum
 from muxc.ir.schedule import Schedule, ScheduleError, Step, StepKind, _as_counts
 
 __all__ = ["SchedulePolicy", "build_schedule", "pipeline_dependencies"]
@@ -71,13 +72,7 @@ class SchedulePolicy(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: SchedulePolicy | str) -> SchedulePolicy:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            choices = [p.value for p in cls]
-            raise ScheduleError(f"policy={value!r} is not one of {choices}") from None
+        return parse_enum(cls, value, "policy", ScheduleError)
 
 
 def _check_stages(stages: int) -> None:
