@@ -8,14 +8,15 @@ from pathlib import Path
 import torch
 
 from muxc.dump.dot import write_dot
-from muxc.dump import dump_history, dump_plan
+from muxc.dump import dump_history, dump_measured, dump_plan
 from muxc.explain import Explanation, explain_program
 from muxc.ir import MuxGraph
 from muxc.options import Options
 from muxc.pipeline import CompileContext, PassRecord, run_pipeline
-from muxc.ir import StepPlan
+from muxc.ir import SimResult, StepPlan
 from muxc.plan import Planner
 from muxc.runtime.batch import check_batches
+from muxc.runtime.distributed import StageExecutor, join_stage_group
 from muxc.runtime.local import LocalExecutor
 from muxc.runtime.training import TaskState, build_states
 from muxc.save import save_task_adapter
@@ -47,8 +48,23 @@ class Program:
         self.states: dict[str, TaskState] = build_states(tasks, records)
         self.partitioned = partitioned
         self.planner = Planner(mux, ctx.options)
-        self.executor = LocalExecutor(mux, partitioned, ctx.options.kernel_impl)
         self.last_plan: StepPlan | None = None  # the plan the last step ran
+        self.measured: SimResult | None = None  # the last step's measured timeline
+        self.stage_group = None
+        if ctx.options.stages > 1:
+            device = next(iter(mux.tensors.values())).device
+            self.stage_group = join_stage_group(ctx.options.stages, ctx.options.pipeline_timeout, device)
+        if self.stage_group is None:
+            self.executor = LocalExecutor(mux, partitioned, ctx.options.kernel_impl)
+        else:
+            self.planner.fusion  # priced on the whole graph before other stages' weights go
+            self.executor = StageExecutor(mux, partitioned, ctx.options.kernel_impl, self.stage_group)
+            self.executor.release_unowned([t.model for t in tasks])
+
+    @property
+    def rank(self) -> int:
+        """This process's pipeline stage (0 when every stage runs in this process)."""
+        return 0 if self.stage_group is None else self.stage_group.rank
 
     def __repr__(self) -> str:
         return f"Program(tasks={list(self.tasks)}, fusion={self.options.fusion.value}, {self.mux!r})"
@@ -62,7 +78,12 @@ class Program:
         """
         plan = self.plan(batches)
         self.last_plan = plan
-        return self.executor.run(plan, batches, training=True)
+        losses = self.executor.run(plan, batches, training=True)
+        if self.stage_group is None:
+            self.measured = self.executor.timeline.result()
+        else:
+            self.measured = self.executor.gather_timeline().result()
+        return losses
 
     def step(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """`forward_backward`, then each stepped task's own optimizer/scheduler step and zero_grad."""
@@ -91,8 +112,13 @@ class Program:
         """Write ``pass_NN_<name>.txt`` per pass and ``explain.txt``; returns the paths.
 
         With ``batches``, also the step plan for them: ``schedule.txt`` (per-stage step table,
-        simulated times, text Gantt) and ``schedule_gantt.png`` (needs matplotlib).
+        simulated times, text Gantt) and ``schedule_gantt.png`` (needs matplotlib); after a step,
+        the measured timeline of the last step beside it (``schedule_measured.txt``,
+        ``schedule_measured_gantt.png``; all ranks gathered). With stages on several processes,
+        only rank 0 writes (every rank may call it).
         """
+        if self.rank != 0:
+            return []
         directory = Path(directory)
         paths = dump_history(self.history, directory)
         if self.partitioned is not None:
@@ -105,10 +131,21 @@ class Program:
         paths.append(p)
         if report.plan is not None:
             paths += dump_plan(report.plan, directory)
+        if self.last_plan is not None and self.measured is not None:
+            paths += dump_measured(self.last_plan, self.measured, directory)
         return paths
 
     def save_adapters(self, directory: str | Path) -> list[Path]:
-        """Write each task's adapter to ``<directory>/<task>/`` in PEFT format."""
+        """Write each task's adapter to ``<directory>/<task>/`` in PEFT format.
+
+        With stages on several processes this is collective (call it on every rank): each
+        adapter tensor is first copied from the rank that trains it, then rank 0 writes.
+        """
+        if self.stage_group is not None:
+            names = {n: t for n, t in self.mux.tensors.items() if t.requires_grad}
+            self.executor.share_params(names)
+            if self.rank != 0:
+                return []
         return [save_task_adapter(t, Path(directory) / name) for name, t in self.tasks.items()]
 
 

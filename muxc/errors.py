@@ -91,3 +91,7 @@ def parse_enum(cls, value, name: str, error: type[MuxcError] = OptionsError):
     except ValueError:
         choices = [c.value for c in cls]
         raise error(f"{name}={value!r} is not one of {choices}") from None
+
+
+class PipelineError(MuxcError):
+    """A pipeline-stage process died, raised or stopped answering during a step."""

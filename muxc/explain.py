@@ -148,7 +148,8 @@ def explain_program(program, batches: Mapping[str, Mapping] | None = None) -> Ex
                 optimizer=type(opt).__name__,
             )
         )
-    frozen = [mux.tensors[n.name] for n in mux.nodes_with(Role.FROZEN)]
+    # with stages on several processes a rank keeps only its own stage's frozen tensors
+    frozen = [mux.tensors[n.name] for n in mux.nodes_with(Role.FROZEN) if n.name in mux.tensors]
     frozen_bytes = _bytes(frozen)
     n = len(mux.tasks)
     opts = program.options

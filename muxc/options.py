@@ -36,8 +36,9 @@ class Options:
     alignment: "pad" | "chunk" (pack each task's samples into streams cut into equal chunks of
       ``chunk_size`` tokens; exact attention through document masks and kept K/V).
     chunk_size: tokens per chunk (>= 1); None picks a default from the batches.
-    stages: pipeline stages the backbone is cut into (1..number of subgraphs); all run in this
-      process for now (the multi-process pipeline runtime is a later step).
+    stages: pipeline stages the backbone is cut into (1..number of subgraphs). In a
+      torch.distributed group of ``stages`` processes (e.g. torchrun), rank r runs stage r;
+      otherwise every stage runs in this process, in the plan's order.
     micro_batches: micro-batches per hTask with alignment="pad" (None: one per task row
       group); with alignment="chunk" an hTask's micro-batches are its chunk steps.
     memory_budget: bytes the fusion planner must stay under (None: unlimited).
@@ -45,6 +46,8 @@ class Options:
       first use or fall back to the analytic roofline).
     kernel_impl: None (registry picks: Triton on CUDA, torch on CPU) | "torch" | "triton".
     verify: run invariant checks after every pass (slower compile; on in tests).
+    pipeline_timeout: seconds a stage process waits for another before the step fails with
+      `PipelineError` (multi-process stages only).
 
     >>> Options(fusion="temporal").fusion
     <Fusion.TEMPORAL: 'temporal'>
@@ -59,6 +62,7 @@ class Options:
     cost_model: str | None = None
     kernel_impl: Impl | str | None = None
     verify: bool = False
+    pipeline_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fusion", parse_enum(Fusion, self.fusion, "fusion"))
@@ -85,6 +89,9 @@ class Options:
             )
         if self.cost_model is not None and not isinstance(self.cost_model, (str, os.PathLike)):
             raise OptionsError(f"cost_model must be a path or None, got {self.cost_model!r}")
+        if isinstance(self.pipeline_timeout, bool) or not isinstance(self.pipeline_timeout, (int, float)) \
+                or not self.pipeline_timeout > 0:
+            raise OptionsError(f"pipeline_timeout must be seconds > 0, got {self.pipeline_timeout!r}")
         if not isinstance(self.verify, bool):
             raise OptionsError(f"verify must be a bool, got {self.verify!r}")
 

@@ -13,7 +13,7 @@ import torch.fx as fx
 from muxc.ir import META_KEY, MuxGraph, PartitionedGraph, TaskGraph, table
 from muxc.task import Task
 
-__all__ = ["graph_table", "render", "dump_history", "dump_plan", "table"]
+__all__ = ["graph_table", "render", "dump_history", "dump_plan", "dump_measured", "table"]
 
 
 def _target(node: fx.Node) -> str:
@@ -97,6 +97,37 @@ def dump_plan(plan, directory: Path) -> list[Path]:
     written = [txt]
     try:
         gantt_png(plan.schedule, plan.sim, png, title=f"hTasks {plan.htasks}", time_unit="s")
+        written.append(png)
+    except GanttUnavailableError as e:
+        parts.append(f"\n(no PNG: {e})")
+    txt.write_text("\n".join(parts) + "\n")
+    return written
+
+
+def dump_measured(plan, measured, directory: Path) -> list[Path]:
+    """``schedule_measured.txt`` (+ ``schedule_measured_gantt.png``): the last step's measured
+    timeline beside what the simulator predicted for its plan, per stage."""
+    from muxc.dump.gantt import GanttUnavailableError, gantt_png, gantt_text
+
+    directory.mkdir(parents=True, exist_ok=True)
+    txt = directory / "schedule_measured.txt"
+    png = directory / "schedule_measured_gantt.png"
+    sim = plan.sim
+    rows = [[s, f"{sim.busy[s]:.4g}", f"{measured.busy[s]:.4g}", f"{sim.utilisation[s]:.3f}",
+             f"{measured.utilisation[s]:.3f}"] for s in range(plan.stages)]
+    parts = [
+        f"# last step: hTasks {plan.htasks}, stages {plan.stages}, policy {plan.schedule.policy}",
+        f"# makespan simulated {sim.makespan * 1e3:.3f} ms, measured {measured.makespan * 1e3:.3f} ms; "
+        f"bubble fraction simulated {sim.bubble_fraction:.4f}, measured {measured.bubble_fraction:.4f}",
+        "",
+        table(["stage", "busy s (simulated)", "busy s (measured)", "utilisation (sim)",
+               "utilisation (measured)"], rows),
+        "",
+        gantt_text(plan.schedule, measured),
+    ]
+    written = [txt]
+    try:
+        gantt_png(plan.schedule, measured, png, title=f"measured: hTasks {plan.htasks}", time_unit="s")
         written.append(png)
     except GanttUnavailableError as e:
         parts.append(f"\n(no PNG: {e})")

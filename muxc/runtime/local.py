@@ -26,6 +26,7 @@ import torch
 
 from muxc.ir import IGNORE_INDEX, MuxBatch, MuxGraph, PartitionedGraph, Step, StepPlan
 from muxc.runtime.batch import build_batch
+from muxc.runtime.timeline import Timeline
 
 __all__ = ["LocalExecutor", "Boundary"]
 
@@ -65,6 +66,8 @@ class _MicroBatch:
     env: dict = field(default_factory=dict)
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     sent: dict[int, Boundary] = field(default_factory=dict)  # stage -> what it handed on
+    received: list = field(default_factory=list)  # values another rank sent this stage
+    sent_values: list = field(default_factory=list)  # values this stage sent another rank
 
 
 class LocalExecutor:
@@ -81,6 +84,7 @@ class LocalExecutor:
         self._inputs = [n for n in names if n not in mux.tensors and n != "mux"]
         self.device = mux.tensors[self._bound_names[0]].device
         self.executed: list[Step] = []
+        self.timeline: Timeline | None = None
 
     # ------------------------------------------------------------------ inputs
 
@@ -166,31 +170,44 @@ class LocalExecutor:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, plan: StepPlan, batches: Mapping[str, Mapping], training: bool = True,
-            backward: bool = True) -> dict[str, torch.Tensor]:
-        """Run ``plan`` on ``batches``: ``{task: loss}`` (detached when ``backward``); adapter
-        ``.grad`` accumulate like PyTorch when ``backward``."""
-        grad = backward and torch.is_grad_enabled()
+    def micro_batches(self, plan: StepPlan, batches: Mapping[str, Mapping],
+                      training: bool) -> list[list[_MicroBatch]]:
+        """Per hTask of ``plan``, its micro-batches' graph inputs."""
         micro: list[list[_MicroBatch]] = []
         for h in plan.htask_plans:
             if h.layout is not None:
                 micro.append(self._chunk_micro_batches(h.layout, training))
             else:
                 micro.append(self._pad_micro_batches(batches, h.tasks, h.micro_batches, training))
-        self.executed = []
-        for step in plan.schedule.execution_order():
-            mb = micro[step.htask][step.micro_batch]
-            if step.is_forward:
-                self._forward(mb, step.stage, grad)
-            elif grad:
-                self._backward(mb, step.stage)
-            else:
-                continue
-            self.executed.append(step)
+        return micro
+
+    def totals(self, micro: list[list[_MicroBatch]], detach: bool) -> dict[str, torch.Tensor]:
+        """Each task's loss: the sum of its micro-batches' shares."""
         totals: dict[str, torch.Tensor] = {}
         for parts in micro:
             for mb in parts:
                 for t, loss in mb.losses.items():
-                    loss = loss.detach() if grad else loss
+                    loss = loss.detach() if detach else loss
                     totals[t] = loss if t not in totals else totals[t] + loss
         return {t: totals[t] for t in self.mux.tasks if t in totals}
+
+    def run(self, plan: StepPlan, batches: Mapping[str, Mapping], training: bool = True,
+            backward: bool = True) -> dict[str, torch.Tensor]:
+        """Run ``plan`` on ``batches``: ``{task: loss}`` (detached when ``backward``); adapter
+        ``.grad`` accumulate like PyTorch when ``backward``. ``timeline`` records each action's
+        start and end (seconds from the step's start)."""
+        grad = backward and torch.is_grad_enabled()
+        micro = self.micro_batches(plan, batches, training)
+        self.executed = []
+        self.timeline = Timeline(plan.stages)
+        for step in plan.schedule.execution_order():
+            mb = micro[step.htask][step.micro_batch]
+            if not (step.is_forward or grad):
+                continue
+            with self.timeline.record(step):
+                if step.is_forward:
+                    self._forward(mb, step.stage, grad)
+                else:
+                    self._backward(mb, step.stage)
+            self.executed.append(step)
+        return self.totals(micro, detach=grad)
