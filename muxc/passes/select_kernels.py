@@ -13,6 +13,7 @@ import torch
 
 from muxc.ir import AdapterKind, MuxGraph
 from muxc.kernels import registry
+from muxc.passes.pass_base import CompileContext, PassResult
 
 __all__ = ["select_kernels", "KernelPlan"]
 
@@ -30,8 +31,8 @@ class KernelPlan:
         return f"KernelPlan({body})"
 
 
-def select_kernels(mux: MuxGraph, ctx) -> KernelPlan:
-    """Record the registry's choice for every adapter op kind present in ``mux``."""
+def select_kernels(mux: MuxGraph, ctx: CompileContext) -> PassResult[KernelPlan]:
+    """Record the registry's choice for every adapter op kind in ``mux``; does not mutate it."""
     kinds = {r.kind for recs in mux.sites.values() for r in recs}
     choices = {}
     for kind in sorted(kinds, key=lambda k: k.value):
@@ -41,4 +42,4 @@ def select_kernels(mux: MuxGraph, ctx) -> KernelPlan:
         for name in (op, f"{op}_bwd"):
             choice = registry.select(name, ctx.options.kernel_impl, like)
             choices[name] = (choice.impl.value, choice.reason)
-    return KernelPlan(choices)
+    return PassResult(KernelPlan(choices))
