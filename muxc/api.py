@@ -12,7 +12,7 @@ from muxc.dump import dump_history, dump_measured, dump_plan
 from muxc.explain import Explanation, explain_program
 from muxc.ir import MuxGraph
 from muxc.options import Options
-from muxc.pipeline import CompileContext, PassRecord, run_pipeline
+from muxc.pipeline import CompileContext, CompileState, PassRecord, run_pipeline
 from muxc.ir import SimResult, StepPlan
 from muxc.plan import Planner
 from muxc.runtime.batch import check_batches
@@ -33,33 +33,34 @@ class Program:
     {'a': tensor(4.85), 'b': tensor(4.87)}
     """
 
-    def __init__(self, tasks: list[Task], mux: MuxGraph, ctx: CompileContext, history: list[PassRecord], kernel_plan,
-                 partitioned=None):
-        self.tasks = {t.name: t for t in tasks}
+    def __init__(self, state: CompileState, options: Options, history: list[PassRecord]):
+        """From the pipeline's final ``state``; ``history`` is its pass records."""
+        mux: MuxGraph = state.mux_graph
+        self.tasks = {t.name: t for t in state.tasks}
         self.mux = mux
-        self.options = ctx.options
+        self.options = options
         self.history = history
-        self.kernel_plan = kernel_plan
-        self.sharing = dict(ctx.sharing)
+        self.kernel_plan = state.kernel_plan
+        self.sharing = dict(state.sharing)
         records = {t: [] for t in mux.tasks}
         for tg in mux.sources.values():
             records[tg.task] = list(tg.adapters)
         self.adapters = records
-        self.states: dict[str, TaskState] = build_states(tasks, records)
-        self.partitioned = partitioned
-        self.planner = Planner(mux, ctx.options)
+        self.states: dict[str, TaskState] = build_states(list(state.tasks), records)
+        self.partitioned = state.partitioned
+        self.planner = Planner(mux, options)
         self.last_plan: StepPlan | None = None  # the plan the last step ran
         self.measured: SimResult | None = None  # the last step's measured timeline
         self.stage_group = None
-        if ctx.options.stages > 1:
+        if options.stages > 1:
             device = next(iter(mux.tensors.values())).device
-            self.stage_group = join_stage_group(ctx.options.stages, ctx.options.pipeline_timeout, device)
+            self.stage_group = join_stage_group(options.stages, options.pipeline_timeout, device)
         if self.stage_group is None:
-            self.executor = LocalExecutor(mux, partitioned, ctx.options.kernel_impl)
+            self.executor = LocalExecutor(mux, state.partitioned, options.kernel_impl)
         else:
             self.planner.fusion  # priced on the whole graph before other stages' weights go
-            self.executor = StageExecutor(mux, partitioned, ctx.options.kernel_impl, self.stage_group)
-            self.executor.release_unowned([t.model for t in tasks])
+            self.executor = StageExecutor(mux, state.partitioned, options.kernel_impl, self.stage_group)
+            self.executor.release_unowned([t.model for t in state.tasks])
 
     @property
     def rank(self) -> int:
@@ -162,4 +163,4 @@ def compile(
     options = options if options is not None else Options()
     ctx = CompileContext(options=options, on_progress=on_progress)
     state, history = run_pipeline(tasks, ctx)
-    return Program(state["tasks"], state["mux_graph"], ctx, history, state["kernel_plan"], state["partitioned"])
+    return Program(state, options, history)

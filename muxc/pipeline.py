@@ -1,18 +1,27 @@
 """The compiler as one readable list of passes, and the thin driver that runs it.
 
-Each step reads named values of the compile state and writes one. The driver times each pass,
-records ``(name, seconds, summary)`` in the history, and, with ``Options(verify=True)``, runs
-the invariant checks of `muxc.verify` after it.
+Each step reads one field of the typed `CompileState` and writes one or more. A pass is a
+function ``(value, ctx) -> PassResult``; it returns new values and never mutates an earlier
+pass's output. The driver times each pass, records ``(index, name, seconds, summary)`` and the
+pass output's text (rendered right away, so a dump shows what the pass made, not what later
+passes made of it) in the history, and, with ``Options(verify=True)``, runs the invariant
+checks of `muxc.verify` after it.
+
+>>> state, history = run_pipeline(tasks, CompileContext(Options()))      # doctest: +SKIP
+>>> history[4].summary                                                   # doctest: +SKIP
+"alignment='pad': attention left as exported; MuxGraph(llama, tasks=['a', 'b'], ...)"
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from muxc.options import Options
+from muxc.dump import render
+from muxc.errors import MuxcInternalError
+from muxc.ir import MuxGraph, PartitionedGraph, TaskGraph
 from muxc.passes import (
     merge_backbones,
     partition,
@@ -22,75 +31,118 @@ from muxc.passes import (
     trace_tasks,
     validate_tasks,
 )
+from muxc.passes.pass_base import CompileContext, PassResult
+from muxc.passes.select_kernels import KernelPlan
+from muxc.passes.share_frozen_weights import SharingReport
+from muxc.task import Task
+from muxc.verify import verify_state
 
-__all__ = ["Pass", "PIPELINE", "PassRecord", "CompileContext", "run_pipeline"]
+__all__ = ["Pass", "PIPELINE", "PassRecord", "CompileState", "CompileContext", "run_pipeline"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileState:
+    """What the passes have produced so far; the driver replaces fields, passes never mutate.
+
+    ``tasks`` is the user's input until `validate_tasks` turns it into a checked tuple.
+    """
+
+    tasks: Sequence[Task]
+    task_graphs: tuple[TaskGraph, ...] = ()
+    sharing: SharingReport | None = None
+    mux_graph: MuxGraph | None = None
+    partitioned: PartitionedGraph | None = None
+    kernel_plan: KernelPlan | None = None
+
+
+_FIELDS = frozenset(f.name for f in fields(CompileState))
 
 
 @dataclass(frozen=True)
 class Pass:
-    name: str
-    fn: Callable
+    """One pipeline step, named after ``fn``: it reads state field ``reads``, writes ``writes``.
+
+    With several fields in ``writes``, ``fn``'s result value is a tuple of one value per field.
+    """
+
+    fn: Callable[[Any, CompileContext], PassResult]
     reads: str
-    writes: str
+    writes: str | tuple[str, ...]
     why: str
+
+    def __post_init__(self) -> None:
+        unknown = sorted({self.reads, *self.outputs} - _FIELDS)
+        if unknown:
+            raise MuxcInternalError(f"pass {self.name!r} names {unknown}, not CompileState fields")
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.writes,) if isinstance(self.writes, str) else self.writes
 
 
 PIPELINE: tuple[Pass, ...] = (
-    Pass("validate_tasks", validate_tasks, "tasks", "tasks", "fail fast, before any tracing"),
-    Pass("trace_tasks", trace_tasks, "tasks", "task_graphs", "one export graph per task, adapters opaque"),
-    Pass("share_frozen_weights", share_frozen_weights, "task_graphs", "task_graphs", "one copy of the base"),
-    Pass("merge_backbones", merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
-    Pass("rewrite_attention", rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),
-    Pass("partition", partition, "mux_graph", "partitioned", "subgraphs + cost-balanced pipeline stages"),
-    Pass("select_kernels", select_kernels, "mux_graph", "kernel_plan", "pick adapter kernels, say why"),
+    Pass(validate_tasks, "tasks", "tasks", "fail fast, before any tracing"),
+    Pass(trace_tasks, "tasks", "task_graphs", "one export graph per task, adapters opaque"),
+    Pass(share_frozen_weights, "task_graphs", ("task_graphs", "sharing"), "one copy of the base"),
+    Pass(merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
+    Pass(rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),
+    Pass(partition, "mux_graph", "partitioned", "subgraphs + cost-balanced pipeline stages"),
+    Pass(select_kernels, "mux_graph", "kernel_plan", "pick adapter kernels, say why"),
 )
 
 
 @dataclass(frozen=True)
 class PassRecord:
-    """What one pass did: its output is kept for dumps."""
+    """What one pass did: ``summary`` is its notes and output's short form, ``text`` the long one.
+
+    ``text`` is rendered when the pass finishes, so it shows exactly that pass's output.
+    """
 
     index: int
     name: str
     seconds: float
     summary: str
-    output: Any = field(repr=False, compare=False)
+    text: str = field(repr=False, compare=False)
 
 
-@dataclass
-class CompileContext:
-    """Options plus facts passes leave for later ones and for `explain()`."""
-
-    options: Options
-    on_progress: Callable[[str, int, int, str], None] | None = None
-    sharing: dict[str, str] = field(default_factory=dict)
-    notes: dict[str, str] = field(default_factory=dict)  # pass name -> what it did, for history
-
-    def progress(self, stage: str, done: int, total: int, item: str) -> None:
-        if self.on_progress is not None:
-            self.on_progress(stage, done, total, item)
-
-
-def _summary(value) -> str:
-    if isinstance(value, list):
+def _short(value) -> str:
+    if isinstance(value, (list, tuple)):
         return f"[{', '.join(repr(v) for v in value)}]"
     return repr(value)
 
 
-def run_pipeline(tasks, ctx: CompileContext) -> tuple[dict[str, Any], list[PassRecord]]:
-    """Run PIPELINE over ``tasks``; returns the final state and the pass history."""
-    from muxc.verify import verify_state
+def _values(p: Pass, result) -> tuple:
+    """The values ``p`` writes, one per field of ``p.outputs``."""
+    if not isinstance(result, PassResult):
+        got = type(result).__name__
+        raise MuxcInternalError(f"pass {p.name!r} returned {got}, not a PassResult")
+    if len(p.outputs) == 1:
+        return (result.value,)
+    if not isinstance(result.value, tuple) or len(result.value) != len(p.outputs):
+        raise MuxcInternalError(
+            f"pass {p.name!r} writes {p.outputs}; its value must be a tuple of {len(p.outputs)}"
+        )
+    return result.value
 
-    state: dict[str, Any] = {"tasks": tasks}
+
+def run_pipeline(tasks, ctx: CompileContext) -> tuple[CompileState, list[PassRecord]]:
+    """Run PIPELINE over ``tasks``; returns the final state and the pass history."""
+    state = CompileState(tasks=tasks)
     history = []
     for i, p in enumerate(PIPELINE):
         t0 = time.perf_counter()
-        state[p.writes] = p.fn(state[p.reads], ctx)
+        result = p.fn(getattr(state, p.reads), ctx)
         seconds = time.perf_counter() - t0
+        values = _values(p, result)
+        state = replace(state, **dict(zip(p.outputs, values)))
         if ctx.options.verify:
-            verify_state(p.name, state)
-        summary = _summary(state[p.writes])
-        if p.name in ctx.notes:
-            summary = f"{ctx.notes[p.name]}; {summary}"
-        history.append(PassRecord(i, p.name, seconds, summary, state[p.writes]))
+            shared = state.sharing is not None
+            verify_state(p.name, state.task_graphs, state.mux_graph, shared=shared)
+        summary = "; ".join([*filter(None, [result.notes]), *(_short(v) for v in values)])
+        text = "\n\n".join(render(v) for v in values)
+        history.append(PassRecord(i, p.name, seconds, summary, text))
     return state, history

@@ -5,7 +5,7 @@ A failed check is a muxc bug, raised as `MuxcInternalError` naming the pass and 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 from muxc.errors import MuxcInternalError
 from muxc.ir import META_KEY, MuxGraph, Role, TaskGraph, info
@@ -52,16 +52,21 @@ def verify_mux_graph(pass_name: str, mux: MuxGraph) -> None:
         _fail(pass_name, f"{len(losses)} loss nodes for {len(mux.tasks)} tasks")
 
 
-def verify_state(pass_name: str, state: dict[str, Any]) -> None:
-    """Check every IR the state holds so far."""
-    for tg in state.get("task_graphs", []):
+def verify_state(
+    pass_name: str, task_graphs: Sequence[TaskGraph], mux_graph: MuxGraph | None, *, shared: bool
+) -> None:
+    """Check every IR of the compile state so far (the pipeline passes its fields).
+
+    ``shared``: `share_frozen_weights` has run, so every task's frozen bindings must be the
+    first task's tensors.
+    """
+    for tg in task_graphs:
         verify_task_graph(pass_name, tg)
-    if pass_name == "share_frozen_weights":
-        graphs = state["task_graphs"]
-        ref = {b.fqn: b.tensor for b in graphs[0].frozen_bindings().values()}
-        for tg in graphs[1:]:
+    if shared and task_graphs:
+        ref = {b.fqn: b.tensor for b in task_graphs[0].frozen_bindings().values()}
+        for tg in task_graphs[1:]:
             for b in tg.frozen_bindings().values():
                 if b.tensor is not ref[b.fqn]:
                     _fail(pass_name, f"{tg.task}: {b.fqn} is not the shared tensor")
-    if "mux_graph" in state:
-        verify_mux_graph(pass_name, state["mux_graph"])
+    if mux_graph is not None:
+        verify_mux_graph(pass_name, mux_graph)

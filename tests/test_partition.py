@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import random
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from muxc.ir import Role, info
 from muxc.ir import PartitionedGraph, SubgraphKind
 from muxc.runtime.stages import run_stages
 from muxc.passes.partition import FlopCost, LatencyCost, balance, partition, partition_ids
+from muxc.passes.pass_base import CompileContext
 from muxc.ir import MuxBatch
 from muxc.runtime.batch import build_batch
 from muxc.ir.chunks import build_layout
@@ -97,7 +97,7 @@ def test_stages_in_sequence_equal_the_whole_graph(programs, alignment):
     assert set(ref_losses) == {"a", "b"}
     assert all(g.norm() > 0 for g in ref_grads), "a reference grad is zero; the test is vacuous"
     for stages in (1, 2, 3, 4):
-        pg = partition(program.mux, None, stages)
+        pg = partition(program.mux, None, stages).value
         assert len(pg.stages) == stages
         losses, grads = _losses_and_grads(program, lambda *a, pg=pg: run_stages(pg, *a))
         for t in ref_losses:
@@ -113,7 +113,7 @@ def test_stages_in_sequence_equal_the_whole_graph(programs, alignment):
 
 
 def test_stage_signatures_chain(mux):
-    pg = partition(mux, None, 3)
+    pg = partition(mux, None, 3).value
     placeholders = set(mux.input_names())
     produced: set[str] = set()
     for stage in pg.stages:
@@ -151,7 +151,7 @@ def test_split_without_partition_affix(programs, monkeypatch):
     monkeypatch.setattr(mod, "split_module", old_split_module)
     program = programs["chunk"]
     ref, _ = _losses_and_grads(program, program.mux.gm)
-    pg = partition(program.mux, None, 3)
+    pg = partition(program.mux, None, 3).value
     got, _ = _losses_and_grads(program, lambda *a: run_stages(pg, *a))
     assert all(torch.equal(got[t], ref[t]) for t in ref)
 
@@ -160,7 +160,7 @@ def test_split_without_partition_affix(programs, monkeypatch):
 
 
 def test_one_peft_subgraph_per_adapter_site(mux):
-    pg = partition(mux, None, 1)
+    pg = partition(mux, None, 1).value
     peft = pg.of_kind(SubgraphKind.PEFT)
     sites = mux.nodes_with(Role.ADAPTER)
     layers = 2
@@ -181,11 +181,11 @@ def test_one_peft_subgraph_per_adapter_site(mux):
     kinds = [sg.kind for sg in pg.subgraphs]
     assert all(not (x is y is SubgraphKind.COMPUTE) for x, y in zip(kinds, kinds[1:]))
     assert pg.counts()[SubgraphKind.COMMUNICATE] == 0
-    assert len(partition(mux, None, 3).boundaries()) == 2
+    assert len(partition(mux, None, 3).value.boundaries()) == 2
 
 
 def test_subgraphs_cover_every_op_once_and_record_tasks(mux):
-    pg = partition(mux, None, 2)
+    pg = partition(mux, None, 2).value
     ops = [n for n in mux.gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
     names = [n for sg in pg.subgraphs for n in sg.nodes]
     assert sorted(names) == sorted(n.name for n in ops)
@@ -201,7 +201,7 @@ def test_subgraphs_cover_every_op_once_and_record_tasks(mux):
 
 def test_partition_ids_are_monotone_along_edges_and_losses_are_last(mux):
     for stages in (2, 4):
-        pg = partition(mux, None, stages)
+        pg = partition(mux, None, stages).value
         ids = partition_ids(pg)
         for node in mux.gm.graph.nodes:
             for a in node.all_input_nodes:
@@ -220,7 +220,7 @@ def test_gpt2_input_and_output_sites_on_one_base_op_form_one_peft_subgraph(bases
                                     feedforward_modules=["c_proj"]), 2)
     program = muxc.compile([muxc.Task(name="a", model=lora), muxc.Task(name="b", model=ia3)])
     mux = program.mux
-    pg = partition(mux, None, 2)
+    pg = partition(mux, None, 2).value
     peft = {sg.site: sg for sg in pg.of_kind(SubgraphKind.PEFT)}
     both = peft["transformer.h.0.mlp.c_proj"]
     targets = [str(next(n for n in mux.gm.graph.nodes if n.name == name).target) for name in both.nodes]
@@ -265,7 +265,7 @@ def test_balance_is_optimal_contiguous_and_deterministic():
 
 def test_stage_costs_are_balanced(mux):
     for stages in (2, 3, 4):
-        pg = partition(mux, None, stages)
+        pg = partition(mux, None, stages).value
         costs = pg.stage_costs()
         items = [sg.cost for sg in pg.subgraphs if sg.kind is not SubgraphKind.COMMUNICATE]
         assert sum(costs) == pytest.approx(sum(items))
@@ -293,7 +293,7 @@ def test_latency_cost_from_the_cost_model_balances_seconds(programs, alignment):
     names = {n.name for n in mux.gm.graph.nodes}
     assert set(cost.seconds) <= names
     assert cost(next(n for n in mux.gm.graph.nodes if n.name == "linear")) > 0
-    pg = partition(mux, None, 3, node_cost=cost)
+    pg = partition(mux, None, 3, node_cost=cost).value
     assert pg.cost_name == "s" and "s)" in repr(pg)
     assert sum(pg.stage_costs()) == pytest.approx(sum(cost.seconds.values()))
     items = [sg.cost for sg in pg.subgraphs if sg.kind is not SubgraphKind.COMMUNICATE]
@@ -301,21 +301,21 @@ def test_latency_cost_from_the_cost_model_balances_seconds(programs, alignment):
 
 
 def test_custom_node_cost_and_context_options(mux):
-    pg = partition(mux, None, 2, node_cost=lambda n: 1.0)
+    pg = partition(mux, None, 2, node_cost=lambda n: 1.0).value
     sizes = [sum(len(pg.subgraphs[i].nodes) for i in s.subgraphs) for s in pg.stages]
     assert pg.stage_costs() == [float(s) for s in sizes]
     assert abs(sizes[0] - sizes[1]) <= max(len(sg.nodes) for sg in pg.subgraphs)
-    ctx = SimpleNamespace(options=SimpleNamespace(stages=3), notes={})
-    assert len(partition(mux, ctx).stages) == 3
-    assert "3 stages" in ctx.notes["partition"]
-    assert len(partition(mux, SimpleNamespace(options=muxc.Options(), notes={})).stages) == 1
+    result = partition(mux, CompileContext(muxc.Options(stages=3)))
+    assert len(result.value.stages) == 3
+    assert "3 stages" in result.notes
+    assert len(partition(mux, CompileContext(muxc.Options())).value.stages) == 1
 
 
 def test_partition_is_deterministic_and_leaves_mux_unchanged(mux):
     code = mux.gm.code
     metas = [dict(n.meta) for n in mux.gm.graph.nodes]
-    a = partition(mux, None, 3)
-    b = partition(mux, None, 3)
+    a = partition(mux, None, 3).value
+    b = partition(mux, None, 3).value
     assert a.subgraphs == b.subgraphs
     assert a.table() == b.table()
     assert partitioned_dot(a) == partitioned_dot(b)
@@ -325,7 +325,7 @@ def test_partition_is_deterministic_and_leaves_mux_unchanged(mux):
 
 
 def test_communicate_records_crossing_tensors(mux):
-    pg = partition(mux, None, 2)
+    pg = partition(mux, None, 2).value
     (comm,) = pg.boundaries()
     assert comm.nodes == () and comm.cost == 0 and (comm.stage, comm.dst_stage) == (0, 1)
     by_name = {c.name: c for c in comm.crossing}
@@ -355,7 +355,7 @@ def test_bad_node_costs_are_rejected(mux, bad):
 
 
 def test_table_and_repr(mux):
-    pg = partition(mux, None, 2)
+    pg = partition(mux, None, 2).value
     assert isinstance(pg, PartitionedGraph)
     r = repr(pg)
     assert r.startswith("PartitionedGraph(llama, 2 stages,") and "8 peft" in r and "1 communicate" in r
@@ -367,7 +367,7 @@ def test_table_and_repr(mux):
 
 
 def test_dot_has_a_cluster_per_stage_and_a_box_per_subgraph(mux, tmp_path):
-    pg = partition(mux, None, 3)
+    pg = partition(mux, None, 3).value
     text = partitioned_dot(pg)
     assert text.startswith("digraph partitioned {") and text.rstrip().endswith("}")
     assert text.count("subgraph cluster_stage_") == 3
@@ -386,7 +386,7 @@ def test_dot_has_a_cluster_per_stage_and_a_box_per_subgraph(mux, tmp_path):
 
 
 def test_render_without_graphviz_says_how_to_install(mux, tmp_path):
-    pg = partition(mux, None, 2)
+    pg = partition(mux, None, 2).value
     with pytest.raises(GraphvizNotFoundError, match="install Graphviz"):
         render(pg, tmp_path / "p.png", dot="muxc-no-such-dot-binary")
     assert render(pg, tmp_path / "p.dot", dot="muxc-no-such-dot-binary").read_text() == partitioned_dot(pg)
@@ -394,5 +394,5 @@ def test_render_without_graphviz_says_how_to_install(mux, tmp_path):
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'dot' is not installed")
 def test_render_png_with_graphviz(mux, tmp_path):
-    out = render(partition(mux, None, 2), tmp_path / "p.png")
+    out = render(partition(mux, None, 2).value, tmp_path / "p.png")
     assert out.read_bytes()[:4] == b"\x89PNG"

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -51,23 +52,27 @@ def render(value) -> str:
         return f"{value!r}\n\n{value.table()}"
     if isinstance(value, TaskGraph):
         return f"{value!r}\n\n{graph_table(value.gm)}"
-    if isinstance(value, list) and value and isinstance(value[0], TaskGraph):
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], TaskGraph):
         return "\n\n".join(render(v) for v in value)
-    if isinstance(value, list) and value and isinstance(value[0], Task):
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], Task):
         rows = [[t.name, type(t.model).__name__, t.adapter_name or "(active)", type(t.optimizer).__name__ if t.optimizer else f"AdamW(lr={t.lr})"] for t in value]
         return table(["task", "model", "adapter", "optimizer"], rows)
     if hasattr(value, "choices"):
         return table(["op", "impl", "why"], [[op, impl, why] for op, (impl, why) in value.choices.items()], 120)
+    if isinstance(value, Mapping):
+        rows = [[str(k), str(v)] for k, v in value.items()]
+        return f"{value!r}\n\n{table(['key', 'value'], rows)}"
     return repr(value)
 
 
 def dump_history(history, directory: Path) -> list[Path]:
-    """Write ``pass_NN_<name>.txt`` for every pass record; returns the paths."""
+    """Write ``pass_NN_<name>.txt`` per record (text rendered when its pass ran); returns paths."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for rec in history:
         p = directory / f"pass_{rec.index:02d}_{rec.name}.txt"
-        p.write_text(f"# pass {rec.index}: {rec.name} ({rec.seconds * 1e3:.1f} ms)\n# {rec.summary}\n\n{render(rec.output)}\n")
+        head = f"# pass {rec.index}: {rec.name} ({rec.seconds * 1e3:.1f} ms)\n# {rec.summary}"
+        p.write_text(f"{head}\n\n{rec.text}\n")
         paths.append(p)
     return paths
 

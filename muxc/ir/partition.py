@@ -16,7 +16,7 @@ Placeholders (frozen weights, adapter parameters, ``input_ids``, ``attention_mas
 ``position_ids``, ``mux``) belong to no subgraph: every stage that reads one receives it as an
 input. ``get_attr`` nodes (higher-order-op bodies) are copied into the stages that use them.
 
->>> pg = partition(program.mux, None, stages=2)                 # doctest: +SKIP
+>>> pg = partition(program.mux, None, stages=2).value           # doctest: +SKIP
 >>> pg                                                          # doctest: +SKIP
 PartitionedGraph(llama, 2 stages, 18 subgraphs (9 compute, 8 peft, 1 communicate), stage cost 5.68e+07 / 5.77e+07 flop)
 >>> run_stages(pg, *bound, input_ids, attention_mask, batch)   # doctest: +SKIP

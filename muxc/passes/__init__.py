@@ -1,13 +1,13 @@
-"""Compiler passes: one function per file, named by a verb."""
+"""Compiler passes: one function per file, named by a verb, each ``(value, ctx) -> PassResult``."""
 
 from muxc.passes.merge_backbones import merge_backbones
 from muxc.passes.partition import partition
+from muxc.passes.pass_base import CompileContext, PassResult
 from muxc.passes.rewrite_attention import rewrite_attention
 from muxc.passes.select_kernels import select_kernels
 from muxc.passes.share_frozen_weights import share_frozen_weights
 from muxc.passes.trace_tasks import trace_tasks
 from muxc.passes.validate_tasks import validate_tasks
 
-__all__ = ["validate_tasks", "trace_tasks", "share_frozen_weights", "merge_backbones", "rewrite_attention",
-           "partition",
-           "select_kernels"]
+__all__ = ["validate_tasks", "trace_tasks", "share_frozen_weights", "merge_backbones",
+           "rewrite_attention", "partition", "select_kernels", "CompileContext", "PassResult"]

@@ -25,6 +25,7 @@ from muxc.errors import ArchitectureMismatchError, MuxcInternalError
 from muxc.ir import AdapterRecord, MuxGraph, NodeInfo, Position, Role, TaskGraph, info, set_info
 from muxc.ir import InputSite, OutputSite, TaskLoss
 from muxc.kinds import spec_for_trace_op
+from muxc.passes.pass_base import CompileContext, PassResult
 
 __all__ = ["merge_backbones"]
 
@@ -135,8 +136,8 @@ def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
-def merge_backbones(graphs: list[TaskGraph], ctx) -> MuxGraph:
-    """Merge task graphs on one shared backbone (see module doc)."""
+def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassResult[MuxGraph]:
+    """Merge task graphs into a new MuxGraph on one backbone; does not mutate them (module doc)."""
     bbs = [_Backbone.of(g) for g in graphs]
     for other in bbs[1:]:
         _check_same(bbs[0], other)
@@ -231,14 +232,14 @@ def merge_backbones(graphs: list[TaskGraph], ctx) -> MuxGraph:
     set_info(out, NodeInfo(Role.OUTPUT, everyone))
     g.lint()
     gm = fx.GraphModule(ref.graph.gm, g, class_name="MuxGraphModule")
-    return MuxGraph(
+    return PassResult(MuxGraph(
         gm=gm,
         tasks=tasks,
         tensors=tensors,
         model_type=ref.graph.model_type,
         sites=sites,
         sources={tg.task: tg for tg in graphs},
-    )
+    ))
 
 
 def _ordered(group: list[_Anchor], tasks: tuple[str, ...]) -> list[_Anchor]:

@@ -22,7 +22,7 @@ are cut from a copy of its graph. Steps:
 5. Modules. ``split_module`` with the stage index as partition id: ids are non-decreasing
    along the order of step 2, hence monotone along every edge (no partition cycle).
 
->>> pg = partition(program.mux, None, stages=2)             # doctest: +SKIP
+>>> pg = partition(program.mux, None, stages=2).value       # doctest: +SKIP
 >>> pg                                                      # doctest: +SKIP
 PartitionedGraph(llama, 2 stages, 18 subgraphs (9 compute, 8 peft, 1 communicate), stage cost 5.68e+07 / 5.77e+07 flop)
 >>> [sg.kind.value for sg in pg.subgraphs[:3]]              # doctest: +SKIP
@@ -55,6 +55,7 @@ from muxc.ir.partition import (
     SubgraphKind,
     output_template,
 )
+from muxc.passes.pass_base import CompileContext, PassResult
 
 __all__ = ["partition", "FlopCost", "LatencyCost", "balance", "partition_ids"]
 
@@ -547,20 +548,20 @@ def _stages(
 
 def partition(
     mux: MuxGraph,
-    ctx=None,
+    ctx: CompileContext | None = None,
     stages: int | None = None,
     node_cost: Callable[[fx.Node], float] | None = None,
     *,
     hint: ShapeHint | None = None,
-) -> PartitionedGraph:
-    """Cut ``mux`` into subgraphs and ``stages`` balanced pipeline stages (see module doc).
+) -> PassResult[PartitionedGraph]:
+    """Cut ``mux`` into subgraphs and balanced pipeline stages; does not mutate it (module doc).
 
-    ``stages`` defaults to ``ctx.options.stages`` (1 when absent). ``node_cost(node)`` prices an
-    op of ``mux.gm`` (default `FlopCost` at ``hint``); ``hint`` also sizes the COMMUNICATE
-    records. Raises `OptionsError` unless ``1 <= stages <= number of subgraphs``.
+    ``stages`` defaults to ``ctx.options.stages`` (1 without a ``ctx``). ``node_cost(node)``
+    prices an op of ``mux.gm`` (default `FlopCost` at ``hint``); ``hint`` also sizes the
+    COMMUNICATE records. Raises `OptionsError` unless ``1 <= stages <= number of subgraphs``.
     """
     if stages is None:
-        stages = getattr(getattr(ctx, "options", None), "stages", 1)
+        stages = ctx.options.stages if ctx is not None else 1
     if isinstance(stages, bool) or not isinstance(stages, int):
         raise OptionsError(f"stages must be an int >= 1 (e.g. stages=2), got {stages!r}")
     hint = hint or ShapeHint()
@@ -621,12 +622,11 @@ def partition(
         input_names=tuple(mux.input_names()),
     )
     _check(pg, order)
-    if ctx is not None and hasattr(ctx, "notes"):
-        ctx.notes["partition"] = (
-            f"{len(groups)} PEFT groups for {len(mux.nodes_with(Role.ADAPTER))} sites; "
-            f"{stages} stages, max/mean cost {_imbalance(pg):.3f}"
-        )
-    return pg
+    notes = (
+        f"{len(groups)} PEFT groups for {len(mux.nodes_with(Role.ADAPTER))} sites; "
+        f"{stages} stages, max/mean cost {_imbalance(pg):.3f}"
+    )
+    return PassResult(pg, notes)
 
 
 def _imbalance(pg: PartitionedGraph) -> float:

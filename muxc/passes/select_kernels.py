@@ -14,6 +14,7 @@ import torch
 from muxc.ir import MuxGraph
 from muxc.kernels import registry
 from muxc.kinds import spec_of
+from muxc.passes.pass_base import CompileContext, PassResult
 
 __all__ = ["select_kernels", "KernelPlan"]
 
@@ -28,8 +29,8 @@ class KernelPlan:
         return f"KernelPlan({body})"
 
 
-def select_kernels(mux: MuxGraph, ctx) -> KernelPlan:
-    """Record the registry's choice for every adapter op kind present in ``mux``."""
+def select_kernels(mux: MuxGraph, ctx: CompileContext) -> PassResult[KernelPlan]:
+    """Record the registry's choice for every adapter op kind in ``mux``; does not mutate it."""
     kinds = {r.kind for recs in mux.sites.values() for r in recs}
     choices = {}
     for kind in sorted(kinds, key=lambda k: k.value):
@@ -39,4 +40,4 @@ def select_kernels(mux: MuxGraph, ctx) -> KernelPlan:
         for name in (op, f"{op}_bwd"):
             choice = registry.select(name, ctx.options.kernel_impl, like)
             choices[name] = (choice.impl.value, choice.reason)
-    return KernelPlan(choices)
+    return PassResult(KernelPlan(choices))

@@ -7,31 +7,46 @@ parameter is re-pointed at the shared storage (``param.data = shared``) so the d
 memory is freed once nothing else references it. The user's models keep computing exactly the
 same values. Anything else raises `BaseWeightMismatchError` naming the tensor and the tasks.
 
-Mutates: the ``bindings`` of every TaskGraph (all point at the shared tensors) and, for value
-duplicates, the ``.data`` of the users' frozen parameters.
+Returns new TaskGraphs (same graph modules) whose frozen bindings all point at the shared
+tensors, and a `SharingReport`. Does not mutate the input TaskGraphs; mutates, for value
+duplicates only, the ``.data`` of the users' frozen parameters.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from muxc.errors import ArchitectureMismatchError, BaseWeightMismatchError
 from muxc.ir import Binding, BindingKind, TaskGraph
+from muxc.passes.pass_base import CompileContext, PassResult
 
 __all__ = ["share_frozen_weights", "SharingReport"]
 
 
 class SharingReport(dict):
-    """fqn -> how it was shared: "identity" or "value" (recorded on the context)."""
+    """fqn -> how it was shared: "identity" or "value" (``program.sharing``)."""
+
+    def __repr__(self) -> str:
+        by_value = sum(1 for how in self.values() if how == "value")
+        n = len(self)
+        return f"SharingReport({n} frozen tensors: {n - by_value} by identity, {by_value} by value)"
 
 
-def share_frozen_weights(graphs: list[TaskGraph], ctx) -> list[TaskGraph]:
-    """Point every task's frozen bindings at the first task's tensors (see module doc)."""
+def share_frozen_weights(
+    graphs: Sequence[TaskGraph], ctx: CompileContext
+) -> PassResult[tuple[tuple[TaskGraph, ...], SharingReport]]:
+    """New TaskGraphs bound to the first task's frozen tensors; does not mutate ``graphs``.
+
+    Also returns how each tensor was shared. Re-points value duplicates' ``.data`` (module doc).
+    """
     first = graphs[0]
     shared = {b.fqn: b.tensor for b in first.frozen_bindings().values()}
     report = SharingReport({fqn: "identity" for fqn in shared})
     aliases, rebound = [], []
-    for g in graphs[1:]:
+    for i, g in enumerate(graphs[1:], start=1):
         mine = g.frozen_bindings()
         names = {b.fqn for b in mine.values()}
         if names != set(shared):
@@ -49,14 +64,15 @@ def share_frozen_weights(graphs: list[TaskGraph], ctx) -> list[TaskGraph]:
                 if isinstance(b.tensor, torch.nn.Parameter) and b.kind is BindingKind.PARAMETER:
                     aliases.append((b.tensor, ref))
                 report[b.fqn] = "value"
-            rebound.append((g, ph, Binding(b.kind, b.fqn, ref)))
+            rebound.append((i, ph, Binding(b.kind, b.fqn, ref)))
     # only once every task is checked: a failed compile leaves the user's models untouched
-    for g, ph, binding in rebound:
-        g.bindings[ph] = binding
+    bindings = [dict(g.bindings) for g in graphs]
+    for i, ph, binding in rebound:
+        bindings[i][ph] = binding
     for param, ref in aliases:
         param.data = ref.data
-    ctx.sharing = report
-    return graphs
+    shared_graphs = tuple(replace(g, bindings=b) for g, b in zip(graphs, bindings))
+    return PassResult((shared_graphs, report))
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

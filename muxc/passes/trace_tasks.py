@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from muxc.frontends import trace_task
 from muxc.ir import TaskGraph
 from muxc.options import Alignment
+from muxc.passes.pass_base import CompileContext, PassResult
 from muxc.task import Task
 
 __all__ = ["trace_tasks"]
 
 
-def trace_tasks(tasks: list[Task], ctx) -> list[TaskGraph]:
-    """One torch.export graph per task, adapters as opaque nodes, in task order.
+def trace_tasks(tasks: Sequence[Task], ctx: CompileContext) -> PassResult[tuple[TaskGraph, ...]]:
+    """One torch.export graph per task, adapters opaque, in task order; does not mutate the models.
 
     With chunk alignment the graphs also take ``position_ids`` (positions restart per packed
     sample).
@@ -22,4 +25,4 @@ def trace_tasks(tasks: list[Task], ctx) -> list[TaskGraph]:
         ctx.progress("trace", i, len(tasks), task.name)
         graphs.append(trace_task(task, with_positions=with_positions))
     ctx.progress("trace", len(tasks), len(tasks), "")
-    return graphs
+    return PassResult(tuple(graphs))

@@ -6,15 +6,16 @@ from collections import Counter
 
 from muxc.errors import TaskSpecError, TrainableBaseError
 from muxc.frontends.peft import adapter_name_of, adapter_param_ids, hf_model
+from muxc.passes.pass_base import CompileContext, PassResult
 from muxc.task import Task
 
 __all__ = ["validate_tasks"]
 
 
-def validate_tasks(tasks, ctx) -> list[Task]:
-    """Check types, names, adapters and that every base parameter is frozen.
+def validate_tasks(tasks, ctx: CompileContext) -> PassResult[tuple[Task, ...]]:
+    """Check types, names, adapters and frozen base parameters; does not mutate the tasks.
 
-    Returns the tasks as a list (same objects).
+    Returns the tasks as a tuple (same objects).
     """
     tasks = list(tasks) if tasks is not None else []
     if not tasks:
@@ -37,7 +38,7 @@ def validate_tasks(tasks, ctx) -> list[Task]:
             )
         seen[key] = t.name
         _check_frozen(t)
-    return tasks
+    return PassResult(tuple(tasks))
 
 
 def _check_frozen(task: Task) -> None:

@@ -1,0 +1,43 @@
+"""What every pass takes and returns: `CompileContext` in, `PassResult` out.
+
+A pass is a function ``fn(value, ctx) -> PassResult[T]``: ``value`` is the compile-state field
+it reads, ``ctx`` carries the options and the progress callback, and the result holds the
+value the driver writes into the state plus the pass's own one-line notes for the history.
+Passes talk to later passes only through the values they return.
+
+>>> PassResult(3, "made three")
+PassResult(value=3, notes='made three')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from muxc.options import Options
+
+__all__ = ["CompileContext", "PassResult"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PassResult(Generic[T]):
+    """A pass's output ``value`` and ``notes``: what it did, in words, for ``program.history``."""
+
+    value: T
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class CompileContext:
+    """The compile's options and its progress callback; passes read it and never write it."""
+
+    options: Options
+    on_progress: Callable[[str, int, int, str], None] | None = None
+
+    def progress(self, stage: str, done: int, total: int, item: str) -> None:
+        """Report ``done`` of ``total`` items of ``stage`` (e.g. tracing) to the callback."""
+        if self.on_progress is not None:
+            self.on_progress(stage, done, total, item)
