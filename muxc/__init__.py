@@ -9,17 +9,23 @@ from muxc.errors import (
     ArchitectureMismatchError,
     BaseWeightMismatchError,
     BatchError,
+    EmptyBatchWarning,
     KernelInputError,
     KernelUnavailableError,
     MuxcError,
     MuxcInternalError,
+    MuxcWarning,
+    NonFiniteWarning,
     OptionsError,
+    TaskPausedWarning,
     TaskSpecError,
     TraceError,
     TrainableBaseError,
+    UnsafePathError,
     UnsupportedPeftError,
 )
 from muxc.options import Fusion, Options
+from muxc.runtime.training import StepOutcome
 from muxc.task import Task
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "Task",
     "Options",
     "Fusion",
+    "StepOutcome",
     "MuxcError",
     "TaskSpecError",
     "UnsupportedPeftError",
@@ -40,5 +47,10 @@ __all__ = [
     "KernelInputError",
     "TraceError",
     "MuxcInternalError",
+    "UnsafePathError",
+    "MuxcWarning",
+    "EmptyBatchWarning",
+    "NonFiniteWarning",
+    "TaskPausedWarning",
 ]
 __version__ = "0.1.0"

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
 from muxc.dot import write_dot
 from muxc.dump import dump_history, dump_plan
+from muxc.errors import EmptyBatchWarning, NonFiniteWarning, TaskPausedWarning, TaskSpecError
 from muxc.explain import Explanation, explain_program
+from muxc.frontends.peft import vocab_sizes
 from muxc.ir import MuxGraph
-from muxc.options import Options
+from muxc.names import safe_child
+from muxc.options import Alignment, Options
 from muxc.pipeline import CompileContext, PassRecord, run_pipeline
+from muxc.runtime.batch import BatchSpec, check_batches, unlabeled
 from muxc.runtime.local import LocalExecutor
-from muxc.runtime.training import TaskState, build_states
+from muxc.runtime.training import StepOutcome, TaskState, build_states, nonfinite
 from muxc.save import save_task_adapter
 from muxc.task import Task
 
@@ -43,7 +49,13 @@ class Program:
         self.adapters = records
         self.states: dict[str, TaskState] = build_states(tasks, records)
         self.partitioned = partitioned
-        self.executor = LocalExecutor(mux, ctx.options, partitioned)
+        self.batch_spec = BatchSpec(  # one base model for all tasks: any task's sizes do
+            *vocab_sizes(tasks[0].name, tasks[0].model),
+            right_padded=ctx.options.alignment is Alignment.CHUNK,
+        )
+        self.executor = LocalExecutor(mux, ctx.options, partitioned, self.batch_spec)
+        # task -> what the latest forward_backward/step did with it (tasks in its batches)
+        self.last_step: Mapping[str, StepOutcome] = MappingProxyType({})
 
     def __repr__(self) -> str:
         return f"Program(tasks={list(self.tasks)}, fusion={self.executor.fusion.value}, {self.mux!r})"
@@ -54,23 +66,96 @@ class Program:
         ``batches``: task name -> HF batch (``input_ids``, ``labels``, optional
         ``attention_mask``); tasks may be left out of a step. Losses equal
         ``model(**batch).loss`` of each task alone.
+
+        Every batch is validated first (`BatchError`, nothing computed). A task whose batch has
+        no label token, or that is paused, is left out with a warning (its grads untouched);
+        ``last_step`` says what happened to each task. Returns ``{}`` if no task is left.
         """
-        return self.executor.forward_backward(batches)
+        run, skipped = self._admit(batches)
+        losses = self.executor.forward_backward(run) if run else {}
+        values = torch.stack(list(losses.values())).tolist() if losses else []
+        outcomes = dict(zip(losses, map(StepOutcome, values)))
+        outcomes.update({t: StepOutcome(None, skipped=True, why=w) for t, w in skipped.items()})
+        self.last_step = MappingProxyType({t: outcomes[t] for t in self.mux.tasks if t in outcomes})
+        return losses
 
     def step(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
-        """`forward_backward`, then each stepped task's own optimizer/scheduler step and zero_grad."""
+        """`forward_backward`, then each stepped task's own optimizer/scheduler step and zero_grad.
+
+        A task whose loss or adapter gradients are non-finite does not step: its gradients are
+        dropped, its adapter and optimizer state are unchanged, a `NonFiniteWarning` is issued
+        and ``last_step`` reports why; after ``Options.max_bad_steps`` such steps in a row it is
+        paused (left out of later steps) until `resume_task`.
+        """
         losses = self.forward_backward(batches)
+        bad = nonfinite(losses, self.states)
+        outcomes = dict(self.last_step)
         for name in losses:
-            self.states[name].step()
+            state = self.states[name]
+            if name not in bad:
+                state.step()
+                continue
+            state.skip_bad(self.options.max_bad_steps)
+            outcomes[name] = StepOutcome(outcomes[name].loss, skipped=True, why=bad[name])
+            then = (
+                f"paused after {state.bad_steps} such steps in a row; fix its data or learning "
+                f"rate, then program.resume_task({name!r})"
+                if state.paused
+                else f"{state.bad_steps} of {self.options.max_bad_steps} bad steps before it is paused"
+            )
+            warnings.warn(
+                NonFiniteWarning(
+                    f"task {name!r}: {bad[name]}; its optimizer step was skipped and its adapter "
+                    f"left unchanged ({then})"
+                ),
+                stacklevel=2,
+            )
+        self.last_step = MappingProxyType(outcomes)
         return losses
+
+    def resume_task(self, name: str) -> None:
+        """Let a task paused after repeated non-finite steps train again."""
+        if name not in self.states:
+            raise TaskSpecError(f"unknown task {name!r}; compiled tasks are {list(self.states)}")
+        self.states[name].resume()
 
     @torch.no_grad()
     def evaluate(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
-        """Losses without gradients (dropout off)."""
-        return self.executor.losses(batches, training=False)
+        """Losses without gradients (dropout off); tasks without label tokens are left out."""
+        run, _ = self._admit(batches, training=False)
+        return self.executor.losses(run, training=False) if run else {}
+
+    def _admit(self, batches: Mapping[str, Mapping], training: bool = True):
+        """Validate every batch; then ``(batches to run, {left-out task: why})``, warning once
+        per left-out task (paused ones only when ``training``; those without label tokens)."""
+        check_batches(batches, self.mux.tasks, self.batch_spec)
+        skipped: dict[str, str] = {}
+        for name in batches:
+            if training and self.states[name].paused:
+                skipped[name] = "paused"
+                warnings.warn(
+                    TaskPausedWarning(
+                        f"task {name!r} is paused after {self.states[name].bad_steps} non-finite "
+                        f"steps and was left out; call program.resume_task({name!r}) to train it"
+                    ),
+                    stacklevel=3,
+                )
+        for name in unlabeled({t: b for t, b in batches.items() if t not in skipped}):
+            skipped[name] = "no label tokens"
+            warnings.warn(
+                EmptyBatchWarning(
+                    f"task {name!r}: batch has no label tokens (labels are all -100 after the "
+                    "causal shift; a label at position 0 predicts nothing), so it was left out "
+                    "of this step instead of giving a NaN loss"
+                ),
+                stacklevel=3,
+            )
+        return {t: b for t, b in batches.items() if t not in skipped}, skipped
 
     def explain(self, batches: Mapping[str, Mapping] | None = None) -> Explanation:
         """What is shared, what is per task, which kernels run and why (``str()`` is a table)."""
+        if batches is not None:
+            check_batches(batches, self.mux.tasks, self.batch_spec)
         return explain_program(self, batches)
 
     def dump(self, directory: str | Path, batches: Mapping[str, Mapping] | None = None) -> list[Path]:
@@ -82,11 +167,11 @@ class Program:
         directory = Path(directory)
         paths = dump_history(self.history, directory)
         if self.partitioned is not None:
-            dot = directory / "partition.dot"
+            dot = safe_child(directory, "partition.dot")
             write_dot(self.partitioned, dot)
             paths.append(dot)
         report = self.explain(batches)
-        p = directory / "explain.txt"
+        p = safe_child(directory, "explain.txt")
         p.write_text(str(report) + "\n")
         paths.append(p)
         if report.plan is not None:
@@ -94,8 +179,12 @@ class Program:
         return paths
 
     def save_adapters(self, directory: str | Path) -> list[Path]:
-        """Write each task's adapter to ``<directory>/<task>/`` in PEFT format."""
-        return [save_task_adapter(t, Path(directory) / name) for name, t in self.tasks.items()]
+        """Write each task's adapter to ``<directory>/<task>/`` in PEFT format.
+
+        Every target is checked to lie inside ``directory`` before anything is written.
+        """
+        targets = {name: safe_child(directory, name) for name in self.tasks}
+        return [save_task_adapter(self.tasks[name], path) for name, path in targets.items()]
 
 
 def compile(

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from muxc.ir import META_KEY, MuxGraph, TaskGraph
+from muxc.names import safe_child
 from muxc.partition_ir import PartitionedGraph
 from muxc.task import Task
 
@@ -77,7 +78,7 @@ def dump_history(history, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for rec in history:
-        p = directory / f"pass_{rec.index:02d}_{rec.name}.txt"
+        p = safe_child(directory, f"pass_{rec.index:02d}_{rec.name}.txt")
         p.write_text(f"# pass {rec.index}: {rec.name} ({rec.seconds * 1e3:.1f} ms)\n# {rec.summary}\n\n{render(rec.output)}\n")
         paths.append(p)
     return paths
@@ -91,8 +92,8 @@ def dump_plan(plan, directory: Path) -> list[Path]:
     from muxc.schedule import GanttUnavailableError, gantt_png, gantt_text
 
     directory.mkdir(parents=True, exist_ok=True)
-    txt = directory / "schedule.txt"
-    png = directory / "schedule_gantt.png"
+    txt = safe_child(directory, "schedule.txt")
+    png = safe_child(directory, "schedule_gantt.png")
     parts = [
         f"# step plan: hTasks {plan.htasks}, stages {plan.stages}, chunk_size {plan.chunk_size}, "
         f"policy {plan.schedule.policy}",

@@ -20,7 +20,7 @@ import torch
 
 from muxc.ir import MuxGraph
 from muxc.options import Alignment, Fusion, Options
-from muxc.runtime.batch import MuxBatch, build_batch, check_batches
+from muxc.runtime.batch import MuxBatch, BatchSpec, build_batch, check_batches
 from muxc.runtime.chunks import ChunkLayout, build_layout
 from muxc.partition_ir import run_stages
 from muxc.runtime.fusion import AutoFusion
@@ -31,8 +31,9 @@ __all__ = ["LocalExecutor"]
 class LocalExecutor:
     """Executes one MuxGraph; holds no tensors beyond the graph's bindings."""
 
-    def __init__(self, mux: MuxGraph, options: Options, partitioned=None):
+    def __init__(self, mux: MuxGraph, options: Options, partitioned=None, spec: BatchSpec | None = None):
         self.mux = mux
+        self.spec = spec  # what every batch is checked against (token id ranges, padding)
         self.partitioned = partitioned if options.stages > 1 else None
         self.alignment = options.alignment
         self.chunk_size = options.chunk_size
@@ -110,7 +111,7 @@ class LocalExecutor:
 
     def losses(self, batches: Mapping[str, Mapping], training: bool = False) -> dict[str, torch.Tensor]:
         """Forward only, every group: ``{task: loss}``."""
-        check_batches(batches, self.mux.tasks)
+        check_batches(batches, self.mux.tasks, self.spec)
         out = {}
         for group in self.groups(batches):
             if any(t in batches for t in group):
@@ -119,7 +120,7 @@ class LocalExecutor:
 
     def forward_backward(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """Losses of every task in ``batches``; adapter ``.grad`` accumulate like PyTorch."""
-        check_batches(batches, self.mux.tasks)
+        check_batches(batches, self.mux.tasks, self.spec)
         out = {}
         for group in self.groups(batches):
             if not any(t in batches for t in group):
