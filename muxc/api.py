@@ -101,7 +101,7 @@ class Program:
                 f"paused after {state.bad_steps} such steps in a row; fix its data or learning "
                 f"rate, then program.resume_task({name!r})"
                 if state.paused
-                else f"{state.bad_steps} of {self.options.max_bad_steps} bad steps before it is paused"
+                else f"{state.bad_steps} of {self.options.max_bad_steps} bad steps before a pause"
             )
             warnings.warn(
                 NonFiniteWarning(

@@ -92,7 +92,8 @@ class Options:
             if value is None and not required:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise OptionsError(f"{name} must be a positive int{'' if required else ' or None'}, got {value!r}")
+                kind = "a positive int" if required else "a positive int or None"
+                raise OptionsError(f"{name} must be {kind}, got {value!r}")
         if self.micro_batches is not None and self.alignment is Alignment.CHUNK:
             raise OptionsError(
                 f"micro_batches={self.micro_batches} applies to alignment='pad'; with alignment='chunk' "

@@ -19,17 +19,15 @@ from muxc.names import MAX_NAME_BYTES, check_name, safe_child
 
 
 def _lora(base, seed):
-    return make_peft(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0), seed)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    return make_peft(base, config, seed)
 
 
 def _compile(llama, **options):
-    models = {
-        "a": _lora(llama, 1),
-        "b": _lora(llama, 2),
-        "c": make_peft(llama, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]), 3),
-    }
-    program = muxc.compile([muxc.Task(name=n, model=m) for n, m in models.items()], muxc.Options(**options))
-    return program, models
+    ia3 = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    models = {"a": _lora(llama, 1), "b": _lora(llama, 2), "c": make_peft(llama, ia3, 3)}
+    tasks = [muxc.Task(name=n, model=m) for n, m in models.items()]
+    return muxc.compile(tasks, muxc.Options(**options)), models
 
 
 def _batches():
@@ -101,7 +99,10 @@ def test_bad_task_names_are_refused_at_task(name, match):
         muxc.Task(name=name, model=None)
 
 
-@pytest.mark.parametrize("name", ["sst2", "my task", "a.b", "...", "日本語", "x" * MAX_NAME_BYTES, "a-b_c"])
+GOOD_NAMES = ["sst2", "my task", "a.b", "...", "日本語", "x" * MAX_NAME_BYTES, "a-b_c"]
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES)
 def test_good_task_names_are_kept(name):
     assert check_name(name) == name
     assert muxc.Task(name=name, model=None).name == name
@@ -142,7 +143,8 @@ def test_save_adapters_writes_under_root_only(chunked, tmp_path):
     paths = program.save_adapters(root)
     assert paths == [root / n for n in ("a", "b", "c")]
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert written == [f"out/ckpt/{n}/{f}" for n in "abc" for f in ("adapter_config.json", "adapter_model.safetensors")]
+    files = ("adapter_config.json", "adapter_model.safetensors")
+    assert written == [f"out/ckpt/{n}/{f}" for n in "abc" for f in files]
 
 
 def test_save_adapters_refuses_symlink_out_before_writing(chunked, tmp_path):
@@ -177,25 +179,35 @@ def _replace(key, fn):
     return corrupt
 
 
-BAD_BATCHES = {
-    # kind: (corrupt b's batch in place, field, match)
-    "id >= vocab": (_set("input_ids", 1, 2, VOCAB), rf"input_ids value {VOCAB} at \[1, 2\] is outside the vocabulary \[0, {VOCAB}\)"),
-    "negative id": (_set("input_ids", 2, 0, -1), r"input_ids value -1 at \[2, 0\] is outside"),
-    "float ids": (_replace("input_ids", lambda t: t.float()), r"input_ids has dtype torch.float32, expected int64/int32 \(token ids are integers\)"),
-    "bool ids": (_replace("input_ids", lambda t: t.bool()), r"input_ids has dtype torch.bool.*a bool tensor is a mask"),
-    "int16 ids": (_replace("input_ids", lambda t: t.short()), r"input_ids has dtype torch.int16"),
-    "float labels": (_replace("labels", lambda t: t.float()), r"labels has dtype torch.float32, expected int64"),
-    "int32 labels": (_replace("labels", lambda t: t.int()), r"labels has dtype torch.int32.*labels.long\(\)"),
-    "label >= vocab": (_set("labels", 0, 1, VOCAB), rf"labels value {VOCAB} at \[0, 1\] is neither -100 \(ignored\) nor a token id in \[0, {VOCAB}\)"),
-    "label -5": (_set("labels", 1, 3, -5), r"labels value -5 at \[1, 3\] is neither -100"),
-    "mask value 2": (_set("attention_mask", 1, 0, 2), r"attention_mask value 2 at \[1, 0\] is not 0 or 1"),
-    "mask nan": (_replace("attention_mask", lambda t: t.float().index_fill(1, torch.tensor([0]), math.nan)), r"attention_mask value nan at \[0, 0\]"),
-    "labels shape": (_replace("labels", lambda t: t[:, :3]), r"labels must be a tensor shaped like input_ids \(3, 5\)"),
-    "mask shape": (_replace("attention_mask", lambda t: t[:2]), r"attention_mask must be a tensor shaped like input_ids"),
-    "ids not a tensor": (_replace("input_ids", lambda t: t.tolist()), r"input_ids must be a non-empty 2-D"),
-    "empty ids": (_replace("input_ids", lambda t: t[:, :0]), r"input_ids must be a non-empty 2-D"),
-    "left padded": (_replace("attention_mask", lambda t: t.flip(1)), r"attention_mask row 0 is not right-padded"),
-    "label on padding": (_set("labels", 0, 4, 7), r"labels value 7 at \[0, 4\] is on padding"),
+ID, LB, MK = "input_ids", "labels", "attention_mask"
+
+
+def _nan_col0(t):
+    return t.float().index_fill(1, torch.tensor([0]), math.nan)
+
+
+BAD_BATCHES = {  # kind: (corrupt b's batch in place, what the BatchError says after "task 'b': ")
+    "id >= vocab": (_set(ID, 1, 2, VOCAB),
+                    rf"{ID} value {VOCAB} at \[1, 2\] is outside the vocabulary \[0, {VOCAB}\)"),
+    "negative id": (_set(ID, 2, 0, -1), rf"{ID} value -1 at \[2, 0\] is outside"),
+    "float ids": (_replace(ID, torch.Tensor.float),
+                  rf"{ID} has dtype torch.float32, expected int64 \(token ids are integers\)"),
+    "bool ids": (_replace(ID, torch.Tensor.bool), rf"{ID} has dtype torch.bool.*tensor is a mask"),
+    "int32 ids": (_replace(ID, torch.Tensor.int), rf"{ID} has dtype torch.int32.*{ID}.long\(\)"),
+    "float labels": (_replace(LB, torch.Tensor.float), rf"{LB} has dtype torch.float32, expected"),
+    "int32 labels": (_replace(LB, torch.Tensor.int), rf"{LB} has dtype torch.int32.*{LB}.long\(\)"),
+    "label >= vocab": (_set(LB, 0, 1, VOCAB),
+                       rf"{LB} value {VOCAB} at \[0, 1\] is neither -100 \(ignored\) nor a token"),
+    "label -5": (_set(LB, 1, 3, -5), rf"{LB} value -5 at \[1, 3\] is neither -100"),
+    "mask value 2": (_set(MK, 1, 0, 2), rf"{MK} value 2 at \[1, 0\] is not 0 or 1"),
+    "mask nan": (_replace(MK, _nan_col0), rf"{MK} value nan at \[0, 0\]"),
+    "labels shape": (_replace(LB, lambda t: t[:, :3]),
+                     rf"{LB} must be a tensor shaped like {ID} \(3, 5\)"),
+    "mask shape": (_replace(MK, lambda t: t[:2]), rf"{MK} must be a tensor shaped like {ID}"),
+    "ids not a tensor": (_replace(ID, torch.Tensor.tolist), rf"{ID} must be a non-empty 2-D"),
+    "empty ids": (_replace(ID, lambda t: t[:, :0]), rf"{ID} must be a non-empty 2-D"),
+    "left padded": (_replace(MK, lambda t: t.flip(1)), rf"{MK} row 0 is not right-padded"),
+    "label on padding": (_set(LB, 0, 4, 7), rf"{LB} value 7 at \[0, 4\] is on padding"),
 }
 
 
@@ -214,6 +226,17 @@ def test_bad_batch_is_refused_before_anything_changes(chunked, kind, call):
     assert program.last_step is last
     for st in program.states.values():
         st.optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.float32])
+def test_bool_int_float_masks_of_0_and_1_give_the_same_losses(chunked, dtype):
+    program, _ = chunked
+    batches = _batches()
+    want = program.evaluate(batches)
+    for b in batches.values():
+        b["attention_mask"] = b["attention_mask"].to(dtype)
+    got = program.evaluate(batches)
+    assert list(got) == ["a", "b", "c"] and all(torch.equal(got[n], want[n]) for n in want)
 
 
 # ---- no label tokens -------------------------------------------------------------------------
@@ -240,7 +263,10 @@ def test_task_without_labels_is_skipped_and_others_match_alone(chunked, keep_fir
     assert all(p.grad is None for p in program.states["b"].params)
     assert program.last_step["b"] == muxc.StepOutcome(None, skipped=True, why="no label tokens")
     assert program.last_step["a"] == muxc.StepOutcome(losses["a"].item())
-    got = {n: {k: p.grad.clone() for k, p in models[n].named_parameters() if p.grad is not None} for n in "ac"}
+    got = {
+        n: {k: p.grad.clone() for k, p in models[n].named_parameters() if p.grad is not None}
+        for n in "ac"
+    }
     for st in program.states.values():
         st.optimizer.zero_grad(set_to_none=True)
     refs = {n: isolated(models[n], batches[n]) for n in "ac"}
@@ -314,7 +340,8 @@ def test_nonfinite_task_is_skipped_and_others_train_as_without_it(request, fusio
     with _huge_b(program):
         start = _snapshot(program)
         assert all(torch.isfinite(v).all() for v in start["b"][0])
-        with pytest.warns(muxc.NonFiniteWarning, match=r"task 'b': non-finite loss; .*\(1 of 2 bad steps"):
+        warned = r"task 'b': non-finite loss; .*\(1 of 2 bad steps"
+        with pytest.warns(muxc.NonFiniteWarning, match=warned):
             losses = program.step(batches)
         assert math.isnan(losses["b"].item())
         with_bad = _snapshot(program)
@@ -350,7 +377,8 @@ def test_nonfinite_grad_is_caught_with_finite_loss(temporal):
     finally:
         hook.remove()
     assert math.isfinite(losses["b"].item())
-    assert program.last_step["b"] == muxc.StepOutcome(losses["b"].item(), skipped=True, why="non-finite grad")
+    want = muxc.StepOutcome(losses["b"].item(), skipped=True, why="non-finite grad")
+    assert program.last_step["b"] == want
     after = _snapshot(program)
     assert _same(after["b"][0], before["b"][0]) and _same(after["b"][2], before["b"][2])
 
@@ -361,7 +389,8 @@ def test_task_is_paused_after_max_bad_steps_until_resumed(temporal):
     with _huge_b(program):
         with pytest.warns(muxc.NonFiniteWarning, match="1 of 2 bad steps"):
             program.step(_batches())
-        with pytest.warns(muxc.NonFiniteWarning, match=r"paused after 2 such steps.*resume_task\('b'\)"):
+        warned = r"paused after 2 such steps.*resume_task\('b'\)"
+        with pytest.warns(muxc.NonFiniteWarning, match=warned):
             program.step(_batches())
     assert program.states["b"].paused
     before = _snapshot(program)

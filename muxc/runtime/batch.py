@@ -20,7 +20,8 @@ __all__ = ["MuxBatch", "BatchSpec", "check_batches", "unlabeled", "build_batch",
 
 IGNORE_INDEX = -100
 _KEYS = {"input_ids", "attention_mask", "labels"}
-_ID_DTYPES = (torch.int64, torch.int32)  # what torch's embedding takes
+# torch's embedding also takes int32 ids, but the exported graphs are specialised to int64
+_ID_DTYPES = (torch.int64,)
 _LABEL_DTYPES = (torch.int64,)  # what cross-entropy takes with -100 in it
 
 
@@ -78,8 +79,8 @@ def check_batches(
     """Raise `BatchError` for anything in any batch that the tasks alone could not train on.
 
     Checked for every task before any computation: known task names; keys; 2-D non-empty
-    ``input_ids`` with ``labels``/``attention_mask`` of its shape; integer ``input_ids``
-    (int64/int32, not bool) and ``labels`` (int64); ``attention_mask`` values 0 or 1; with
+    ``input_ids`` with ``labels``/``attention_mask`` of its shape; int64 ``input_ids`` and
+    ``labels`` (not bool, float or int32); ``attention_mask`` values 0 or 1; with
     ``spec``, ids and labels in its ranges and, if it asks, right padding. The message names
     the task, the field and the first offending value with its ``[row, col]``.
     """
@@ -162,10 +163,11 @@ def _check_right_padded(task: str, mask: torch.Tensor, labels: torch.Tensor) -> 
     if bool(rows.any()):
         r = int(rows.nonzero()[0])
         raise BatchError(
-            f"task {task!r}: attention_mask row {r} is not right-padded ({mask[r].int().tolist()}); "
-            "alignment='chunk' packs samples and needs right padding (padding_side='right')"
+            f"task {task!r}: attention_mask row {r} is not right-padded "
+            f"({mask[r].int().tolist()}); alignment='chunk' packs samples and needs right "
+            "padding (padding_side='right')"
         )
-    _refuse(task, "labels", labels, ~real & (labels != IGNORE_INDEX),
+    _refuse(task, "labels", labels, ~real & (labels.to(real.device) != IGNORE_INDEX),
             "is on padding (attention_mask 0); set labels to -100 there (alignment='chunk' "
             "drops padding)")
 

@@ -31,7 +31,9 @@ __all__ = ["LocalExecutor"]
 class LocalExecutor:
     """Executes one MuxGraph; holds no tensors beyond the graph's bindings."""
 
-    def __init__(self, mux: MuxGraph, options: Options, partitioned=None, spec: BatchSpec | None = None):
+    def __init__(
+        self, mux: MuxGraph, options: Options, partitioned=None, spec: BatchSpec | None = None
+    ):
         self.mux = mux
         self.spec = spec  # what every batch is checked against (token id ranges, padding)
         self.partitioned = partitioned if options.stages > 1 else None

@@ -64,7 +64,9 @@ class TaskState:
         self.paused = False
 
 
-def nonfinite(losses: Mapping[str, torch.Tensor], states: Mapping[str, TaskState]) -> dict[str, str]:
+def nonfinite(
+    losses: Mapping[str, torch.Tensor], states: Mapping[str, TaskState]
+) -> dict[str, str]:
     """Task -> "non-finite loss" | "non-finite grad" for the tasks in ``losses`` whose loss or
     adapter ``.grad`` holds NaN/inf (one device sync for all tasks)."""
     flags = []
