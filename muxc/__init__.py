@@ -9,18 +9,24 @@ from muxc.errors import (
     ArchitectureMismatchError,
     BaseWeightMismatchError,
     BatchError,
+    EmptyBatchWarning,
     KernelInputError,
     KernelUnavailableError,
     MuxcError,
     MuxcInternalError,
+    MuxcWarning,
+    NonFiniteWarning,
     OptionsError,
     PipelineError,
+    TaskPausedWarning,
     TaskSpecError,
     TraceError,
     TrainableBaseError,
+    UnsafePathError,
     UnsupportedPeftError,
 )
 from muxc.options import Fusion, Options
+from muxc.runtime.training import StepOutcome
 from muxc.task import Task
 
 __all__ = [
@@ -29,6 +35,7 @@ __all__ = [
     "Task",
     "Options",
     "Fusion",
+    "StepOutcome",
     "MuxcError",
     "TaskSpecError",
     "UnsupportedPeftError",
@@ -42,5 +49,10 @@ __all__ = [
     "KernelInputError",
     "TraceError",
     "MuxcInternalError",
+    "UnsafePathError",
+    "MuxcWarning",
+    "EmptyBatchWarning",
+    "NonFiniteWarning",
+    "TaskPausedWarning",
 ]
 __version__ = "0.1.0"

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
 from muxc.dump.dot import write_dot
 from muxc.dump import dump_history, dump_measured, dump_plan
+from muxc.errors import EmptyBatchWarning, NonFiniteWarning, TaskPausedWarning, TaskSpecError
 from muxc.explain import Explanation, explain_program
+from muxc.frontends.peft import vocab_sizes
 from muxc.ir import MuxGraph
-from muxc.options import Options
+from muxc.names import safe_child
+from muxc.options import Alignment, Options
 from muxc.pipeline import CompileContext, CompileState, PassRecord, run_pipeline
 from muxc.ir import SimResult, StepPlan
 from muxc.plan import Planner
-from muxc.runtime.batch import check_batches
+from muxc.runtime.batch import BatchSpec, check_batches, unlabeled
 from muxc.runtime.distributed import StageExecutor, join_stage_group
 from muxc.runtime.local import LocalExecutor
-from muxc.runtime.training import TaskState, build_states
+from muxc.runtime.training import StepOutcome, TaskState, build_states, nonfinite
 from muxc.save import save_task_adapter
 from muxc.task import Task
 
@@ -49,6 +54,12 @@ class Program:
         self.states: dict[str, TaskState] = build_states(list(state.tasks), records)
         self.partitioned = state.partitioned
         self.planner = Planner(mux, options)
+        self.batch_spec = BatchSpec(  # one base model for all tasks: any task's sizes do
+            *vocab_sizes(state.tasks[0].name, state.tasks[0].model),
+            right_padded=options.alignment is Alignment.CHUNK,
+        )
+        # task -> what the latest forward_backward/step did with it (tasks in its batches)
+        self.last_step: Mapping[str, StepOutcome] = MappingProxyType({})
         self.last_plan: StepPlan | None = None  # the plan the last step ran
         self.measured: SimResult | None = None  # the last step's measured timeline
         self.stage_group = None
@@ -76,38 +87,111 @@ class Program:
         ``batches``: task name -> HF batch (``input_ids``, ``labels``, optional
         ``attention_mask``); tasks may be left out of a step. Losses equal
         ``model(**batch).loss`` of each task alone.
+
+        Every batch is validated first (`BatchError`, nothing computed). A task whose batch has
+        no label token, or that is paused, is left out with a warning (its grads untouched);
+        ``last_step`` says what happened to each task. Returns ``{}`` if no task is left.
         """
-        plan = self.plan(batches)
-        self.last_plan = plan
-        losses = self.executor.run(plan, batches, training=True)
-        if self.stage_group is None:
-            self.measured = self.executor.timeline.result()
-        else:
-            self.measured = self.executor.gather_timeline().result()
+        run, skipped = self._admit(batches)
+        losses = {}
+        if run:
+            plan = self.planner.plan(run)
+            self.last_plan = plan
+            losses = self.executor.run(plan, run, training=True)
+            if self.stage_group is None:
+                self.measured = self.executor.timeline.result()
+            else:
+                self.measured = self.executor.gather_timeline().result()
+        values = torch.stack(list(losses.values())).tolist() if losses else []
+        outcomes = dict(zip(losses, map(StepOutcome, values)))
+        outcomes.update({t: StepOutcome(None, skipped=True, why=w) for t, w in skipped.items()})
+        self.last_step = MappingProxyType({t: outcomes[t] for t in self.mux.tasks if t in outcomes})
         return losses
 
     def step(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
-        """`forward_backward`, then each stepped task's own optimizer/scheduler step and zero_grad."""
+        """`forward_backward`, then each stepped task's own optimizer/scheduler step and zero_grad.
+
+        A task whose loss or adapter gradients are non-finite does not step: its gradients are
+        dropped, its adapter and optimizer state are unchanged, a `NonFiniteWarning` is issued
+        and ``last_step`` reports why; after ``Options.max_bad_steps`` such steps in a row it is
+        paused (left out of later steps) until `resume_task`.
+        """
         losses = self.forward_backward(batches)
+        bad = nonfinite(losses, self.states, self.executor.agree)
+        outcomes = dict(self.last_step)
         for name in losses:
-            self.states[name].step()
+            state = self.states[name]
+            if name not in bad:
+                state.step()
+                continue
+            state.skip_bad(self.options.max_bad_steps)
+            outcomes[name] = StepOutcome(outcomes[name].loss, skipped=True, why=bad[name])
+            then = (
+                f"paused after {state.bad_steps} such steps in a row; fix its data or learning "
+                f"rate, then program.resume_task({name!r})"
+                if state.paused
+                else f"{state.bad_steps} of {self.options.max_bad_steps} bad steps before a pause"
+            )
+            warnings.warn(
+                NonFiniteWarning(
+                    f"task {name!r}: {bad[name]}; its optimizer step was skipped and its adapter "
+                    f"left unchanged ({then})"
+                ),
+                stacklevel=2,
+            )
+        self.last_step = MappingProxyType(outcomes)
         return losses
+
+    def resume_task(self, name: str) -> None:
+        """Let a task paused after repeated non-finite steps train again."""
+        if name not in self.states:
+            raise TaskSpecError(f"unknown task {name!r}; compiled tasks are {list(self.states)}")
+        self.states[name].resume()
 
     @torch.no_grad()
     def evaluate(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
-        """Losses without gradients (dropout off)."""
-        plan = self.plan(batches)
-        return self.executor.run(plan, batches, training=False, backward=False)
+        """Losses without gradients (dropout off); tasks without label tokens are left out."""
+        run, _ = self._admit(batches, training=False)
+        if not run:
+            return {}
+        return self.executor.run(self.planner.plan(run), run, training=False, backward=False)
 
     def plan(self, batches: Mapping[str, Mapping]) -> StepPlan:
         """The `StepPlan` for ``batches``: hTasks, micro-batches and the per-stage ordered actions
-        that `forward_backward` runs (and `explain(batches)` prints)."""
-        check_batches(batches, self.mux.tasks)
+        that `forward_backward` runs (and `explain(batches)` prints). Validates the batches."""
+        check_batches(batches, self.mux.tasks, self.batch_spec)
         return self.planner.plan(batches)
+
+    def _admit(self, batches: Mapping[str, Mapping], training: bool = True):
+        """Validate every batch; then ``(batches to run, {left-out task: why})``, warning once
+        per left-out task (paused ones only when ``training``; those without label tokens)."""
+        check_batches(batches, self.mux.tasks, self.batch_spec)
+        skipped: dict[str, str] = {}
+        for name in batches:
+            if training and self.states[name].paused:
+                skipped[name] = "paused"
+                warnings.warn(
+                    TaskPausedWarning(
+                        f"task {name!r} is paused after {self.states[name].bad_steps} non-finite "
+                        f"steps and was left out; call program.resume_task({name!r}) to train it"
+                    ),
+                    stacklevel=3,
+                )
+        for name in unlabeled({t: b for t, b in batches.items() if t not in skipped}):
+            skipped[name] = "no label tokens"
+            warnings.warn(
+                EmptyBatchWarning(
+                    f"task {name!r}: batch has no label tokens (labels are all -100 after the "
+                    "causal shift; a label at position 0 predicts nothing), so it was left out "
+                    "of this step instead of giving a NaN loss"
+                ),
+                stacklevel=3,
+            )
+        return {t: b for t, b in batches.items() if t not in skipped}, skipped
 
     def explain(self, batches: Mapping[str, Mapping] | None = None) -> Explanation:
         """What is shared, what is per task, which kernels run and why (``str()`` is a table)."""
-        return explain_program(self, batches)
+        return explain_program(self, batches)  # validates batches (through `plan`)
 
     def dump(self, directory: str | Path, batches: Mapping[str, Mapping] | None = None) -> list[Path]:
         """Write ``pass_NN_<name>.txt`` per pass and ``explain.txt``; returns the paths.
@@ -123,11 +207,11 @@ class Program:
         directory = Path(directory)
         paths = dump_history(self.history, directory)
         if self.partitioned is not None:
-            dot = directory / "partition.dot"
+            dot = safe_child(directory, "partition.dot")
             write_dot(self.partitioned, dot)
             paths.append(dot)
         report = self.explain(batches)
-        p = directory / "explain.txt"
+        p = safe_child(directory, "explain.txt")
         p.write_text(str(report) + "\n")
         paths.append(p)
         if report.plan is not None:
@@ -139,15 +223,17 @@ class Program:
     def save_adapters(self, directory: str | Path) -> list[Path]:
         """Write each task's adapter to ``<directory>/<task>/`` in PEFT format.
 
-        With stages on several processes this is collective (call it on every rank): each
-        adapter tensor is first copied from the rank that trains it, then rank 0 writes.
+        Every target is checked to lie inside ``directory`` before anything is written. With
+        stages on several processes this is collective (call it on every rank): each adapter
+        tensor is first copied from the rank that trains it, then rank 0 writes.
         """
+        targets = {name: safe_child(directory, name) for name in self.tasks}
         if self.stage_group is not None:
             names = {n: t for n, t in self.mux.tensors.items() if t.requires_grad}
             self.executor.share_params(names)
             if self.rank != 0:
                 return []
-        return [save_task_adapter(t, Path(directory) / name) for name, t in self.tasks.items()]
+        return [save_task_adapter(self.tasks[name], path) for name, path in targets.items()]
 
 
 def compile(

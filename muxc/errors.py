@@ -1,8 +1,9 @@
-"""Errors raised by muxc.
+"""Errors and warnings raised by muxc.
 
 Every user-facing error is a `MuxcError` subclass whose message says what is wrong, shows the
 values involved and says how to fix it. Internal invariant violations raise `MuxcInternalError`
-(a bug in muxc, not in the user's input).
+(a bug in muxc, not in the user's input). A `MuxcWarning` reports a task left out of a step
+(no label tokens, non-finite loss or gradients, paused) while the other tasks go on.
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ __all__ = [
     "BaseWeightMismatchError",
     "TrainableBaseError",
     "BatchError",
+    "UnsafePathError",
     "OptionsError",
     "KernelUnavailableError",
     "KernelInputError",
     "TraceError",
     "MuxcInternalError",
+    "MuxcWarning",
+    "EmptyBatchWarning",
+    "NonFiniteWarning",
+    "TaskPausedWarning",
 ]
 
 
@@ -49,6 +55,10 @@ class TrainableBaseError(MuxcError):
 
 class BatchError(MuxcError):
     """A batch passed to the program is malformed or names an unknown task."""
+
+
+class UnsafePathError(MuxcError):
+    """A path muxc was asked to write does not lie under the directory it was given."""
 
 
 class OptionsError(MuxcError):
@@ -95,3 +105,17 @@ def parse_enum(cls, value, name: str, error: type[MuxcError] = OptionsError):
 
 class PipelineError(MuxcError):
     """A pipeline-stage process died, raised or stopped answering during a step."""
+class MuxcWarning(UserWarning):
+    """Base class of muxc's warnings: a task was left out of a step; the others ran."""
+
+
+class EmptyBatchWarning(MuxcWarning):
+    """A task's batch has no label tokens (all -100 after the causal shift): it was skipped."""
+
+
+class NonFiniteWarning(MuxcWarning):
+    """A task's loss or adapter gradients were NaN/inf: its optimizer step was skipped."""
+
+
+class TaskPausedWarning(MuxcWarning):
+    """A task is paused after repeated non-finite steps: left out until ``resume_task``."""

@@ -48,6 +48,9 @@ class Options:
     verify: run invariant checks after every pass (slower compile; on in tests).
     pipeline_timeout: seconds a stage process waits for another before the step fails with
       `PipelineError` (multi-process stages only).
+    max_bad_steps: consecutive steps with a non-finite loss or adapter gradient after which a
+      task is paused (its steps are skipped until ``program.resume_task(name)``); each bad step
+      is skipped without touching the adapter.
 
     >>> Options(fusion="temporal").fusion
     <Fusion.TEMPORAL: 'temporal'>
@@ -63,6 +66,7 @@ class Options:
     kernel_impl: Impl | str | None = None
     verify: bool = False
     pipeline_timeout: float = 60.0
+    max_bad_steps: int = 3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fusion", parse_enum(Fusion, self.fusion, "fusion"))
@@ -76,12 +80,14 @@ class Options:
                     f"chunk_size={self.chunk_size} needs alignment='chunk' (alignment is "
                     f"{self.alignment.value!r}); set alignment='chunk' or drop chunk_size"
                 )
-        for name in ("stages", "micro_batches", "memory_budget"):
+        for name in ("stages", "micro_batches", "memory_budget", "max_bad_steps"):
             value = getattr(self, name)
-            if value is None and name != "stages":
+            required = name in ("stages", "max_bad_steps")
+            if value is None and not required:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise OptionsError(f"{name} must be a positive int{'' if name == 'stages' else ' or None'}, got {value!r}")
+                kind = "a positive int" if required else "a positive int or None"
+                raise OptionsError(f"{name} must be {kind}, got {value!r}")
         if self.micro_batches is not None and self.alignment is Alignment.CHUNK:
             raise OptionsError(
                 f"micro_batches={self.micro_batches} applies to alignment='pad'; with alignment='chunk' "

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from muxc.errors import TaskSpecError
+from muxc.names import check_name
 
 __all__ = ["Task"]
 
@@ -24,7 +25,7 @@ class Task:
     lr_scheduler: optional ``torch.optim.lr_scheduler`` stepped after each optimizer step.
     """
 
-    name: str
+    name: str  # becomes a directory name: see `muxc.names.check_name` for what is refused
     model: Any
     adapter_name: str | None = None
     optimizer: torch.optim.Optimizer | None = None
@@ -32,9 +33,6 @@ class Task:
     lr: float = 1e-3
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or "/" in self.name:
-            raise TaskSpecError(
-                f"task name must be a non-empty string without '/', got {self.name!r}"
-            )
+        check_name(self.name)
         if self.lr <= 0:
             raise TaskSpecError(f"task {self.name!r}: lr must be > 0, got {self.lr}")

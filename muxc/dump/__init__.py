@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from muxc.ir import META_KEY, MuxGraph, PartitionedGraph, TaskGraph, table
+from muxc.names import safe_child
 from muxc.task import Task
 
 __all__ = ["graph_table", "render", "dump_history", "dump_plan", "dump_measured", "table"]
@@ -70,7 +71,7 @@ def dump_history(history, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for rec in history:
-        p = directory / f"pass_{rec.index:02d}_{rec.name}.txt"
+        p = safe_child(directory, f"pass_{rec.index:02d}_{rec.name}.txt")
         head = f"# pass {rec.index}: {rec.name} ({rec.seconds * 1e3:.1f} ms)\n# {rec.summary}"
         p.write_text(f"{head}\n\n{rec.text}\n")
         paths.append(p)
@@ -85,8 +86,8 @@ def dump_plan(plan, directory: Path) -> list[Path]:
     from muxc.dump.gantt import GanttUnavailableError, gantt_png, gantt_text
 
     directory.mkdir(parents=True, exist_ok=True)
-    txt = directory / "schedule.txt"
-    png = directory / "schedule_gantt.png"
+    txt = safe_child(directory, "schedule.txt")
+    png = safe_child(directory, "schedule_gantt.png")
     parts = [
         f"# step plan: hTasks {plan.htasks}, stages {plan.stages}, chunk_size {plan.chunk_size}, "
         f"policy {plan.schedule.policy}",
@@ -115,8 +116,8 @@ def dump_measured(plan, measured, directory: Path) -> list[Path]:
     from muxc.dump.gantt import GanttUnavailableError, gantt_png, gantt_text
 
     directory.mkdir(parents=True, exist_ok=True)
-    txt = directory / "schedule_measured.txt"
-    png = directory / "schedule_measured_gantt.png"
+    txt = safe_child(directory, "schedule_measured.txt")
+    png = safe_child(directory, "schedule_measured_gantt.png")
     sim = plan.sim
     rows = [[s, f"{sim.busy[s]:.4g}", f"{measured.busy[s]:.4g}", f"{sim.utilisation[s]:.3f}",
              f"{measured.utilisation[s]:.3f}"] for s in range(plan.stages)]

@@ -23,6 +23,7 @@ from muxc.kinds import KINDS, SUPPORTED, spec_for_layer
 __all__ = [
     "SUPPORTED",
     "hf_model",
+    "vocab_sizes",
     "adapter_name_of",
     "normalize_fqn",
     "adapter_layers",
@@ -43,6 +44,14 @@ def hf_model(task_name: str, model) -> torch.nn.Module:
             f"PeftModel.from_pretrained), got {type(model).__name__}"
         )
     return model.get_base_model()
+
+
+def vocab_sizes(task_name: str, model) -> tuple[int, int]:
+    """``(input ids, label classes)``: rows of the input embedding and the LM head's width."""
+    hf = hf_model(task_name, model)
+    rows = hf.get_input_embeddings().weight.shape[0]
+    head = getattr(hf.get_output_embeddings(), "weight", None)
+    return rows, (head.shape[0] if head is not None else hf.config.vocab_size)
 
 
 def adapter_name_of(task_name: str, model: PeftModel, adapter_name: str | None) -> str:

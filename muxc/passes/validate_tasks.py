@@ -7,6 +7,7 @@ from collections import Counter
 from muxc.errors import TaskSpecError, TrainableBaseError
 from muxc.frontends.peft import adapter_name_of, adapter_param_ids, hf_model
 from muxc.passes.pass_base import CompileContext, PassResult
+from muxc.names import check_name
 from muxc.task import Task
 
 __all__ = ["validate_tasks"]
@@ -23,6 +24,7 @@ def validate_tasks(tasks, ctx: CompileContext) -> PassResult[tuple[Task, ...]]:
     for i, t in enumerate(tasks):
         if not isinstance(t, Task):
             raise TaskSpecError(f"tasks[{i}] is a {type(t).__name__}, not a muxc.Task")
+        check_name(t.name)  # again: Task is mutable, its name may have changed since Task(...)
     dupes = sorted(n for n, c in Counter(t.name for t in tasks).items() if c > 1)
     if dupes:
         raise TaskSpecError(f"duplicate task names {dupes}; every task needs a unique name")

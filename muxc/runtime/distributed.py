@@ -368,6 +368,12 @@ class StageExecutor(LocalExecutor):
 
     # ------------------------------------------------------------------ collectives
 
+    def agree(self, flags: torch.Tensor) -> torch.Tensor:
+        """True where every rank's flag is true (each rank sees only its stage's gradients)."""
+        buf = flags.to(device=self.group.device, dtype=torch.int32)
+        dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self.group.group)
+        return buf.to(device=flags.device, dtype=torch.bool)
+
     def gather_timeline(self) -> Timeline | None:
         """Every rank's timeline of the last step, on every rank (clocks aligned at the step's
         start; None before any step)."""

@@ -168,6 +168,10 @@ class LocalExecutor:
         if outs:
             torch.autograd.backward(outs, grads)
 
+    def agree(self, flags: torch.Tensor) -> torch.Tensor:
+        """Per-task flags as every process sees them (one process: as they are)."""
+        return flags
+
     # ------------------------------------------------------------------ running
 
     def micro_batches(self, plan: StepPlan, batches: Mapping[str, Mapping],

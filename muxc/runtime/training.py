@@ -1,7 +1,12 @@
-"""Per-task training state: each task's own optimizer and LR scheduler, never mixed."""
+"""Per-task training state: each task's own optimizer and LR scheduler, never mixed.
+
+A task whose loss or gradients are non-finite skips its optimizer step (`TaskState.skip_bad`);
+after ``limit`` such steps in a row it is paused until `TaskState.resume`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +16,22 @@ from muxc.errors import TaskSpecError
 from muxc.ir import AdapterRecord
 from muxc.task import Task
 
-__all__ = ["TaskState", "build_states"]
+__all__ = ["TaskState", "StepOutcome", "build_states", "nonfinite"]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What happened to one task in the latest ``forward_backward``/``step``.
+
+    loss: the task's loss (None when it was left out before the forward).
+    skipped: True when the task's optimizer did not step (or its forward did not run).
+    why: "" when it ran, else e.g. "no label tokens", "non-finite loss", "non-finite grad",
+      "paused".
+    """
+
+    loss: float | None
+    skipped: bool = False
+    why: str = ""
 
 
 @dataclass
@@ -21,6 +41,8 @@ class TaskState:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any = None
     steps: int = 0
+    bad_steps: int = 0  # consecutive steps skipped for non-finite loss or gradients
+    paused: bool = False
 
     def step(self) -> None:
         self.optimizer.step()
@@ -28,6 +50,43 @@ class TaskState:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+        self.bad_steps = 0
+
+    def skip_bad(self, limit: int) -> None:
+        """Drop this step's (non-finite) gradients without stepping; pause after ``limit``
+        bad steps in a row. The adapter, optimizer state and LR schedule are untouched."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        self.paused = self.bad_steps >= limit
+
+    def resume(self) -> None:
+        self.bad_steps = 0
+        self.paused = False
+
+
+def nonfinite(
+    losses: Mapping[str, torch.Tensor], states: Mapping[str, TaskState], agree=None
+) -> dict[str, str]:
+    """Task -> "non-finite loss" | "non-finite grad" for the tasks in ``losses`` whose loss or
+    adapter ``.grad`` holds NaN/inf (one device sync for all tasks). ``agree(flags)`` combines
+    the (tasks, 2) finite flags across processes holding parts of the adapters (stages)."""
+    flags = []
+    for name, loss in losses.items():
+        grads = [p.grad.isfinite().all() for p in states[name].params if p.grad is not None]
+        grad_ok = torch.stack(grads).all() if grads else torch.ones((), dtype=torch.bool)
+        flags.append(torch.stack([loss.isfinite().all(), grad_ok.to(loss.device)]))
+    if not flags:
+        return {}
+    flags = torch.stack(flags)
+    if agree is not None:
+        flags = agree(flags)
+    out = {}
+    for name, (loss_ok, grad_ok) in zip(losses, flags.tolist()):
+        if not loss_ok:
+            out[name] = "non-finite loss"
+        elif not grad_ok:
+            out[name] = "non-finite grad"
+    return out
 
 
 def build_states(tasks: list[Task], records: dict[str, list[AdapterRecord]]) -> dict[str, TaskState]:
