@@ -292,7 +292,7 @@ def test_all_tasks_without_labels_run_nothing(chunked, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the executor ran")
 
-    monkeypatch.setattr(program.executor, "forward_backward", boom)
+    monkeypatch.setattr(program.executor, "run", boom)
     before = _snapshot(program)
     batches = {n: _unlabel(b) for n, b in _batches().items()}
     with pytest.warns(muxc.EmptyBatchWarning):
