@@ -8,6 +8,7 @@ from enum import Enum
 from typing import Any
 
 from muxc.errors import OptionsError, parse_enum
+from muxc.ir.schedule import SchedulePolicy
 from muxc.kernels.registry import Impl
 
 __all__ = ["Options", "Fusion", "Alignment"]
@@ -46,6 +47,8 @@ class Options:
       first use or fall back to the analytic roofline).
     kernel_impl: None (registry picks: Triton on CUDA, torch on CPU) | "torch" | "triton".
     verify: run invariant checks after every pass (slower compile; on in tests).
+    schedule: None (the simulator picks the faster of "interleaved" and "1f1b" per step) |
+      "1f1b" | "interleaved" | "sequential": how each stage orders the hTasks' micro-batches.
     pipeline_timeout: seconds a stage process waits for another before the step fails with
       `PipelineError` (multi-process stages only).
     max_bad_steps: consecutive steps with a non-finite loss or adapter gradient after which a
@@ -66,12 +69,15 @@ class Options:
     kernel_impl: Impl | str | None = None
     verify: bool = False
     pipeline_timeout: float = 60.0
+    schedule: SchedulePolicy | str | None = None
     max_bad_steps: int = 3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fusion", parse_enum(Fusion, self.fusion, "fusion"))
         object.__setattr__(self, "alignment", parse_enum(Alignment, self.alignment, "alignment"))
         object.__setattr__(self, "kernel_impl", Impl.parse(self.kernel_impl))
+        if self.schedule is not None:
+            object.__setattr__(self, "schedule", parse_enum(SchedulePolicy, self.schedule, "schedule"))
         if self.chunk_size is not None:
             if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
                 raise OptionsError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")

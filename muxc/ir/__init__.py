@@ -41,7 +41,7 @@ from muxc.ir.ops import (
     causal_lm_loss,
 )
 from muxc.ir.partition import Crossing, PartitionedGraph, ShapeHint, Stage, Subgraph, SubgraphKind
-from muxc.ir.schedule import Schedule, ScheduleError, SimResult, Step, StepKind
+from muxc.ir.schedule import Schedule, SchedulePolicy, ScheduleError, SimResult, Step, StepKind
 from muxc.ir.step import FusionPlan, GroupCost, HTask, HTaskCost, StepPlan
 from muxc.ir.text import table
 
@@ -71,6 +71,7 @@ __all__ = [
     "SDPA",
     "Schedule",
     "ScheduleError",
+    "SchedulePolicy",
     "ShapeHint",
     "Stage",
     "Step",

@@ -24,13 +24,25 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from muxc.errors import MuxcError
+from muxc.errors import MuxcError, parse_enum
 
-__all__ = ["ScheduleError", "StepKind", "Step", "Schedule", "SimResult"]
+__all__ = ["ScheduleError", "SchedulePolicy", "StepKind", "Step", "Schedule", "SimResult"]
 
 
 class ScheduleError(MuxcError):
     """A schedule is malformed or its order cannot run (a dependency would deadlock)."""
+
+
+class SchedulePolicy(str, enum.Enum):
+    """How a stage orders the hTasks' micro-batches (see `muxc.plan.schedule`)."""
+
+    ONE_F_ONE_B = "1f1b"
+    INTERLEAVED = "interleaved"
+    SEQUENTIAL = "sequential"
+
+    @classmethod
+    def parse(cls, value: SchedulePolicy | str) -> SchedulePolicy:
+        return parse_enum(cls, value, "policy", ScheduleError)
 
 
 class StepKind(enum.Enum):

@@ -32,7 +32,8 @@ from muxc.plan.profile import Clock, DeviceProfile, Sample, load_or_profile, pro
 from muxc.plan.summary import ModelSummary, OpCost, Work, as_summary, summarize_graph
 from muxc.plan.fusion_dp import plan_fusion
 from muxc.plan.fusion import AutoFusion, loads_of
-from muxc.plan.schedule import SchedulePolicy, build_schedule, pipeline_dependencies
+from muxc.ir.schedule import SchedulePolicy
+from muxc.plan.schedule import build_schedule, pipeline_dependencies
 from muxc.plan.simulate import best_schedule, simulate, time_table
 from muxc.plan.step import Planner, plan_step
 

@@ -52,27 +52,13 @@ stage | 0    1    2    3    4    5    6    7    8    9    10   11
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 
-from muxc.errors import parse_enum
-from muxc.ir.schedule import Schedule, ScheduleError, Step, StepKind, _as_counts
+from muxc.ir.schedule import Schedule, SchedulePolicy, ScheduleError, Step, StepKind, _as_counts
 
 __all__ = ["SchedulePolicy", "build_schedule", "pipeline_dependencies"]
 
 F, B = StepKind.FORWARD, StepKind.BACKWARD
-
-
-class SchedulePolicy(str, enum.Enum):
-    """How a stage orders the hTasks' micro-batches (see the module docstring)."""
-
-    ONE_F_ONE_B = "1f1b"
-    INTERLEAVED = "interleaved"
-    SEQUENTIAL = "sequential"
-
-    @classmethod
-    def parse(cls, value: SchedulePolicy | str) -> SchedulePolicy:
-        return parse_enum(cls, value, "policy", ScheduleError)
 
 
 def _check_stages(stages: int) -> None:

@@ -24,10 +24,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from muxc.plan.schedule import SchedulePolicy, build_schedule
+from muxc.ir.schedule import SchedulePolicy
+from muxc.plan.schedule import build_schedule
 from muxc.ir.schedule import Schedule, ScheduleError, SimResult, Step
 
-__all__ = ["SimResult", "simulate", "time_table", "best_schedule"]
+__all__ = ["simulate", "time_table", "best_schedule"]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
 
 
 def _duration(fn: Callable[[Step], float], step: Step, what: str) -> float:

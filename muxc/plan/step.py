@@ -96,8 +96,10 @@ def plan_step(planner: Planner, batches: Mapping[str, Mapping]) -> StepPlan:
     fwd = time_table([[c.forward for c in costs]] * stages)
     bwd = time_table([[c.backward for c in costs]] * stages)
     act = time_table([[c.activation_bytes for c in costs]] * stages)
+    fixed = planner.options.schedule
     schedule, sim = best_schedule(
-        [h.micro_batches for h in htasks], stages, chunk is not None, fwd, bwd, act_bytes=act
+        [h.micro_batches for h in htasks], stages, chunk is not None, fwd, bwd, act_bytes=act,
+        policies=("interleaved", "1f1b") if fixed is None else (fixed,),
     )
     return StepPlan(
         htask_plans=tuple(htasks),
