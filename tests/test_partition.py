@@ -17,8 +17,9 @@ from muxc.errors import OptionsError
 from muxc.ir import Role, info
 from muxc.ir import PartitionedGraph, SubgraphKind
 from muxc.runtime.stages import run_stages
-from muxc.passes.partition import FlopCost, LatencyCost, balance, partition, partition_ids
+from muxc.passes.partition import balance, partition, partition_ids
 from muxc.passes.pass_base import CompileContext
+from muxc.plan.stage_cost import FlopCost, LatencyCost
 from muxc.ir import MuxBatch
 from muxc.runtime.batch import build_batch
 from muxc.ir.chunks import build_layout

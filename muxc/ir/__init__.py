@@ -9,6 +9,9 @@
 - `chunks`: the chunk layout of a step (streams cut into equal chunks, masks, kept-K/V gathers).
 - `step`: `StepPlan`, one step's plan (hTasks, micro-batches, schedule) that the runtime runs.
 - `text`: the fixed-width tables every IR prints.
+- `optable`: what muxc knows about aten ops (GEMMs, views and aliases, free ops, attention).
+- `shapes`: a merged graph's sizes as expressions in batch rows and sequence length
+  (`GraphShapes`), or evaluated at a `ShapeHint` (`SizesAt`).
 
 Rule: this package imports nothing of muxc but `muxc.errors`; everything else imports it.
 """

@@ -1,20 +1,22 @@
 """Pass `partition`: cut a MuxGraph into COMPUTE/PEFT/COMMUNICATE subgraphs and pipeline stages.
 
 Contract. Input: a `MuxGraph` (after `merge_backbones`, optionally `rewrite_attention`).
-Output: a `PartitionedGraph` (see `muxc.partition_ir`). Does not mutate ``mux``: stage modules
+Output: a `PartitionedGraph` (see `muxc.ir.partition`). Does not mutate ``mux``: stage modules
 are cut from a copy of its graph. Steps:
 
 1. PEFT groups. Every adapter site (``Role.ADAPTER``) is grouped with its base op: for an
    output-side site, the op producing its ``h`` argument; for an input-side site, the op
-   consuming it; reshapes between the site and a GEMM (GPT-2's Conv1D is ``view(addmm(view))``)
-   are followed to the GEMM and join the group. Sites sharing a base op (one task's IA3 on the
-   input, another's LoRA on the output) form ONE group: "one base op with its adapters".
+   consuming it; views between the site and a GEMM (GPT-2's Conv1D is ``view(addmm(view))``)
+   are followed to the GEMM and join the group (which ops are views and GEMMs:
+   `muxc.ir.optable`). Sites sharing a base op (one task's IA3 on the input, another's LoRA
+   on the output) form ONE group: "one base op with its adapters".
 2. Order. A topological order of the ops in which each group is contiguous: the graph order,
    except that a group's members are pulled together (Kahn's algorithm over groups and single
    ops, ties broken by graph position, so the graph order is kept wherever it is valid) and the
    per-task LOSS nodes go last.
 3. Subgraphs. Each group is a PEFT subgraph; each maximal run of other ops between groups is a
-   COMPUTE subgraph. Cost = sum of ``node_cost`` over its nodes (default `FlopCost`).
+   COMPUTE subgraph. Cost = sum of ``node_cost`` over its nodes: a policy object from
+   `muxc.plan.stage_cost` (default `FlopCost`; `LatencyCost` prices seconds) or any callable.
 4. Stages. Contiguous runs of subgraphs minimising the largest stage cost (exact linear
    partition DP, deterministic). A stage is never cut inside a subgraph, and the LOSS nodes
    are in the last one. One COMMUNICATE subgraph is inserted at each boundary, naming the
@@ -35,17 +37,16 @@ import bisect
 import heapq
 import inspect
 import math
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import sympy
 import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
 from muxc.errors import MuxcInternalError, OptionsError
-from muxc.ir import AdapterKind, MuxGraph, Position, Role, info
+from muxc.ir import MuxGraph, Position, Role, info
+from muxc.ir.optable import is_gemm, is_view
 from muxc.ir.partition import (
     Crossing,
     PartitionedGraph,
@@ -56,188 +57,10 @@ from muxc.ir.partition import (
     output_template,
 )
 from muxc.passes.pass_base import CompileContext, PassResult
+from muxc.ir.shapes import GraphShapes, SizesAt
+from muxc.plan.stage_cost import FlopCost
 
-__all__ = ["partition", "FlopCost", "LatencyCost", "balance", "partition_ids"]
-
-aten = torch.ops.aten
-
-# Ops that only change metadata (free), and GEMMs a PEFT group is anchored on.
-_VIEWS = {
-    aten.view, aten._unsafe_view, aten.reshape, aten.t, aten.transpose, aten.permute,
-    aten.unsqueeze, aten.squeeze, aten.expand, aten.slice, aten.select, aten.alias, aten.detach,
-    aten.as_strided, aten.split, aten.split_with_sizes, aten.unbind, aten.chunk,
-}
-_FREE = _VIEWS | {aten.sym_size, aten._assert_tensor_metadata, aten.lift_fresh_copy}
-_GEMMS = {aten.linear, aten.mm, aten.addmm, aten.bmm, aten.matmul, aten.baddbmm}
-
-
-def _packet(node: fx.Node):
-    return getattr(node.target, "overloadpacket", None)
-
-
-def _is_view(node: fx.Node) -> bool:
-    return node.op == "call_function" and _packet(node) in _VIEWS
-
-
-def _is_gemm(node: fx.Node) -> bool:
-    return node.op == "call_function" and _packet(node) in _GEMMS
-
-
-# ---------------------------------------------------------------------------- sizes and costs
-
-
-class _Sizes:
-    """Evaluates exported symbolic sizes at a `ShapeHint`."""
-
-    def __init__(self, mux: MuxGraph, hint: ShapeHint):
-        self.subs: dict[sympy.Symbol, sympy.Integer] = {}
-        for node in mux.gm.graph.find_nodes(op="placeholder"):
-            val = node.meta.get("val")
-            if info(node).role is Role.INPUT and isinstance(val, torch.Tensor) and val.dim() == 2:
-                for d, v in zip(val.shape, (hint.rows, hint.seq)):
-                    if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
-                        self.subs.setdefault(d.node.expr, sympy.Integer(v))
-
-    def dim(self, d) -> int:
-        if not isinstance(d, torch.SymInt):
-            return int(d)
-        expr = d.node.expr
-        if not isinstance(expr, sympy.Basic):
-            return int(expr)
-        expr = expr.xreplace(self.subs)
-        if expr.free_symbols:
-            expr = expr.xreplace(dict.fromkeys(expr.free_symbols, sympy.Integer(1)))
-        return int(expr)
-
-    def numel(self, val) -> int:
-        if isinstance(val, torch.Tensor):
-            n = 1
-            for d in val.shape:
-                n *= self.dim(d)
-            return n
-        if isinstance(val, (tuple, list)):
-            return sum(self.numel(v) for v in val)
-        return 0
-
-    def nbytes(self, val) -> int:
-        if isinstance(val, torch.Tensor):
-            return self.numel(val) * val.dtype.itemsize
-        if isinstance(val, (tuple, list)):
-            return sum(self.nbytes(v) for v in val)
-        if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
-            return 8
-        return 0
-
-
-def _val(node) -> object:
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-class FlopCost:
-    """Default node cost: a FLOP estimate at a `ShapeHint` (symbolic dims -> rows, seq).
-
-    - GEMMs (linear, mm, addmm, bmm, matmul): ``2*M*K*N`` (+ ``M*N`` for a bias);
-    - attention (SDPA, `ChunkAttention`): ``4*B*H*Lq*Lk*D``;
-    - adapter sites: per task, on an even share of the tokens ``t``: LoRA ``2*t*r*(K+N) + t*N``,
-      IA3 ``t*N``; a task loss: the logits' elements over the task count;
-    - views, sizes and asserts: 0; any other op: the elements it writes.
-
-    >>> cost = FlopCost(mux, ShapeHint(rows=4, seq=256))   # doctest: +SKIP
-    >>> cost(linear_node)                   # 1024 tokens, 32 -> 32   # doctest: +SKIP
-    2097152.0
-    """
-
-    name = "flop"
-
-    def __init__(self, mux: MuxGraph, hint: ShapeHint | None = None):
-        self.hint = hint or ShapeHint()
-        self.sizes = _Sizes(mux, self.hint)
-        self.n_tasks = max(1, len(mux.tasks))
-
-    def __call__(self, node: fx.Node) -> float:
-        if node.op != "call_function":
-            return 0.0
-        rec = node.meta.get("muxc")
-        if rec is not None and rec.role is Role.ADAPTER:
-            return self._site(node, rec)
-        if rec is not None and rec.role is Role.LOSS:
-            return self.sizes.numel(_val(node.args[0])) / self.n_tasks
-        packet = _packet(node)
-        if packet in _FREE or node.target is operator.getitem:
-            return 0.0
-        out = _val(node)
-        if packet in _GEMMS and isinstance(out, torch.Tensor):
-            a = node.args[1] if packet in (aten.addmm, aten.baddbmm) else node.args[0]
-            k = self.sizes.dim(_val(a).shape[-1])
-            flops = 2.0 * self.sizes.numel(out) * k
-            has_bias = packet in (aten.addmm, aten.baddbmm) or (
-                len(node.args) > 2 and node.args[2] is not None
-            )
-            return flops + (self.sizes.numel(out) if has_bias else 0)
-        attn = self._attention_qk(node)
-        if attn is not None:
-            q, k = (_val(a) for a in attn)
-            b, h, lq, d = (self.sizes.dim(x) for x in q.shape[-4:])
-            return 4.0 * b * h * lq * self.sizes.dim(k.shape[-2]) * d
-        return float(self.sizes.numel(out))
-
-    @staticmethod
-    def _attention_qk(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-        from muxc.ir import SDPA, ChunkAttention
-
-        if node.target is SDPA:
-            return node.args[0], node.args[1]
-        if isinstance(node.target, ChunkAttention):
-            return node.args[1], node.args[2]
-        return None
-
-    def _site(self, node: fx.Node, rec) -> float:
-        x, out = _val(node.args[0]), _val(node)
-        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
-            return 0.0
-        t = self.hint.tokens / self.n_tasks
-        k, n = self.sizes.dim(x.shape[-1]), self.sizes.dim(out.shape[-1])
-        total = 0.0
-        for r in rec.adapters:
-            if r.kind is AdapterKind.LORA:
-                total += 2.0 * t * r.rank * (k + n) + t * n
-            else:
-                total += t * n
-        return total
-
-
-class LatencyCost:
-    """Node cost from muxc's cost model: predicted forward + backward seconds at a `ShapeHint`.
-
-    Prices `muxc.plan.summary.summarize_graph`'s per-node work with a `muxc.plan.CostModel`
-    (fitted to a device profile, else its roofline); per-task ops (adapters, losses) get an even
-    share of the hint's rows. Balances pipeline stages by the time they will take.
-
-    >>> partition(mux, None, stages=4, node_cost=LatencyCost(mux))   # doctest: +SKIP
-    PartitionedGraph(llama, 4 stages, 20 subgraphs (9 compute, 8 peft, 3 communicate), stage cost 0.00146 / 0.00473 / 0.00446 / 0.0014 s)
-    """
-
-    name = "s"
-
-    def __init__(self, mux: MuxGraph, cost_model=None, hint: ShapeHint | None = None):
-        from muxc.plan.cost import CostModel
-        from muxc.plan.summary import summarize_graph
-
-        self.hint = hint or ShapeHint()
-        self.cost_model = cost_model if cost_model is not None else CostModel()
-        task_rows = self.hint.rows / max(1, len(mux.tasks))
-        seconds: dict[str, float] = {}
-        for op in summarize_graph(mux).ops:
-            rows = task_rows if op.task is not None else self.hint.rows
-            for work, backward in ((op.forward, False), (op.backward, True)):
-                if work is not None:
-                    t = self.cost_model.latency(work.key, work.amount(rows, self.hint.seq), backward)
-                    name = op.node.split("[", 1)[0]  # "chunk_attention_0[kv]": a part of the node
-                    seconds[name] = seconds.get(name, 0.0) + t
-        self.seconds = seconds
-
-    def __call__(self, node: fx.Node) -> float:
-        return self.seconds.get(node.name, 0.0)
+__all__ = ["partition", "balance", "partition_ids"]
 
 
 # ---------------------------------------------------------------------------- PEFT groups
@@ -256,13 +79,13 @@ def _walk_to_gemm(start: fx.Node, step: Callable[[fx.Node], fx.Node | None]) -> 
     """``[start, ...]`` through single-use reshapes up to a GEMM; ``[start]`` if none is found."""
     chain = [start]
     node = start
-    while _is_view(node):
+    while is_view(node):
         nxt = step(node)
         if nxt is None:
             return [start]
         chain.append(nxt)
         node = nxt
-    return chain if _is_gemm(node) else [start]
+    return chain if is_gemm(node) else [start]
 
 
 def _backward(node: fx.Node) -> fx.Node | None:
@@ -465,7 +288,7 @@ def _dtype_str(val) -> str:
 
 
 def _crossings(order: list[fx.Node], stage_of: dict[fx.Node, int], boundary: int,
-               sizes: _Sizes, tokens: int) -> tuple[tuple[Crossing, ...], frozenset[str]]:
+               sizes: SizesAt, tokens: int) -> tuple[tuple[Crossing, ...], frozenset[str]]:
     """Values computed in stages <= boundary that a later stage reads."""
     out, tasks = [], set()
     for n in order:
@@ -556,9 +379,10 @@ def partition(
 ) -> PassResult[PartitionedGraph]:
     """Cut ``mux`` into subgraphs and balanced pipeline stages; does not mutate it (module doc).
 
-    ``stages`` defaults to ``ctx.options.stages`` (1 without a ``ctx``). ``node_cost(node)``
-    prices an op of ``mux.gm`` (default `FlopCost` at ``hint``); ``hint`` also sizes the
-    COMMUNICATE records. Raises `OptionsError` unless ``1 <= stages <= number of subgraphs``.
+    ``stages`` defaults to ``ctx.options.stages`` (1 when absent). ``node_cost(node)`` prices an
+    op of ``mux.gm`` (default `muxc.plan.stage_cost.FlopCost` at ``hint``; its ``name``
+    attribute, if any, is the unit tables print); ``hint`` also sizes the COMMUNICATE records.
+    Raises `OptionsError` unless ``1 <= stages <= number of subgraphs``.
     """
     if stages is None:
         stages = ctx.options.stages if ctx is not None else 1
@@ -593,7 +417,7 @@ def partition(
 
     order = [n for p in pieces for n in p.nodes]
     stage_of = {n: assign[i] for i, p in enumerate(pieces) for n in p.nodes}
-    sizes = _Sizes(mux, hint)
+    sizes = GraphShapes(mux).at(hint)
     subgraphs: list[Subgraph] = []
     for i, p in enumerate(pieces):
         subgraphs.append(Subgraph(

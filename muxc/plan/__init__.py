@@ -8,6 +8,8 @@
   rows and sequence length); `config_summary.summarize_config` builds one from an HF config.
 - `cost`: `CostModel` (fitted latency or roofline per op) and `estimate_step`.
 - `memory`: `estimate_memory` (weights once + per-task training state + activations).
+- `stage_cost`: node cost policies the partition pass balances stages with (`FlopCost`,
+  `LatencyCost`).
 - `iteration`: the pipeline iteration-time formula and bubble fraction.
 - `fusion_dp`: the exact hTask DP (`plan_fusion`); `fusion`: `AutoFusion`, which prices hTasks
   with the cost model and picks the chunk size.
@@ -30,6 +32,7 @@ from muxc.plan.memory import MemoryEstimate, activation_bytes_per_token_per_laye
 from muxc.plan.ops import CostModelError, OpKey, OpKind, Poly, Roofline, roofline_latency
 from muxc.plan.profile import Clock, DeviceProfile, Sample, load_or_profile, profile_device
 from muxc.plan.summary import ModelSummary, OpCost, Work, as_summary, summarize_graph
+from muxc.plan.stage_cost import FlopCost, LatencyCost
 from muxc.plan.fusion_dp import plan_fusion
 from muxc.plan.fusion import AutoFusion, loads_of
 from muxc.ir.schedule import SchedulePolicy
@@ -54,6 +57,8 @@ __all__ = [
     "CostModel",
     "CostModelError",
     "DeviceProfile",
+    "FlopCost",
+    "LatencyCost",
     "LatencyModel",
     "MemoryEstimate",
     "ModelSummary",

@@ -3,7 +3,8 @@
 `summarize_graph(mux)` walks a `MuxGraph` once. Each op node becomes an `OpCost`: the
 `OpKey` that prices it and its forward/backward work as a `Poly` in the step's rows ``b`` and
 sequence length ``s``, read off the symbolic shapes torch.export recorded in
-``node.meta["val"]`` (the weight placeholders give GEMMs their concrete ``(K, N)``).
+``node.meta["val"]`` (`muxc.ir.shapes`; the weight placeholders give GEMMs their concrete
+``(K, N)``). Which ops are GEMMs, matmuls, attention and aliases: `muxc.ir.optable`.
 Adapter sites become one `OpCost` per task (work = that task's tokens). A second entry point,
 `muxc.plan.config_summary.summarize_config`, builds the same summary from an HF config alone.
 
@@ -33,9 +34,17 @@ import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
 from muxc.ir import MuxGraph, Position, Role, info
+from muxc.ir.optable import (
+    MATMULS,
+    WEIGHT_GEMMS,
+    aliases_input,
+    attention_call,
+    gemm_operands,
+    packet,
+)
+from muxc.ir.shapes import B, S, GraphShapes, meta_val
 from muxc.kinds import spec_of
 from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Poly
-from muxc.ir.ops import ChunkAttention
 
 __all__ = ["KV", "Work", "OpCost", "ModelSummary", "summarize_graph", "as_summary", "layer_of"]
 
@@ -180,52 +189,29 @@ def _node_layer(node: fx.Node) -> int | None:
 
 # ------------------------------------------------------------------ symbolic shapes -> Poly
 
-_B, _S = sympy.symbols("b s", positive=True, integer=True)
 
-
-class _Shapes:
-    """Turns symbolic sizes of fake tensors into `Poly`s in (b, s)."""
+class _Shapes(GraphShapes):
+    """The graph's symbolic sizes (`muxc.ir.shapes`), turned into `Poly`s in (b, s)."""
 
     def __init__(self, mux: MuxGraph):
-        self.subs: dict[sympy.Symbol, sympy.Symbol] = {}
-        for node in mux.gm.graph.find_nodes(op="placeholder"):
-            val = node.meta.get("val")
-            if info(node).role is Role.INPUT and isinstance(val, torch.Tensor) and val.dim() == 2:
-                for d, sym in zip(val.shape, (_B, _S)):
-                    if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
-                        self.subs[d.node.expr] = sym
-        if set(self.subs.values()) != {_B, _S}:
+        super().__init__(mux)
+        if not self.dynamic:
             raise MuxcInternalError(
                 "summarize_graph: the inputs have no dynamic (batch, seq) dims; the merged graph "
                 "must be exported with dynamic batch and sequence"
             )
         self._cache: dict[sympy.Expr, Poly] = {}
 
-    def expr(self, d) -> sympy.Expr:
-        if isinstance(d, torch.SymInt):
-            return d.node.expr.xreplace(self.subs)
-        return sympy.Integer(int(d))
-
-    def numel(self, val: torch.Tensor, effective: bool = True) -> sympy.Expr:
-        """Elements of ``val``; ``effective`` skips broadcast (stride-0) dims."""
-        e = sympy.Integer(1)
-        strides = val.stride() if effective else (None,) * val.dim()
-        for d, st in zip(val.shape, strides):
-            if effective and isinstance(st, int) and st == 0:
-                continue
-            e = e * self.expr(d)
-        return e
-
     def poly(self, expr: sympy.Expr, what: fx.Node) -> Poly:
         expr = sympy.expand(expr)
         hit = self._cache.get(expr)
         if hit is not None:
             return hit
-        extra = expr.free_symbols - {_B, _S}
+        extra = expr.free_symbols - {B, S}
         try:
             if extra:
                 raise sympy.PolynomialError(f"free symbols {sorted(map(str, extra))}")
-            p = sympy.Poly(expr, _B, _S)
+            p = sympy.Poly(expr, B, S)
         except sympy.PolynomialError as e:
             raise MuxcInternalError(
                 f"summarize_graph: size {expr} of {what.format_node()} is not a polynomial in "
@@ -237,7 +223,7 @@ class _Shapes:
 
 
 def _val(node) -> torch.Tensor | None:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    v = meta_val(node)
     return v if isinstance(v, torch.Tensor) else None
 
 
@@ -258,19 +244,6 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _is_alias(target) -> bool:
-    if target is operator.getitem:
-        return True
-    schema = getattr(target, "_schema", None)
-    if schema is None or not schema.returns:
-        return False
-    a = schema.returns[0].alias_info
-    return a is not None and not a.is_write
-
-
-_GEMMS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default}
-_BMMS = {aten.bmm.default, aten.matmul.default, aten.mm.default, aten.baddbmm.default}
-_SDPA = {aten.scaled_dot_product_attention.default}
 _PASS_THROUGH = {aten.add.Tensor, aten.sub.Tensor, aten.cat.default, aten.add_.Tensor}
 _REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.mean.default, aten.sum.default}
 _SAVE_OTHER = {aten.mul.Tensor, aten.div.Tensor}
@@ -323,7 +296,7 @@ class _Walker:
         return self.shapes.poly(self.shapes.numel(v, effective=False) / last, x)
 
     def root(self, node: fx.Node) -> fx.Node:
-        while (node.op == "call_function" and _is_alias(node.target) and node.args
+        while (node.op == "call_function" and aliases_input(node.target) and node.args
                and isinstance(node.args[0], fx.Node) and not self.copies(node)):
             node = node.args[0]
         return node
@@ -421,21 +394,20 @@ class _Walker:
             self.add(node, view1, view1 if grad else None)
             return
         args = _tensor_args(node)
-        if t in _GEMMS and self.gemm(node, grad):
+        kind = packet(t)
+        if kind in WEIGHT_GEMMS and self.gemm(node, grad):
             return
-        if t in _SDPA:
-            self.attention(node, grad, node.args, node.kwargs, chunked=False)
+        attn = attention_call(node)
+        if attn is not None:  # a ChunkAttention may attend to kept K/V
+            self.attention(node, grad, *attn)
             return
-        if isinstance(t, ChunkAttention):  # (mux, *sdpa args): may attend to kept K/V
-            self.attention(node, grad, node.args[1:], node.kwargs, chunked=True)
-            return
-        if t in _BMMS:
+        if kind in MATMULS:
             self.matmul(node, grad)
             return
         if t is aten.embedding.default:
             self.add(node, Work(self.ew, self.bytes(node).scale(2)), None)
             return
-        if _is_alias(t) and not self.copies(node):
+        if aliases_input(t) and not self.copies(node):
             bwd = None
             if grad:
                 bwd = view1
@@ -494,11 +466,7 @@ class _Walker:
             self.saved_extra = self.saved_extra + self.bytes(node).scale(1 / out.dtype.itemsize)
 
     def gemm(self, node: fx.Node, grad: bool) -> bool:
-        t = node.target
-        if t is aten.addmm.default:
-            x, w = node.args[1], node.args[2]
-        else:
-            x, w = node.args[0], node.args[1]
+        x, w = gemm_operands(node)
         src = self.root(w) if isinstance(w, fx.Node) else None
         if src is None or src.op != "placeholder" or info(src).role is not Role.FROZEN:
             return False
@@ -533,8 +501,7 @@ class _Walker:
 
     def matmul(self, node: fx.Node, grad: bool) -> None:
         args = _tensor_args(node)
-        a = args[-2] if node.target is aten.baddbmm.default else args[0]
-        kdim = int(_val(a).shape[-1])
+        kdim = int(_val(gemm_operands(node)[0]).shape[-1])
         flops = self.shapes.poly(self.shapes.numel(_val(node), effective=False) * 2 * kdim, node)
         key = OpKey(OpKind.MATMUL, (), _dt(_val(node).dtype))
         self.add(node, Work(key, flops), Work(key, flops.scale(2)) if grad else None)
