@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from muxc.ir import Role, StepPlan, table
+from muxc.ir import Role, SimResult, StepPlan, table
 from muxc.options import Fusion
 
 __all__ = ["Explanation", "TaskRow", "explain_program"]
@@ -46,6 +46,8 @@ class Explanation:
     chunk_size: int | None = None
     padding: dict[str, float] = field(default_factory=dict)
     plan: StepPlan | None = field(default=None, repr=False)
+    last_plan: StepPlan | None = field(default=None, repr=False)  # what the last step ran
+    measured: SimResult | None = field(default=None, repr=False)  # its measured timeline
 
     @property
     def ineffective_token_fraction(self) -> float | None:
@@ -113,6 +115,17 @@ class Explanation:
                     f"{k}={v * 1e3:.3f}{' (past saturation/budget: not allowed)' if k in p.fusion.infeasible else ''}"
                     for k, v in p.fusion.alternatives.items())])
             parts += ["", table(["plan for these batches", "value"], rows, 100)]
+        if self.measured is not None and self.last_plan is not None:
+            sim, got = self.last_plan.sim, self.measured
+            rows = [[s, f"{sim.busy[s] * 1e3:.3f}", f"{got.busy[s] * 1e3:.3f}",
+                     f"{sim.utilisation[s]:.3f}", f"{got.utilisation[s]:.3f}"]
+                    for s in range(self.last_plan.stages)]
+            rows.append(["all", f"makespan {sim.makespan * 1e3:.3f}", f"makespan {got.makespan * 1e3:.3f}",
+                         f"bubble {sim.bubble_fraction:.3f}", f"bubble {got.bubble_fraction:.3f}"])
+            parts += ["", f"last step ({self.last_plan.schedule.policy}, hTasks {self.last_plan.htasks}):"
+                      " simulated vs measured per stage",
+                      table(["stage", "busy ms (sim)", "busy ms (measured)", "utilisation (sim)",
+                             "utilisation (measured)"], rows, 100)]
         return "\n".join(parts)
 
 
@@ -179,6 +192,8 @@ def explain_program(program, batches: Mapping[str, Mapping] | None = None) -> Ex
         chunk_size=plan.chunk_size if plan else program.options.chunk_size,
         padding=_padding(plan) if plan else {},
         plan=plan,
+        last_plan=program.last_plan,
+        measured=program.measured,
     )
 
 
