@@ -16,6 +16,8 @@ Placeholders (frozen weights, adapter parameters, ``input_ids``, ``attention_mas
 ``position_ids``, ``mux``) belong to no subgraph: every stage that reads one receives it as an
 input. ``get_attr`` nodes (higher-order-op bodies) are copied into the stages that use them.
 
+Not run as doctests (they need a compiled program; tests/test_partition.py runs them):
+
 >>> pg = partition(program.mux, None, stages=2)                 # doctest: +SKIP
 >>> pg                                                          # doctest: +SKIP
 PartitionedGraph(llama, 2 stages, 18 subgraphs (9 compute, 8 peft, 1 communicate), stage cost 5.68e+07 / 5.77e+07 flop)
@@ -329,6 +331,8 @@ class PartitionedGraph:
 
 def run_stages(pg: PartitionedGraph, *args: Any) -> Any:
     """Run ``pg``'s stages in sequence; same arguments and result as ``pg.mux.gm(*args)``.
+
+    With ``pg`` and the graph's arguments of a compiled program (not run as a doctest):
 
     >>> run_stages(pg, *bound, input_ids, attention_mask, batch)   # doctest: +SKIP
     (tensor(4.5393, grad_fn=<NllLossBackward0>), tensor(4.5941, grad_fn=<NllLossBackward0>))

@@ -22,6 +22,8 @@ are cut from a copy of its graph. Steps:
 5. Modules. ``split_module`` with the stage index as partition id: ids are non-decreasing
    along the order of step 2, hence monotone along every edge (no partition cycle).
 
+Not run as doctests (they need a compiled program; tests/test_partition.py runs them):
+
 >>> pg = partition(program.mux, None, stages=2)             # doctest: +SKIP
 >>> pg                                                      # doctest: +SKIP
 PartitionedGraph(llama, 2 stages, 18 subgraphs (9 compute, 8 peft, 1 communicate), stage cost 5.68e+07 / 5.77e+07 flop)
@@ -141,6 +143,8 @@ class FlopCost:
       IA3 ``t*N``; a task loss: the logits' elements over the task count;
     - views, sizes and asserts: 0; any other op: the elements it writes.
 
+    On a compiled program's ``mux`` (not run as a doctest: it needs one):
+
     >>> cost = FlopCost(mux, ShapeHint(rows=4, seq=256))   # doctest: +SKIP
     >>> cost(linear_node)                   # 1024 tokens, 32 -> 32   # doctest: +SKIP
     2097152.0
@@ -211,6 +215,7 @@ class LatencyCost:
     Prices `muxc.plan.summary.summarize_graph`'s per-node work with a `muxc.plan.CostModel`
     (fitted to a device profile, else its roofline); per-task ops (adapters, losses) get an even
     share of the hint's rows. Balances pipeline stages by the time they will take.
+    On a compiled program's ``mux`` (not run as a doctest: it needs one):
 
     >>> partition(mux, None, stages=4, node_cost=LatencyCost(mux))   # doctest: +SKIP
     PartitionedGraph(llama, 4 stages, 20 subgraphs (9 compute, 8 peft, 3 communicate), stage cost 0.00146 / 0.00473 / 0.00446 / 0.0014 s)
