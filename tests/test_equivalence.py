@@ -7,11 +7,8 @@ each (task mix, family) is compiled once per module and run with every option se
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import pytest
-from helpers import adapter_grads, assert_matches, isolated
+from helpers import Case, adapter_grads, assert_matches, isolated, separate
 from models import CORE_FAMILIES, OTHER_FAMILIES, make_batch, make_peft, perturb
 from peft import IA3Config, LoraConfig
 
@@ -26,45 +23,13 @@ def _ia3(family: str) -> IA3Config:
     return IA3Config()
 
 
-@dataclass
-class Case:
-    """A compiled program, its batches, and each task's isolated reference."""
-
-    program: muxc.Program
-    batches: dict
-    refs: dict  # task -> (loss, grads) of the task alone
-    grads: Callable[[str], dict]  # task -> its adapter grads now
-    models: list
-
-    def zero_grad(self) -> None:
-        for m in self.models:
-            m.zero_grad(set_to_none=True)
-
-    def check(self, **options) -> muxc.Program:
-        """Run the batches with ``options`` changed; assert every task matches its reference."""
-        program = self.program.with_options(**options)
-        self.zero_grad()
-        losses = program.forward_backward(self.batches)
-        assert_matches(losses, self.grads, self.refs)
-        self.zero_grad()
-        return program
-
-
-def _separate(spec, batches, fusion: str = "auto") -> Case:
-    """Tasks on separate models: references first, then one compile."""
-    refs = {name: isolated(model, batches[name]) for name, model in spec}
-    models = dict(spec)
-    program = muxc.compile([muxc.Task(name=n, model=m) for n, m in spec], muxc.Options(fusion=fusion, verify=True))
-    return Case(program, batches, refs, lambda n: adapter_grads(models[n], "default"), list(models.values()))
-
-
 def two_lora_ranks_one_rslora(base, family) -> Case:
     spec = [
         ("r4", make_peft(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0), 1)),
         ("r16rs", make_peft(base, LoraConfig(r=16, lora_alpha=4, use_rslora=True, target_modules="all-linear",
                                              lora_dropout=0.0), 2)),
     ]
-    return _separate(spec, {"r4": make_batch(2, 9, 1), "r16rs": make_batch(3, 5, 2, pad_rows=2)})
+    return separate(spec, {"r4": make_batch(2, 9, 1), "r16rs": make_batch(3, 5, 2, pad_rows=2)})
 
 
 def lora_qv_lora_all_ia3(base, family) -> Case:
@@ -74,7 +39,7 @@ def lora_qv_lora_all_ia3(base, family) -> Case:
         ("all", make_peft(base, LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.0), 2)),
         ("ia3", make_peft(base, _ia3(family), 3)),
     ]
-    return _separate(spec, {"qv": make_batch(1, 12, 1), "all": make_batch(4, 6, 2, pad_rows=3),
+    return separate(spec, {"qv": make_batch(1, 12, 1), "all": make_batch(4, 6, 2, pad_rows=3),
                             "ia3": make_batch(2, 3, 3)})
 
 
@@ -134,7 +99,7 @@ def test_other_families_lora_and_ia3(bases, family):
         ("lora", make_peft(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 1)),
         ("ia3", make_peft(base, _ia3(family), 2)),
     ]
-    c = _separate(spec, {"lora": make_batch(2, 7, 1), "ia3": make_batch(3, 5, 2)}, fusion="spatial")
+    c = separate(spec, {"lora": make_batch(2, 7, 1), "ia3": make_batch(3, 5, 2)}, fusion="spatial")
     c.check()
     c.check(fusion="temporal")
 
