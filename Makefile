@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.muxc-installed
 
-.PHONY: setup demo test test-fast bench bench-kernels clean
+.PHONY: setup demo test test-all bench bench-kernels clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+test-all: setup  # also the tests marked slow (coverage duplicates, the kernel matrix)
+	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: setup
 	$(VENV)/bin/muxc bench e2e
