@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.muxc-installed
 
-.PHONY: setup demo test test-fast bench bench-kernels bench-plan clean
+.PHONY: setup demo test test-all bench bench-kernels bench-plan bench-pipeline clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+test-all: setup  # also the tests marked slow (coverage duplicates, the kernel matrix)
+	$(PY) -m pytest -q -m "slow or not slow"
 
 # Benchmarks are the checkout's `bench` package (not installed): run from this directory.
 bench: setup

@@ -1,5 +1,7 @@
 """muxc: a compiler for concurrent multi-task PEFT fine-tuning on one shared frozen backbone.
 
+Not run as a doctest (it needs PEFT models; README "Using it" has the whole example):
+
 >>> import muxc
 >>> program = muxc.compile([muxc.Task(name="a", model=peft_a)])  # doctest: +SKIP
 """

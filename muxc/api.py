@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
+from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 
@@ -11,7 +13,13 @@ import torch
 
 from muxc.dump.dot import write_dot
 from muxc.dump import dump_history, dump_measured, dump_plan
-from muxc.errors import EmptyBatchWarning, NonFiniteWarning, TaskPausedWarning, TaskSpecError
+from muxc.errors import (
+    EmptyBatchWarning,
+    NonFiniteWarning,
+    OptionsError,
+    TaskPausedWarning,
+    TaskSpecError,
+)
 from muxc.explain import Explanation, explain_program
 from muxc.frontends.peft import vocab_sizes
 from muxc.ir import MuxGraph
@@ -22,16 +30,24 @@ from muxc.ir import SimResult, StepPlan
 from muxc.plan import Planner
 from muxc.runtime.batch import BatchSpec, check_batches, unlabeled
 from muxc.runtime.distributed import StageExecutor, join_stage_group
+from muxc.passes import select_kernels
 from muxc.runtime.local import LocalExecutor
 from muxc.runtime.training import StepOutcome, TaskState, build_states, nonfinite
 from muxc.save import save_task_adapter
 from muxc.task import Task
 
-__all__ = ["compile", "Program"]
+__all__ = ["compile", "Program", "RUN_TIME_OPTIONS"]
+
+# Options read only when a step runs: `Program.with_options` may change these without
+# recompiling. The others (alignment, stages, verify, pipeline_timeout) act while compiling.
+RUN_TIME_OPTIONS = (
+    "fusion", "chunk_size", "micro_batches", "kernel_impl", "memory_budget", "cost_model", "schedule",
+    "max_bad_steps",
+)
 
 
 class Program:
-    """A compiled multi-task program.
+    """A compiled multi-task program (examples not run as doctests: they need PEFT models).
 
     >>> program = muxc.compile(tasks)                       # doctest: +SKIP
     >>> program.forward_backward({"a": batch_a, "b": batch_b})  # doctest: +SKIP
@@ -80,6 +96,50 @@ class Program:
 
     def __repr__(self) -> str:
         return f"Program(tasks={list(self.tasks)}, fusion={self.options.fusion.value}, {self.mux!r})"
+
+    def with_options(self, **changes) -> Program:
+        """A Program on this one's compiled graph that runs with changed run-time options.
+
+        The new Program shares the compiled graph, the tasks, their adapters and their training
+        states (optimizers, schedulers) with this one; only how steps run changes. Run-time
+        options: ``fusion``, ``chunk_size``, ``micro_batches``, ``kernel_impl``,
+        ``memory_budget``, ``cost_model``, ``schedule``, ``max_bad_steps``. Changing ``alignment``,
+        ``stages``, ``verify`` or ``pipeline_timeout``
+        raises `OptionsError` (they act while compiling: compile again instead). Gradients
+        accumulate across programs as across calls: zero them between runs you compare.
+        Example (not run as a doctest: it needs a compiled program):
+
+        >>> temporal = program.with_options(fusion="temporal")  # doctest: +SKIP
+        >>> temporal.options.fusion, temporal.mux is program.mux  # doctest: +SKIP
+        (<Fusion.TEMPORAL: 'temporal'>, True)
+        """
+        known = {f.name for f in dataclasses.fields(Options)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise OptionsError(f"unknown option(s) {unknown}; run-time options: {list(RUN_TIME_OPTIONS)}")
+        fixed = sorted(n for n in set(changes) - set(RUN_TIME_OPTIONS)
+                       if _plain(changes[n]) != _plain(getattr(self.options, n)))
+        if fixed:
+            asked = ", ".join(
+                f"{n}={_plain(changes[n])!r} (compiled with {_plain(getattr(self.options, n))!r})" for n in fixed
+            )
+            raise OptionsError(
+                f"with_options cannot change compile-time option(s) {asked}: they act while "
+                f"compiling (tracing, partitioning, checks); compile again with "
+                f"muxc.compile(tasks, muxc.Options(...)). with_options changes only {list(RUN_TIME_OPTIONS)}"
+            )
+        options = dataclasses.replace(self.options, **changes)  # validates the combination
+        program = object.__new__(Program)
+        program.__dict__.update(self.__dict__)  # same graph, tasks, adapters, states, history
+        program.options = options
+        # kernel_impl is chosen per op kind like compile does; a forced impl that cannot run raises
+        program.kernel_plan = select_kernels(self.mux, CompileContext(options=options)).value
+        program.planner = Planner(self.mux, options)
+        if self.stage_group is None:
+            program.executor = LocalExecutor(self.mux, self.partitioned, options.kernel_impl)
+        else:
+            program.executor = StageExecutor(self.mux, self.partitioned, options.kernel_impl, self.stage_group)
+        return program
 
     def forward_backward(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """Each task's loss on its batch; adds each task's gradients to its adapter ``.grad``.
@@ -234,6 +294,11 @@ class Program:
             if self.rank != 0:
                 return []
         return [save_task_adapter(self.tasks[name], path) for name, path in targets.items()]
+
+
+def _plain(value):
+    """An option's value as the user writes it (enums by their value)."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def compile(

@@ -1,4 +1,11 @@
-"""Shared fixtures. Tiny models are built once per session; tests deep-copy them."""
+"""Shared fixtures and the ``slow`` marker. Tiny models are built once per session; tests
+deep-copy them.
+
+``slow`` means the same everywhere: a test whose coverage the default run already has (the
+full kernel matrix under the Triton interpreter, the rest of a parametrized matrix whose
+diagonal runs). Slow tests are skipped unless a ``-m`` expression is given (``-m slow`` runs
+only them, ``-m "slow or not slow"`` everything); on a CUDA machine they all run.
+"""
 
 import os
 
@@ -10,6 +17,15 @@ if not torch.cuda.is_available():  # before any triton kernel is defined: use th
 import pytest  # noqa: E402
 
 from models import CORE_FAMILIES, build_base  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() or config.getoption("-m"):
+        return
+    skip = pytest.mark.skip(reason="slow (its coverage runs by default): runs on GPU, or with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,13 @@
-"""Isolated-PEFT references and comparisons for equivalence tests."""
+"""Isolated-PEFT references, comparisons, and compiled cases for equivalence tests."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+
+import muxc
 
 REL_TOL = 1e-4  # fp32; observed errors are ~1e-7 (summation order differs between layouts)
 
@@ -43,3 +48,36 @@ def adapter_grads(model, adapter: str) -> dict[str, torch.Tensor]:
         for n, p in model.named_parameters()
         if f".{adapter}." in n + "." and p.grad is not None
     }
+
+
+@dataclass
+class Case:
+    """A compiled program, its batches, and each task's isolated reference."""
+
+    program: muxc.Program
+    batches: dict
+    refs: dict  # task -> (loss, grads) of the task alone
+    grads: Callable[[str], dict]  # task -> its adapter grads now
+    models: list
+
+    def zero_grad(self) -> None:
+        for m in self.models:
+            m.zero_grad(set_to_none=True)
+
+    def check(self, **options) -> muxc.Program:
+        """Run the batches with ``options`` changed; assert every task matches its reference."""
+        program = self.program.with_options(**options)
+        self.zero_grad()
+        losses = program.forward_backward(self.batches)
+        assert_matches(losses, self.grads, self.refs)
+        self.zero_grad()
+        return program
+
+
+def separate(spec, batches, **options) -> Case:
+    """Tasks ``[(name, model)]`` on separate models: references first, then one compile
+    (``verify=True`` and ``options``)."""
+    refs = {name: isolated(model, batches[name]) for name, model in spec}
+    models = dict(spec)
+    program = muxc.compile([muxc.Task(name=n, model=m) for n, m in spec], muxc.Options(verify=True, **options))
+    return Case(program, batches, refs, lambda n: adapter_grads(models[n], "default"), list(models.values()))

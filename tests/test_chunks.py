@@ -1,10 +1,13 @@
-"""Chunk-based alignment: layout facts, and exact equivalence with isolated PEFT."""
+"""Chunk-based alignment: layout facts, and exact equivalence with isolated PEFT.
+
+(How much padding chunks remove on a non-uniform workload: tests/test_plan_explain.py.)
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import adapter_grads, assert_matches, isolated
+from helpers import Case, separate
 from models import make_batch, make_peft
 from peft import IA3Config, LoraConfig
 
@@ -60,8 +63,32 @@ def test_layout_chunks_see_earlier_chunks_of_their_stream():
     assert last.gather.tolist() == [0]
 
 
+@pytest.fixture(scope="module")
+def case(bases):
+    """family -> LoRA r4, rsLoRA r8 and IA3 tasks compiled once with alignment="chunk"; the
+    fusion and the chunk size are run-time options, set per test with `Program.with_options`."""
+    cache: dict[str, Case] = {}
+
+    def get(family: str) -> Case:
+        if family not in cache:
+            base = bases(family)
+            spec = [
+                ("lora", make_peft(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 1)),
+                ("lora8", make_peft(base, LoraConfig(r=8, use_rslora=True, target_modules="all-linear",
+                                                     lora_dropout=0.0), 2)),
+                ("ia3", make_peft(base, IA3Config(), 3)),
+            ]
+            batches = {"lora": _batch([12, 4, 9], 1), "lora8": make_batch(2, 7, 2, pad_rows=2),
+                       "ia3": _batch([2, 3, 11, 5], 3)}
+            cache[family] = separate(spec, batches, alignment="chunk")
+        return cache[family]
+
+    return get
+
+
 def _matrix():
-    """Full fusion x chunk-size matrix on Llama; a diagonal on GPT-2 and OPT (the rest is slow)."""
+    """Full fusion x chunk-size matrix on Llama; a diagonal on GPT-2 and OPT (the rest of their
+    matrix repeats what Llama's and the diagonal cover: marked slow)."""
     cases = []
     diagonal = {("spatial", 3), ("temporal", 8), ("auto", 64)}
     for family in ("llama", "gpt2", "opt"):
@@ -74,40 +101,16 @@ def _matrix():
 
 
 @pytest.mark.parametrize("family,fusion,chunk", _matrix())
-def test_chunk_alignment_equals_isolated_peft(bases, family, fusion, chunk):
-    base = bases(family)
-    spec = [
-        ("lora", make_peft(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 1)),
-        ("lora8", make_peft(base, LoraConfig(r=8, use_rslora=True, target_modules="all-linear", lora_dropout=0.0), 2)),
-        ("ia3", make_peft(base, IA3Config(), 3)),
-    ]
-    batches = {"lora": _batch([12, 4, 9], 1), "lora8": make_batch(2, 7, 2, pad_rows=2), "ia3": _batch([2, 3, 11, 5], 3)}
-    refs = {n: isolated(m, batches[n]) for n, m in spec}
-    models = dict(spec)
-    program = muxc.compile([muxc.Task(name=n, model=m) for n, m in spec],
-                           muxc.Options(fusion=fusion, alignment="chunk", chunk_size=chunk, verify=True))
-    losses = program.forward_backward(batches)
-    assert_matches(losses, lambda n: adapter_grads(models[n], "default"), refs)
+def test_chunk_alignment_equals_isolated_peft(case, family, fusion, chunk):
+    case(family).check(fusion=fusion, chunk_size=chunk)
 
 
-def test_chunk_alignment_removes_padding(llama):
-    models = [make_peft(llama, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0), i) for i in range(3)]
-    tasks = [muxc.Task(name=f"t{i}", model=m) for i, m in enumerate(models)]
-    batches = {"t0": _batch([10, 12, 30, 8]), "t1": _batch([40, 60, 45]), "t2": _batch([120, 70])}
-    pad = muxc.compile(tasks, muxc.Options(fusion="spatial", alignment="pad")).explain(batches)
-    chunk = muxc.compile(tasks, muxc.Options(fusion="spatial", alignment="chunk", chunk_size=16)).explain(batches)
-    assert pad.padding["ineffective_token_fraction"] > 0.5
-    assert chunk.padding["ineffective_token_fraction"] < 0.1
-    assert chunk.padding["real tokens"] == pad.padding["real tokens"] == 395
-
-
-def test_chunk_alignment_rejects_left_padding(llama):
-    model = make_peft(llama, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0), 1)
-    program = muxc.compile([muxc.Task(name="t", model=model)], muxc.Options(alignment="chunk", chunk_size=4))
+def test_chunk_alignment_rejects_left_padding(case):
+    program = case("llama").program.with_options(chunk_size=4)
     b = _batch([3, 5])
     b["attention_mask"] = b["attention_mask"].flip(1)
     with pytest.raises(muxc.BatchError, match="not right-padded"):
-        program.forward_backward({"t": b})
+        program.forward_backward({"lora": b})
 
 
 def test_chunk_alignment_needs_sdpa(bases):

@@ -1,15 +1,20 @@
-"""The core property: every task's loss and adapter grads equal isolated HF PEFT."""
+"""The core property: every task's loss and adapter grads equal isolated HF PEFT.
+
+Tracing dominates the cost of these tests, and fusion and kernel choice are run-time options:
+each (task mix, family) is compiled once per module and run with every option set through
+`Program.with_options`, with gradients zeroed between runs.
+"""
 
 from __future__ import annotations
 
 import pytest
-from helpers import adapter_grads, assert_matches, isolated
-from models import CORE_FAMILIES, OTHER_FAMILIES, make_batch, make_peft
+from helpers import Case, adapter_grads, assert_matches, isolated, separate
+from models import CORE_FAMILIES, OTHER_FAMILIES, make_batch, make_peft, perturb
 from peft import IA3Config, LoraConfig
 
 import muxc
 
-FUSIONS = ("spatial", "temporal")
+FUSIONS = ("spatial", "temporal", "auto")
 
 
 def _ia3(family: str) -> IA3Config:
@@ -18,54 +23,29 @@ def _ia3(family: str) -> IA3Config:
     return IA3Config()
 
 
-def _separate(tasks_spec, batches):
-    """Compile-ready tasks + isolated references for tasks on separate models."""
-    refs = {name: isolated(model, batches[name]) for name, model in tasks_spec}
-    tasks = [muxc.Task(name=name, model=model) for name, model in tasks_spec]
-    grads = {name: (lambda m=model: adapter_grads(m, "default")) for name, model in tasks_spec}
-    return tasks, refs, grads
-
-
-@pytest.mark.parametrize("fusion", FUSIONS)
-@pytest.mark.parametrize("family", CORE_FAMILIES)
-def test_two_lora_ranks_one_rslora(bases, family, fusion):
-    base = bases(family)
+def two_lora_ranks_one_rslora(base, family) -> Case:
     spec = [
         ("r4", make_peft(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0), 1)),
         ("r16rs", make_peft(base, LoraConfig(r=16, lora_alpha=4, use_rslora=True, target_modules="all-linear",
                                              lora_dropout=0.0), 2)),
     ]
-    batches = {"r4": make_batch(2, 9, 1), "r16rs": make_batch(3, 5, 2, pad_rows=2)}
-    tasks, refs, grads = _separate(spec, batches)
-    program = muxc.compile(tasks, muxc.Options(fusion=fusion, verify=True))
-    losses = program.forward_backward(batches)
-    assert_matches(losses, lambda n: grads[n](), refs)
+    return separate(spec, {"r4": make_batch(2, 9, 1), "r16rs": make_batch(3, 5, 2, pad_rows=2)})
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
-@pytest.mark.parametrize("family", CORE_FAMILIES)
-def test_lora_qv_lora_all_ia3(bases, family, fusion):
-    base = bases(family)
+def lora_qv_lora_all_ia3(base, family) -> Case:
     qv = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"]}[family]
     spec = [
         ("qv", make_peft(base, LoraConfig(r=8, target_modules=qv, lora_dropout=0.0), 1)),
         ("all", make_peft(base, LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.0), 2)),
         ("ia3", make_peft(base, _ia3(family), 3)),
     ]
-    batches = {"qv": make_batch(1, 12, 1), "all": make_batch(4, 6, 2, pad_rows=3), "ia3": make_batch(2, 3, 3)}
-    tasks, refs, grads = _separate(spec, batches)
-    program = muxc.compile(tasks, muxc.Options(fusion=fusion, verify=True))
-    losses = program.forward_backward(batches)
-    assert_matches(losses, lambda n: grads[n](), refs)
+    return separate(spec, {"qv": make_batch(1, 12, 1), "all": make_batch(4, 6, 2, pad_rows=3),
+                            "ia3": make_batch(2, 3, 3)})
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
-@pytest.mark.parametrize("family", CORE_FAMILIES)
-def test_one_peft_model_two_adapters(bases, family, fusion):
-    model = make_peft(bases(family), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 1)
+def one_peft_model_two_adapters(base, family) -> Case:
+    model = make_peft(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 1)
     model.add_adapter("second", LoraConfig(r=2, lora_alpha=6, target_modules="all-linear", lora_dropout=0.0))
-    from models import perturb
-
     perturb(model, 5)
     batches = {"first": make_batch(2, 7, 1), "second": make_batch(3, 10, 2)}
     refs = {"first": isolated(model, batches["first"], "default"),
@@ -73,10 +53,43 @@ def test_one_peft_model_two_adapters(bases, family, fusion):
     model.set_adapter("default")
     tasks = [muxc.Task(name="first", model=model, adapter_name="default"),
              muxc.Task(name="second", model=model, adapter_name="second")]
-    program = muxc.compile(tasks, muxc.Options(fusion=fusion, verify=True))
-    losses = program.forward_backward(batches)
+    program = muxc.compile(tasks, muxc.Options(verify=True))
     names = {"first": "default", "second": "second"}
-    assert_matches(losses, lambda n: adapter_grads(model, names[n]), refs)
+    return Case(program, batches, refs, lambda n: adapter_grads(model, names[n]), [model])
+
+
+MIXES = {f.__name__: f for f in (two_lora_ranks_one_rslora, lora_qv_lora_all_ia3, one_peft_model_two_adapters)}
+
+
+@pytest.fixture(scope="module")
+def case(bases):
+    """(mix, family) -> its `Case`, compiled on first use and kept for the module."""
+    cache: dict[tuple[str, str], Case] = {}
+
+    def get(mix: str, family: str) -> Case:
+        if (mix, family) not in cache:
+            cache[mix, family] = MIXES[mix](bases(family), family)
+        return cache[mix, family]
+
+    return get
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_two_lora_ranks_one_rslora(case, family, fusion):
+    case("two_lora_ranks_one_rslora", family).check(fusion=fusion)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_lora_qv_lora_all_ia3(case, family, fusion):
+    case("lora_qv_lora_all_ia3", family).check(fusion=fusion)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_one_peft_model_two_adapters(case, family, fusion):
+    case("one_peft_model_two_adapters", family).check(fusion=fusion)
 
 
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
@@ -86,54 +99,46 @@ def test_other_families_lora_and_ia3(bases, family):
         ("lora", make_peft(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 1)),
         ("ia3", make_peft(base, _ia3(family), 2)),
     ]
-    batches = {"lora": make_batch(2, 7, 1), "ia3": make_batch(3, 5, 2)}
-    tasks, refs, grads = _separate(spec, batches)
-    program = muxc.compile(tasks, muxc.Options(fusion="spatial", verify=True))
-    losses = program.forward_backward(batches)
-    assert_matches(losses, lambda n: grads[n](), refs)
+    c = separate(spec, {"lora": make_batch(2, 7, 1), "ia3": make_batch(3, 5, 2)}, fusion="spatial")
+    c.check()
+    c.check(fusion="temporal")
 
 
-def test_grads_accumulate_across_calls(llama):
-    model = make_peft(llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0), 1)
-    b1, b2 = make_batch(2, 6, 1), make_batch(2, 8, 2)
-    _, g1 = isolated(model, b1)
-    _, g2 = isolated(model, b2)
-    program = muxc.compile([muxc.Task(name="t", model=model)])
-    program.forward_backward({"t": b1})
-    program.forward_backward({"t": b2})
-    got = adapter_grads(model, "default")
-    for n in g1:
-        expected = g1[n] + g2[n]
-        assert ((got[n] - expected).norm() / expected.norm()).item() <= 1e-4
+def test_grads_accumulate_across_calls(case):
+    c = case("two_lora_ranks_one_rslora", "llama")
+    more = {"r4": make_batch(3, 6, 7), "r16rs": make_batch(2, 8, 8)}
+    models = dict(zip(c.refs, c.models))
+    second = {n: isolated(models[n], more[n])[1] for n in more}
+    c.zero_grad()
+    c.program.forward_backward(c.batches)
+    c.program.with_options(fusion="temporal").forward_backward(more)  # programs share the adapters
+    for n, (_, first) in c.refs.items():
+        got = c.grads(n)
+        assert set(got) == set(first)
+        for p in first:
+            expected = first[p] + second[n][p]
+            assert ((got[p] - expected).norm() / expected.norm()).item() <= 1e-4, (n, p)
+    c.zero_grad()
 
 
-def test_task_absent_from_a_step_gets_no_loss_and_no_grad(llama):
-    a = make_peft(llama, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0), 1)
-    b = make_peft(llama, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0), 2)
-    program = muxc.compile([muxc.Task(name="a", model=a), muxc.Task(name="b", model=b)])
-    losses = program.forward_backward({"b": make_batch(2, 5, 1)})
-    assert list(losses) == ["b"]
-    assert all(p.grad is None for n, p in a.named_parameters() if "lora" in n)
-    assert all(p.grad is not None for n, p in b.named_parameters() if "lora" in n)
+def test_task_absent_from_a_step_gets_no_loss_and_no_grad(case):
+    c = case("two_lora_ranks_one_rslora", "llama")
+    c.zero_grad()
+    for fusion in FUSIONS:
+        losses = c.program.with_options(fusion=fusion).forward_backward({"r16rs": c.batches["r16rs"]})
+        assert list(losses) == ["r16rs"]
+        assert c.grads("r4") == {}
+        assert_matches(losses, c.grads, {"r16rs": c.refs["r16rs"]})
+        c.zero_grad()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_triton_forced_whole_model(bases, family):
+def test_triton_forced_whole_model(case, family):
     """Whole-model equivalence with every adapter op on the Triton kernels (interpreter on CPU)."""
     from muxc.kernels import _triton
 
-    base = bases(family)
-    spec = [
-        ("lora", make_peft(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 1)),
-        ("lora16", make_peft(base, LoraConfig(r=16, use_rslora=True, target_modules="all-linear",
-                                              lora_dropout=0.0), 2)),
-        ("ia3", make_peft(base, _ia3(family), 3)),
-    ]
-    batches = {"lora": make_batch(2, 7, 1), "lora16": make_batch(1, 9, 2), "ia3": make_batch(3, 4, 3)}
-    tasks, refs, grads = _separate(spec, batches)
-    program = muxc.compile(tasks, muxc.Options(fusion="spatial", kernel_impl="triton", verify=True))
-    assert {impl for impl, _ in program.kernel_plan.choices.values()} == {"triton"}
+    c = case("lora_qv_lora_all_ia3", family)
     before = sum(_triton.launches().values())
-    losses = program.forward_backward(batches)
+    program = c.check(fusion="spatial", kernel_impl="triton")
+    assert {impl for impl, _ in program.kernel_plan.choices.values()} == {"triton"}
     assert sum(_triton.launches().values()) > before  # the Triton kernels really ran
-    assert_matches(losses, lambda n: grads[n](), refs)

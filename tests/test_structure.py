@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from models import make_batch, make_peft
 from peft import LoraConfig
@@ -39,21 +42,32 @@ def _count(program, batches, min_dim):
     return mode.count
 
 
-def test_frozen_matmuls_do_not_grow_with_tasks(llama):
-    hidden = llama.config.hidden_size
+@pytest.fixture(scope="module")
+def four(llama):
+    """Four LoRA tasks of different ranks on separate copies of the base, compiled spatially,
+    and the first of them compiled alone; the base weights' addresses before compiling."""
     ranks = [2, 4, 8, 4]
     models = [make_peft(llama, LoraConfig(r=r, target_modules="all-linear", lora_dropout=0.0), i)
               for i, r in enumerate(ranks)]
+    up = [m.get_base_model().model.layers[0].mlp.up_proj.weight for m in models]
+    ptrs = [w.data_ptr() for w in up]
     tasks = [muxc.Task(name=f"t{i}", model=m) for i, m in enumerate(models)]
     one = muxc.compile(tasks[:1], muxc.Options(fusion="spatial"))
-    four = muxc.compile(tasks, muxc.Options(fusion="spatial"))
+    program = muxc.compile(tasks, muxc.Options(fusion="spatial"))
+    return SimpleNamespace(program=program, one=one, models=models, up=up, ptrs=ptrs)
+
+
+def test_frozen_matmuls_do_not_grow_with_tasks(llama, four):
+    hidden = llama.config.hidden_size
     batch = {f"t{i}": make_batch(2, 6, i) for i in range(4)}
-    n1 = _count(one, {"t0": batch["t0"]}, hidden)
-    n4 = _count(four, batch, hidden)
+    n1 = _count(four.one, {"t0": batch["t0"]}, hidden)
+    n4 = _count(four.program, batch, hidden)
     assert n1 > 0
     assert n4 == n1, f"frozen GEMMs: {n1} for 1 task, {n4} for 4 tasks"
-    temporal = muxc.compile(tasks, muxc.Options(fusion="temporal"))
+    temporal = four.program.with_options(fusion="temporal")
     assert _count(temporal, batch, hidden) == 4 * n1  # temporal runs the backbone per task
+    for m in four.models:
+        m.zero_grad(set_to_none=True)
 
 
 def test_merged_graph_has_one_site_per_adapted_op_and_one_loss_per_task(llama):
@@ -73,12 +87,9 @@ def test_merged_graph_has_one_site_per_adapted_op_and_one_loss_per_task(llama):
         1 for _ in next(iter(mux.sources.values())).gm.graph.find_nodes(op="placeholder")) - 1 - 2 * layers
 
 
-def test_separate_models_share_one_base_copy(llama):
-    models = [make_peft(llama, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0), i) for i in range(3)]
-    w = [m.get_base_model().model.layers[0].mlp.up_proj.weight for m in models]
-    assert len({t.data_ptr() for t in w}) == 3
-    program = muxc.compile([muxc.Task(name=f"t{i}", model=m) for i, m in enumerate(models)])
-    assert len({t.data_ptr() for t in w}) == 1  # duplicates now alias the shared copy
-    report = program.explain()
+def test_separate_models_share_one_base_copy(four):
+    assert len(set(four.ptrs)) == 4  # four copies before compiling
+    assert len({w.data_ptr() for w in four.up}) == 1  # duplicates now alias the shared copy
+    report = four.program.explain()
     assert report.shared_by_value == report.frozen_tensors
     assert report.memory_ratio > 2.5

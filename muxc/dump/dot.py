@@ -6,6 +6,9 @@ edges between subgraphs labelled with the values that flow along them. Producing
 writing a ``.dot`` file needs nothing installed; `render` runs Graphviz's ``dot`` and raises
 `GraphvizNotFoundError` with an install hint when it is missing.
 
+With ``pg = program.partitioned`` of a compiled program (not run as a doctest: it needs one;
+tests/test_partition.py does):
+
 >>> text = partitioned_dot(pg)                       # doctest: +SKIP
 >>> text.splitlines()[0]                             # doctest: +SKIP
 'digraph partitioned {'

@@ -16,6 +16,8 @@ Placeholders (frozen weights, adapter parameters, ``input_ids``, ``attention_mas
 ``position_ids``, ``mux``) belong to no subgraph: every stage that reads one receives it as an
 input. ``get_attr`` nodes (higher-order-op bodies) are copied into the stages that use them.
 
+Not run as doctests (they need a compiled program; tests/test_partition.py runs them):
+
 >>> pg = partition(program.mux, None, stages=2).value           # doctest: +SKIP
 >>> pg                                                          # doctest: +SKIP
 PartitionedGraph(llama, 2 stages, 18 subgraphs (9 compute, 8 peft, 1 communicate), stage cost 5.68e+07 / 5.77e+07 flop)

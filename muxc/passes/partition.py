@@ -24,6 +24,8 @@ are cut from a copy of its graph. Steps:
 5. Modules. ``split_module`` with the stage index as partition id: ids are non-decreasing
    along the order of step 2, hence monotone along every edge (no partition cycle).
 
+Not run as doctests (they need a compiled program; tests/test_partition.py runs them):
+
 >>> pg = partition(program.mux, None, stages=2).value       # doctest: +SKIP
 >>> pg                                                      # doctest: +SKIP
 PartitionedGraph(llama, 2 stages, 18 subgraphs (9 compute, 8 peft, 1 communicate), stage cost 5.68e+07 / 5.77e+07 flop)

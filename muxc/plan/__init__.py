@@ -18,10 +18,16 @@
 - `step`: `plan_step` -> `StepPlan`, the one plan of a step that `explain()` prints and the
   runtime executes.
 
->>> summary = summarize_graph(program.mux)                                  # doctest: +SKIP
->>> cost = CostModel(load_or_profile("out/cpu.json", "cpu", summary.op_keys()))  # doctest: +SKIP
->>> estimate_step(summary, {"a": 512, "b": 512}, seq_len=256, cost=cost)     # doctest: +SKIP
-StepEstimate(1024 tokens (1024 padded), fwd 18.0 ms + bwd 31.4 ms = 49.4 ms)
+A summary from an HF config, priced by the CPU roofline (a compiled program's
+``summarize_graph(program.mux)`` and a measured ``load_or_profile`` cost model work the same way):
+
+>>> import transformers as T
+>>> cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+...                     num_attention_heads=4, vocab_size=100)
+>>> summary = summarize_config(cfg, {"a": AdapterSpec(rank=8, targets=("q_proj", "v_proj")),
+...                                  "b": AdapterSpec(rank=4)})
+>>> estimate_step(summary, {"a": 512, "b": 512}, seq_len=256, cost=CostModel.for_device("cpu"))
+StepEstimate(1024 tokens (1024 padded), fwd 8.4 ms + bwd 11.6 ms = 20.0 ms)
 """
 
 from muxc.plan.config_summary import AdapterSpec, summarize_config

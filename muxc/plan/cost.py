@@ -7,6 +7,9 @@ roofline (the profile's measured peaks, or datasheet peaks without a profile).
 step of given tokens per task; backward is priced by the ops' own backward samples (a frozen
 GEMM's backward is one dX GEMM; adapters compute dx, dA, dB).
 
+With ``summary = summarize_graph(program.mux)`` of a compiled program and a measured profile
+(not run here: it needs a compiled program and times the machine):
+
 >>> cost = CostModel(profile_device("cpu", summary.op_keys()))            # doctest: +SKIP
 >>> est = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=256, cost=cost)  # doctest: +SKIP
 >>> est                                                                   # doctest: +SKIP

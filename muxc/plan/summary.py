@@ -13,6 +13,8 @@ ops upstream of the first adapter, and ops on constants (masks, rotary tables), 
 Activation memory is the bytes autograd saves for backward (see `_SAVES`), counted once per
 saved tensor (views resolved to the tensor that owns the storage).
 
+Of a compiled program (not run as a doctest: it needs one; tests/test_plan_cost.py does):
+
 >>> s = summarize_graph(program.mux)                            # doctest: +SKIP
 >>> s                                                           # doctest: +SKIP
 ModelSummary(graph, tasks=['t0', 't1'], 2 layers, 268 ops, 15 GEMMs, 2 attention, 18 adapters)
