@@ -7,26 +7,8 @@ Not run as a doctest (it needs PEFT models; README "Using it" has the whole exam
 """
 
 from muxc.api import Program, compile
-from muxc.errors import (
-    ArchitectureMismatchError,
-    BaseWeightMismatchError,
-    BatchError,
-    EmptyBatchWarning,
-    KernelInputError,
-    KernelUnavailableError,
-    MuxcError,
-    MuxcInternalError,
-    MuxcWarning,
-    NonFiniteWarning,
-    OptionsError,
-    PipelineError,
-    TaskPausedWarning,
-    TaskSpecError,
-    TraceError,
-    TrainableBaseError,
-    UnsafePathError,
-    UnsupportedPeftError,
-)
+from muxc.errors import *  # noqa: F403  (every error and warning; listed in errors.__all__)
+from muxc.errors import __all__ as _errors
 from muxc.options import Fusion, Options
 from muxc.runtime.training import StepOutcome
 from muxc.task import Task
@@ -38,23 +20,6 @@ __all__ = [
     "Options",
     "Fusion",
     "StepOutcome",
-    "MuxcError",
-    "TaskSpecError",
-    "UnsupportedPeftError",
-    "ArchitectureMismatchError",
-    "BaseWeightMismatchError",
-    "TrainableBaseError",
-    "BatchError",
-    "OptionsError",
-    "PipelineError",
-    "KernelUnavailableError",
-    "KernelInputError",
-    "TraceError",
-    "MuxcInternalError",
-    "UnsafePathError",
-    "MuxcWarning",
-    "EmptyBatchWarning",
-    "NonFiniteWarning",
-    "TaskPausedWarning",
+    *_errors,
 ]
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ __all__ = [
     "KernelInputError",
     "TraceError",
     "MuxcInternalError",
+    "PipelineError",
     "MuxcWarning",
     "EmptyBatchWarning",
     "NonFiniteWarning",

@@ -301,10 +301,7 @@ class StageExecutor(LocalExecutor):
                 outs.append(v)
                 grads.append(g)
         else:
-            total = [l for l in mb.losses.values() if l.requires_grad]
-            if total:
-                outs.append(torch.stack(total).sum() if len(total) > 1 else total[0])
-                grads.append(torch.ones_like(outs[-1]))
+            self._add_losses(mb, outs, grads)
         if outs:
             torch.autograd.backward(outs, grads)
         if me > 0:

@@ -157,14 +157,18 @@ class LocalExecutor:
                     mb.mux.kv[key] = tuple(cut.cut(x) for x in kv)
         mb.sent[stage] = cut
 
+    @staticmethod
+    def _add_losses(mb: _MicroBatch, outs: list, grads: list) -> None:
+        """Append the sum of ``mb``'s task losses (seed gradient 1) to a backward's roots."""
+        total = [l for l in mb.losses.values() if l.requires_grad]
+        if total:
+            outs.append(torch.stack(total).sum() if len(total) > 1 else total[0])
+            grads.append(torch.ones_like(outs[-1]))
+
     def _backward(self, mb: _MicroBatch, stage: int) -> None:
         outs, grads = mb.sent.pop(stage).grads()
-        last = self.partitioned is None or stage == len(self.partitioned.stages) - 1
-        if last:
-            total = [l for l in mb.losses.values() if l.requires_grad]
-            if total:
-                outs.append(torch.stack(total).sum() if len(total) > 1 else total[0])
-                grads.append(torch.ones_like(outs[-1]))
+        if self.partitioned is None or stage == len(self.partitioned.stages) - 1:
+            self._add_losses(mb, outs, grads)
         if outs:
             torch.autograd.backward(outs, grads)
 
