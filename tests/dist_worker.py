@@ -62,13 +62,39 @@ class _CountGemms(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def train(family: str, mode: str, stages: int, out_dir: str | None):
-    """Compile the three tasks, train STEPS steps; (losses per step, GEMMs of one step)."""
+def compile_family(family: str, alignment: str, stages: int):
+    """The three tasks of ``family`` compiled for ``alignment`` (fresh models)."""
     import muxc
 
-    specs = task_specs(family)
-    tasks = [muxc.Task(name=n, model=m) for n, m in specs]
-    program = muxc.compile(tasks, muxc.Options(stages=stages, **MODES[mode]))
+    tasks = [muxc.Task(name=n, model=m) for n, m in task_specs(family)]
+    program = muxc.compile(tasks, muxc.Options(stages=stages, alignment=alignment))
+    program.initial_adapters = [(p, p.detach().clone()) for s in program.states.values() for p in s.params]
+    return program
+
+
+def _restart(program) -> None:
+    """Back to the tasks' initial adapters and fresh optimizer states (as if just compiled)."""
+    import torch
+
+    with torch.no_grad():
+        for p, init in program.initial_adapters:
+            p.copy_(init)
+    for state in program.states.values():
+        state.optimizer.state.clear()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.steps = 0
+
+
+def train(family: str, mode: str, stages: int, out_dir: str | None, compiled=None):
+    """Train the three tasks STEPS steps in ``mode`` (run-time options applied to ``compiled``,
+    or a fresh compile); (losses per step, GEMMs of one step, program)."""
+    options = dict(MODES[mode])
+    alignment = options.pop("alignment")
+    if compiled is None:
+        compiled = compile_family(family, alignment, stages)
+    else:
+        _restart(compiled)
+    program = compiled.with_options(**options)
     losses, gemms = [], 0
     for step in range(STEPS):
         with _CountGemms() as counter:
@@ -88,7 +114,7 @@ def rank_main(rank: int, world: int, port: int, jobs, out_dir: str, queue, die_a
 
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-        results = {}
+        results, compiled = {}, {}
         for family, mode in jobs:
             if die_at is not None:
                 import time
@@ -107,7 +133,10 @@ def rank_main(rank: int, world: int, port: int, jobs, out_dir: str, queue, die_a
                     queue.put((rank, "PipelineError", (str(e), time.monotonic() - t0)))
                     return
                 raise AssertionError("the step after a rank died did not fail")
-            losses, gemms, program = train(family, mode, world, out_dir)
+            alignment = MODES[mode]["alignment"]
+            if (family, alignment) not in compiled:  # fresh models: training starts over
+                compiled = {(family, alignment): compile_family(family, alignment, world)}
+            losses, gemms, program = train(family, mode, world, out_dir, compiled[(family, alignment)])
             results[(family, mode)] = (losses, gemms)
             if rank == 0 and die_at is None:
                 program.dump(os.path.join(out_dir, f"dump-{family}-{mode}"), step_batches(0))

@@ -53,6 +53,11 @@ def test_executed_actions_are_the_plan(tasks_and_refs, alignment, stages, fusion
     if alignment == "chunk":
         assert all(h.micro_batches == len(h.layout.steps) for h in plan.htask_plans)
         assert max(h.micro_batches for h in plan.htask_plans) > 1
+    measured = program.measured
+    assert set(measured.start) == set(executed) and measured.makespan > 0
+    assert all(measured.end[a] >= measured.start[a] for a in executed)
+    text = str(program.explain())
+    assert "simulated vs measured per stage" in text and plan.schedule.policy in text
     models = dict(spec)
     assert_matches(losses, lambda n: adapter_grads(models[n], "default"), refs)
     for m in models.values():
