@@ -28,6 +28,13 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 
+@pytest.fixture(autouse=True)
+def _own_rng():
+    """load_checkpoint restores torch's global RNG: give it back to other tests afterwards."""
+    with torch.random.fork_rng():
+        yield
+
+
 def _state(program: muxc.Program) -> dict:
     """Everything load_checkpoint may change, copied."""
     return {
@@ -49,14 +56,20 @@ def _assert_same(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def saved(llama, tmp_path_factory):
-    """The worker's three tasks trained 2 steps and checkpointed (tests restore this state)."""
+    """The worker's three tasks trained 2 steps and checkpointed (tests restore this state), and
+    ``final``: the tensors of the same run continued, uninterrupted, to step 4."""
     with torch.random.fork_rng():
         program = build(llama)
         for step in range(1, SAVE_AFTER + 1):
             program.step(batches(step))
         path = tmp_path_factory.mktemp("ckpt") / "run"
-        program.save_checkpoint(path)
-        yield SimpleNamespace(program=program, path=path, state=_state(program))
+        state = _state(program)
+        program.save_checkpoint(path)  # only reads the program: the run goes on unchanged
+        for step in range(SAVE_AFTER + 1, STEPS + 1):
+            program.step(batches(step))
+        final = final_tensors(program)
+        program.load_checkpoint(path)
+        yield SimpleNamespace(program=program, path=path, state=state, final=final)
 
 
 def _edit_manifest(path: Path, edit) -> None:
@@ -72,9 +85,9 @@ def _rehash(path: Path, rel: str) -> None:
         rel, {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
 
 
-def test_resume_after_sigkill_is_bit_identical(llama, tmp_path):
+def test_resume_after_sigkill_is_bit_identical(saved, tmp_path):
     """Train in a process, save at step 2, SIGKILL it during step 3, resume in a new process:
-    adapters and optimizer states equal an uninterrupted run bit for bit."""
+    adapters and optimizer states equal an uninterrupted run (``saved.final``) bit for bit."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.safetensors"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])}
     worker = str(TESTS / "ckpt_worker.py")
@@ -91,33 +104,31 @@ def test_resume_after_sigkill_is_bit_identical(llama, tmp_path):
                 break
         assert trainer.wait(timeout=120) == -signal.SIGKILL, lines
         assert lines[-3:] == [f"step {SAVE_AFTER}", "saved", f"step {SAVE_AFTER + 1}"], lines
-        with torch.random.fork_rng():  # the uninterrupted run, in this process
-            reference = build(llama)
-            for step in range(1, STEPS + 1):
-                reference.step(batches(step))
-            want = final_tensors(reference)
-            assert resumer.stdout.readline().strip() == "ready"
-            resumer.stdin.write("go\n")
-            resumer.stdin.flush()
-            assert resumer.stdout.readline().strip() == "done"
-            assert resumer.wait(timeout=120) == 0
-            got = load_file(out)
-            assert got.keys() == want.keys() and any("/opt/" in k for k in got)
-            for k in want:
-                assert torch.equal(got[k], want[k]), k
-            # the RNG state is part of it: dropout (task "a") differs without it, in this process too
-            reference.load_checkpoint(ckpt)
-            torch.manual_seed(99)
-            for step in range(SAVE_AFTER + 1, STEPS + 1):
-                reference.step(batches(step))
-            other = final_tensors(reference)
-            assert not torch.equal(other["a/param/0"], want["a/param/0"])
-            assert all(torch.equal(other[k], want[k]) for k in want if not k.startswith("a/"))
+        assert resumer.stdout.readline().strip() == "ready"
+        resumer.stdin.write("go\n")
+        resumer.stdin.flush()
+        assert resumer.stdout.readline().strip() == "done"
+        assert resumer.wait(timeout=120) == 0
     finally:
         for p in (trainer, resumer):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    got, want = load_file(out), saved.final
+    assert got.keys() == want.keys() and any("/opt/" in k for k in got)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    # the RNG state is part of it: without it, dropout (task "a" only) draws other masks
+    program = saved.program
+    with torch.random.fork_rng():
+        program.load_checkpoint(ckpt)
+        torch.manual_seed(99)
+        for step in range(SAVE_AFTER + 1, STEPS + 1):
+            program.step(batches(step))
+    other = final_tensors(program)
+    assert not torch.equal(other["a/param/0"], want["a/param/0"])
+    assert all(torch.equal(other[k], want[k]) for k in want if not k.startswith("a/"))
+    program.load_checkpoint(saved.path)
 
 
 def test_round_trip_restores_counters_and_peft_format(llama, saved, tmp_path):
