@@ -250,7 +250,8 @@ def _read_json(root: Path, rel: str):
     try:
         return json.loads(p.read_bytes())
     except FileNotFoundError:
-        raise CheckpointError(f"{str(p)!r} is missing; {str(root)!r} is not a complete muxc checkpoint") from None
+        raise CheckpointError(
+            f"{str(p)!r} is missing; {str(root)!r} is not a complete muxc checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{str(p)!r} is not valid JSON ({e}); the file is damaged") from None
 
@@ -274,7 +275,8 @@ def _check_files(root: Path, files: dict) -> None:
             raise CheckpointError(f"{str(p)!r} listed in the manifest is missing")
         if not isinstance(want, dict) or p.stat().st_size != want.get("bytes"):
             raise CheckpointError(f"{str(p)!r} has {p.stat().st_size} bytes, the manifest says "
-                                  f"{want.get('bytes') if isinstance(want, dict) else None}: truncated or replaced")
+                                  f"{want.get('bytes') if isinstance(want, dict) else None}: "
+                                  "truncated or replaced")
         if sha256(p) != want.get("sha256"):
             raise CheckpointError(f"{str(p)!r} does not match its SHA-256 in the manifest: it was "
                                   "modified after the checkpoint was written")
@@ -328,7 +330,8 @@ def _read_task(program: Any, root: Path, name: str, entry: dict) -> _TaskLoad:
     sched = decode(tree.get("lr_scheduler"), tensors, f"{where} lr_scheduler")
     saved_kind = entry.get("lr_scheduler")
     mine_kind = None if state.lr_scheduler is None else type(state.lr_scheduler).__name__
-    if saved_kind != mine_kind or (sched is None) != (mine_kind is None) or not (sched is None or isinstance(sched, dict)):
+    shape_ok = sched is None or isinstance(sched, dict)
+    if saved_kind != mine_kind or (sched is None) != (mine_kind is None) or not shape_ok:
         raise CheckpointError(f"{where}: LR scheduler {saved_kind!r} in the checkpoint, {mine_kind!r} "
                               "in the program; give the task the same kind of scheduler")
     steps = _get(entry, "steps", int, f"{where} in the manifest")
