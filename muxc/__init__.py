@@ -12,6 +12,7 @@ from muxc.errors import __all__ as _errors
 from muxc.options import Fusion, Options
 from muxc.runtime.training import StepOutcome
 from muxc.task import Task
+from muxc.version import __version__  # noqa: F401
 
 __all__ = [
     "compile",
@@ -22,4 +23,3 @@ __all__ = [
     "StepOutcome",
     *_errors,
 ]
-__version__ = "0.1.0"

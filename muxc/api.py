@@ -33,6 +33,7 @@ from muxc.runtime.distributed import StageExecutor, join_stage_group
 from muxc.passes import select_kernels
 from muxc.runtime.local import LocalExecutor
 from muxc.runtime.training import StepOutcome, TaskState, build_states, nonfinite
+from muxc.checkpoint import load_checkpoint, save_checkpoint
 from muxc.save import save_task_adapter
 from muxc.task import Task
 
@@ -56,37 +57,46 @@ class Program:
 
     def __init__(self, state: CompileState, options: Options, history: list[PassRecord]):
         """From the pipeline's final ``state``; ``history`` is its pass records."""
-        mux: MuxGraph = state.mux_graph
-        self.tasks = {t.name: t for t in state.tasks}
-        self.mux = mux
         self.options = options
-        self.history = history
-        self.kernel_plan = state.kernel_plan
-        self.sharing = dict(state.sharing)
-        records = {t: [] for t in mux.tasks}
-        for tg in mux.sources.values():
-            records[tg.task] = list(tg.adapters)
-        self.adapters = records
-        self.states: dict[str, TaskState] = build_states(list(state.tasks), records)
-        self.partitioned = state.partitioned
-        self.planner = Planner(mux, options)
+        self.states: dict[str, TaskState] = {}
         self.batch_spec = BatchSpec(  # one base model for all tasks: any task's sizes do
             *vocab_sizes(state.tasks[0].name, state.tasks[0].model),
             right_padded=options.alignment is Alignment.CHUNK,
         )
+        self.stage_group = None
+        if options.stages > 1:
+            device = next(iter(state.mux_graph.tensors.values())).device
+            self.stage_group = join_stage_group(options.stages, options.pipeline_timeout, device)
+        self._install(state, history)
+
+    def _install(self, state: CompileState, history: list[PassRecord]) -> None:
+        """Take the compiled graph and plan of ``state``; tasks already in ``states`` keep their
+        training state (optimizer, scheduler, counters), new ones get a fresh one."""
+        mux: MuxGraph = state.mux_graph
+        records = {t: [] for t in mux.tasks}
+        for tg in mux.sources.values():
+            records[tg.task] = list(tg.adapters)
+        new = [t for t in state.tasks if t.name not in self.states]
+        states = build_states(new, {t.name: records[t.name] for t in new})  # may raise: first
+        states.update({n: s for n, s in self.states.items() if n in records})
+        self.states = {t: states[t] for t in mux.tasks}
+        self.tasks = {t.name: t for t in state.tasks}
+        self.mux = mux
+        self.history = history
+        self.kernel_plan = state.kernel_plan
+        self.sharing = dict(state.sharing)
+        self.adapters = records
+        self.partitioned = state.partitioned
+        self.planner = Planner(mux, self.options)
         # task -> what the latest forward_backward/step did with it (tasks in its batches)
         self.last_step: Mapping[str, StepOutcome] = MappingProxyType({})
         self.last_plan: StepPlan | None = None  # the plan the last step ran
         self.measured: SimResult | None = None  # the last step's measured timeline
-        self.stage_group = None
-        if options.stages > 1:
-            device = next(iter(mux.tensors.values())).device
-            self.stage_group = join_stage_group(options.stages, options.pipeline_timeout, device)
         if self.stage_group is None:
-            self.executor = LocalExecutor(mux, state.partitioned, options.kernel_impl)
+            self.executor = LocalExecutor(mux, state.partitioned, self.options.kernel_impl)
         else:
             self.planner.fusion  # priced on the whole graph before other stages' weights go
-            self.executor = StageExecutor(mux, state.partitioned, options.kernel_impl, self.stage_group)
+            self.executor = StageExecutor(mux, state.partitioned, self.options.kernel_impl, self.stage_group)
             self.executor.release_unowned([t.model for t in state.tasks])
 
     @property
@@ -201,6 +211,66 @@ class Program:
             )
         self.last_step = MappingProxyType(outcomes)
         return losses
+
+    def add_task(self, task: Task) -> None:
+        """Add ``task`` to the program; the other tasks' adapters, optimizers, schedulers and
+        step counts are untouched.
+
+        Only ``task`` is traced; its frozen weights must equal the program's shared base
+        (`BaseWeightMismatchError` otherwise), then the graph is merged and planned again over
+        all tasks. On any error the program is left as it was. Not with stages on several
+        processes.
+        """
+        self._single_process("add_task")
+        self._recompile([*self.tasks.values(), task])
+
+    def remove_task(self, name: str) -> None:
+        """Drop task ``name`` from the program (its adapter stays in the user's model, trained
+        as far as it got); the other tasks' state is untouched and their graphs are reused."""
+        self._single_process("remove_task")
+        if name not in self.tasks:
+            raise TaskSpecError(f"unknown task {name!r}; the program's tasks are {list(self.tasks)}")
+        if len(self.tasks) == 1:
+            raise TaskSpecError(f"cannot remove {name!r}, the program's only task; a program "
+                                "needs at least one task")
+        self._recompile([t for n, t in self.tasks.items() if n != name])
+
+    def _recompile(self, tasks: list[Task]) -> None:
+        """Run the pipeline over ``tasks`` reusing this program's task graphs, then install it."""
+        traced = {n: g for n, g in self.mux.sources.items() if n in self.tasks}
+        state, history = run_pipeline(tasks, CompileContext(options=self.options), traced=traced)
+        self._install(state, history)
+
+    def _single_process(self, what: str) -> None:
+        if self.stage_group is not None:
+            raise TaskSpecError(
+                f"{what} is not supported yet with stages on several processes "
+                f"(Options(stages={self.options.stages})): compile the new task list again"
+            )
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Write everything needed to continue training bit-identically to directory ``path``.
+
+        Per task: its adapter in PEFT format, optimizer and LR-scheduler state, step count and
+        bad-step/paused state; plus torch's RNG states (dropout), the options and a manifest
+        (tasks, adapter tensor names/shapes/dtypes, muxc version, each file's SHA-256). Data
+        only (safetensors + JSON, never pickle). Atomic: written to a sibling temp directory,
+        fsynced, then swapped in, so a crash mid-save leaves the previous checkpoint at
+        ``path``. Gradients are not saved (save after `step`). Not with stages on several
+        processes yet (`CheckpointError`).
+        """
+        return save_checkpoint(self, path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore a `save_checkpoint` into this program (compiled from the same task
+        definitions), so that training continues as if it had never stopped.
+
+        Everything is checked against the program first — file hashes and formats, options,
+        task names, adapter tensor names/shapes/dtypes, PEFT configs, optimizer and scheduler
+        kinds — and a mismatch raises `CheckpointError` naming the file, task or field with
+        nothing changed. Restores torch's global RNG state too. Adapter gradients are cleared.
+        """
+        load_checkpoint(self, path)
 
     def resume_task(self, name: str) -> None:
         """Let a task paused after repeated non-finite steps train again."""

@@ -23,6 +23,7 @@ __all__ = [
     "TraceError",
     "MuxcInternalError",
     "PipelineError",
+    "CheckpointError",
     "MuxcWarning",
     "EmptyBatchWarning",
     "NonFiniteWarning",
@@ -106,6 +107,13 @@ def parse_enum(cls, value, name: str, error: type[MuxcError] = OptionsError):
 
 class PipelineError(MuxcError):
     """A pipeline-stage process died, raised or stopped answering during a step."""
+
+
+class CheckpointError(MuxcError):
+    """A checkpoint cannot be written or does not fit the program it is loaded into (a file
+    missing, tampered with or truncated; another program's tasks, shapes or options)."""
+
+
 class MuxcWarning(UserWarning):
     """Base class of muxc's warnings: a task was left out of a step; the others ran."""
 

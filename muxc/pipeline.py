@@ -15,8 +15,9 @@ checks of `muxc.verify` after it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import Any
 
 from muxc.dump import render
@@ -129,13 +130,31 @@ def _values(p: Pass, result) -> tuple:
     return result.value
 
 
-def run_pipeline(tasks, ctx: CompileContext) -> tuple[CompileState, list[PassRecord]]:
-    """Run PIPELINE over ``tasks``; returns the final state and the pass history."""
+def _trace_new(traced: Mapping[str, TaskGraph], tasks, ctx: CompileContext) -> PassResult:
+    """`trace_tasks` for the tasks without a graph in ``traced``; the others reuse theirs."""
+    new = [t for t in tasks if t.name not in traced]
+    made = {g.task: g for g in trace_tasks(new, ctx).value} if new else {}
+    graphs = tuple(traced[t.name] if t.name in traced else made[t.name] for t in tasks)
+    kept = len(tasks) - len(new)
+    return PassResult(graphs, f"traced {[t.name for t in new]}; reused the graphs of {kept} task(s)")
+
+
+def run_pipeline(
+    tasks, ctx: CompileContext, traced: Mapping[str, TaskGraph] | None = None
+) -> tuple[CompileState, list[PassRecord]]:
+    """Run PIPELINE over ``tasks``; returns the final state and the pass history.
+
+    ``traced``: task name -> the TaskGraph an earlier compile made of that same task (bound to
+    the shared base); those tasks are not traced again (`Program.add_task`/`remove_task`).
+    """
     state = CompileState(tasks=tasks)
     history = []
     for i, p in enumerate(PIPELINE):
+        fn = p.fn
+        if traced and p.fn is trace_tasks:
+            fn = partial(_trace_new, traced)
         t0 = time.perf_counter()
-        result = p.fn(getattr(state, p.reads), ctx)
+        result = fn(getattr(state, p.reads), ctx)
         seconds = time.perf_counter() - t0
         values = _values(p, result)
         state = replace(state, **dict(zip(p.outputs, values)))
