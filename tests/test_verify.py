@@ -17,6 +17,7 @@ from peft import IA3Config, LoraConfig
 import muxc
 from muxc.errors import MuxcInternalError
 from muxc.ir import META_KEY, MuxGraph, Role, TaskGraph, info, set_info
+from muxc.passes.pass_base import PassResult
 from muxc.verify import verify_mux_graph, verify_state, verify_task_graph
 
 
@@ -53,7 +54,7 @@ def test_the_compiled_graphs_pass_every_check(program):
     verify_mux_graph("p", mux)
     for name in mux.tasks:
         verify_task_graph("p", _task(program, name))
-    verify_state("share_frozen_weights", {"task_graphs": [_task(program, n) for n in mux.tasks]})
+    verify_state("share_frozen_weights", [_task(program, n) for n in mux.tasks], mux, shared=True)
 
 
 def test_adapter_param_owned_by_two_tasks(program):
@@ -155,9 +156,9 @@ def test_shared_frozen_weight_that_is_not_the_shared_tensor(program):
     graphs[1].bindings[name] = dataclasses.replace(binding, tensor=binding.tensor.clone())
     with pytest.raises(MuxcInternalError,
                        match=rf"after pass 'share_frozen_weights': b: {binding.fqn} is not the shared tensor"):
-        verify_state("share_frozen_weights", {"task_graphs": graphs})
-    # the same check does not run after other passes (the tensors are only aliased by that one)
-    verify_state("trace_tasks", {"task_graphs": graphs})
+        verify_state("share_frozen_weights", graphs, None, shared=True)
+    # the check does not run before the weights are shared (only that pass aliases them)
+    verify_state("trace_tasks", graphs, None, shared=False)
 
 
 def test_verify_state_checks_the_merged_graph_too(program):
@@ -165,7 +166,7 @@ def test_verify_state_checks_the_merged_graph_too(program):
     loss = _nodes(mux, Role.LOSS, "a")[0]
     set_info(loss, dataclasses.replace(info(loss), role=Role.BACKBONE))
     with pytest.raises(MuxcInternalError, match="after pass 'select_kernels': 1 loss nodes for 2 tasks"):
-        verify_state("select_kernels", {"mux_graph": mux})
+        verify_state("select_kernels", (), mux, shared=True)
 
 
 def test_the_driver_runs_verify_after_each_pass(program, monkeypatch):
@@ -173,23 +174,23 @@ def test_the_driver_runs_verify_after_each_pass(program, monkeypatch):
     from muxc import pipeline
 
     def load(tasks, ctx):  # stands in for the passes that build the graph (no re-tracing)
-        return _mux(program)
+        return PassResult(_mux(program))
 
     def drop_a_loss(mux, ctx):
         loss = mux.nodes_with(Role.LOSS)[0]
         set_info(loss, dataclasses.replace(info(loss), role=Role.BACKBONE))
-        return mux
+        return PassResult(mux)
 
     monkeypatch.setattr(pipeline, "PIPELINE", (
-        pipeline.Pass("load", load, "tasks", "mux_graph", "test: a real merged graph"),
-        pipeline.Pass("drop_a_loss", drop_a_loss, "mux_graph", "mux_graph", "test: breaks an invariant"),
+        pipeline.Pass(load, "tasks", "mux_graph", "test: a real merged graph"),
+        pipeline.Pass(drop_a_loss, "mux_graph", "mux_graph", "test: breaks an invariant"),
     ))
     with pytest.raises(MuxcInternalError, match="after pass 'drop_a_loss': 1 loss nodes for 2 tasks"):
         pipeline.run_pipeline([], pipeline.CompileContext(options=muxc.Options(verify=True)))
     # without verify the broken graph goes unseen: the checks are what catches it
     state, history = pipeline.run_pipeline([], pipeline.CompileContext(options=muxc.Options()))
     assert [r.name for r in history] == ["load", "drop_a_loss"]
-    assert len(state["mux_graph"].nodes_with(Role.LOSS)) == 1
+    assert len(state.mux_graph.nodes_with(Role.LOSS)) == 1
 
 
 def test_checks_leave_the_real_program_intact(program):

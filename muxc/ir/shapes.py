@@ -80,8 +80,10 @@ class GraphShapes:
 class SizesAt:
     """Sizes in elements and bytes at one `ShapeHint`.
 
+    With ``mux`` a compiled program's graph (not run as a doctest):
+
     >>> sizes = GraphShapes(mux).at(ShapeHint(rows=4, seq=256))    # doctest: +SKIP
-    >>> sizes.nbytes(meta_val(linear_node))                        # float32 (4, 256, 32)
+    >>> sizes.nbytes(meta_val(linear_node))  # float32 (4, 256, 32)  # doctest: +SKIP
     131072
     """
 
