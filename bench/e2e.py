@@ -44,7 +44,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
-import os
 import shlex
 import subprocess
 import sys
@@ -201,10 +200,11 @@ def _context():
 def run_cases(cases: list[dict[str, Any]], log, side_by_side, checkpoint=None
               ) -> list[dict[str, Any]]:
     """Run every case in its own fresh process. The cases of one (part, model, workload,
-    tasks) run side by side (sweep cases with the main ones), alive together and taking turns (see `run_group`), when
-    ``side_by_side(group)`` says so (a bool is taken as is), else one at a time (e.g. when
-    their base copies would not fit in memory together). ``log`` gets one progress line per
-    case; ``checkpoint(rows)``, if given, the rows so far after every group."""
+    tasks) -- sweep cases join the main ones -- run side by side, alive together and taking
+    turns (see `run_group`), when ``side_by_side(group)`` says so (a bool is taken as is),
+    else one at a time (e.g. when their base copies would not fit in memory together).
+    ``log`` gets one progress line per case; ``checkpoint(rows)``, if given, the rows so far
+    after every group."""
     ctx = _context()
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for case in cases:
@@ -325,12 +325,12 @@ def _setup_text(args, device: torch.device) -> str:
     together = ("run side by side" if device.type == "cpu" else
                 "run side by side when their base copies fit in half the GPU's memory (else "
                 "one at a time)")
-    return (f"{clock} {args.rows} samples per task per step, {args.warmup} warm-up + {args.steps} timed "
-            f"steps per case (medians), {threads}. Every case runs in a fresh process; the "
-            f"systems of one (model, workload, tasks), fixed configurations included, {together} "
-            "and take turns step by step (rotating who goes first), so load from elsewhere on "
-            f"the machine hits them alike. Peak memory = {memory}, i.e. during training, after building and "
-            "compiling. "
+    return (f"{clock} {args.rows} samples per task per step, {args.warmup} warm-up + "
+            f"{args.steps} timed steps per case (medians), {threads}. Every case runs in a "
+            "fresh process; the systems of one (model, workload, tasks), fixed configurations "
+            f"included, {together} and take turns step by step (rotating who goes first), so "
+            f"load from elsewhere on the machine hits them alike. Peak memory = {memory}, i.e. "
+            "during training, after building and compiling. "
             "`setup peak` is the peak while building (muxc systems build N PeftModels over N base "
             "copies, as separate jobs would, then compile keeps one copy and the others are "
             "freed). Effective tokens = non-padding tokens; raw tokens = all tokens the system "
