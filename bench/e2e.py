@@ -14,9 +14,25 @@ tokens/s (every token the system computes, padding included), step time (medians
 timed steps after warm-up), peak memory during training, and, from a line fitted to memory vs
 tasks, how many tasks fit a memory budget.
 
-Writes ``bench/results/e2e-<device>.csv`` (tidy, one row per case), ``.md`` (tables, notes)
-and ``-throughput.png`` / ``-memory.png``; prints the markdown path and, as its last line, a
-JSON summary (muxc full vs every system, 8 non-uniform tasks).
+Parts (``--parts``, default all four):
+
+- ``main``: the five systems over models x workloads x task counts (the tables);
+- ``sweep``: fixed configurations (muxc with fusion spatial/temporal x alignment chunk at
+  chunk sizes 16/32/64/128; ``--quick``: 32/64) at the headline task count, side by side with
+  the main systems there; with ``spatial`` and ``temporal`` (alignment pad) they are the grid
+  ``auto_vs_best_fixed`` compares muxc full's automatic choice with;
+- ``memory-large`` (alone: ``--memory-large``): peak memory on a weights-dominant model
+  (``llama-large``: Llama 12 x 768, vocab 32k, ~125M parameters) at 1/2/4/8/16 tasks for all
+  five systems (``--quick``: 8 tasks; hf-separate, hf-multi-adapter, muxc), one step each,
+  one case at a time, RSS made to follow live memory (`e2e_systems.strict_malloc`);
+- ``compile``: muxc compile seconds for 1 and 16 equal-structure tasks (``llama-tiny``).
+
+Writes ``bench/results/e2e-<device>.csv`` (tidy, one row per case, ``part`` column), ``.md``
+(tables, targets, notes) and ``-throughput.png`` / ``-memory.png``; prints the markdown path
+and, as its last line, a JSON summary (muxc full vs every system, 8 non-uniform tasks, and
+the issue-9 metrics: see `bench.e2e_report.headline`). While it runs, the rows measured so far
+are in ``e2e-<device>[-quick].partial.csv`` (removed at the end), so a run cut short by a
+timeout still leaves its numbers.
 
 >>> plan(quick=True, device="cpu")[0]
 ('llama-cpu', 'nonuniform', 2, 'hf-separate')
@@ -49,6 +65,14 @@ PRELOAD = ["torch", "transformers", "peft", "muxc", "bench.e2e",
 `_turns` as ``bench.e2e._turns``: they get the parent's ``sys.path``, so `bench` imports there
 whenever it imported here."""
 HEADLINE_TASKS = 8
+PARTS = ("main", "sweep", "memory-large", "compile")
+QUICK_FIXED_CHUNKS = (32, 64)
+"""The reduced sweep of ``--quick``: 6 of the 10 fixed configurations (pad and chunk 32/64)."""
+MEMORY_MODEL = {"cpu": "llama-large", "cuda": "llama-large-gpu"}
+MEMORY_WORKLOAD = "nonuniform-short"
+MEMORY_TASKS = {True: (8,), False: (1, 2, 4, 8, 16)}
+MEMORY_QUICK_SYSTEMS = ("hf-separate", "hf-multi-adapter", "muxc")
+COMPILE_MODEL, COMPILE_TASKS = "llama-tiny", (1, 16)
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -173,18 +197,26 @@ def _context():
     return ctx
 
 
-def run_cases(cases: list[dict[str, Any]], log, side_by_side: bool) -> list[dict[str, Any]]:
-    """Run every case in its own fresh process; with ``side_by_side`` the systems of one
-    (model, workload, tasks) are alive together and take turns (see `run_group`), else one
-    case at a time (on a GPU: N base copies per system would not fit five times over).
-    ``log`` gets one progress line per case."""
+def run_cases(cases: list[dict[str, Any]], log, side_by_side, checkpoint=None
+              ) -> list[dict[str, Any]]:
+    """Run every case in its own fresh process. The cases of one (part, model, workload,
+    tasks) -- sweep cases join the main ones -- run side by side, alive together and taking
+    turns (see `run_group`), when ``side_by_side(group)`` says so (a bool is taken as is),
+    else one at a time (e.g. when their base copies would not fit in memory together).
+    ``log`` gets one progress line per case; ``checkpoint(rows)``, if given, the rows so far
+    after every group."""
     ctx = _context()
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for i, case in enumerate(cases):
-        key = (case["model"], case["workload"], case["tasks"]) if side_by_side else (i,)
+    for case in cases:
+        part = case.get("part", "main")
+        key = ("main" if part == "sweep" else part, case["model"], case["workload"],
+               case["tasks"])
         groups.setdefault(key, []).append(case)
+    together = side_by_side if callable(side_by_side) else (lambda group: side_by_side)
+    runs = [g for group in groups.values()
+            for g in ([group] if together(group) else [[case] for case in group])]
     rows, t_start, done = [], time.perf_counter(), 0
-    for group in groups.values():
+    for group in runs:
         for row in run_group(ctx, group):
             done += 1
             rows.append(row)
@@ -196,7 +228,40 @@ def run_cases(cases: list[dict[str, Any]], log, side_by_side: bool) -> list[dict
                 f"{row['system']:<16} {row['step_ms']:8.0f} ms/step {row['effective_tok_s']:8.0f}"
                 f" eff tok/s  peak {row['peak_mem_mib']:7.0f} MiB  padding "
                 f"{100 * row['ineffective_fraction']:4.1f}%  ({time.perf_counter() - t_start:.0f} s)")
+        if checkpoint is not None:
+            checkpoint(rows)
     return rows
+
+
+def base_copies(case: dict[str, Any]) -> int:
+    """Base-model copies a case holds at once (muxc systems: while building, as N jobs)."""
+    if case["system"] == "hf-multi-adapter":
+        kinds = e2e_systems.workload_tasks(case["workload"], case["tasks"], "llama")
+        return e2e_systems.HFMultiAdapter.base_copies(kinds)
+    return case["tasks"]
+
+
+def fits_side_by_side(group: list[dict[str, Any]], capacity_mib: float) -> bool:
+    """Whether the base copies of every case of ``group`` take at most half of
+    ``capacity_mib`` (the rest: activations, optimizer state, runtimes).
+
+    >>> case = dict(model="llama-cpu", workload="nonuniform", tasks=8, system="muxc")
+    >>> fits_side_by_side([case, case], capacity_mib=1000), fits_side_by_side([case], 100)
+    (True, False)
+    """
+    weights = e2e_systems.MODELS[group[0]["model"]].weight_mib()
+    return sum(base_copies(c) for c in group) * weights <= capacity_mib / 2
+
+
+def _capacity_mib(device: torch.device) -> float:
+    """Memory the worker processes of one group may share: the GPU's, or the host's
+    available memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**20
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 # -------------------------------------------------------------------------------- metadata
@@ -257,12 +322,15 @@ def _setup_text(args, device: torch.device) -> str:
              "medians (`time.perf_counter`) are in the `wall step ms` column and the CSV."
              if device.type == "cpu" and args.threads == 1 else
              "Step time = wall clock (`time.perf_counter`, CUDA synchronised).")
-    return (f"{clock} {args.rows} samples per task per step, {args.warmup} warm-up + {args.steps} timed "
-            f"steps per case (medians), {threads}. Every case runs in a fresh process; the five "
-            "systems of one (model, workload, tasks) run side by side and take turns step by "
-            "step (rotating who goes first), so load from elsewhere on the machine hits them "
-            f"alike. Peak memory = {memory}, i.e. during training, after building and "
-            "compiling. "
+    together = ("run side by side" if device.type == "cpu" else
+                "run side by side when their base copies fit in half the GPU's memory (else "
+                "one at a time)")
+    return (f"{clock} {args.rows} samples per task per step, {args.warmup} warm-up + "
+            f"{args.steps} timed steps per case (medians), {threads}. Every case runs in a "
+            "fresh process; the systems of one (model, workload, tasks), fixed configurations "
+            f"included, {together} and take turns step by step (rotating who goes first), so "
+            f"load from elsewhere on the machine hits them alike. Peak memory = {memory}, i.e. "
+            "during training, after building and compiling. "
             "`setup peak` is the peak while building (muxc systems build N PeftModels over N base "
             "copies, as separate jobs would, then compile keeps one copy and the others are "
             "freed). Effective tokens = non-padding tokens; raw tokens = all tokens the system "
@@ -275,7 +343,18 @@ def _setup_text(args, device: torch.device) -> str:
 def _parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="muxc bench e2e", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="llama, non-uniform, 2 and 8 tasks (under 3 minutes on 2 CPU cores)")
+                    help="llama, non-uniform, 2 and 8 tasks, reduced sweep and memory part")
+    ap.add_argument("--parts", type=_parts, default=PARTS,
+                    help=f"comma list of {','.join(PARTS)} (default: all)")
+    ap.add_argument("--memory-large", dest="parts", action="store_const",
+                    const=("memory-large",),
+                    help="only the weights-dominant memory part (same as --parts memory-large)")
+    ap.add_argument("--memory-model", default=None,
+                    help="model of the memory part (default llama-large; GPU llama-large-gpu)")
+    ap.add_argument("--fixed-chunks", type=lambda s: tuple(int(x) for x in s.split(",")),
+                    default=None, help="chunk sizes of the fixed-configuration sweep "
+                    f"(default {','.join(map(str, e2e_systems.FIXED_CHUNKS))}; --quick "
+                    f"{','.join(map(str, QUICK_FIXED_CHUNKS))})")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--models", type=lambda s: s.split(","), default=None,
                     help="comma list of bench.e2e_systems MODELS (default by device)")
@@ -302,19 +381,65 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(text.split(","))
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown}; parts: {','.join(PARTS)}")
+    return parts
+
+
 def _cases(args, device: torch.device) -> list[dict[str, Any]]:
-    rows, steps = args.rows, args.steps
-    first_model = (args.models or _PLANS[(args.quick, device.type)][0])[0]
+    """Every case of the asked parts, in run order: main (+ sweep at the headline count),
+    memory-large, compile."""
+    cpu = device.type == "cpu"
+    common = dict(device=device.type, seed=args.seed, threads=args.threads if cpu else 0)
+    main = plan(args.quick, device.type, args.models, args.workloads, args.tasks, args.systems)
+    first_model = main[0][0] if main else None
+    headline = max((n for *_, n, _ in main if n <= HEADLINE_TASKS), default=None)
     cases = []
-    for model, workload, n, system in plan(args.quick, device.type, args.models, args.workloads,
-                                           args.tasks, args.systems):
+    for model, workload, n, system in main:
         profile = (not args.no_profile and model == first_model and workload == "nonuniform"
                    and n == HEADLINE_TASKS)
-        cases.append(dict(model=model, workload=workload, tasks=n, system=system,
-                          device=device.type, rows=rows, steps=steps, warmup=args.warmup,
-                          seed=args.seed, threads=args.threads if device.type == "cpu" else 0,
-                          profile=profile))
+        if "main" in args.parts:
+            cases.append(dict(model=model, workload=workload, tasks=n, system=system,
+                              rows=args.rows, steps=args.steps, warmup=args.warmup,
+                              profile=profile, **common))
+    if "sweep" in args.parts and headline is not None:  # joins the main group of its tasks
+        chunks = args.fixed_chunks or (QUICK_FIXED_CHUNKS if args.quick
+                                       else e2e_systems.FIXED_CHUNKS)
+        workloads = dict.fromkeys(w for m, w, *_ in main if m == first_model)
+        cases += [dict(model=first_model, workload=workload, tasks=headline, system=fixed,
+                       part="sweep", rows=args.rows, steps=args.steps, warmup=args.warmup,
+                       **common)
+                  for workload in workloads for fixed in e2e_systems.fixed_systems(chunks)]
+    if "memory-large" in args.parts:
+        systems = args.systems or (MEMORY_QUICK_SYSTEMS if args.quick else e2e_systems.SYSTEMS)
+        model = args.memory_model or MEMORY_MODEL[device.type]
+        cases += [dict(model=model, workload=MEMORY_WORKLOAD, tasks=n,
+                       system=system, part="memory-large", rows=2 if cpu else 4, steps=1,
+                       warmup=0, strict_malloc=cpu, **common)
+                  for n in MEMORY_TASKS[args.quick] for system in systems]
+    if "compile" in args.parts:
+        cases += [dict(model=COMPILE_MODEL, workload="uniform", tasks=n, system="muxc",
+                       part="compile", rows=2, steps=1, warmup=0, **common)
+                  for n in COMPILE_TASKS]
     return cases
+
+
+def _side_by_side(device: torch.device):
+    """Which groups run side by side: main and sweep always on CPU (the models are small), the
+    memory part never on CPU (N copies of 477 MiB per system) and, on a GPU, both when their
+    base copies fit; compile cases always alone (their time is the measurement)."""
+    capacity = _capacity_mib(device)
+
+    def decide(group: list[dict[str, Any]]) -> bool:
+        part = group[0].get("part", "main")
+        if part == "compile" or (part == "memory-large" and device.type == "cpu"):
+            return False
+        return device.type == "cpu" or fits_side_by_side(group, capacity)
+
+    return decide
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,19 +457,23 @@ def main(argv: list[str] | None = None) -> int:
     cases = _cases(args, device)
     print(f"muxc bench e2e: {len(cases)} cases on {harness.device_name(device)}, each in a "
           "fresh process", file=sys.stderr)
+    slug = harness.device_slug(device) + ("-quick" if args.quick else "")
+    partial = args.out / f"e2e-{slug}.partial.csv"
     t0 = time.perf_counter()
     rows = run_cases(cases, log=lambda s: print(s, file=sys.stderr, flush=True),
-                     side_by_side=device.type == "cpu")
+                     side_by_side=_side_by_side(device),
+                     checkpoint=lambda rows: harness.write_csv(rows, partial))
     meta = _meta(device, argv, time.perf_counter() - t0)
-    return _write(rows, meta, args, device)
+    rc = _write(rows, meta, args, device, slug)
+    partial.unlink(missing_ok=True)
+    return rc
 
 
-def _write(rows, meta, args, device: torch.device) -> int:
+def _write(rows, meta, args, device: torch.device, slug: str) -> int:
     profile = [{"system": r["system"], **r.pop("profile_ms")} for r in rows if "profile_ms" in r]
     for r in rows:
         r.update({k: meta[k] for k in ("host", "device", "torch", "transformers", "peft",
                                        "commit", "dirty", "timestamp")}, device_type=device.type)
-    slug = harness.device_slug(device) + ("-quick" if args.quick else "")
     csv_path = args.out / f"e2e-{slug}.csv"
     if args.append and csv_path.exists():
         rows = _merge(_read_csv(csv_path), rows)
@@ -352,17 +481,23 @@ def _write(rows, meta, args, device: torch.device) -> int:
     harness.write_csv(rows, csv_path)
     ok = [r for r in rows if r["status"] == "ok"]
     summary = e2e_report.headline(ok, device.type, HEADLINE_TASKS)
-    budgets = e2e_report.budget_rows(ok, args.budget_mib, HEADLINE_TASKS)
+    main_rows = e2e_report.part_rows(ok, "main")
+    budgets = e2e_report.budget_rows(main_rows + e2e_report.part_rows(ok, "memory-large"),
+                                     args.budget_mib, HEADLINE_TASKS)
     weights = {m: e2e_systems.MODELS[m].weight_mib() for m in {r["model"] for r in ok}}
     plots = []
     notes = e2e_report.notes(ok, summary, budgets, device.type, weights)
     notes += [f"Out of memory: {r['model']} {r['workload']} {r['tasks']} tasks {r['system']} "
               f"({r['error']})." for r in rows if r["status"] != "ok"]
-    for metric, label, suffix in (("effective_tok_s", "effective tokens/s", "throughput"),
-                                  ("peak_mem_mib", "peak memory (MiB)", "memory")):
+    memory_rows = main_rows + e2e_report.part_rows(ok, "memory-large")
+    for metric, label, suffix, plotted in (
+            ("effective_tok_s", "effective tokens/s", "throughput", main_rows),
+            ("peak_mem_mib", "peak memory (MiB)", "memory", memory_rows)):
         png = args.out / f"e2e-{slug}-{suffix}.png"
         title = f"muxc e2e: {label}, {meta['device']}"
-        missing = e2e_report.plot(ok, metric, label, png, title)
+        if not plotted:
+            continue
+        missing = e2e_report.plot(plotted, metric, label, png, title)
         if missing:
             notes.append(missing)
         else:
@@ -399,10 +534,14 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 
 def _merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``old`` rows not re-measured in ``new``, then ``new``."""
-    key = ("model", "workload", "tasks", "system")
-    seen = {tuple(r[k] for k in key) for r in new}
-    return [r for r in old if tuple(r.get(k) for k in key) not in seen] + new
+    """``old`` rows not re-measured in ``new``, then ``new`` (rows of CSVs from before the
+    ``part`` column count as ``main``)."""
+    def key(r: dict[str, Any]) -> tuple:
+        return (r.get("part", "main"), r.get("model"), r.get("workload"), r.get("tasks"),
+                r.get("system"))
+
+    seen = {key(r) for r in new}
+    return [r for r in old if key(r) not in seen] + new
 
 
 if __name__ == "__main__":

@@ -22,8 +22,18 @@ Systems (each trains every task on the same batches, one optimizer step per task
 4. ``temporal``: muxc ``fusion="temporal"``;
 5. ``muxc``: muxc ``fusion="auto"`` (+ ``alignment="chunk"`` where the build has it).
 
+Fixed configurations (the sweep that ``muxc``'s automatic choice is judged against): muxc with
+``fusion`` spatial or temporal and ``alignment="chunk"`` at a fixed ``chunk_size``, named like
+``temporal-chunk32`` (`fixed_systems`); with ``spatial`` and ``temporal`` (alignment pad) they
+make the fixed grid.
+
+Workload ``nonuniform-short`` is ``nonuniform`` (same adapters) with about a quarter of the
+lengths: for the weights-dominant memory runs (``llama-large``), where a step must stay short.
+
 >>> [t.name for t in workload_tasks("nonuniform", 4, "llama")]
 ['t00-sst2-lora4', 't01-rte-lora16', 't02-obqa-ia3', 't03-sst2-lora8']
+>>> fixed_systems((32, 64))
+('spatial-chunk32', 'spatial-chunk64', 'temporal-chunk32', 'temporal-chunk64')
 """
 
 from __future__ import annotations
@@ -47,8 +57,11 @@ from muxc.workloads import LENGTHS, Rule, SyntheticTask, sample_batch
 
 __all__ = [
     "SYSTEMS",
+    "FIXED_CHUNKS",
+    "fixed_systems",
     "ModelSpec",
     "TaskSpec",
+    "WORKLOADS",
     "Case",
     "MODELS",
     "workload_tasks",
@@ -60,6 +73,14 @@ __all__ = [
 
 SYSTEMS = ("hf-separate", "hf-multi-adapter", "spatial", "temporal", "muxc")
 """Benchmark systems, in table order (see module doc)."""
+FIXED_CHUNKS = (16, 32, 64, 128)
+"""Chunk sizes of the fixed-configuration sweep (the full run; ``--quick`` takes fewer)."""
+
+
+def fixed_systems(chunks: tuple[int, ...] = FIXED_CHUNKS) -> tuple[str, ...]:
+    """The fixed chunk-aligned muxc configurations: fusion spatial/temporal x ``chunks``."""
+    return tuple(f"{fusion}-chunk{c}" for fusion in ("spatial", "temporal") for c in chunks)
+
 
 Batch = dict[str, torch.Tensor]
 Step = dict[str, Batch]
@@ -132,6 +153,13 @@ MODELS: dict[str, ModelSpec] = {
     # tiny: for the smoke test only
     "llama-tiny": ModelSpec(name="llama-tiny", family="llama", hidden=64, layers=1, heads=4,
                             vocab=64, intermediate=128),
+    # weights-dominant (memory runs): ~125M parameters, 477 MiB in fp32, so N separate copies
+    # outweigh every task's activations on short sequences
+    "llama-large": ModelSpec(name="llama-large", family="llama", hidden=768, layers=12,
+                             heads=12, kv_heads=4, vocab=32000, intermediate=2048),
+    "llama-large-gpu": ModelSpec(name="llama-large-gpu", family="llama", hidden=768,
+                                 layers=12, heads=12, kv_heads=4, vocab=32000,
+                                 intermediate=2048, dtype="bfloat16"),
     # GPU: hidden >= 2048, bf16
     "llama-gpu": ModelSpec(name="llama-gpu", family="llama", hidden=2048, layers=8, heads=16,
                            vocab=32000, intermediate=5632, kv_heads=4, dtype="bfloat16"),
@@ -175,13 +203,16 @@ class TaskSpec:
 
 # the non-uniform mix: lengths cycle with period 3, adapters with period 4
 _PROFILES = ("sst2", "rte", "obqa")
+_SHORT = {"sst2": (4, 16), "rte": (12, 64), "obqa": (8, 32)}  # ~1/4 of LENGTHS
+WORKLOADS = ("uniform", "nonuniform", "nonuniform-short")
 _ADAPTERS = (("lora", 4, "attn"), ("lora", 16, "all"), ("ia3", 0, "ia3"), ("lora", 8, "mlp"))
 
 
 def workload_tasks(workload: str, n: int, family: str) -> list[TaskSpec]:
-    """The first ``n`` tasks of ``workload`` ("uniform" | "nonuniform") for a ``family`` base."""
-    if workload not in ("uniform", "nonuniform"):
-        raise ValueError(f"workload {workload!r} is not 'uniform' or 'nonuniform'")
+    """The first ``n`` tasks of ``workload`` (one of `WORKLOADS`) for a ``family`` base."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload {workload!r} is not one of {WORKLOADS}")
+    lengths = _SHORT if workload == "nonuniform-short" else LENGTHS
     tasks = []
     for i in range(n):
         rule = Rule(mul=1 + (i // 7) % 2, add=1 + i % 7)
@@ -192,7 +223,7 @@ def workload_tasks(workload: str, n: int, family: str) -> list[TaskSpec]:
         profile = _PROFILES[i % len(_PROFILES)]
         kind, rank, targets = _ADAPTERS[i % len(_ADAPTERS)]
         label = f"{kind}{rank}" if kind == "lora" else kind
-        data = SyntheticTask(f"t{i:02d}-{profile}", rule, LENGTHS[profile])
+        data = SyntheticTask(f"t{i:02d}-{profile}", rule, lengths[profile])
         tasks.append(TaskSpec(f"t{i:02d}-{profile}-{label}", data, kind, rank, targets))
     return tasks
 
@@ -298,15 +329,22 @@ class HFMultiAdapter(HFSeparate):
 def muxc_options(system: str):
     """The `muxc.Options` a muxc system runs with in THIS build, and a readable string.
 
-    ``alignment`` is passed only when the build's Options has that field (the planner adds
-    it); the string says what actually ran.
+    ``system`` is ``spatial``, ``temporal``, ``muxc`` or a fixed configuration
+    ``<fusion>-chunk<size>`` (`fixed_systems`). ``alignment`` is passed only when the build's
+    Options has that field (the planner adds it); the string says what actually ran.
+
+    >>> muxc_options("temporal-chunk64")[1].split()[:3]
+    ['fusion=temporal', 'alignment=chunk', 'chunk_size=64']
     """
     import muxc
 
-    fusion = {"spatial": "spatial", "temporal": "temporal", "muxc": "auto"}[system]
+    fusion, _, chunk = system.partition("-chunk")
+    fusion = {"spatial": "spatial", "temporal": "temporal", "muxc": "auto"}[fusion]
     kwargs: dict[str, Any] = {"fusion": fusion}
     names = {f.name for f in dataclasses.fields(muxc.Options)}
-    if "alignment" in names and system != "temporal":
+    if chunk:
+        kwargs.update(alignment="chunk", chunk_size=int(chunk))
+    elif "alignment" in names and system != "temporal":
         kwargs["alignment"] = "chunk" if system == "muxc" else "pad"
     options = muxc.Options(**kwargs)
     shown = []
@@ -317,7 +355,8 @@ def muxc_options(system: str):
 
 
 class Muxc:
-    """Systems 3-5: the N PeftModels compiled by muxc onto one shared backbone."""
+    """Systems 3-5 and the fixed configurations: the N PeftModels compiled by muxc onto one
+    shared backbone."""
 
     def __init__(self, bases: list[torch.nn.Module], tasks: list[TaskSpec], family: str,
                  system: str):
@@ -327,9 +366,10 @@ class Muxc:
         options, self.options = muxc_options(system)
         specs = [muxc.Task(name=t.name, model=get_peft_model(b, t.peft_config(family)), lr=1e-3)
                  for b, t in zip(bases, tasks)]
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         self.program = muxc.compile(specs, options)
         self.compile_s = time.perf_counter() - t0
+        self.compile_cpu_s = time.process_time() - c0
 
     def step(self, batches: Step) -> None:
         self.program.step(batches)
@@ -412,6 +452,24 @@ def _malloc_trim() -> None:
         pass
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+
+
+def strict_malloc() -> bool:
+    """Make this process's RSS follow its live memory: what ``MALLOC_MMAP_THRESHOLD_=65536
+    MALLOC_TRIM_THRESHOLD_=0`` does at start-up, applied with ``mallopt`` (a forked worker
+    cannot re-read its environment). Every block of 64 KiB or more is then its own mapping,
+    returned to the system when freed, and the heap top is trimmed at once, so freed base
+    copies and activations stop counting (glibc otherwise keeps them: peaks varied by 20%).
+    Returns False where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 65536)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, 0))
+    except (OSError, AttributeError):
+        return False
+
+
 @dataclass(frozen=True)
 class Case:
     """One measurement: a system training ``tasks`` tasks of a workload on a model."""
@@ -427,6 +485,8 @@ class Case:
     seed: int = 0
     threads: int = 0  # CPU intra-op threads (0: torch's default)
     profile: bool = False  # also profile one extra step (not timed)
+    part: str = "main"  # which part of the benchmark: main | sweep | memory | compile
+    strict_malloc: bool = False  # CPU: `strict_malloc()` before anything is built
 
     def key(self) -> tuple:
         return (self.model, self.workload, self.tasks, self.system)
@@ -450,6 +510,8 @@ class CaseRun:
         self.device = torch.device(case.device)
         if self.device.type == "cpu" and case.threads:
             torch.set_num_threads(case.threads)
+        self.strict_malloc = (self.device.type == "cpu" and case.strict_malloc
+                              and strict_malloc())
         self.spec = MODELS[case.model]
         tasks = workload_tasks(case.workload, case.tasks, self.spec.family)
         self.batches = make_batches(tasks, case.warmup + case.steps, case.rows, self.spec.vocab,
@@ -515,6 +577,8 @@ class CaseRun:
             "setup_peak_mib": self.setup_mib,
             "setup_s": self.setup_s,
             "compile_s": getattr(self.system, "compile_s", 0.0),
+            "compile_cpu_s": getattr(self.system, "compile_cpu_s", 0.0),
+            "strict_malloc": self.strict_malloc,
             "step_ms_all": " ".join(f"{t * 1e3:.0f}" for t in self.times),
             "cpu_ms_all": " ".join(f"{t * 1e3:.0f}" for t in self.cpu_times),
         }
