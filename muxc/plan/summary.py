@@ -503,7 +503,8 @@ class _Walker:
 
     def matmul(self, node: fx.Node, grad: bool) -> None:
         args = _tensor_args(node)
-        kdim = int(_val(gemm_operands(node)[0]).shape[-1])
+        # symbolic: int() on a SymInt would specialise the graph's shape env for good
+        kdim = self.shapes.expr(_val(gemm_operands(node)[0]).shape[-1])
         flops = self.shapes.poly(self.shapes.numel(_val(node), effective=False) * 2 * kdim, node)
         key = OpKey(OpKind.MATMUL, (), _dt(_val(node).dtype))
         self.add(node, Work(key, flops), Work(key, flops.scale(2)) if grad else None)
