@@ -35,5 +35,8 @@ bench-kernels: setup
 bench-plan: setup
 	$(PY) -m bench.plan
 
+bench-pipeline: setup
+	$(PY) -m bench.pipeline
+
 clean:
 	rm -rf $(VENV) out .pytest_cache
