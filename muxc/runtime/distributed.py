@@ -208,12 +208,13 @@ class StageExecutor(LocalExecutor):
             flight.works.append(self._p2p(dist.isend, buf.to(self.group.device), dst, tag + k))
 
     def _recv(self, src: int, tag: int) -> list:
-        count = torch.zeros(1, dtype=torch.int64)
+        dev = self.group.device  # NCCL receives into device memory; the header is read on the host
+        count = torch.zeros(1, dtype=torch.int64, device=dev)
         self._p2p(dist.irecv, count, src, tag, wait=True)
-        header = torch.zeros(int(count[0]), _HEADER, dtype=torch.int64)
+        header = torch.zeros(int(count.cpu()[0]), _HEADER, dtype=torch.int64, device=dev)
         self._p2p(dist.irecv, header, src, tag + 1, wait=True)
         out, k = [], 2
-        for row in header.tolist():
+        for row in header.cpu().tolist():
             kind = row[0]
             if kind == _NONE:
                 out.append(None)
