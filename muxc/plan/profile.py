@@ -144,6 +144,7 @@ class DeviceProfile:
     peak_bandwidth: float
     overhead: float
     samples: Mapping[str, tuple[Sample, ...]] = field(default_factory=dict)
+    call_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clock", Clock(self.clock))
