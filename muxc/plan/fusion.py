@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping
 from functools import lru_cache
 
+import torch
+
 from muxc.ir import MuxGraph
 from muxc.ir.chunks import ChunkLayout
 from muxc.options import Alignment, Options
@@ -19,7 +21,7 @@ from muxc.ir.step import FusionPlan, GroupCost, HTaskCost
 from muxc.plan.fusion_dp import plan_fusion
 from muxc.plan.cost import CostModel, StepShape, estimate_step, saturation_tokens
 from muxc.plan.memory import estimate_memory
-from muxc.plan.profile import load_or_profile
+from muxc.plan.profile import Clock, load_or_profile
 from muxc.plan.summary import summarize_graph
 
 __all__ = ["AutoFusion", "HTaskCost", "TaskLoad", "loads_of"]
@@ -47,7 +49,11 @@ class AutoFusion:
         if cost is None:
             device = next(iter(mux.tensors.values())).device
             if options.cost_model:  # a short on-device profile, cached per device in this JSON
-                cost = CostModel(load_or_profile(options.cost_model, device, self.summary.op_keys()))
+                # one CPU thread: time it in thread CPU time, immune to other processes
+                one = device.type == "cpu" and torch.get_num_threads() == 1
+                clock = Clock.THREAD if one else Clock.WALL
+                cost = CostModel(load_or_profile(options.cost_model, device,
+                                                 self.summary.op_keys(), clock=clock))
             else:
                 cost = CostModel.for_device(device)  # analytic roofline of this device
         self.cost = cost
