@@ -7,6 +7,14 @@ roofline (the profile's measured peaks, or datasheet peaks without a profile).
 step of given tokens per task; backward is priced by the ops' own backward samples (a frozen
 GEMM's backward is one dX GEMM; adapters compute dx, dA, dB).
 
+Every op *call* has a fixed cost besides its work (dispatch, Python, autograd bookkeeping,
+kernel launch). A step run as ``micro_batches`` calls of the graph (chunk steps, pad row
+splits) calls every op that many times on a share of the work, so the fitted latencies (flat
+below saturation) are paid per call, plus ``CostModel.call_overhead`` per op call: what an op
+costs inside a traced graph beyond its own latency (`muxc.plan.profile.measure_call_overhead`;
+0 for a roofline-only model, whose per-op ``overhead`` is in every latency). On CPU this, not
+FLOPs, is what makes small chunks slow.
+
 With ``summary = summarize_graph(program.mux)`` of a compiled program and a measured profile
 (not run here: it needs a compiled program and times the machine):
 

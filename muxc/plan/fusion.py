@@ -1,8 +1,9 @@
 """`AutoFusion`: choose hTasks for a step's batches with the fusion DP and the cost model.
 
 Each candidate hTask is priced by `muxc.plan.estimate_step` on the layout the executor would
-run (pad: rows of the group's longest sample; chunk: rows of ``chunk_size`` with the average
-kept-K/V length), split over ``stages`` and over its micro-batches. Plans are cached per
+run (pad: rows of the group's longest sample split over ``micro_batches``; chunk: one call
+per chunk step, runs of steps with the same active tasks priced together at their mean
+kept-K/V length), split over ``stages``; every micro-batch pays each op's per-call cost. Plans are cached per
 distinct per-task load signature, so steady-state steps pay nothing.
 """
 
