@@ -332,6 +332,88 @@ def test_step_estimate_prices_active_tasks_padding_and_saturation(summary):
         estimate_step(summary, {"zz": 4}, seq_len=4, cost=cost)
 
 
+# --------------------------------------------------------------- per-call overhead
+
+def _forward_ops(summary) -> int:
+    return sum(o.forward is not None for o in summary.ops if o.site is None) + len(
+        {o.site for o in summary.ops if o.site is not None})
+
+
+def test_every_op_call_pays_the_call_overhead(summary):
+    """A graph with N ops predicts at least N x the overhead, and exactly calls x overhead
+    more than without it (one call per op forward, one per op with a backward)."""
+    roof = Roofline(1e11, 2e10, 0.0)
+    free = estimate_step(summary, {"t0": 256, "t1": 256}, seq_len=128,
+                         cost=CostModel(roofline=roof))
+    paid = estimate_step(summary, {"t0": 256, "t1": 256}, seq_len=128,
+                         cost=CostModel(roofline=roof, call_overhead=1e-3))
+    n = _forward_ops(summary)
+    assert n > 100 and paid.calls > n  # forward calls plus backward calls
+    assert paid.total >= n * 1e-3
+    assert paid.total - free.total == pytest.approx(paid.calls * 1e-3, rel=1e-9)
+    assert paid.by_kind["overhead"] == pytest.approx(paid.calls * 1e-3, rel=1e-9)
+    with pytest.raises(CostModelError, match="call_overhead"):
+        CostModel(roofline=roof, call_overhead=-1.0)
+
+
+def test_micro_batches_multiply_the_calls(summary):
+    """m micro-batches (chunk steps) call every op m times on 1/m of the work: the overhead is
+    paid m times, the (linear) GEMM work is not."""
+    roof = Roofline(1e11, 2e10, 0.0)
+    cost = CostModel(roofline=roof, call_overhead=1e-4)
+    one = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, cost=cost)
+    four = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, cost=cost,
+                         micro_batches=4)
+    assert four.calls == 4 * one.calls and four.micro_batches == 4
+    assert four.by_kind["overhead"] == pytest.approx(4 * one.by_kind["overhead"], rel=1e-9)
+    assert four.by_kind["gemm"] == pytest.approx(one.by_kind["gemm"], rel=1e-9)
+    # the rest of the difference: attention's roofline bytes grow with sqrt(work)
+    assert four.total - one.total == pytest.approx(3 * one.by_kind["overhead"], rel=1e-3)
+    with pytest.raises(CostModelError, match="micro_batches"):
+        estimate_step(summary, {"t0": 512}, seq_len=128, cost=cost, micro_batches=0)
+
+
+def test_roofline_fallback_charges_its_overhead_per_call(summary):
+    """Without a profile every op's roofline latency carries the device's per-op overhead, so
+    splitting a step into micro-batches costs one overhead per op call more each time."""
+    assert Roofline.for_device("cpu").overhead > 0
+    assert Roofline.for_device("NVIDIA H100 80GB HBM3").overhead == 5e-6  # a kernel launch
+    cost = CostModel(roofline=Roofline(1e11, 2e10, 1e-3))
+    assert cost.call_overhead == 0.0  # already inside every roofline latency
+    one = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, cost=cost)
+    two = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, cost=cost,
+                        micro_batches=2)
+    assert two.total - one.total == pytest.approx(one.calls * 1e-3, rel=0.02)
+
+
+def test_profile_measures_the_call_overhead(tmp_path, one_thread):
+    prof = profile_device("cpu", [], elementwise_numels=(1024,), repeats=2, clock="thread")
+    assert 0 < prof.call_overhead < 1e-3
+    assert CostModel(prof).call_overhead == prof.call_overhead
+    assert DeviceProfile.load(prof.save(tmp_path / "p.json")).call_overhead == prof.call_overhead
+    old = tmp_path / "old.json"  # a format-1 profile has no call overhead: profiled afresh
+    old.write_text(json.dumps({**prof.to_json(), "format": 1}))
+    again = load_or_profile(old, "cpu", [], elementwise_numels=(1024,), repeats=1,
+                            clock="thread")
+    assert again.call_overhead > 0 and DeviceProfile.load(old) == again
+
+
+def test_chunk_choice_trades_padding_against_calls(program):
+    """With free calls the planner picks small chunks (least padding); when every call is
+    expensive, fewer and larger chunk steps win."""
+    from muxc.plan.fusion import AutoFusion
+
+    batches = {f"t{i}": make_batch(4, 96, i) for i in range(2)}
+    options = muxc.Options(alignment="chunk")
+    roof = Roofline(1e11, 2e10, 0.0)
+    free = AutoFusion(program.mux, options, CostModel(roofline=roof))
+    dear = AutoFusion(program.mux, options, CostModel(roofline=roof, call_overhead=1e-3))
+    assert free.best_chunk(batches) < dear.best_chunk(batches) == 128
+    loads = {t: (96 * 4, 96, 4) for t in batches}
+    small, large = (dear.price(loads, ("t0", "t1"), c) for c in (16, 64))
+    assert small.micro_batches == 6 and large.micro_batches == 2  # 96 tokens per stream
+
+
 def test_pipeline_iteration_time_formula():
     assert pipeline_iteration_time([1.0, 2.0, 1.5], micro_batches=[4, 2]) == 16.0
     assert pipeline_iteration_time([1.0, 2.0], 4, comm_time=0.5, hidden_comm=1.0) == 11.5

@@ -7,6 +7,14 @@ roofline (the profile's measured peaks, or datasheet peaks without a profile).
 step of given tokens per task; backward is priced by the ops' own backward samples (a frozen
 GEMM's backward is one dX GEMM; adapters compute dx, dA, dB).
 
+Every op *call* has a fixed cost besides its work (dispatch, Python, autograd bookkeeping,
+kernel launch). A step run as ``micro_batches`` calls of the graph (chunk steps, pad row
+splits) calls every op that many times on a share of the work, so the fitted latencies (flat
+below saturation) are paid per call, plus ``CostModel.call_overhead`` per op call: what an op
+costs inside a traced graph beyond its own latency (`muxc.plan.profile.measure_call_overhead`;
+0 for a roofline-only model, whose per-op ``overhead`` is in every latency). On CPU this, not
+FLOPs, is what makes small chunks slow.
+
 With ``summary = summarize_graph(program.mux)`` of a compiled program and a measured profile
 (not run here: it needs a compiled program and times the machine):
 
@@ -44,11 +52,17 @@ class CostModel:
     0.002
     """
 
-    def __init__(self, profile: DeviceProfile | None = None, roofline: Roofline | None = None):
+    def __init__(self, profile: DeviceProfile | None = None, roofline: Roofline | None = None,
+                 call_overhead: float | None = None):
         if profile is None and roofline is None:
             roofline = Roofline.for_device("cpu")
         self.profile = profile
         self.roofline = roofline if roofline is not None else profile.roofline()
+        if call_overhead is None:
+            call_overhead = profile.call_overhead if profile is not None else 0.0
+        if not call_overhead >= 0:
+            raise CostModelError(f"call_overhead must be >= 0 seconds, got {call_overhead}")
+        self.call_overhead = float(call_overhead)
         fits: dict[tuple[OpKey, bool], LatencyModel] = {}
         if profile is not None:
             for k, rows in profile.samples.items():
@@ -149,13 +163,16 @@ class StepEstimate:
     tokens: int
     padded_tokens: int
     by_kind: Mapping[str, float]
+    calls: int = 0  # op calls (forward and backward) over all micro-batches
+    micro_batches: int = 1
 
     @property
     def total(self) -> float:
         return self.forward + self.backward
 
     def __repr__(self) -> str:
-        return (f"StepEstimate({self.tokens} tokens ({self.padded_tokens} padded), "
+        mb = f", {self.micro_batches} micro-batches" if self.micro_batches > 1 else ""
+        return (f"StepEstimate({self.tokens} tokens ({self.padded_tokens} padded){mb}, "
                 f"fwd {self.forward * 1e3:.1f} ms + bwd {self.backward * 1e3:.1f} ms = "
                 f"{self.total * 1e3:.1f} ms)")
 
@@ -167,6 +184,10 @@ def _price(cost: CostModel, w: Work | None, b: float, s: float, scale: float,
     return cost.latency(w.key, w.amount(b, s) * scale, backward)
 
 
+def _calls(w: Work | None, scale: float) -> int:
+    return int(w is not None and scale > 0)
+
+
 def estimate_step(
     model: ModelSummary | MuxGraph,
     tokens_per_task: Mapping[str, int] | StepShape,
@@ -174,12 +195,18 @@ def estimate_step(
     cost: CostModel,
     seq_len: int | None = None,
     kv_len: int | None = None,
+    micro_batches: int = 1,
 ) -> StepEstimate:
     """Predicted forward+backward seconds of one step of ``model``.
 
     ``tokens_per_task``: task -> tokens this step (cut into rows of ``seq_len``, padded), or a
     `StepShape`. Tasks absent or with 0 tokens are inactive (no adapter or loss cost).
+    ``micro_batches``: the step runs as that many forward+backward calls of the graph, each on
+    an equal share of the rows (chunk steps, or pad mode's row splits): every op is called
+    that many times, paying its fixed cost each time, on a share of the work.
     """
+    if micro_batches < 1:
+        raise CostModelError(f"micro_batches must be >= 1, got {micro_batches}")
     summary = as_summary(model)
     if isinstance(tokens_per_task, StepShape):
         shape = tokens_per_task
@@ -194,11 +221,13 @@ def estimate_step(
         raise CostModelError(
             f"estimate_step: tasks {unknown} are not in the summary (tasks {list(summary.tasks)})"
         )
-    b, s = float(shape.total_rows), float(shape.seq_len)
+    m = micro_batches
+    b, s = shape.total_rows / m, float(shape.seq_len)  # rows of one (average) micro-batch
     kv_len = shape.seq_len if shape.kv_len is None else shape.kv_len
     scales = {KV.NONE: 1.0, KV.TOTAL: kv_len / shape.seq_len,
               KV.PAST: (kv_len - shape.seq_len) / shape.seq_len}
     fwd = bwd = 0.0
+    calls_f = calls_b = 0  # op calls of one micro-batch
     by_kind: dict[str, float] = {}
     if shape.total_rows == 0:
         return StepEstimate(0.0, 0.0, 0, 0, {})
@@ -206,26 +235,35 @@ def estimate_step(
         if task is None:
             rows = b
         else:
-            rows = float(shape.rows.get(task, 0))
+            rows = shape.rows.get(task, 0) / m
             if rows == 0:
                 continue
-        tf = count * _price(cost, f, rows, s, scales[kv], False)
-        tb = count * _price(cost, g, rows, s, scales[kv], True)
+        tf = count * m * _price(cost, f, rows, s, scales[kv], False)
+        tb = count * m * _price(cost, g, rows, s, scales[kv], True)
+        calls_f += count * _calls(f, scales[kv])
+        calls_b += count * _calls(g, scales[kv])
         fwd += tf
         bwd += tb
         for w, t in ((f, tf), (g, tb)):
             if w is not None:
                 by_kind[w.key.kind.value] = by_kind.get(w.key.kind.value, 0.0) + t
+    per_task = {t: r / m for t, r in shape.rows.items()}
     for members, count in summary.sites:
-        tf, tb, kind = _site(cost, members, shape.rows, s)
-        fwd += count * tf
-        bwd += count * tb
+        tf, tb, kind = _site(cost, members, per_task, s)
+        fwd += count * m * tf
+        bwd += count * m * tb
         if kind is not None:
-            by_kind[kind] = by_kind.get(kind, 0.0) + count * (tf + tb)
-    return StepEstimate(fwd, bwd, tokens, shape.padded_tokens, by_kind)
+            calls_f += count
+            calls_b += count * (tb > 0)
+            by_kind[kind] = by_kind.get(kind, 0.0) + count * m * (tf + tb)
+    over_f, over_b = m * calls_f * cost.call_overhead, m * calls_b * cost.call_overhead
+    if over_f + over_b > 0:
+        by_kind["overhead"] = over_f + over_b
+    return StepEstimate(fwd + over_f, bwd + over_b, tokens, shape.padded_tokens, by_kind,
+                        calls=m * (calls_f + calls_b), micro_batches=m)
 
 
-def _site(cost: CostModel, members, rows: Mapping[str, int], s: float):
+def _site(cost: CostModel, members, rows: Mapping[str, float], s: float):
     """One adapter site: each active task's adapter latency, less the fixed call overhead
     (latency at one token) of all but one of them, since one kernel call serves them all."""
     fwd = bwd = 0.0

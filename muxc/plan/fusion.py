@@ -1,8 +1,9 @@
 """`AutoFusion`: choose hTasks for a step's batches with the fusion DP and the cost model.
 
 Each candidate hTask is priced by `muxc.plan.estimate_step` on the layout the executor would
-run (pad: rows of the group's longest sample; chunk: rows of ``chunk_size`` with the average
-kept-K/V length), split over ``stages`` and over its micro-batches. Plans are cached per
+run (pad: rows of the group's longest sample split over ``micro_batches``; chunk: one call
+per chunk step, runs of steps with the same active tasks priced together at their mean
+kept-K/V length), split over ``stages``; every micro-batch pays each op's per-call cost. Plans are cached per
 distinct per-task load signature, so steady-state steps pay nothing.
 """
 
@@ -12,13 +13,16 @@ import math
 from collections.abc import Mapping
 from functools import lru_cache
 
+import torch
+
 from muxc.ir import MuxGraph
+from muxc.ir.chunks import ChunkLayout
 from muxc.options import Alignment, Options
 from muxc.ir.step import FusionPlan, GroupCost, HTaskCost
 from muxc.plan.fusion_dp import plan_fusion
 from muxc.plan.cost import CostModel, StepShape, estimate_step, saturation_tokens
 from muxc.plan.memory import estimate_memory
-from muxc.plan.profile import load_or_profile
+from muxc.plan.profile import Clock, load_or_profile
 from muxc.plan.summary import summarize_graph
 
 __all__ = ["AutoFusion", "HTaskCost", "TaskLoad", "loads_of"]
@@ -46,7 +50,11 @@ class AutoFusion:
         if cost is None:
             device = next(iter(mux.tensors.values())).device
             if options.cost_model:  # a short on-device profile, cached per device in this JSON
-                cost = CostModel(load_or_profile(options.cost_model, device, self.summary.op_keys()))
+                # one CPU thread: time it in thread CPU time, immune to other processes
+                one = device.type == "cpu" and torch.get_num_threads() == 1
+                clock = Clock.THREAD if one else Clock.WALL
+                cost = CostModel(load_or_profile(options.cost_model, device,
+                                                 self.summary.op_keys(), clock=clock))
             else:
                 cost = CostModel.for_device(device)  # analytic roofline of this device
         self.cost = cost
@@ -79,34 +87,60 @@ class AutoFusion:
         loads = loads_of(batches)
         return self._plan(tuple(sorted(loads.items())), chunk_size)
 
-    def _shape(self, loads: Mapping[str, TaskLoad], group: tuple[str, ...], chunk: int | None):
-        longest = max(loads[t][1] for t in group)
-        if self.options.alignment is Alignment.CHUNK:
-            capacity = math.ceil(max(longest, chunk) / chunk) * chunk
-            steps = capacity // chunk
-            rows = {t: math.ceil(loads[t][0] / chunk) for t in group}
-            kv = max(chunk, round((steps + 1) / 2 * chunk))
-            return StepShape(rows, chunk, kv), steps
-        rows = {t: loads[t][2] for t in group}
-        return StepShape(rows, longest), self.options.micro_batches or 1
+    def _shapes(
+        self, loads: Mapping[str, TaskLoad], group: tuple[str, ...], chunk: int | None,
+        micro_batches: int | None, layout: ChunkLayout | None,
+    ) -> list[tuple[StepShape, int]]:
+        """The hTask's micro-batches as ``(shape of all of them together, how many)`` runs
+        of like micro-batches (same active tasks); see `price`."""
+        if layout is not None:
+            return _layout_runs(layout)
+        if self.options.alignment is not Alignment.CHUNK:
+            rows = {t: loads[t][2] for t in group}
+            m = micro_batches or self.options.micro_batches or 1
+            return [(StepShape(rows, max(loads[t][1] for t in group)), max(1, m))]
+        # each task packs its samples into streams of its own capacity (its longest sample,
+        # in chunks) and is active in the first `active[t]` chunk steps
+        rows = {t: max(1, math.ceil(loads[t][0] / chunk)) for t in group}
+        active = {t: min(rows[t], math.ceil(max(loads[t][1], chunk) / chunk)) for t in group}
+        runs, start = [], 0
+        for end in sorted(set(active.values())):
+            members = [t for t in group if active[t] >= end]
+            n = end - start
+            kv = round(chunk * (start + end + 1) / 2)  # mean attended length of these steps
+            shape = StepShape({t: rows[t] * n / active[t] for t in members}, chunk, kv)
+            runs.append((shape, n))
+            start = end
+        return runs
 
     def price(
         self, loads: Mapping[str, TaskLoad], group: tuple[str, ...], chunk: int | None,
-        micro_batches: int | None = None,
+        micro_batches: int | None = None, layout: ChunkLayout | None = None,
     ) -> HTaskCost:
-        """Predicted per-stage, per-micro-batch times and activations of hTask ``group``
-        (``micro_batches``: the real count when known, e.g. a built chunk layout's steps)."""
-        shape, m = self._shape(loads, group, chunk)
-        m = micro_batches or m
-        est = estimate_step(self.summary, shape, cost=self.cost)
-        act = estimate_memory(self.summary, shape).activations
+        """Predicted per-stage, per-micro-batch times and activations of hTask ``group``.
+
+        Every micro-batch is one forward and one backward call of the graph, so each op's
+        fixed cost is paid once per micro-batch (`estimate_step`'s ``micro_batches``). With
+        ``layout`` (the chunk layout the executor will run) its steps are priced as they
+        are; else they are estimated from ``loads``: chunk steps of the tasks still active,
+        attending to the mean kept K/V length; pad mode ``micro_batches`` equal row splits.
+        """
+        fwd = bwd = act = 0.0
+        m = tokens = 0
+        for shape, n in self._shapes(loads, group, chunk, micro_batches, layout):
+            est = estimate_step(self.summary, shape, cost=self.cost, micro_batches=n)
+            fwd, bwd, m = fwd + est.forward, bwd + est.backward, m + n
+            per_mb = StepShape({t: r / n for t, r in shape.rows.items()}, shape.seq_len,
+                               shape.kv_len)
+            act = max(act, estimate_memory(self.summary, per_mb).activations)
+            tokens = max(tokens, round(per_mb.padded_tokens))
         stages = self.options.stages
         return HTaskCost(
             micro_batches=m,
-            forward=est.forward / stages / m,
-            backward=est.backward / stages / m,
-            activation_bytes=act / stages / m,
-            tokens=shape.padded_tokens // m,
+            forward=fwd / stages / m,
+            backward=bwd / stages / m,
+            activation_bytes=act / stages,
+            tokens=tokens,
         )
 
     def _plan_uncached(self, items: tuple, chunk: int | None) -> FusionPlan:
@@ -126,3 +160,21 @@ class AutoFusion:
             fixed = estimate_memory(self.summary, {}, seq_len=max(seq, 1)).total
             budget = (self.options.memory_budget - fixed) / stages
         return plan_fusion({t: v[0] for t, v in loads.items()}, cost, stages, sat, budget)
+
+
+def _layout_runs(layout: ChunkLayout) -> list[tuple[StepShape, int]]:
+    """A built layout's chunk steps, consecutive steps with equal rows priced together."""
+    runs: list[tuple[StepShape, int]] = []
+    c = layout.chunk_size
+    key, first, n = None, 0, 0
+    for step in (*layout.steps, None):
+        k = None if step is None else tuple(zip(step.tasks, step.rows))
+        if k != key and n:
+            kv = round(c * (2 * first + n + 1) / 2)  # mean of (index + 1) * c over the run
+            runs.append((StepShape({t: r * n for t, r in key}, c, kv), n))
+            n = 0
+        if step is not None:
+            if n == 0:
+                key, first = k, step.index
+            n += 1
+    return runs

@@ -26,6 +26,7 @@ from enum import Enum
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 
 from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Roofline
 
@@ -39,15 +40,17 @@ __all__ = [
     "device_identity",
     "profile_device",
     "load_or_profile",
+    "measure_call_overhead",
 ]
 
-FORMAT = 1
+FORMAT = 2  # 2: call_overhead
 aten = torch.ops.aten  # probes call the same OpOverloads exported graphs call
 DEFAULT_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_ATTENTION_SHAPES = ((1, 32), (1, 64), (1, 128), (2, 128), (1, 256), (2, 256), (4, 256),
                             (1, 512), (2, 512))  # (batch rows, sequence length)
 DEFAULT_ELEMENTWISE_NUMELS = (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22)
 _VIEW_CHAIN = 16  # views per VIEW sample; the sample is the time per view
+_CALL_CHAIN = 128  # tiny ops in the graph timed for the per-call overhead
 
 
 class Clock(str, Enum):
@@ -136,6 +139,8 @@ class DeviceProfile:
     ``samples`` maps ``str(OpKey)`` to its samples (sorted by work). ``peak_flops``,
     ``peak_bandwidth`` and ``overhead`` are the best measured GEMM FLOP/s, elementwise bytes/s
     and smallest per-op time; they parametrise the roofline for ops without samples.
+    ``call_overhead``: seconds each op call costs in a graph beyond its own latency
+    (`measure_call_overhead`); the cost model charges it per op per micro-batch.
     """
 
     identity: Mapping[str, str | int]
@@ -144,6 +149,7 @@ class DeviceProfile:
     peak_bandwidth: float
     overhead: float
     samples: Mapping[str, tuple[Sample, ...]] = field(default_factory=dict)
+    call_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clock", Clock(self.clock))
@@ -188,6 +194,7 @@ class DeviceProfile:
             max(self.peak_bandwidth, other.peak_bandwidth),
             min(self.overhead, other.overhead),
             {k: tuple(v) for k, v in samples.items()},
+            statistics.median([self.call_overhead, other.call_overhead]),
         )
 
     def to_json(self) -> dict:
@@ -198,6 +205,7 @@ class DeviceProfile:
             "peak_flops": self.peak_flops,
             "peak_bandwidth": self.peak_bandwidth,
             "overhead": self.overhead,
+            "call_overhead": self.call_overhead,
             "samples": {k: [s.to_json() for s in v] for k, v in self.samples.items()},
         }
 
@@ -221,6 +229,7 @@ class DeviceProfile:
                 peak_bandwidth=float(data["peak_bandwidth"]),
                 overhead=float(data["overhead"]),
                 samples=samples,
+                call_overhead=float(data["call_overhead"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CostModelError(
@@ -473,7 +482,39 @@ def profile_device(
         peak_bandwidth=_peak_bandwidth(samples),
         overhead=min(s.forward for s in samples[str(OpKey(OpKind.ELEMENTWISE))]),
         samples=samples,
+        call_overhead=measure_call_overhead(device, clock, repeats=max(repeats, 5)),
     )
+
+
+def measure_call_overhead(device: torch.device | str, clock: Clock | str = Clock.WALL, *,
+                          ops: int = _CALL_CHAIN, repeats: int = 5) -> float:
+    """Seconds one op call costs inside a traced graph with (almost) no work: a
+    `torch.fx.GraphModule` of ``ops`` tiny multiplies and adds run forward and backward (one
+    ``backward()``), as the runtime runs a micro-batch; per op call, forward and backward
+    calls averaged, median of ``repeats``.
+
+    >>> 0 < measure_call_overhead("cpu", ops=8, repeats=2) < 1e-3
+    True
+    """
+    device = torch.device(device)
+    clock = Clock(clock)
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.placeholder("w")
+    y = x
+    for i in range(ops):
+        y = g.call_function(aten.mul.Tensor if i % 2 == 0 else aten.add.Tensor, (y, w))
+    g.output(y)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    xs = torch.randn(4, 8, device=device)
+    ws = torch.randn(4, 8, device=device, requires_grad=True)
+    times = []
+    for i in range(repeats + 1):
+        ws.grad = None
+        t0 = clock.now(device)
+        gm(xs, ws).backward(torch.ones_like(xs))
+        if i:  # the first run warms up
+            times.append(clock.now(device) - t0)
+    return statistics.median(times) / (2 * ops)
 
 
 def _peak_flops(samples: Mapping[str, Sequence[Sample]]) -> float:
@@ -506,8 +547,11 @@ def load_or_profile(
     here = device_identity(device)
     old = None
     if path.exists():
-        old = DeviceProfile.load(path)
-        if dict(old.identity) != here or old.clock is not clock:
+        try:
+            old = DeviceProfile.load(path)
+        except CostModelError:  # an older format (or a broken file): profile afresh
+            old = None
+        if old is not None and (dict(old.identity) != here or old.clock is not clock):
             old = None  # another device, torch or thread count: stale
     if old is not None:
         missing = old.missing(keys)

@@ -91,7 +91,7 @@ def plan_step(planner: Planner, batches: Mapping[str, Mapping]) -> StepPlan:
             computed += c
             real += r
         htasks.append(HTask(tasks=g, micro_batches=m, layout=layout))
-        costs.append(planner.fusion.price(loads, g, chunk, micro_batches=m))
+        costs.append(planner.fusion.price(loads, g, chunk, micro_batches=m, layout=layout))
     stages = planner.options.stages
     fwd = time_table([[c.forward for c in costs]] * stages)
     bwd = time_table([[c.backward for c in costs]] * stages)
