@@ -72,7 +72,7 @@ def test_auto_choice_and_forced_choice(device):
     if device.type == "cuda":
         assert auto.impl is Impl.TRITON
     else:
-        assert auto.impl is Impl.TORCH and 'force impl="triton"' in auto.reason
+        assert auto.impl is Impl.GROUPED and 'force impl="triton"' in auto.reason
 
 
 def test_one_launch_serves_sixteen_tasks_with_different_ranks(device):
