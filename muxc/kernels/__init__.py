@@ -11,7 +11,8 @@ families: a few large torch ops per layer instead of a loop over tasks. ``op.py`
 family's forward/backward custom ops and their autograd from two schemas. ``_triton.py``
 holds what the Triton kernels share: the guarded triton import, the registry checker, per-step
 segment metadata (row tiles cached on `Segments`, per-task pointer tables cached by content),
-the launch counter tests read, and the autotuner. ``segments.py`` and ``registry.py`` are the seam the core compiles against.
+the launch counter tests read, and the autotuner. ``segments.py`` and ``registry.py`` are the
+seam the core compiles against.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ step's `Segments` (shared by every layer) or in an LRU keyed by those values.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -58,7 +59,15 @@ __all__ = [
     "multi_lora_bwd_grouped",
     "multi_ia3_grouped",
     "multi_ia3_bwd_grouped",
+    "calls",
 ]
+
+_CALLS: Counter = Counter()
+
+
+def calls() -> dict[str, int]:
+    """Calls per op served by this path since import (tests diff two snapshots)."""
+    return dict(_CALLS)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -182,6 +191,7 @@ def _stack(lora_a, lora_b, run: Run, dtype):
 def multi_lora_grouped(x, segs: Segments, lora_a, lora_b, scaling, base=None) -> torch.Tensor:
     """Grouped forward: two GEMMs per run (see the module docstring); ``base + delta`` when
     ``base`` is given, computed in at least fp32 and rounded once to x's dtype."""
+    _CALLS["multi_lora"] += 1
     acc = _acc(x.dtype)
     plan, masks = _layout(x, segs, lora_a, lora_b, scaling, acc)
     xa = x.to(acc)
@@ -212,6 +222,7 @@ def multi_lora_grouped(x, segs: Segments, lora_a, lora_b, scaling, base=None) ->
 def multi_lora_bwd_grouped(dy, x, segs: Segments, lora_a, lora_b, scaling):
     """Grouped backward: ``(dx, [dA_i], [dB_i])`` with five GEMMs per run (``U`` is recomputed
     rather than saved by the forward)."""
+    _CALLS["multi_lora_bwd"] += 1
     acc = _acc(x.dtype)
     plan, masks = _layout(x, segs, lora_a, lora_b, scaling, acc)
     xa, ga = x.to(acc), dy.to(acc)
@@ -253,13 +264,16 @@ def _tiles(segs: Segments, device) -> tuple[int, torch.Tensor]:
     def build():
         g = math.gcd(*segs.lens) or 1
         per_task = torch.tensor([n // g for n in segs.lens])
-        index = torch.repeat_interleave(torch.arange(len(segs)), per_task, output_size=segs.total // g)
+        index = torch.repeat_interleave(torch.arange(len(segs)), per_task,
+                                        output_size=segs.total // g)
         return g, index.to(device)
 
     return segs.cached(("grouped_ia3_tiles", str(device)), build)
 
 
 def _scale_tiles(h, segs: Segments, vectors) -> torch.Tensor:
+    if len(vectors) == 1:
+        return h * vectors[0]
     g, index = _tiles(segs, h.device)
     n = h.shape[1]
     per_tile = torch.stack(vectors).index_select(0, index)
@@ -268,6 +282,7 @@ def _scale_tiles(h, segs: Segments, vectors) -> torch.Tensor:
 
 def multi_ia3_grouped(h, segs: Segments, vectors) -> torch.Tensor:
     """Grouped forward: one broadcast multiply over task tiles."""
+    _CALLS["multi_ia3"] += 1
     if h.shape[0] == 0:
         return torch.empty_like(h)
     return _scale_tiles(h, segs, vectors)
@@ -276,6 +291,7 @@ def multi_ia3_grouped(h, segs: Segments, vectors) -> torch.Tensor:
 def multi_ia3_bwd_grouped(dz, h, segs: Segments, vectors):
     """Grouped backward: ``dh`` as the forward, every ``dv_i`` from one tile sum and one
     ``index_add_`` (accumulated in at least fp32)."""
+    _CALLS["multi_ia3_bwd"] += 1
     if h.shape[0] == 0:
         return torch.empty_like(h), [torch.zeros_like(v) for v in vectors]
     dh = _scale_tiles(dz, segs, vectors)
