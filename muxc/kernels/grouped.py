@@ -250,8 +250,8 @@ def multi_lora_bwd_grouped(dy, x, segs: Segments, lora_a, lora_b, scaling):
                 da[t] = g
             for t, g in zip(run.tasks, torch.split_with_sizes_copy(db_run, run.ranks, 1)):
                 db[t] = g
-    da = [p.new_zeros(p.shape) if g is None else g.to(p.dtype) for p, g in zip(lora_a, da)]
-    db = [p.new_zeros(p.shape) if g is None else g.to(p.dtype) for p, g in zip(lora_b, db)]
+    da = [torch.zeros_like(p) if g is None else g.to(p.dtype) for p, g in zip(lora_a, da)]
+    db = [torch.zeros_like(p) if g is None else g.to(p.dtype) for p, g in zip(lora_b, db)]
     return dx.to(x.dtype), da, db
 
 

@@ -41,6 +41,7 @@ registered in the kernel registry):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -113,6 +114,14 @@ def _dispatcher(op: str, seg_pos: int) -> Callable:
 _EAGER_CALLS = [0]
 
 
+def _profiled(name: str):
+    """A ``muxc::<name>`` profiler range around eager work (as the custom op shows in traces),
+    entered only while a profiler runs: the range itself costs several microseconds."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(f"muxc::{name}")
+    return contextlib.nullcontext()
+
+
 def eager_calls() -> int:
     """Calls served by the eager `autograd.Function` path since import (tests diff it)."""
     return _EAGER_CALLS[0]
@@ -146,7 +155,8 @@ class SegmentedOp:
         _EAGER_CALLS[0] += 1
         flat, layout = _flatten(args)
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in flat)):
-            return self.run(*args)
+            with _profiled(self.name):
+                return self.run(*args)
         return _Eager.apply(self, layout, *flat)
 
     # ------------------------------------------------------------------ shared with autograd
@@ -182,13 +192,16 @@ class _Eager(torch.autograd.Function):
         ctx.save_for_backward(*saved)
         ctx.op, ctx.layout = op, layout
         ctx.given = [args[op.inputs.index(n)] is not None for n in op.passthrough]
-        return op.run(*args)
+        with _profiled(op.name):
+            return op.run(*args)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         op = ctx.op
-        per_arg = op.backward(op.run_bwd, grad, ctx.saved_layout, ctx.saved_tensors, ctx.given)
+        with _profiled(f"{op.name}_bwd"):
+            per_arg = op.backward(op.run_bwd, grad, ctx.saved_layout, ctx.saved_tensors,
+                                  ctx.given)
         flat: list = []
         for entry, g in zip(ctx.layout, per_arg):
             if entry[0] == "one":
