@@ -24,11 +24,11 @@ So `SegmentedOp.__call__` runs the same implementations, saving the same tensors
 mode, no functorch transform), and the custom op otherwise, so `torch.export`, `torch.compile`
 and fake tensors still see one opaque ``muxc::<name>`` node with its fake rule.
 
-How `muxc.kernels.ia3` declares its pair (``multi_ia3`` and ``multi_ia3_bwd`` must then be
-registered in the kernel registry):
+Declaring a pair, as `muxc.kernels.ia3` does for ``multi_ia3`` (implementations of
+``example_scale`` and ``example_scale_bwd`` must then be registered in the kernel registry):
 
 >>> op = define_segmented_op(
-...     "multi_ia3",
+...     "example_scale",
 ...     schema="(Tensor h, int[] seg_lens, Tensor[] vectors, str? impl) -> Tensor",
 ...     bwd_schema="(Tensor grad, Tensor h, int[] seg_lens, Tensor[] vectors, str? impl)"
 ...                " -> (Tensor, Tensor[])",
@@ -225,6 +225,8 @@ def define_segmented_op(
     ``fake`` computes the forward's output metadata from the forward arguments (``impl``
     included); the backward's fake is derived: one empty tensor like each ``grads`` input.
     """
+    if hasattr(torch.ops.muxc, name):  # torch.library would silently replace it
+        raise MuxcInternalError(f"muxc::{name} is already defined")
     inputs, lists = _schema(schema)
     bwd_names, _ = _schema(bwd_schema)
     if inputs[-1] != "impl" or bwd_names[-1] != "impl" or bwd_names[0] != "grad":
