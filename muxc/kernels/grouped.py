@@ -81,12 +81,13 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # a GEMM costs ~8 us fixed plus, per activation element it streams, the larger of ~0.3 ns
 # (memory-bound up to ~20 rank columns) and ~0.014 ns per rank column (compute-bound above).
 # The 7 GEMMs stream the run's rows 4 times at width K and 3 times at width N. A run of
-# several tasks also stacks weights, multiplies masks and splits gradients (~6 small ops).
+# several tasks also stacks weights, applies masks, checks finiteness and splits gradients
+# (~15 small ops of ~2 us).
 
 _GEMM_NS = 8_000.0
 _STREAM_NS = 0.3
 _MAC_NS = 0.014
-_GROUP_NS = 20_000.0
+_GROUP_NS = 30_000.0
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,23 @@ def lora_plan(lens: tuple[int, ...], ranks: tuple[int, ...], k: int, n: int) -> 
     return LoraPlan(tuple(runs), tuple(gaps), idle)
 
 
+@dataclass(frozen=True)
+class _Mask:
+    """A multi-task run's masks, ``(rows, R)``: ``off`` marks the entries outside each token's
+    own task block, ``scale`` holds each task's scaling inside its block (0 elsewhere)."""
+
+    off: torch.Tensor
+    scale: torch.Tensor
+
+    def apply_(self, u: torch.Tensor) -> torch.Tensor:
+        """Zero ``u`` off the blocks, then scale. Zeroing by assignment, not by multiplying:
+        ``0 * inf`` is NaN, and a task whose activations overflow must not reach the others."""
+        return u.masked_fill_(self.off, 0.0).mul_(self.scale)
+
+
 def _layout(x, segs: Segments, lora_a, lora_b, scaling, dtype) -> tuple[LoraPlan, tuple]:
-    """The plan and, per run, its ``(rows, R)`` scaled block mask (None for a one-task run);
-    cached on ``segs`` under everything they depend on."""
+    """The plan and, per run, its `_Mask` (None for a one-task run); cached on ``segs`` under
+    everything they depend on."""
     ranks = tuple(a.shape[0] for a in lora_a)
     k, n = x.shape[1], lora_b[0].shape[0]
     key = ("grouped_lora", ranks, k, n, tuple(scaling), dtype, x.device)
@@ -164,16 +179,25 @@ def _layout(x, segs: Segments, lora_a, lora_b, scaling, dtype) -> tuple[LoraPlan
             if len(run.tasks) == 1:
                 masks.append(None)
                 continue
-            mask = torch.zeros(run.end - run.start, sum(run.ranks), dtype=dtype)
-            col = 0
-            for t, r in zip(run.tasks, run.ranks):
-                row = segs.starts[t] - run.start
-                mask[row : row + segs.lens[t], col : col + r] = float(scaling[t])
-                col += r
-            masks.append(mask.to(x.device))
+            scale = torch.zeros(run.end - run.start, sum(run.ranks), dtype=dtype)
+            off = torch.ones(scale.shape, dtype=torch.bool)
+            for t, (row, col) in _blocks(run, segs).items():
+                scale[row, col] = float(scaling[t])
+                off[row, col] = False
+            masks.append(_Mask(off=off.to(x.device), scale=scale.to(x.device)))
         return plan, tuple(masks)
 
     return segs.cached(key, build)
+
+
+def _blocks(run: Run, segs: Segments) -> dict[int, tuple[slice, slice]]:
+    """Task -> (its rows, its rank columns) inside the run's ``(rows, R)`` intermediate."""
+    out, col = {}, 0
+    for t, r in zip(run.tasks, run.ranks):
+        row = segs.starts[t] - run.start
+        out[t] = (slice(row, row + segs.lens[t]), slice(col, col + r))
+        col += r
+    return out
 
 
 def _stack(lora_a, lora_b, run: Run, dtype):
@@ -185,7 +209,19 @@ def _stack(lora_a, lora_b, run: Run, dtype):
     return a, b
 
 
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 # ----------------------------------------------------------------------------- LoRA
+#
+# Isolation. A multi-task run multiplies every token against every task's rank columns and
+# reduces dA/dB over every token of the run; the masks zero the cross-task terms, but a GEMM
+# still forms 0 * x for them, and 0 * inf = NaN. So a task whose tokens or adapter went
+# non-finite could poison the others' results. The masks zero by assignment (`_Mask.apply_`),
+# a run whose stacked weights are not finite is served task by task, and a backward run whose
+# dA/dB came out non-finite is recomputed task by task: exact for every task, at the cost of
+# a few small checks per multi-task run (one-task runs mix nothing and need none).
 
 
 def multi_lora_grouped(x, segs: Segments, lora_a, lora_b, scaling, base=None) -> torch.Tensor:
@@ -205,13 +241,22 @@ def multi_lora_grouped(x, segs: Segments, lora_a, lora_b, scaling, base=None) ->
     for run, mask in zip(plan.runs, masks):
         a, b = _stack(lora_a, lora_b, run, acc)
         s, e = run.start, run.end
+        out = y[s:e]
+        if mask is not None and not _finite(b):
+            if ba is None:
+                out.zero_()
+            else:
+                out.copy_(ba[s:e])
+            for t, (rows, _) in _blocks(run, segs).items():
+                u = torch.mm(xa[s:e][rows], lora_a[t].to(acc).t())
+                out[rows].addmm_(u, lora_b[t].to(acc).t(), alpha=float(scaling[t]))
+            continue
         u = torch.mm(xa[s:e], a.t())
         if mask is None:
             alpha = float(scaling[run.tasks[0]])
         else:
-            u.mul_(mask)
+            mask.apply_(u)
             alpha = 1.0
-        out = y[s:e]
         if ba is None:
             torch.addmm(out, u, b.t(), beta=0, alpha=alpha, out=out)
         else:
@@ -235,21 +280,37 @@ def multi_lora_bwd_grouped(dy, x, segs: Segments, lora_a, lora_b, scaling):
         a, b = _stack(lora_a, lora_b, run, acc)
         s, e = run.start, run.end
         xs, gs = xa[s:e], ga[s:e]
+        if mask is not None and not _finite(a, b):
+            dx[s:e].zero_()
+            for t, (rows, _) in _blocks(run, segs).items():
+                at, bt, sc = lora_a[t].to(acc), lora_b[t].to(acc), float(scaling[t])
+                gu = torch.mm(gs[rows], bt).mul_(sc)
+                torch.mm(gu, at, out=dx[s:e][rows])
+                da[t] = torch.mm(gu.t(), xs[rows])
+                db[t] = torch.mm(gs[rows].t(), torch.mm(xs[rows], at.t()).mul_(sc))
+            continue
         gu = torch.mm(gs, b)
         u = torch.mm(xs, a.t())
-        scale = float(scaling[run.tasks[0]]) if mask is None else mask
-        gu.mul_(scale)
-        u.mul_(scale)
+        if mask is None:
+            gu.mul_(float(scaling[run.tasks[0]]))
+            u.mul_(float(scaling[run.tasks[0]]))
+        else:
+            mask.apply_(gu)
+            mask.apply_(u)
         torch.mm(gu, a, out=dx[s:e])
         da_run = torch.mm(gu.t(), xs)
         db_run = torch.mm(gs.t(), u)
         if mask is None:
             da[run.tasks[0]], db[run.tasks[0]] = da_run, db_run
-        else:
+        elif _finite(da_run.sum() + db_run.sum()):
             for t, g in zip(run.tasks, torch.split_with_sizes_copy(da_run, run.ranks, 0)):
                 da[t] = g
             for t, g in zip(run.tasks, torch.split_with_sizes_copy(db_run, run.ranks, 1)):
                 db[t] = g
+        else:  # some task's rows are not finite: reduce each task over its own rows only
+            for t, (rows, cols) in _blocks(run, segs).items():
+                da[t] = torch.mm(gu[rows, cols].t(), xs[rows])
+                db[t] = torch.mm(gs[rows].t(), u[rows, cols])
     da = [torch.zeros_like(p) if g is None else g.to(p.dtype) for p, g in zip(lora_a, da)]
     db = [torch.zeros_like(p) if g is None else g.to(p.dtype) for p, g in zip(lora_b, db)]
     return dx.to(x.dtype), da, db

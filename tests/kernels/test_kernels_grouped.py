@@ -136,15 +136,50 @@ def test_layout_metadata_is_cached_per_segments_and_keyed_by_ranks_and_scaling()
     first = grouped._layout(x, segs, a, b, [1.0, 2.0, 3.0], torch.float32)
     assert grouped._layout(x, segs, a, b, [1.0, 2.0, 3.0], torch.float32) is first
     (run,), (mask,) = first[0].runs, first[1]
-    assert mask.shape == (11, 5)
-    assert mask[:6, :2].eq(1.0).all() and mask[6:8, 2:3].eq(2.0).all()
-    assert mask[8:, 3:].eq(3.0).all()
-    assert mask.sum() == 6 * 2 * 1.0 + 2 * 1 * 2.0 + 3 * 2 * 3.0  # zero off the block diagonal
+    assert mask.scale.shape == mask.off.shape == (11, 5)
+    scale = mask.scale
+    assert scale[:6, :2].eq(1.0).all() and scale[6:8, 2:3].eq(2.0).all()
+    assert scale[8:, 3:].eq(3.0).all()
+    assert scale.sum() == 6 * 2 * 1.0 + 2 * 1 * 2.0 + 3 * 2 * 3.0  # zero off the blocks
+    assert (~mask.off).sum() == 6 * 2 + 2 * 1 + 3 * 2 and not mask.off[:6, :2].any()
     other_scaling = grouped._layout(x, segs, a, b, [1.0, 2.0, 4.0], torch.float32)
-    assert other_scaling is not first and other_scaling[1][0][8:, 3:].eq(4.0).all()
+    assert other_scaling is not first and other_scaling[1][0].scale[8:, 3:].eq(4.0).all()
     x2, a2, b2, _ = _make([6, 2, 3], [2, 0, 2], dtype=torch.float32)
     other_ranks = grouped._layout(x2, segs, a2, b2, [1.0, 2.0, 3.0], torch.float32)
     assert other_ranks[0].runs[0].tasks == (0, 2)
+
+
+@pytest.mark.parametrize("poison", ["rows", "lora_b", "lora_a"])
+def test_a_non_finite_task_does_not_reach_the_others_in_its_run(poison):
+    """Task 1 overflows (its tokens), or its adapter is inf/NaN: tasks 0 and 2, served by the
+    same GEMMs, get exactly the reference's finite results (0 * inf = NaN must not leak)."""
+    lens, ranks, scaling = [4, 3, 5], [2, 3, 1], [1.0, 2.0, 0.5]
+    x, a, b, base = _make(lens, ranks)
+    assert len(grouped.lora_plan(tuple(lens), tuple(ranks), 33, 17).runs) == 1
+    with torch.no_grad():
+        if poison == "rows":
+            x[4:7] = torch.inf
+        elif poison == "lora_b":
+            b[1][0, 0] = torch.inf
+        else:
+            a[1][1, 2] = torch.nan
+    for t in (x, *a, *b):
+        t.requires_grad_()
+    y = multi_lora(x, lens, a, b, scaling, base=base)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    y.backward(dy)
+    segs = segments_for(tuple(lens))
+    xd, ad, bd = x.detach(), [t.detach() for t in a], [t.detach() for t in b]
+    y_ref = multi_lora_ref(xd, segs, ad, bd, scaling, base)
+    dx_ref, da_ref, db_ref = multi_lora_bwd_ref(dy, xd, segs, ad, bd, scaling)
+    for rows in (slice(0, 4), slice(7, 12)):
+        assert torch.isfinite(y[rows]).all() and torch.isfinite(x.grad[rows]).all()
+        torch.testing.assert_close(y.detach()[rows], y_ref[rows], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x.grad[rows], dx_ref[rows], rtol=1e-12, atol=1e-12)
+    for i in (0, 2):
+        torch.testing.assert_close(a[i].grad, da_ref[i], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b[i].grad, db_ref[i], rtol=1e-12, atol=1e-12)
+    assert not torch.isfinite(y[4:7]).all()  # the poisoned task itself does see it
 
 
 @pytest.mark.parametrize("lens", [[5], [4, 0, 6, 2], [3, 7, 0], [0, 0]], ids=str)
