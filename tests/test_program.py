@@ -186,7 +186,7 @@ def test_with_options_shares_the_compiled_program(compiled):
     assert other.plan(_batches(0)).htasks == [["a"], ["b"], ["c"]]
     assert other.planner is not program.planner
     assert {impl for impl, _ in other.kernel_plan.choices.values()} == {"triton"}
-    assert {impl for impl, _ in program.kernel_plan.choices.values()} == {"torch"}
+    assert {impl for impl, _ in program.kernel_plan.choices.values()} == {"grouped"}
     assert "fusion=temporal" in repr(other) and "fusion=auto" in repr(program)
     # same adapters: a step of the derived program trains the user's models
     _zero(compiled.models)

@@ -13,8 +13,6 @@ tensor([[2., 3.],
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from muxc.errors import KernelInputError
@@ -34,7 +32,8 @@ from muxc.kernels._triton import (
     tl,
     triton,
 )
-from muxc.kernels.lora import acc_dtype, segments_for
+from muxc.kernels.lora import acc_dtype
+from muxc.kernels.op import define_segmented_op
 from muxc.kernels.registry import Impl
 from muxc.kernels.segments import Segments
 
@@ -223,51 +222,14 @@ if AVAILABLE:
     registry.register("multi_ia3_bwd", Impl.TRITON, multi_ia3_bwd_triton, check)
 
 
-@torch.library.custom_op("muxc::multi_ia3", mutates_args=())
-def _multi_ia3_op(
-    h: torch.Tensor, seg_lens: Sequence[int], vectors: Sequence[torch.Tensor], impl: str | None
-) -> torch.Tensor:
-    choice = registry.select("multi_ia3", impl, h)
-    return choice.fn(h, segments_for(tuple(seg_lens)), list(vectors))
-
-
-@_multi_ia3_op.register_fake
-def _(h, seg_lens, vectors, impl):
-    return torch.empty_like(h)
-
-
-@torch.library.custom_op("muxc::multi_ia3_bwd", mutates_args=())
-def _multi_ia3_bwd_op(
-    dz: torch.Tensor,
-    h: torch.Tensor,
-    seg_lens: Sequence[int],
-    vectors: Sequence[torch.Tensor],
-    impl: str | None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    choice = registry.select("multi_ia3_bwd", impl, h)
-    dh, dv = choice.fn(dz, h, segments_for(tuple(seg_lens)), list(vectors))
-    return dh, list(dv)
-
-
-@_multi_ia3_bwd_op.register_fake
-def _(dz, h, seg_lens, vectors, impl):
-    return torch.empty_like(h), [torch.empty_like(v) for v in vectors]
-
-
-def _setup_context(ctx, inputs, output):
-    h, seg_lens, vectors, impl = inputs
-    ctx.save_for_backward(h, *vectors)
-    ctx.meta = (tuple(seg_lens), impl)
-
-
-def _backward(ctx, dz):
-    seg_lens, impl = ctx.meta
-    h, *vectors = ctx.saved_tensors
-    dh, dv = torch.ops.muxc.multi_ia3_bwd(dz.contiguous(), h, list(seg_lens), vectors, impl)
-    return dh, None, list(dv), None
-
-
-_multi_ia3_op.register_autograd(_backward, setup_context=_setup_context)
+_OP = define_segmented_op(
+    "multi_ia3",
+    schema="(Tensor h, int[] seg_lens, Tensor[] vectors, str? impl) -> Tensor",
+    bwd_schema="(Tensor grad, Tensor h, int[] seg_lens, Tensor[] vectors, str? impl)"
+               " -> (Tensor, Tensor[])",
+    fake=lambda h, seg_lens, vectors, impl: torch.empty_like(h),
+    grads=("h", "vectors"),
+)
 
 
 def multi_ia3(h, seg_lens, vectors, impl: Impl | str | None = None):
@@ -289,6 +251,4 @@ def multi_ia3(h, seg_lens, vectors, impl: Impl | str | None = None):
                 f"got {tuple(v.shape)} {v.dtype} on {v.device}"
             )
     impl = Impl.parse(impl)
-    return torch.ops.muxc.multi_ia3(
-        h.contiguous(), list(segs.lens), list(vectors), None if impl is None else impl.value
-    )
+    return _OP(h.contiguous(), list(segs.lens), list(vectors), None if impl is None else impl.value)

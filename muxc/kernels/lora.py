@@ -15,9 +15,6 @@ tensor([[2., 2.],
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import lru_cache
-
 import torch
 
 from muxc.errors import KernelInputError
@@ -40,6 +37,7 @@ from muxc.kernels._triton import (
     tl,
     triton,
 )
+from muxc.kernels.op import define_segmented_op, segments_for
 from muxc.kernels.registry import Impl
 from muxc.kernels.segments import Segments
 
@@ -57,26 +55,23 @@ __all__ = [
 ]
 
 
-@lru_cache(maxsize=256)
-def segments_for(lens: tuple[int, ...]) -> Segments:
-    """The shared `Segments` for ``lens`` (device metadata built once, reused by every layer)."""
-    return Segments.of(lens)
-
-
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: at least fp32 (fp64 stays fp64)."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def multi_lora_ref(x, segs: Segments, lora_a, lora_b, scaling) -> torch.Tensor:
-    """Torch reference: a Python loop over segments, accumulating in at least fp32."""
+def multi_lora_ref(x, segs: Segments, lora_a, lora_b, scaling, base=None) -> torch.Tensor:
+    """Torch reference: a Python loop over segments, accumulating in at least fp32.
+
+    Returns the LoRA delta, or ``base + delta`` when ``base`` (``(T, N)``, x's dtype) is given.
+    """
     acc = acc_dtype(x.dtype)
     y = x.new_zeros(x.shape[0], lora_b[0].shape[0] if lora_b else 0)
     for i, s, e in segs.bounds():
         if e > s and lora_a[i].shape[0] > 0:
             u = x[s:e].to(acc) @ lora_a[i].to(acc).t()
             y[s:e] = ((u @ lora_b[i].to(acc).t()) * scaling[i]).to(y.dtype)
-    return y
+    return y if base is None else base + y
 
 
 def multi_lora_bwd_ref(dy, x, segs: Segments, lora_a, lora_b, scaling):
@@ -396,15 +391,11 @@ def _interpreter_upcast(fn):
     """bf16 ``tl.dot`` is broken in the Triton interpreter: there, run bf16 in fp32 and round
     the results back (compiled GPU kernels take bf16 natively)."""
 
-    def wrapper(*args, **kwargs):
+    def wrapper(*args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if not (tensors and tensors[0].dtype == torch.bfloat16 and interpreting()):
-            return fn(*args, **kwargs)
-        up = [_cast(a, torch.float32) for a in args]
-        out = kwargs.pop("out", None)
-        if out is None:
-            return _cast(fn(*up, **kwargs), torch.bfloat16)
-        return out.copy_(fn(*up, out=out.float(), **kwargs))
+            return fn(*args)
+        return _cast(fn(*[_cast(a, torch.float32) for a in args]), torch.bfloat16)
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
@@ -419,25 +410,21 @@ def _cast(obj, dtype):
 
 
 @_interpreter_upcast
-def multi_lora_triton(x, segs: Segments, lora_a, lora_b, scaling, out=None) -> torch.Tensor:
+def multi_lora_triton(x, segs: Segments, lora_a, lora_b, scaling, base=None) -> torch.Tensor:
     """Triton forward: shrink + expand, two launches for all tasks.
 
-    With ``out`` (``(T, N)``, x's dtype, e.g. the base op's result) the LoRA delta is added
-    into it in place and ``out`` is returned; otherwise a new ``(T, N)`` delta is returned.
+    With ``base`` (``(T, N)``, x's dtype, e.g. the base op's result) the expand launch adds the
+    LoRA delta into a copy of it (the fused ``out=`` accumulate path) and returns
+    ``base + delta``; otherwise it returns the ``(T, N)`` delta.
     """
     t, _ = x.shape
     n = lora_b[0].shape[0]
     ranks = [a.shape[0] for a in lora_a]
     max_rank = max(ranks)
-    if out is None:
+    if base is None:
         y = x.new_empty(t, n) if max_rank > 0 else x.new_zeros(t, n)
     else:
-        y = out
-        if y.shape != (t, n) or y.dtype != x.dtype or y.device != x.device or y.stride(1) != 1:
-            raise KernelInputError(
-                f"out must be a row-major ({t}, {n}) {x.dtype} tensor on {x.device}; got "
-                f"{tuple(y.shape)} {y.dtype} on {y.device} with strides {y.stride()}"
-            )
+        y = base.contiguous().clone()
     if t == 0 or max_rank == 0:
         return y
     lora_a = [a.contiguous() for a in lora_a]
@@ -447,7 +434,7 @@ def multi_lora_triton(x, segs: Segments, lora_a, lora_b, scaling, out=None) -> t
     u = torch.empty(max(1, ragged_size(segs, ranks)), dtype=torch.float32, device=x.device)
     lora_shrink(x, segs, tab, scale, u, max_rank, w_field=F_PTR, w_is_b=False, scaled=False)
     lora_expand(u, segs, tab, scale, y, max_rank, w_field=F_PTR + 1, w_is_b=True, scaled=True,
-                accumulate=out is not None)
+                accumulate=base is not None)
     return y
 
 
@@ -488,68 +475,20 @@ if AVAILABLE:
     registry.register("multi_lora_bwd", Impl.TRITON, multi_lora_bwd_triton, check)
 
 
-@torch.library.custom_op("muxc::multi_lora", mutates_args=())
-def _multi_lora_op(
-    x: torch.Tensor,
-    seg_lens: Sequence[int],
-    lora_a: Sequence[torch.Tensor],
-    lora_b: Sequence[torch.Tensor],
-    scaling: Sequence[float],
-    impl: str | None,
-) -> torch.Tensor:
-    choice = registry.select("multi_lora", impl, x)
-    return choice.fn(x, segments_for(tuple(seg_lens)), list(lora_a), list(lora_b), list(scaling))
+_OP = define_segmented_op(
+    "multi_lora",
+    schema="(Tensor x, int[] seg_lens, Tensor[] lora_a, Tensor[] lora_b, float[] scaling, "
+           "Tensor? base, str? impl) -> Tensor",
+    bwd_schema="(Tensor grad, Tensor x, int[] seg_lens, Tensor[] lora_a, Tensor[] lora_b, "
+               "float[] scaling, str? impl) -> (Tensor, Tensor[], Tensor[])",
+    fake=lambda x, seg_lens, lora_a, lora_b, scaling, base, impl: x.new_empty(
+        x.shape[0], lora_b[0].shape[0]),
+    grads=("x", "lora_a", "lora_b"),
+    passthrough=("base",),
+)
 
 
-@_multi_lora_op.register_fake
-def _(x, seg_lens, lora_a, lora_b, scaling, impl):
-    return x.new_empty(x.shape[0], lora_b[0].shape[0])
-
-
-@torch.library.custom_op("muxc::multi_lora_bwd", mutates_args=())
-def _multi_lora_bwd_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    seg_lens: Sequence[int],
-    lora_a: Sequence[torch.Tensor],
-    lora_b: Sequence[torch.Tensor],
-    scaling: Sequence[float],
-    impl: str | None,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    choice = registry.select("multi_lora_bwd", impl, x)
-    segs = segments_for(tuple(seg_lens))
-    dx, da, db = choice.fn(dy, x, segs, list(lora_a), list(lora_b), list(scaling))
-    return dx, list(da), list(db)
-
-
-@_multi_lora_bwd_op.register_fake
-def _(dy, x, seg_lens, lora_a, lora_b, scaling, impl):
-    return (
-        torch.empty_like(x),
-        [torch.empty_like(a) for a in lora_a],
-        [torch.empty_like(b) for b in lora_b],
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    x, seg_lens, lora_a, lora_b, scaling, impl = inputs
-    ctx.save_for_backward(x, *lora_a, *lora_b)
-    ctx.meta = (tuple(seg_lens), tuple(scaling), impl, len(lora_a))
-
-
-def _backward(ctx, dy):
-    seg_lens, scaling, impl, n = ctx.meta
-    x, *ab = ctx.saved_tensors
-    dx, da, db = torch.ops.muxc.multi_lora_bwd(
-        dy.contiguous(), x, list(seg_lens), ab[:n], ab[n:], list(scaling), impl
-    )
-    return dx, None, list(da), list(db), None, None
-
-
-_multi_lora_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _validate(x, segs: Segments, lora_a, lora_b, scaling) -> None:
+def _validate(x, segs: Segments, lora_a, lora_b, scaling, base) -> None:
     segs.check_rows("x", x)
     n = len(segs)
     if not (len(lora_a) == len(lora_b) == len(scaling) == n) or n == 0:
@@ -570,23 +509,33 @@ def _validate(x, segs: Segments, lora_a, lora_b, scaling) -> None:
                 f"segment {i}: adapters must match x ({x.dtype}, {x.device}); got lora_a "
                 f"({a.dtype}, {a.device}), lora_b ({b.dtype}, {b.device}); cast the adapter"
             )
+    if base is not None and (base.shape != (x.shape[0], n_out) or base.dtype != x.dtype
+                             or base.device != x.device):
+        raise KernelInputError(
+            f"base must be a ({x.shape[0]}, {n_out}) {x.dtype} tensor on {x.device} (the base "
+            f"op's output, flattened); got {tuple(base.shape)} {base.dtype} on {base.device}"
+        )
 
 
-def multi_lora(x, seg_lens, lora_a, lora_b, scaling, impl: Impl | str | None = None):
+def multi_lora(x, seg_lens, lora_a, lora_b, scaling, impl: Impl | str | None = None, *,
+               base: torch.Tensor | None = None):
     """``y[seg i] = scaling[i] * x_i @ lora_a[i].T @ lora_b[i].T`` for all tasks in one op.
 
     x: ``(T, K)``, tokens of all tasks contiguous per task; seg_lens: per-task counts summing
     to T (zeros allowed); lora_a[i]: ``(r_i, K)``; lora_b[i]: ``(N, r_i)``; scaling[i]: float.
-    Returns ``(T, N)`` in ``x.dtype``. Differentiable in x and every adapter.
+    Returns ``(T, N)`` in ``x.dtype``: the delta, or ``base + delta`` computed in one pass when
+    ``base`` (``(T, N)``, e.g. the base op's output) is given. Differentiable in x, every
+    adapter and ``base``.
     """
     segs = Segments.of(seg_lens)
-    _validate(x, segs, lora_a, lora_b, scaling)
+    _validate(x, segs, lora_a, lora_b, scaling, base)
     impl = Impl.parse(impl)
-    return torch.ops.muxc.multi_lora(
+    return _OP(
         x.contiguous(),
         list(segs.lens),
         list(lora_a),
         list(lora_b),
         [float(s) for s in scaling],
+        None if base is None else base.contiguous(),
         None if impl is None else impl.value,
     )

@@ -2,13 +2,16 @@
 
 An implementation registers ``fn`` (the launcher) and ``check(*tensors) -> str | None``: None
 when it can run on these inputs, else the reason it cannot. `select` picks the first usable
-implementation in preference order (Triton on CUDA, the torch reference otherwise) and returns
-the reason for the choice, which `Program.explain()` shows.
+implementation in preference order (Triton on CUDA, the grouped torch path otherwise; the
+per-task torch reference only when forced) and returns the reason for the choice, which
+`Program.explain()` shows. Checkers look only at the probe tensor's dtype and device, so a
+choice is made once per (op, request, dtype, device) and cached: per-call dispatch is a dict
+lookup, and the compile-time choice (`select_kernels`) is the one every call uses.
 
 >>> from muxc.kernels import registry
 >>> choice = registry.select("multi_lora", None, torch.empty(2, 2))
 >>> choice.impl, choice.reason
-(<Impl.TORCH: 'torch'>, 'tensors are on cpu; triton is used on cuda only (force impl="triton" to run the interpreter)')
+(<Impl.GROUPED: 'grouped'>, 'tensors are on cpu; triton is used on cuda only (force impl="triton" to run the interpreter)')
 """
 
 from __future__ import annotations
@@ -25,9 +28,15 @@ __all__ = ["Impl", "KernelImpl", "Choice", "register", "select", "implementation
 
 
 class Impl(str, Enum):
-    """Kernel implementation families."""
+    """Kernel implementation families.
+
+    ``TRITON``: one launch per kernel kind for all tasks (CUDA; CPU through the interpreter).
+    ``GROUPED``: torch ops over groups of adjacent tasks, no per-task loop where grouping pays
+    (`muxc.kernels.grouped`); the CPU default. ``TORCH``: the per-task reference loop.
+    """
 
     TRITON = "triton"
+    GROUPED = "grouped"
     TORCH = "torch"
 
     @staticmethod
@@ -63,12 +72,15 @@ class Choice:
 
 
 _REGISTRY: dict[str, dict[Impl, KernelImpl]] = {}
-_PREFERENCE = (Impl.TRITON, Impl.TORCH)
+_PREFERENCE = (Impl.TRITON, Impl.GROUPED, Impl.TORCH)
+_CHOICES: dict[tuple, Choice] = {}
+"""Memoised `select` results: (op, forced impl, dtype, device) -> Choice."""
 
 
 def register(op: str, impl: Impl, fn: Callable, check: Callable[..., str | None]) -> None:
     """Register ``fn`` as implementation ``impl`` of ``op`` (done once, at import)."""
     _REGISTRY.setdefault(op, {})[impl] = KernelImpl(op=op, impl=impl, fn=fn, check=check)
+    _CHOICES.clear()
 
 
 def implementations(op: str) -> dict[Impl, KernelImpl]:
@@ -82,10 +94,20 @@ def select(op: str, impl: Impl | str | None, *tensors: torch.Tensor) -> Choice:
     """Pick the implementation of ``op`` for ``tensors``.
 
     ``impl=None`` chooses automatically; a forced ``impl`` raises `KernelUnavailableError`
-    with the checker's reason when it cannot run.
+    with the checker's reason when it cannot run. Checkers read only the first tensor's dtype
+    and device, so the answer is cached under them: the checkers run once per combination.
     """
-    impls = implementations(op)
     forced = Impl.parse(impl)
+    probe = tensors[0]
+    key = (op, forced, probe.dtype, probe.device)
+    hit = _CHOICES.get(key)
+    if hit is None:
+        hit = _CHOICES[key] = _select(op, forced, *tensors)
+    return hit
+
+
+def _select(op: str, forced: Impl | None, *tensors: torch.Tensor) -> Choice:
+    impls = implementations(op)
     if forced is not None:
         if forced not in impls:
             raise KernelUnavailableError(

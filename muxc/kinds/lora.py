@@ -106,7 +106,10 @@ def _segment_dropout(flat: torch.Tensor, seg_lens, probs) -> torch.Tensor:
 
 
 def _apply(site, x: torch.Tensor, h: torch.Tensor, mux, params, recs) -> torch.Tensor:
-    """``h + s*B(A(x))`` on every LoRA task's segment (a rank-0 adapter for the others)."""
+    """``h + s*B(A(x))`` on every LoRA task's segment (a rank-0 adapter for the others).
+
+    The kernel adds into the base output in the same pass (fused accumulate) when ``h`` has
+    the adapters' dtype, else ``h`` + the delta cast to it."""
     dtype = next(iter(recs.values())).params["A"].dtype
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
     n_out = next(iter(recs.values())).params["B"].shape[0]
@@ -124,6 +127,10 @@ def _apply(site, x: torch.Tensor, h: torch.Tensor, mux, params, recs) -> torch.T
             drops.append(0.0)
     if mux.training and any(p > 0 for p in drops):
         flat = _segment_dropout(flat, mux.seg_lens, drops)
+    if h.dtype == dtype:
+        base = h.reshape(-1, h.shape[-1])
+        out = multi_lora(flat, mux.seg_lens, a_list, b_list, scaling, impl=mux.impl, base=base)
+        return out.view(h.shape)
     delta = multi_lora(flat, mux.seg_lens, a_list, b_list, scaling, impl=mux.impl)
     return h + delta.view(h.shape).to(h.dtype)
 

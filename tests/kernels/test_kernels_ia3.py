@@ -44,5 +44,5 @@ def test_forward_backward_match_fp64_reference(case, dtype, device):
 def test_auto_choice(device):
     h = torch.zeros(3, 4, device=device)
     choice = registry.select("multi_ia3", None, h)
-    assert choice.impl is (Impl.TRITON if device.type == "cuda" else Impl.TORCH)
+    assert choice.impl is (Impl.TRITON if device.type == "cuda" else Impl.GROUPED)
     assert registry.select("multi_ia3_bwd", "triton", h).impl is Impl.TRITON

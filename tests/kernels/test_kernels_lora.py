@@ -9,7 +9,6 @@ from muxc.kernels import _triton, multi_lora, registry
 from muxc.kernels.lora import (
     multi_lora_bwd_ref,
     multi_lora_ref,
-    multi_lora_triton,
     segments_for,
 )
 from muxc.kernels.registry import Impl
@@ -73,7 +72,7 @@ def test_auto_choice_and_forced_choice(device):
     if device.type == "cuda":
         assert auto.impl is Impl.TRITON
     else:
-        assert auto.impl is Impl.TORCH and 'force impl="triton"' in auto.reason
+        assert auto.impl is Impl.GROUPED and 'force impl="triton"' in auto.reason
 
 
 def test_one_launch_serves_sixteen_tasks_with_different_ranks(device):
@@ -92,29 +91,36 @@ def test_one_launch_serves_sixteen_tasks_with_different_ranks(device):
 
 
 def test_accumulate_into_base_output(device):
+    """``base=`` takes the fused path: the expand launch adds the delta into a copy of the base
+    output (one write of the result), and the base gets the output's gradient unchanged."""
     case = Case(130, 96, 40, 3, seed=5)
     lens, ranks, x, a, b, scaling = make(case, torch.float32, device)
+    base = torch.randn(130, 40, device=device, requires_grad=True)
+    base0 = base.detach().clone()
+    before = _triton.launches()
+    got = multi_lora(x, lens, a, b, scaling, impl="triton", base=base)
+    assert delta(before, _triton.launches()) == {"lora_shrink": 1, "lora_expand": 1}
     segs = segments_for(tuple(lens))
-    args = (x.detach(), segs, [t.detach() for t in a], [t.detach() for t in b], scaling)
-    base = torch.randn(130, 40, device=device)
-    out = base.clone()
-    got = multi_lora_triton(*args, out=out)
-    assert got is out
-    ref = base.double().cpu() + multi_lora_ref(*[_cpu64(t) for t in args[:1]], segs,
-                                               _cpu64(args[2]), _cpu64(args[3]), scaling)
-    assert_close("base + delta", out.cpu(), ref, torch.float32)
+    ref = base.detach().double().cpu() + multi_lora_ref(
+        _cpu64(x.detach()), segs, _cpu64([t.detach() for t in a]),
+        _cpu64([t.detach() for t in b]), scaling)
+    assert_close("base + delta", got.detach().cpu(), ref, torch.float32)
+    assert torch.equal(base.detach(), base0)  # functional: the base output is not mutated
+    dy = torch.randn(got.shape, device=device)
+    got.backward(dy)
+    assert torch.equal(base.grad, dy)
+    assert x.grad is not None and all(t.grad is not None for t in a)
 
 
 def _cpu64(t):
     return [u.double().cpu() for u in t] if isinstance(t, list) else t.double().cpu()
 
 
-def test_accumulate_rejects_wrong_out(device):
+def test_accumulate_rejects_wrong_base(device):
     case = Case(7, 32, 16, 1, seed=1)
     lens, ranks, x, a, b, scaling = make(case, torch.float32, device)
-    with pytest.raises(KernelInputError, match=r"out must be a row-major \(7, 16\)"):
-        multi_lora_triton(x.detach(), segments_for(tuple(lens)), a, b, scaling,
-                          out=torch.zeros(7, 17, device=device))
+    with pytest.raises(KernelInputError, match=r"base must be a \(7, 16\) torch.float32"):
+        multi_lora(x, lens, a, b, scaling, base=torch.zeros(7, 17, device=device))
 
 
 def test_all_rank_zero_and_no_tokens(device):

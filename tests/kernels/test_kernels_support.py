@@ -23,7 +23,7 @@ def test_forcing_triton_on_unsupported_dtype_says_why(device):
         torch.zeros(3, 1, dtype=torch.float64, device=device)]
     with pytest.raises(KernelUnavailableError, match="float64 is not supported"):
         multi_lora(x, [2], a, b, [1.0], impl="triton")
-    assert registry.select("multi_lora", None, x).impl.value == "torch"
+    assert registry.select("multi_lora", None, x).impl.value == "grouped"
 
 
 def test_tuner_key_and_interpreter_default(device):
