@@ -95,7 +95,7 @@ class Program:
         if self.stage_group is None:
             self.executor = LocalExecutor(mux, state.partitioned, self.options.kernel_impl)
         else:
-            self.planner.fusion  # priced on the whole graph before other stages' weights go
+            self.planner.summary  # of the whole graph, before other stages' weights go
             self.executor = StageExecutor(mux, state.partitioned, self.options.kernel_impl, self.stage_group)
             self.executor.release_unowned([t.model for t in state.tasks])
 
@@ -144,7 +144,7 @@ class Program:
         program.options = options
         # kernel_impl is chosen per op kind like compile does; a forced impl that cannot run raises
         program.kernel_plan = select_kernels(self.mux, CompileContext(options=options)).value
-        program.planner = Planner(self.mux, options)
+        program.planner = self.planner.with_options(options)
         if self.stage_group is None:
             program.executor = LocalExecutor(self.mux, self.partitioned, options.kernel_impl)
         else:

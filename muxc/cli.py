@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--alignment", default="chunk", choices=["pad", "chunk"])
     d.add_argument("--chunk-size", type=int, default=None)
     d.add_argument("--stages", type=int, default=1)
-    d.add_argument("--kernel-impl", default=None, choices=["torch", "triton"])
+    d.add_argument("--kernel-impl", default=None, choices=["torch", "grouped", "triton"])
     d.add_argument("--out", default="out/demo", help="where dumps and adapters go")
     b = sub.add_parser("bench", add_help=False,
                        help="benchmarks, from a source checkout; `muxc bench kernels --help`")

@@ -45,7 +45,8 @@ class Options:
     memory_budget: bytes the fusion planner must stay under (None: unlimited).
     cost_model: path of a saved device profile (JSON) for the cost model (None: profile on
       first use or fall back to the analytic roofline).
-    kernel_impl: None (registry picks: Triton on CUDA, torch on CPU) | "torch" | "triton".
+    kernel_impl: None (registry picks: Triton on CUDA, grouped on CPU) | "grouped" (CPU multi-task
+      GEMMs, no per-task loop where it pays) | "torch" (per-task reference loop) | "triton".
     verify: run invariant checks after every pass (slower compile; on in tests).
     schedule: None (the simulator picks the faster of "interleaved" and "1f1b" per step) |
       "1f1b" | "interleaved" | "sequential": how each stage orders the hTasks' micro-batches.

@@ -23,7 +23,7 @@ from muxc.plan.fusion_dp import plan_fusion
 from muxc.plan.cost import CostModel, StepShape, estimate_step, saturation_tokens
 from muxc.plan.memory import estimate_memory
 from muxc.plan.profile import Clock, load_or_profile
-from muxc.plan.summary import summarize_graph
+from muxc.plan.summary import ModelSummary, summarize_graph
 
 __all__ = ["AutoFusion", "HTaskCost", "TaskLoad", "loads_of"]
 
@@ -45,8 +45,9 @@ TaskLoad = tuple[int, int, int]
 class AutoFusion:
     """Plans hTasks for ``fusion="auto"``."""
 
-    def __init__(self, mux: MuxGraph, options: Options, cost: CostModel | None = None):
-        self.summary = summarize_graph(mux)
+    def __init__(self, mux: MuxGraph, options: Options, cost: CostModel | None = None,
+                 summary: ModelSummary | None = None):
+        self.summary = summary if summary is not None else summarize_graph(mux)
         if cost is None:
             device = next(iter(mux.tensors.values())).device
             if options.cost_model:  # a short on-device profile, cached per device in this JSON

@@ -17,6 +17,7 @@ from muxc.ir.chunks import build_layout
 from muxc.ir.step import HTask, StepPlan
 from muxc.options import Alignment, Fusion, Options
 from muxc.plan.fusion import AutoFusion, loads_of
+from muxc.plan.summary import ModelSummary, summarize_graph
 from muxc.plan.simulate import best_schedule, time_table
 
 __all__ = ["Planner", "plan_step"]
@@ -25,18 +26,30 @@ __all__ = ["Planner", "plan_step"]
 class Planner:
     """Plans steps of one compiled graph under fixed options (the cost model is built lazily)."""
 
-    def __init__(self, mux: MuxGraph, options: Options):
+    def __init__(self, mux: MuxGraph, options: Options, summary: ModelSummary | None = None):
         self.mux = mux
         self.options = options
         self.device = next(iter(mux.tensors.values())).device
+        self._summary = summary
         self._fusion: AutoFusion | None = None
+
+    @property
+    def summary(self) -> ModelSummary:
+        """The graph's cost summary (built once, shared by `with_options` planners)."""
+        if self._summary is None:
+            self._summary = summarize_graph(self.mux)
+        return self._summary
 
     @property
     def fusion(self) -> AutoFusion:
         """Cost-model pricing of hTasks and the fusion DP (built on first use)."""
         if self._fusion is None:
-            self._fusion = AutoFusion(self.mux, self.options)
+            self._fusion = AutoFusion(self.mux, self.options, summary=self.summary)
         return self._fusion
+
+    def with_options(self, options: Options) -> Planner:
+        """A planner of the same graph under ``options`` (reuses the summary)."""
+        return Planner(self.mux, options, self.summary)
 
     def chunk_size(self, present: Mapping[str, Mapping]) -> int | None:
         """``chunk_size`` if set, else the cost model's best for these batches (None: pad)."""
