@@ -265,7 +265,8 @@ class StageExecutor(LocalExecutor):
         env.update({n: data[n] for n in names["data"]})
         return env
 
-    def _stage_forward(self, mb: _MicroBatch, h: int, m: int, grad: bool, flight: _Flight):
+    def _stage_forward(self, mb: _MicroBatch, step, grad: bool, flight: _Flight):
+        h, m = step.htask, step.micro_batch
         me, world = self.group.rank, self.group.world
         pg = self.partitioned
         mb.env = self._env(mb)
@@ -278,7 +279,8 @@ class StageExecutor(LocalExecutor):
                     received.append(v)
         mb.received = received
         before = dict(mb.mux.kv) if mb.mux.kv is not None else None
-        pg.stages[me].run(mb.env)
+        with self.timeline.record(step):  # compute only: waiting for the receive is a bubble
+            pg.stages[me].run(mb.env)
         if me == world - 1:
             losses = pg.result(mb.env)
             mb.losses = {t: l for t, l in zip(self.mux.tasks, losses) if l is not None}
@@ -293,7 +295,8 @@ class StageExecutor(LocalExecutor):
                     mb.mux.kv[key] = tuple(cut.cut(x) for x in kv)
         mb.sent[me] = cut
 
-    def _stage_backward(self, mb: _MicroBatch, h: int, m: int, flight: _Flight):
+    def _stage_backward(self, mb: _MicroBatch, step, flight: _Flight):
+        h, m = step.htask, step.micro_batch
         me, world = self.group.rank, self.group.world
         outs, grads = mb.sent.pop(me).grads()
         if me < world - 1:
@@ -303,8 +306,9 @@ class StageExecutor(LocalExecutor):
                 grads.append(g)
         else:
             self._add_losses(mb, outs, grads)
-        if outs:
-            torch.autograd.backward(outs, grads)
+        with self.timeline.record(step):  # compute only: waiting for the gradients is a bubble
+            if outs:
+                torch.autograd.backward(outs, grads)
         if me > 0:
             back = [v.grad if v.grad is not None else torch.zeros_like(v) for v in mb.received]
             self._send(back, me - 1, _tag(h, m, True), flight)
@@ -326,11 +330,10 @@ class StageExecutor(LocalExecutor):
                 mb = micro[step.htask][step.micro_batch]
                 if not (step.is_forward or grad):
                     continue
-                with self.timeline.record(step):
-                    if step.is_forward:
-                        self._stage_forward(mb, step.htask, step.micro_batch, grad, flight)
-                    else:
-                        self._stage_backward(mb, step.htask, step.micro_batch, flight)
+                if step.is_forward:
+                    self._stage_forward(mb, step, grad, flight)
+                else:
+                    self._stage_backward(mb, step, flight)
                 self.executed.append(step)
             for w in flight.works:
                 w.wait()
