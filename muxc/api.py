@@ -47,9 +47,7 @@ class Program:
         self.history = history
         self.kernel_plan = state.kernel_plan
         self.sharing = dict(state.sharing)
-        records = {t: [] for t in mux.tasks}
-        for tg in mux.sources.values():
-            records[tg.task] = list(tg.adapters)
+        records = {t: list(mux.adapters.get(t, ())) for t in mux.tasks}
         self.adapters = records
         self.states: dict[str, TaskState] = build_states(list(state.tasks), records)
         self.partitioned = state.partitioned
