@@ -79,6 +79,8 @@ def test_four_tasks_two_structures_export_twice_and_match_isolated(bases, family
     trace = next(r for r in program.history if r.name == "trace_tasks")
     assert trace.summary.startswith("2 exported, 2 re-bound to an equal-structure export")
     assert "export of 'one_a'" in trace.summary and "export of 'two_a'" in trace.summary
+    # the dump tables each export once; a re-bound graph points at its source's table
+    assert trace.text.count("\nname ") == 2 and "(the rows of 'one_a'" in trace.text
     losses = program.forward_backward(batches)
     models = dict(spec)
     assert_matches(losses, lambda n: adapter_grads(models[n], "default"), refs)

@@ -42,6 +42,12 @@ from muxc.task import Task
 
 __all__ = ["TraceCache", "rebind"]
 
+try:  # generates the graph's Python code on first use, not at construction (half a re-bind's
+    # time; muxc only reads ``.graph`` of a task graph); public GraphModule where it is missing
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
+except ImportError:  # pragma: no cover - torch without lazy graph modules
+    _GraphModule = fx.GraphModule
+
 
 class TraceCache:
     """The exports of one compile by `TraceSignature` (module doc); `trace` is the entry point.
@@ -123,7 +129,7 @@ def rebind(source: Export, task: Task) -> TaskGraph:
         params = tuple(placeholder_of[id(t)] for t in rec.params.values())
         node.args = (*node.args[:lo], *params, *node.args[hi:])
     graph.lint()
-    gm = fx.GraphModule(old.gm, graph)
+    gm = _GraphModule(old.gm, graph)
     gm.meta.update(old.gm.meta)
     tg = bind_and_tag(task, gm, records, lifted, source.targets)
     tg.trace_seconds = time.perf_counter() - t0

@@ -16,7 +16,7 @@ one export can serve both (`muxc.frontends.cache`). The signature holds:
   never share);
 - whether the graph takes ``position_ids``.
 
-Anything else a module holds (an object that is not a plain value) counts by its class. The
+Other objects a module holds count by class and attributes, functions by qualified name. The
 key errs on the side of tracing again: equal signatures must mean equal graphs, unequal
 signatures only cost an export.
 
@@ -27,6 +27,7 @@ True
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass
 from enum import Enum
 
@@ -65,12 +66,15 @@ def trace_signature(task: Task, with_positions: bool) -> TraceSignature:
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
     records = adapter_records(task.name, hf, adapter)
+    plain = _Plain()
     return TraceSignature(
         model=_callable_name(type(hf)),
-        config=_plain(vars(hf.config)),
+        config=plain(hf.config),
         with_positions=with_positions,
         tensors=tuple(_tensor_key(n, t) for n, t in _tensors(hf)),
-        modules=tuple(_module_key(path, mod) for path, mod in hf.named_modules(remove_duplicate=False)),
+        modules=tuple(
+            _module_key(path, mod, plain) for path, mod in hf.named_modules(remove_duplicate=False)
+        ),
         adapters=tuple(
             (
                 r.site,
@@ -102,46 +106,68 @@ def _tensor_key(name: str, t: torch.Tensor) -> tuple:
     )
 
 
-def _module_key(path: str, mod: torch.nn.Module) -> tuple:
+def _module_key(path: str, mod: torch.nn.Module, plain: _Plain) -> tuple:
     attrs = []
     for k, v in sorted(vars(mod).items()):
         if k in _SKIPPED_ATTRS:
             continue
         if "hooks" in k and isinstance(v, dict):  # keyed by global handle ids: keep the order
             v = list(v.values())
-        attrs.append((k, _plain(v)))
+        attrs.append((k, plain(v)))
     return (path, _callable_name(type(mod)), tuple(attrs))
 
 
-def _plain(v, depth: int = 0):
-    """A comparable stand-in for ``v``: plain values as they are, containers element-wise,
-    tensors by their metadata, functions by name, any other object by its class."""
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, Enum):
-        return f"{type(v).__qualname__}.{v.name}"
-    if isinstance(v, (torch.dtype, torch.device)):
-        return str(v)
-    if isinstance(v, torch.Tensor):
-        return ("tensor", tuple(v.shape), str(v.dtype), str(v.device))
-    if depth > 8:  # deep nesting is never graph-shaping state; keep it cheap
-        return _callable_name(type(v))
-    if isinstance(v, (list, tuple)):
-        return (type(v).__name__, tuple(_plain(x, depth + 1) for x in v))
-    if isinstance(v, dict):
-        items = sorted(((repr(k), _plain(x, depth + 1)) for k, x in v.items()), key=lambda kv: kv[0])
-        return ("dict", tuple(items))
-    if isinstance(v, (set, frozenset)):
-        return ("set", tuple(sorted(repr(_plain(x, depth + 1)) for x in v)))
-    if isinstance(v, torch.nn.Module):
-        return ("module", _callable_name(type(v)))  # listed on its own by named_modules
-    if hasattr(v, "to_dict") and hasattr(v, "__dict__"):  # a (sub-)config
-        return (_callable_name(type(v)), _plain(vars(v), depth + 1))
-    if isinstance(v, functools.partial):
-        return ("partial", _callable_name(v.func), _plain((v.args, v.keywords), depth + 1))
-    if callable(v):
-        return ("callable", _callable_name(v))
-    return ("object", _callable_name(type(v)))
+class _Plain:
+    """A comparable stand-in for a value: plain values as they are, containers element-wise,
+    tensors by their metadata, functions by qualified name, modules by class (each module is
+    listed on its own), other objects by class and attributes (each object once: a config held
+    by every layer costs one walk), objects without attributes by class."""
+
+    def __init__(self) -> None:
+        self._done: dict[int, tuple[object, object]] = {}  # id -> (object kept alive, stand-in)
+        self._open: set[int] = set()  # objects being walked (a reference cycle ends here)
+
+    def __call__(self, v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, Enum):
+            return f"{_callable_name(type(v))}.{v.name}"
+        if isinstance(v, (torch.dtype, torch.device)):
+            return str(v)
+        if isinstance(v, torch.Tensor):
+            return ("tensor", tuple(v.shape), str(v.dtype), str(v.device))
+        if isinstance(v, torch.nn.Module):
+            return ("module", _callable_name(type(v)))
+        if isinstance(v, functools.partial):
+            return ("partial", _callable_name(v.func), self((v.args, v.keywords)))
+        if isinstance(v, (type, types.FunctionType, types.MethodType)) or (
+            callable(v) and not hasattr(v, "__dict__")
+        ):
+            return ("callable", _callable_name(v))
+        key = id(v)
+        if key in self._done:
+            return self._done[key][1]
+        if key in self._open:
+            return ("cycle", _callable_name(type(v)))
+        self._open.add(key)
+        try:
+            out = self._walk(v)
+        finally:
+            self._open.discard(key)
+        self._done[key] = (v, out)
+        return out
+
+    def _walk(self, v):
+        if isinstance(v, (list, tuple)):
+            return (type(v).__name__, tuple(self(x) for x in v))
+        if isinstance(v, dict):
+            items = ((repr(k), self(x)) for k, x in v.items())
+            return ("dict", tuple(sorted(items, key=lambda kv: kv[0])))
+        if isinstance(v, (set, frozenset)):
+            return ("set", tuple(sorted(repr(self(x)) for x in v)))
+        if hasattr(v, "__dict__"):
+            return (_callable_name(type(v)), self(vars(v)))
+        return ("object", _callable_name(type(v)))
 
 
 def _callable_name(f) -> str:
