@@ -73,9 +73,7 @@ class Program:
         """Take the compiled graph and plan of ``state``; tasks already in ``states`` keep their
         training state (optimizer, scheduler, counters), new ones get a fresh one."""
         mux: MuxGraph = state.mux_graph
-        records = {t: [] for t in mux.tasks}
-        for tg in mux.sources.values():
-            records[tg.task] = list(tg.adapters)
+        records = {t: list(mux.adapters.get(t, ())) for t in mux.tasks}
         new = [t for t in state.tasks if t.name not in self.states]
         states = build_states(new, {t.name: records[t.name] for t in new})  # may raise: first
         states.update({n: s for n, s in self.states.items() if n in records})
@@ -236,9 +234,10 @@ class Program:
         self._recompile([t for n, t in self.tasks.items() if n != name])
 
     def _recompile(self, tasks: list[Task]) -> None:
-        """Run the pipeline over ``tasks`` reusing this program's task graphs, then install it."""
-        traced = {n: g for n, g in self.mux.sources.items() if n in self.tasks}
-        state, history = run_pipeline(tasks, CompileContext(options=self.options), traced=traced)
+        """Run the pipeline over ``tasks``, then install it. Task graphs do not outlive a compile
+        (memory), so each distinct task structure is traced once again (the trace cache re-binds
+        equal structures)."""
+        state, history = run_pipeline(tasks, CompileContext(options=self.options))
         self._install(state, history)
 
     def _single_process(self, what: str) -> None:

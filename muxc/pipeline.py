@@ -87,7 +87,7 @@ class Pass:
 
 PIPELINE: tuple[Pass, ...] = (
     Pass(validate_tasks, "tasks", "tasks", "fail fast, before any tracing"),
-    Pass(trace_tasks, "tasks", "task_graphs", "one export graph per task, adapters opaque"),
+    Pass(trace_tasks, "tasks", "task_graphs", "one export per task structure, adapters opaque"),
     Pass(share_frozen_weights, "task_graphs", ("task_graphs", "sharing"), "one copy of the base"),
     Pass(merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
     Pass(rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),

@@ -26,7 +26,14 @@ def program(llama):
     lora = make_peft(llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0), 1)
     ia3 = make_peft(llama, IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]), 2)
     tasks = [muxc.Task(name="a", model=lora), muxc.Task(name="b", model=ia3)]
-    return muxc.compile(tasks, muxc.Options(verify=True))
+    from muxc.api import Program
+    from muxc.pipeline import CompileContext, run_pipeline
+
+    options = muxc.Options(verify=True)
+    state, history = run_pipeline(tasks, CompileContext(options=options))
+    program = Program(state, options, history)
+    program.task_graphs = {tg.task: tg for tg in state.task_graphs}  # compile drops them
+    return program
 
 
 def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
@@ -41,7 +48,7 @@ def _mux(program) -> MuxGraph:
 
 
 def _task(program, name: str) -> TaskGraph:
-    tg = program.mux.sources[name]
+    tg = program.task_graphs[name]
     return dataclasses.replace(tg, gm=_copy_gm(tg.gm), bindings=dict(tg.bindings), adapters=list(tg.adapters))
 
 

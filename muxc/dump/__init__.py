@@ -54,7 +54,7 @@ def render(value) -> str:
     if isinstance(value, TaskGraph):
         return f"{value!r}\n\n{graph_table(value.gm)}"
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], TaskGraph):
-        return "\n\n".join(render(v) for v in value)
+        return "\n\n".join(_task_graph_in(v, {g.task for g in value}) for v in value)
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], Task):
         rows = [[t.name, type(t.model).__name__, t.adapter_name or "(active)", type(t.optimizer).__name__ if t.optimizer else f"AdamW(lr={t.lr})"] for t in value]
         return table(["task", "model", "adapter", "optimizer"], rows)
@@ -64,6 +64,17 @@ def render(value) -> str:
         rows = [[str(k), str(v)] for k, v in value.items()]
         return f"{value!r}\n\n{table(['key', 'value'], rows)}"
     return repr(value)
+
+
+def _task_graph_in(tg: TaskGraph, listed: set[str]) -> str:
+    """``tg`` among ``listed`` task graphs: a graph re-binding a listed task's export is not
+    tabled again (the same rows, owned by this task)."""
+    if tg.reused_from is None or tg.reused_from not in listed:
+        return render(tg)
+    return (
+        f"{tg!r}\n\n(the rows of {tg.reused_from!r}'s table, owned by {tg.task!r}: its placeholders "
+        f"bound to {tg.task!r}'s tensors, its adapter nodes reading {tg.task!r}'s adapter parameters)"
+    )
 
 
 def dump_history(history, directory: Path) -> list[Path]:

@@ -9,6 +9,8 @@ position_ids) -> logits``: chunk alignment packs samples and restarts positions 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -28,7 +30,7 @@ from muxc.kinds import spec_for_trace_op
 from muxc.ir import Binding, BindingKind, NodeInfo, Role, TaskGraph, set_info
 from muxc.task import Task
 
-__all__ = ["trace_task", "EXAMPLE_SHAPE"]
+__all__ = ["trace_task", "export_task", "bind_and_tag", "Export", "EXAMPLE_SHAPE", "lifted_tensors"]
 
 EXAMPLE_SHAPE = (2, 8)  # (batch, seq) of the example input; >1 so export keeps dims dynamic
 _PREFIX = "m."  # attribute name of the HF model inside _Logits
@@ -62,8 +64,25 @@ _KINDS = {
 }
 
 
+@dataclass(frozen=True)
+class Export:
+    """A task's `TaskGraph` plus what re-binding it to another task needs (`rebind`).
+
+    ``targets`` maps each non-user placeholder to the FQN it was lifted from in the traced
+    module (``"m."`` + the HF model's FQN, PEFT wrappers included).
+    """
+
+    graph: TaskGraph
+    targets: dict[str, str]
+
+
 def trace_task(task: Task, with_positions: bool = False) -> TaskGraph:
     """Export ``task.model`` (its ``task.adapter_name``) into a `TaskGraph`. Does not mutate it."""
+    return export_task(task, with_positions).graph
+
+
+def export_task(task: Task, with_positions: bool = False) -> Export:
+    """`trace_task`, keeping each placeholder's source FQN (`Export`). Does not mutate the model."""
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
     records = adapter_records(task.name, hf, adapter)
@@ -96,29 +115,65 @@ def trace_task(task: Task, with_positions: bool = False) -> TaskGraph:
     seconds = time.perf_counter() - t0
     gm = ep.graph_module
     _check_dynamic(task.name, gm)
-    adapter_fqns = {id(t): n for r in records for n, t in _named(r)}
-    other_adapters = adapter_param_ids(task.model) - set(adapter_fqns)
-    bindings = {}
+    lifted, targets = {}, {}
     for spec in ep.graph_signature.input_specs:
         kind = _KINDS.get(spec.kind)
         if kind is None:
             raise TraceError(f"task {task.name!r}: unexpected exported input kind {spec.kind}")
         if kind is BindingKind.USER_INPUT:
-            bindings[spec.arg.name] = Binding(kind, spec.arg.name)
+            lifted[spec.arg.name] = (kind, None)
             continue
         fqn = spec.target
-        tensor = ep.constants[fqn] if fqn in ep.constants else ep.state_dict[fqn]
-        name = adapter_fqns.get(id(tensor), normalize_fqn(fqn.removeprefix(_PREFIX)))
-        bindings[spec.arg.name] = Binding(kind, name, tensor)
+        targets[spec.arg.name] = fqn
+        lifted[spec.arg.name] = (kind, ep.constants[fqn] if fqn in ep.constants else ep.state_dict[fqn])
+    graph = bind_and_tag(task, gm, records, lifted, targets)
+    graph.trace_seconds = seconds
+    return Export(graph, targets)
+
+
+def bind_and_tag(task: Task, gm: fx.GraphModule, records, lifted, targets) -> TaskGraph:
+    """The `TaskGraph` of ``task`` over ``gm`` (whose node records it writes).
+
+    ``lifted`` maps each placeholder to ``(BindingKind, tensor)`` (None for user inputs),
+    ``targets`` each non-user placeholder to its FQN in the traced module.
+    """
+    adapter_fqns = {id(t): n for r in records for n, t in _named(r)}
+    other_adapters = adapter_param_ids(task.model) - set(adapter_fqns)
+    bindings = {}
+    for ph, (kind, tensor) in lifted.items():
+        if kind is BindingKind.USER_INPUT:
+            bindings[ph] = Binding(kind, ph)
+            continue
+        name = adapter_fqns.get(id(tensor), normalize_fqn(targets[ph].removeprefix(_PREFIX)))
+        bindings[ph] = Binding(kind, name, tensor)
     _tag(task.name, gm, bindings, adapter_fqns, other_adapters)
+    hf = hf_model(task.name, task.model)
     return TaskGraph(
         task=task.name,
         gm=gm,
         bindings=bindings,
         adapters=records,
         model_type=getattr(hf.config, "model_type", type(hf).__name__),
-        trace_seconds=seconds,
     )
+
+
+def lifted_tensors(hf: torch.nn.Module, targets: Iterable[str]) -> dict[str, torch.Tensor | None]:
+    """The tensor each export target (an `Export.targets` value) names in ``hf`` now: a
+    parameter, buffer or tensor attribute; None where it names none (a constant the trace made)."""
+    named = dict(hf.named_parameters(remove_duplicate=False))
+    named.update(hf.named_buffers(remove_duplicate=False))
+    out = {}
+    for target in targets:
+        fqn = target.removeprefix(_PREFIX)
+        tensor = named.get(fqn)
+        if tensor is None and target.startswith(_PREFIX):
+            path, _, attr = fqn.rpartition(".")
+            try:
+                tensor = getattr(hf.get_submodule(path), attr, None)
+            except AttributeError:
+                tensor = None
+        out[target] = tensor if isinstance(tensor, torch.Tensor) else None
+    return out
 
 
 def _named(rec):

@@ -160,11 +160,16 @@ class TaskGraph:
     bindings: dict[str, Binding]  # placeholder name -> binding
     adapters: list[AdapterRecord]
     model_type: str
-    trace_seconds: float = 0.0
+    trace_seconds: float = 0.0  # seconds spent exporting (or re-binding) this graph
+    reused_from: str | None = None  # the task whose export this graph re-binds (None: its own)
 
     def __repr__(self) -> str:
         n = len(self.gm.graph.nodes)
-        return f"TaskGraph({self.task!r}, {self.model_type}, {n} nodes, {len(self.adapters)} adapters)"
+        reused = f", export of {self.reused_from!r}" if self.reused_from is not None else ""
+        return (
+            f"TaskGraph({self.task!r}, {self.model_type}, {n} nodes, {len(self.adapters)} "
+            f"adapters{reused})"
+        )
 
     def frozen_bindings(self) -> dict[str, Binding]:
         """Placeholder name -> binding of every frozen weight/buffer/constant (not adapters,
@@ -191,7 +196,9 @@ class MuxGraph:
     tensors: dict[str, torch.Tensor]
     model_type: str
     sites: dict[str, tuple[AdapterRecord, ...]] = field(default_factory=dict)
-    sources: dict[str, TaskGraph] = field(default_factory=dict, repr=False)
+    # task -> its adapters in its TaskGraph's order (all a Program needs of the task graphs,
+    # which are not kept: their graphs and fake tensors would outlive the compile)
+    adapters: dict[str, tuple[AdapterRecord, ...]] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         n = len(self.gm.graph.nodes)

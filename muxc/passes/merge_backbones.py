@@ -238,7 +238,7 @@ def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassR
         tensors=tensors,
         model_type=ref.graph.model_type,
         sites=sites,
-        sources={tg.task: tg for tg in graphs},
+        adapters={tg.task: tuple(tg.adapters) for tg in graphs},
     ))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from muxc.frontends import trace_task
+from muxc.frontends import TraceCache
 from muxc.ir import TaskGraph
 from muxc.options import Alignment
 from muxc.passes.pass_base import CompileContext, PassResult
@@ -16,13 +16,16 @@ __all__ = ["trace_tasks"]
 def trace_tasks(tasks: Sequence[Task], ctx: CompileContext) -> PassResult[tuple[TaskGraph, ...]]:
     """One torch.export graph per task, adapters opaque, in task order; does not mutate the models.
 
+    Tasks of equal structure (`muxc.frontends.TraceSignature`) share one export, re-bound to
+    each task's own tensors; the notes say how many tasks were exported and how many re-bound.
     With chunk alignment the graphs also take ``position_ids`` (positions restart per packed
     sample).
     """
     with_positions = ctx.options.alignment is Alignment.CHUNK
+    cache = TraceCache()  # this compile's exports only: dropped when the pass returns
     graphs = []
     for i, task in enumerate(tasks):
         ctx.progress("trace", i, len(tasks), task.name)
-        graphs.append(trace_task(task, with_positions=with_positions))
+        graphs.append(cache.trace(task, with_positions))
     ctx.progress("trace", len(tasks), len(tasks), "")
-    return PassResult(tuple(graphs))
+    return PassResult(tuple(graphs), cache.summary())

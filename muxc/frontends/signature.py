@@ -1,0 +1,177 @@
+"""`TraceSignature`: everything that decides what torch.export makes of a task, as one key.
+
+Two tasks with equal signatures export to the same graph up to which tensors its placeholders
+bind (and, for adapters of one model, which adapter parameters each adapter node reads), so
+one export can serve both (`muxc.frontends.cache`). The signature holds:
+
+- the HF model class and every field of its config (attention implementation included);
+- every parameter and buffer in export order: FQN, shape, stride, dtype, device,
+  ``requires_grad`` and tensor type (a quantised weight is another type);
+- every module: its path, class, plain attributes (flags, sizes, PEFT's per-adapter scaling
+  and dropout, the active adapter) and the functions it calls through hooks or a patched
+  ``forward``; the training flag is left out because `trace_task` always traces in training
+  mode;
+- the task's adapter in unified form, without its name: per site, the kind, rank, scaling,
+  dropout and each parameter's shape and dtype (so tasks differing in rank, alpha or targets
+  never share);
+- whether the graph takes ``position_ids``.
+
+Other objects a module holds count by class and attributes, functions by qualified name. The
+key errs on the side of tracing again: equal signatures must mean equal graphs, unequal
+signatures only cost an export.
+
+>>> trace_signature(task_a, False) == trace_signature(task_b, False)   # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from muxc.frontends.peft import adapter_name_of, adapter_records, hf_model
+from muxc.task import Task
+
+__all__ = ["TraceSignature", "trace_signature"]
+
+# module state that is not a plain attribute: tensors and submodules are listed on their own;
+# `training` is overridden by the trace
+_SKIPPED_ATTRS = frozenset({"_parameters", "_buffers", "_modules", "training"})
+
+
+@dataclass(frozen=True)
+class TraceSignature:
+    """The structural key of one task's export (module doc); hashable, compared exactly."""
+
+    model: str
+    config: tuple
+    with_positions: bool
+    tensors: tuple
+    modules: tuple
+    adapters: tuple
+
+    def __repr__(self) -> str:
+        return (
+            f"TraceSignature({self.model}, {len(self.tensors)} tensors, {len(self.modules)} "
+            f"modules, {len(self.adapters)} adapters, with_positions={self.with_positions})"
+        )
+
+
+def trace_signature(task: Task, with_positions: bool) -> TraceSignature:
+    """The `TraceSignature` of ``task`` traced with or without ``position_ids``; reads only."""
+    hf = hf_model(task.name, task.model)
+    adapter = adapter_name_of(task.name, task.model, task.adapter_name)
+    records = adapter_records(task.name, hf, adapter)
+    plain = _Plain()
+    return TraceSignature(
+        model=_callable_name(type(hf)),
+        config=plain(hf.config),
+        with_positions=with_positions,
+        tensors=tuple(_tensor_key(n, t) for n, t in _tensors(hf)),
+        modules=tuple(
+            _module_key(path, mod, plain) for path, mod in hf.named_modules(remove_duplicate=False)
+        ),
+        adapters=tuple(
+            (
+                r.site,
+                r.kind.value,
+                r.rank,
+                r.scaling,
+                r.dropout,
+                tuple((role, tuple(t.shape), str(t.dtype)) for role, t in r.params.items()),
+            )
+            for r in records
+        ),
+    )
+
+
+def _tensors(hf: torch.nn.Module):
+    yield from hf.named_parameters(remove_duplicate=False)
+    yield from hf.named_buffers(remove_duplicate=False)
+
+
+def _tensor_key(name: str, t: torch.Tensor) -> tuple:
+    return (
+        name,
+        tuple(t.shape),
+        tuple(t.stride()),
+        str(t.dtype),
+        str(t.device),
+        t.requires_grad,
+        _callable_name(type(t)),
+    )
+
+
+def _module_key(path: str, mod: torch.nn.Module, plain: _Plain) -> tuple:
+    attrs = []
+    for k, v in sorted(vars(mod).items()):
+        if k in _SKIPPED_ATTRS:
+            continue
+        if "hooks" in k and isinstance(v, dict):  # keyed by global handle ids: keep the order
+            v = list(v.values())
+        attrs.append((k, plain(v)))
+    return (path, _callable_name(type(mod)), tuple(attrs))
+
+
+class _Plain:
+    """A comparable stand-in for a value: plain values as they are, containers element-wise,
+    tensors by their metadata, functions by qualified name, modules by class (each module is
+    listed on its own), other objects by class and attributes (each object once: a config held
+    by every layer costs one walk), objects without attributes by class."""
+
+    def __init__(self) -> None:
+        self._done: dict[int, tuple[object, object]] = {}  # id -> (object kept alive, stand-in)
+        self._open: set[int] = set()  # objects being walked (a reference cycle ends here)
+
+    def __call__(self, v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, Enum):
+            return f"{_callable_name(type(v))}.{v.name}"
+        if isinstance(v, (torch.dtype, torch.device)):
+            return str(v)
+        if isinstance(v, torch.Tensor):
+            return ("tensor", tuple(v.shape), str(v.dtype), str(v.device))
+        if isinstance(v, torch.nn.Module):
+            return ("module", _callable_name(type(v)))
+        if isinstance(v, functools.partial):
+            return ("partial", _callable_name(v.func), self((v.args, v.keywords)))
+        if isinstance(v, (type, types.FunctionType, types.MethodType)) or (
+            callable(v) and not hasattr(v, "__dict__")
+        ):
+            return ("callable", _callable_name(v))
+        key = id(v)
+        if key in self._done:
+            return self._done[key][1]
+        if key in self._open:
+            return ("cycle", _callable_name(type(v)))
+        self._open.add(key)
+        try:
+            out = self._walk(v)
+        finally:
+            self._open.discard(key)
+        self._done[key] = (v, out)
+        return out
+
+    def _walk(self, v):
+        if isinstance(v, (list, tuple)):
+            return (type(v).__name__, tuple(self(x) for x in v))
+        if isinstance(v, dict):
+            items = ((repr(k), self(x)) for k, x in v.items())
+            return ("dict", tuple(sorted(items, key=lambda kv: kv[0])))
+        if isinstance(v, (set, frozenset)):
+            return ("set", tuple(sorted(repr(self(x)) for x in v)))
+        if hasattr(v, "__dict__"):
+            return (_callable_name(type(v)), self(vars(v)))
+        return ("object", _callable_name(type(v)))
+
+
+def _callable_name(f) -> str:
+    inner = getattr(f, "__func__", None)  # a bound method: its function
+    if inner is not None and inner is not f:
+        return _callable_name(inner)
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__qualname__)}"

@@ -1,0 +1,195 @@
+"""Trace once per structure: equal-structure tasks share one export, re-bound to their tensors."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from helpers import adapter_grads, assert_matches, isolated
+from models import make_batch, make_peft, perturb
+from peft import IA3Config, LoraConfig
+
+import muxc
+from muxc.frontends import TraceCache, trace_signature, trace_task
+from muxc.frontends import cache as cache_module
+from muxc.ir import TaskGraph, info
+
+QV = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """Counts calls of torch.export.export (the class of each exported model, in order)."""
+    calls = []
+    real = torch.export.export
+
+    def counting(mod, *args, **kwargs):
+        calls.append(type(mod.m).__name__)
+        return real(mod, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counting)
+    return calls
+
+
+def _lora(family: str, r: int = 4, alpha: int = 8, targets=None) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or QV[family], lora_dropout=0.0)
+
+
+def assert_same_graph(got: TaskGraph, want: TaskGraph) -> None:
+    """``got`` is node for node ``want`` (names, ops, arguments, records, meta keys, code) and
+    binds every placeholder to the very same tensor."""
+    a, b = list(got.gm.graph.nodes), list(want.gm.graph.nodes)
+    assert [n.name for n in a] == [n.name for n in b]
+    for x, y in zip(a, b):
+        assert (x.op, x.target) == (y.op, y.target), x.format_node()
+        assert str(x.args) == str(y.args) and str(x.kwargs) == str(y.kwargs), x.format_node()
+        assert info(x) == info(y), x.format_node()
+        assert set(x.meta) == set(y.meta), x.format_node()
+        val_x, val_y = x.meta.get("val"), y.meta.get("val")
+        if isinstance(val_y, torch.Tensor):
+            assert (str(val_x.shape), val_x.dtype) == (str(val_y.shape), val_y.dtype), x.format_node()
+    assert got.gm.code == want.gm.code
+    assert got.bindings == want.bindings
+    for ph, binding in want.bindings.items():
+        assert got.bindings[ph].tensor is binding.tensor, ph
+    assert got.adapters == want.adapters
+    assert [r.params for r in got.adapters] == [r.params for r in want.adapters]
+
+
+def _second_structure(family: str):
+    """llama: IA3 (another kind); gpt2: LoRA that differs from `_lora` only in its rank."""
+    return IA3Config() if family == "llama" else _lora(family, r=8)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_four_tasks_two_structures_export_twice_and_match_isolated(bases, family, exports):
+    base = bases(family)
+    spec = [
+        ("one_a", make_peft(base, _lora(family), 1)),
+        ("two_a", make_peft(base, _second_structure(family), 2)),
+        ("one_b", make_peft(base, _lora(family), 3)),
+        ("two_b", make_peft(base, _second_structure(family), 4)),
+    ]
+    batches = {name: make_batch(2, 5 + i, i) for i, (name, _) in enumerate(spec)}
+    refs = {name: isolated(model, batches[name]) for name, model in spec}
+    program = muxc.compile([muxc.Task(name=n, model=m) for n, m in spec], muxc.Options(verify=True))
+    assert len(exports) == 2
+    trace = next(r for r in program.history if r.name == "trace_tasks")
+    assert trace.summary.startswith("2 exported, 2 re-bound to an equal-structure export")
+    assert "export of 'one_a'" in trace.summary and "export of 'two_a'" in trace.summary
+    # the dump tables each export once; a re-bound graph points at its source's table
+    assert trace.text.count("\nname ") == 2 and "(the rows of 'one_a'" in trace.text
+    losses = program.forward_backward(batches)
+    models = dict(spec)
+    assert_matches(losses, lambda n: adapter_grads(models[n], "default"), refs)
+
+
+def test_rebound_graph_is_what_its_own_export_gives(bases, exports):
+    base = bases("llama")
+    first, second = make_peft(base, _lora("llama", targets="all-linear"), 1), make_peft(
+        base, _lora("llama", targets="all-linear"), 2)
+    cache = TraceCache()
+    cache.trace(muxc.Task(name="a", model=first), True)
+    task = muxc.Task(name="b", model=second)
+    got = cache.trace(task, True)
+    assert (cache.exported, cache.reused, len(exports)) == (["a"], {"b": "a"}, 1)
+    assert got.reused_from == "a"
+    assert_same_graph(got, trace_task(task, True))
+    # the frozen weights are b's own (separate copies of one base), not a's
+    frozen = [b.tensor for b in got.frozen_bindings().values()]
+    mine = {id(p) for p in second.parameters()} | {id(t) for t in second.buffers()}
+    assert frozen and all(id(t) in mine for t in frozen)
+
+
+def test_adapters_of_one_model_share_an_export_and_match_isolated(bases, monkeypatch, exports):
+    model = make_peft(bases("llama"), _lora("llama", targets="all-linear"), 1)
+    model.add_adapter("second", _lora("llama", targets="all-linear"))
+    model.add_adapter("third", _lora("llama", targets="all-linear"))
+    model.add_adapter("rank2", _lora("llama", r=2, targets="all-linear"))  # another structure
+    perturb(model, 5)
+    names = {"first": "default", "second": "second", "third": "third", "rank2": "rank2"}
+    batches = {name: make_batch(2, 4 + i, i) for i, name in enumerate(names)}
+    refs = {name: isolated(model, batches[name], adapter) for name, adapter in names.items()}
+    model.set_adapter("default")
+    tasks = [muxc.Task(name=n, model=model, adapter_name=a) for n, a in names.items()]
+    graphs = {}
+    real = TraceCache.trace
+
+    def keeping(self, task, with_positions):
+        graphs[task.name] = real(self, task, with_positions)
+        return graphs[task.name]
+
+    monkeypatch.setattr(TraceCache, "trace", keeping)
+    program = muxc.compile(tasks, muxc.Options(verify=True))
+    assert len(exports) == 2
+    assert {t: g.reused_from for t, g in graphs.items()} == {
+        "first": None, "second": "first", "third": "first", "rank2": None}
+    losses = program.forward_backward(batches)
+    assert_matches(losses, lambda n: adapter_grads(model, names[n]), refs)
+    # the third adapter's nodes read its own parameters, exactly as its own export does
+    assert_same_graph(graphs["third"], trace_task(tasks[2]))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [dict(r=8), dict(alpha=16), dict(targets=["q_proj", "k_proj"])],
+    ids=["rank", "alpha", "targets"],
+)
+def test_tasks_differing_in_rank_alpha_or_targets_have_other_signatures(bases, other):
+    base = bases("llama")
+    a = muxc.Task(name="a", model=make_peft(base, _lora("llama"), 1))
+    b = muxc.Task(name="b", model=make_peft(base, _lora("llama", **other), 2))
+    assert trace_signature(a, False) != trace_signature(b, False)  # so never re-bound
+
+
+def test_signature_sees_dtype_positions_and_module_flags(bases):
+    base = bases("llama")
+    a = muxc.Task(name="a", model=make_peft(base, _lora("llama"), 1))
+    b = muxc.Task(name="b", model=make_peft(base, _lora("llama"), 2))
+    assert trace_signature(a, False) == trace_signature(b, False)
+    assert trace_signature(a, False) != trace_signature(a, True)
+    half = muxc.Task(name="h", model=make_peft(base, _lora("llama"), 1).to(torch.bfloat16))
+    assert trace_signature(a, False) != trace_signature(half, False)
+    b.model.get_base_model().gradient_checkpointing_enable()
+    assert trace_signature(a, False) != trace_signature(b, False)
+    # the training flag is not part of it: a trace always runs in training mode
+    b2 = muxc.Task(name="b2", model=make_peft(base, _lora("llama"), 2).eval())
+    assert trace_signature(a, False) == trace_signature(b2, False)
+
+
+def test_export_with_a_tensor_it_cannot_find_again_is_not_shared(bases, monkeypatch, exports):
+    base = bases("llama")
+    real = cache_module.lifted_tensors
+
+    def losing_one(hf, targets):  # as if the trace had made a constant (no FQN in the model)
+        found = real(hf, targets)
+        found[next(iter(found))] = None
+        return found
+
+    monkeypatch.setattr(cache_module, "lifted_tensors", losing_one)
+    cache = TraceCache()
+    for i in range(2):
+        cache.trace(muxc.Task(name=f"t{i}", model=make_peft(base, _lora("llama"), i)), False)
+    assert (cache.exported, cache.reused, len(exports)) == (["t0", "t1"], {}, 2)
+    assert "not a tensor of the model" in cache.summary()
+
+
+def test_compiled_program_keeps_no_task_graph(bases, monkeypatch):
+    base = bases("llama")
+    alive = []
+    real = TraceCache.trace
+
+    def tracking(self, task, with_positions):
+        tg = real(self, task, with_positions)
+        alive.append((weakref.ref(tg), weakref.ref(tg.gm)))
+        return tg
+
+    monkeypatch.setattr(TraceCache, "trace", tracking)
+    tasks = [muxc.Task(name=f"t{i}", model=make_peft(base, _lora("llama"), i)) for i in range(3)]
+    program = muxc.compile(tasks)
+    gc.collect()
+    assert len(alive) == 3
+    assert all(tg() is None and gm() is None for tg, gm in alive)
+    assert {t: len(recs) for t, recs in program.mux.adapters.items()} == {"t0": 4, "t1": 4, "t2": 4}
