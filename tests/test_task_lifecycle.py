@@ -52,7 +52,8 @@ def test_add_then_remove_equals_isolated_training(llama):
             program.add_task(muxc.Task(name="d", model=models["d"], lr=CONFIGS["d"][2]))
             assert all(program.states[n] is kept[n] and kept[n].steps == 2 for n in "abc")
             assert [r.name for r in program.history][1] == "trace_tasks"
-            assert "traced ['d']; reused the graphs of 3" in program.history[1].summary
+            # task graphs do not outlive a compile: each distinct structure is traced again
+            assert program.history[1].summary.startswith("4 exported, 0 re-bound")
         if step == 4:  # b leaves after step 3
             program.remove_task("b")
             assert list(program.tasks) == ["a", "c", "d"] and list(program.mux.tasks) == ["a", "c", "d"]
