@@ -69,12 +69,8 @@ def multi_ia3_bwd_ref(dz, h, segs: Segments, vectors):
     return dh, dv
 
 
-def _torch_check(*tensors, forced: bool) -> str | None:
-    return None
-
-
-registry.register("multi_ia3", Impl.TORCH, multi_ia3_ref, _torch_check)
-registry.register("multi_ia3_bwd", Impl.TORCH, multi_ia3_bwd_ref, _torch_check)
+registry.register("multi_ia3", Impl.TORCH, multi_ia3_ref, registry.always)
+registry.register("multi_ia3_bwd", Impl.TORCH, multi_ia3_bwd_ref, registry.always)
 
 
 # ============================================================================ Triton kernels

@@ -91,12 +91,8 @@ def multi_lora_bwd_ref(dy, x, segs: Segments, lora_a, lora_b, scaling):
     return dx, da, db
 
 
-def _torch_check(*tensors, forced: bool) -> str | None:
-    return None
-
-
-registry.register("multi_lora", Impl.TORCH, multi_lora_ref, _torch_check)
-registry.register("multi_lora_bwd", Impl.TORCH, multi_lora_bwd_ref, _torch_check)
+registry.register("multi_lora", Impl.TORCH, multi_lora_ref, registry.always)
+registry.register("multi_lora_bwd", Impl.TORCH, multi_lora_bwd_ref, registry.always)
 
 
 # ============================================================================ Triton kernels

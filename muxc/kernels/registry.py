@@ -77,6 +77,11 @@ _CHOICES: dict[tuple, Choice] = {}
 """Memoised `select` results: (op, forced impl, dtype, device) -> Choice."""
 
 
+def always(*tensors, forced: bool) -> str | None:
+    """The checker of an implementation that runs on any device and dtype (the references)."""
+    return None
+
+
 def register(op: str, impl: Impl, fn: Callable, check: Callable[..., str | None]) -> None:
     """Register ``fn`` as implementation ``impl`` of ``op`` (done once, at import)."""
     _REGISTRY.setdefault(op, {})[impl] = KernelImpl(op=op, impl=impl, fn=fn, check=check)
