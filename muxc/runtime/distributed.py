@@ -282,17 +282,14 @@ class StageExecutor(LocalExecutor):
         with self.timeline.record(step):  # compute only: waiting for the receive is a bubble
             pg.stages[me].run(mb.env)
         if me == world - 1:
-            losses = pg.result(mb.env)
-            mb.losses = {t: l for t, l in zip(self.mux.tasks, losses) if l is not None}
+            self._set_losses(mb, pg.result(mb.env))
         else:
             out = [mb.env[n] for n in self.crossing[me]]
             self._send(out, me + 1, _tag(h, m, False), flight)
             mb.sent_values = [v for v in out if isinstance(v, torch.Tensor) and v.requires_grad]
         cut = Boundary()
-        if grad and before is not None:
-            for key, kv in mb.mux.kv.items():
-                if before.get(key) is not kv:
-                    mb.mux.kv[key] = tuple(cut.cut(x) for x in kv)
+        if grad:
+            self._cut_kept_kv(mb, before, cut)
         mb.sent[me] = cut
 
     def _stage_backward(self, mb: _MicroBatch, step, flight: _Flight):

@@ -134,27 +134,37 @@ class LocalExecutor:
         bound = [self.mux.tensors[n] for n in self._bound_names]
         return [*bound, *(mb.inputs[n] for n in self._inputs), mb.mux]
 
+    def _set_losses(self, mb: _MicroBatch, losses) -> None:
+        """Keep the graph's per-task losses (None for tasks not in this micro-batch)."""
+        mb.losses = {t: l for t, l in zip(self.mux.tasks, losses) if l is not None}
+
+    @staticmethod
+    def _cut_kept_kv(mb: _MicroBatch, before: dict | None, cut: Boundary) -> None:
+        """Hand the K/V an action kept for later chunks (entries changed since ``before``) to
+        them through ``cut``, so their backwards send its gradient back to this action."""
+        if before is None:
+            return
+        for key, kv in mb.mux.kv.items():
+            if before.get(key) is not kv:
+                mb.mux.kv[key] = tuple(cut.cut(x) for x in kv)
+
     def _forward(self, mb: _MicroBatch, stage: int, grad: bool) -> None:
         cut = Boundary()
         before = dict(mb.mux.kv) if mb.mux.kv is not None else None
         if self.partitioned is None:
-            losses = self.mux.gm(*self._args(mb))
-            mb.losses = {t: l for t, l in zip(self.mux.tasks, losses) if l is not None}
+            self._set_losses(mb, self.mux.gm(*self._args(mb)))
         else:
             pg = self.partitioned
             if stage == 0:
                 mb.env = pg.bind(*self._args(mb))
             pg.stages[stage].run(mb.env)
             if stage == len(pg.stages) - 1:
-                losses = pg.result(mb.env)
-                mb.losses = {t: l for t, l in zip(self.mux.tasks, losses) if l is not None}
+                self._set_losses(mb, pg.result(mb.env))
             elif grad:
                 for name in pg.stages[stage].outputs:
                     mb.env[name] = cut.cut(mb.env[name])
-        if grad and before is not None:  # K/V this action kept for later chunks
-            for key, kv in mb.mux.kv.items():
-                if before.get(key) is not kv:
-                    mb.mux.kv[key] = tuple(cut.cut(x) for x in kv)
+        if grad:
+            self._cut_kept_kv(mb, before, cut)
         mb.sent[stage] = cut
 
     @staticmethod
