@@ -73,14 +73,11 @@ def _groups(planner: Planner, present: Mapping[str, Mapping], chunk: int | None)
     return [tuple(sorted(h, key=order.get)) for h in chosen.htasks], chosen
 
 
-def _pad_tokens(present: Mapping[str, Mapping], group: tuple[str, ...]) -> tuple[int, int]:
+def _pad_tokens(present: Mapping[str, Mapping], group: tuple[str, ...], loads) -> tuple[int, int]:
+    """(tokens computed, real tokens) of ``group`` padded to its widest batch; ``loads`` are
+    `loads_of` (real tokens counted there once)."""
     seq = max(present[t]["input_ids"].shape[1] for t in group)
-    computed = sum(present[t]["input_ids"].shape[0] for t in group) * seq
-    real = 0
-    for t in group:
-        m = present[t].get("attention_mask")
-        real += int(m.sum()) if m is not None else present[t]["input_ids"].numel()
-    return computed, real
+    return sum(loads[t][2] for t in group) * seq, sum(loads[t][0] for t in group)
 
 
 def plan_step(planner: Planner, batches: Mapping[str, Mapping]) -> StepPlan:
@@ -100,7 +97,7 @@ def plan_step(planner: Planner, batches: Mapping[str, Mapping]) -> StepPlan:
         else:
             layout = None
             m = min(planner.options.micro_batches or 1, max(loads[t][2] for t in g))
-            c, r = _pad_tokens(present, g)
+            c, r = _pad_tokens(present, g, loads)
             computed += c
             real += r
         htasks.append(HTask(tasks=g, micro_batches=m, layout=layout))
