@@ -85,6 +85,7 @@ class Program:
         self.sharing = dict(state.sharing)
         self.adapters = records
         self.partitioned = state.partitioned
+        self.exports = state.exports  # one trace template per task structure (no tensors)
         self.planner = Planner(mux, self.options)
         # task -> what the latest forward_backward/step did with it (tasks in its batches)
         self.last_step: Mapping[str, StepOutcome] = MappingProxyType({})
@@ -214,7 +215,9 @@ class Program:
         """Add ``task`` to the program; the other tasks' adapters, optimizers, schedulers and
         step counts are untouched.
 
-        Only ``task`` is traced; its frozen weights must equal the program's shared base
+        Only ``task`` is traced, and only if no task of the program has its structure (the
+        program keeps one trace template per structure, bound to no tensor; the other tasks'
+        graphs are re-bound from them); its frozen weights must equal the program's shared base
         (`BaseWeightMismatchError` otherwise), then the graph is merged and planned again over
         all tasks. On any error the program is left as it was. Not with stages on several
         processes.
@@ -224,7 +227,8 @@ class Program:
 
     def remove_task(self, name: str) -> None:
         """Drop task ``name`` from the program (its adapter stays in the user's model, trained
-        as far as it got); the other tasks' state is untouched and their graphs are reused."""
+        as far as it got); the other tasks' state is untouched and nothing is traced (their
+        graphs are re-bound from the kept trace templates)."""
         self._single_process("remove_task")
         if name not in self.tasks:
             raise TaskSpecError(f"unknown task {name!r}; the program's tasks are {list(self.tasks)}")
@@ -235,9 +239,8 @@ class Program:
 
     def _recompile(self, tasks: list[Task]) -> None:
         """Run the pipeline over ``tasks``, then install it. Task graphs do not outlive a compile
-        (memory), so each distinct task structure is traced once again (the trace cache re-binds
-        equal structures)."""
-        state, history = run_pipeline(tasks, CompileContext(options=self.options))
+        (memory); the kept trace templates do, so only a structure new to the program is traced."""
+        state, history = run_pipeline(tasks, CompileContext(options=self.options, exports=self.exports))
         self._install(state, history)
 
     def _single_process(self, what: str) -> None:

@@ -15,13 +15,13 @@ checks of `muxc.verify` after it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from functools import partial
 from typing import Any
 
 from muxc.dump import render
 from muxc.errors import MuxcInternalError
+from muxc.frontends import TraceTemplates
 from muxc.ir import MuxGraph, PartitionedGraph, TaskGraph
 from muxc.passes import (
     merge_backbones,
@@ -54,6 +54,7 @@ class CompileState:
     mux_graph: MuxGraph | None = None
     partitioned: PartitionedGraph | None = None
     kernel_plan: KernelPlan | None = None
+    exports: TraceTemplates | None = None  # one trace template per task structure, no tensors
 
 
 _FIELDS = frozenset(f.name for f in fields(CompileState))
@@ -87,7 +88,7 @@ class Pass:
 
 PIPELINE: tuple[Pass, ...] = (
     Pass(validate_tasks, "tasks", "tasks", "fail fast, before any tracing"),
-    Pass(trace_tasks, "tasks", "task_graphs", "one export per task structure, adapters opaque"),
+    Pass(trace_tasks, "tasks", ("task_graphs", "exports"), "one export per structure, adapters opaque"),
     Pass(share_frozen_weights, "task_graphs", ("task_graphs", "sharing"), "one copy of the base"),
     Pass(merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
     Pass(rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),
@@ -130,31 +131,17 @@ def _values(p: Pass, result) -> tuple:
     return result.value
 
 
-def _trace_new(traced: Mapping[str, TaskGraph], tasks, ctx: CompileContext) -> PassResult:
-    """`trace_tasks` for the tasks without a graph in ``traced``; the others reuse theirs."""
-    new = [t for t in tasks if t.name not in traced]
-    made = {g.task: g for g in trace_tasks(new, ctx).value} if new else {}
-    graphs = tuple(traced[t.name] if t.name in traced else made[t.name] for t in tasks)
-    kept = len(tasks) - len(new)
-    return PassResult(graphs, f"traced {[t.name for t in new]}; reused the graphs of {kept} task(s)")
-
-
-def run_pipeline(
-    tasks, ctx: CompileContext, traced: Mapping[str, TaskGraph] | None = None
-) -> tuple[CompileState, list[PassRecord]]:
+def run_pipeline(tasks, ctx: CompileContext) -> tuple[CompileState, list[PassRecord]]:
     """Run PIPELINE over ``tasks``; returns the final state and the pass history.
 
-    ``traced``: task name -> the TaskGraph an earlier compile made of that same task (bound to
-    the shared base); those tasks are not traced again (`Program.add_task`/`remove_task`).
+    ``ctx.exports`` (trace templates of an earlier compile, e.g. `Program.add_task`'s) spares
+    the structures it holds from being exported again; ``state.exports`` hands this compile's on.
     """
     state = CompileState(tasks=tasks)
     history = []
     for i, p in enumerate(PIPELINE):
-        fn = p.fn
-        if traced and p.fn is trace_tasks:
-            fn = partial(_trace_new, traced)
         t0 = time.perf_counter()
-        result = fn(getattr(state, p.reads), ctx)
+        result = p.fn(getattr(state, p.reads), ctx)
         seconds = time.perf_counter() - t0
         values = _values(p, result)
         state = replace(state, **dict(zip(p.outputs, values)))

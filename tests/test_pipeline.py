@@ -62,8 +62,8 @@ def test_state_is_typed_and_complete(compiled):
     assert [r.name for r in history] == [p.name for p in PIPELINE]
 
 
-def test_context_holds_only_options_and_progress():
-    assert {f.name for f in fields(CompileContext)} == {"options", "on_progress"}
+def test_context_holds_only_options_progress_and_kept_exports():
+    assert {f.name for f in fields(CompileContext)} == {"options", "on_progress", "exports"}
     seen = []
     ctx = CompileContext(muxc.Options(), on_progress=lambda *a: seen.append(a))
     ctx.progress("trace", 1, 2, "a")

@@ -54,7 +54,7 @@ def render(value) -> str:
     if isinstance(value, TaskGraph):
         return f"{value!r}\n\n{graph_table(value.gm)}"
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], TaskGraph):
-        return "\n\n".join(_task_graph_in(v, {g.task for g in value}) for v in value)
+        return _task_graphs(value)
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], Task):
         rows = [[t.name, type(t.model).__name__, t.adapter_name or "(active)", type(t.optimizer).__name__ if t.optimizer else f"AdamW(lr={t.lr})"] for t in value]
         return table(["task", "model", "adapter", "optimizer"], rows)
@@ -66,15 +66,23 @@ def render(value) -> str:
     return repr(value)
 
 
-def _task_graph_in(tg: TaskGraph, listed: set[str]) -> str:
-    """``tg`` among ``listed`` task graphs: a graph re-binding a listed task's export is not
-    tabled again (the same rows, owned by this task)."""
-    if tg.reused_from is None or tg.reused_from not in listed:
-        return render(tg)
-    return (
-        f"{tg!r}\n\n(the rows of {tg.reused_from!r}'s table, owned by {tg.task!r}: its placeholders "
-        f"bound to {tg.task!r}'s tensors, its adapter nodes reading {tg.task!r}'s adapter parameters)"
-    )
+def _task_graphs(graphs) -> str:
+    """Each export's table once: the first graph of an export (its own, or the first re-binding
+    one when its exporter is not among ``graphs``) is tabled, the others point at it."""
+    shown: dict[str, str] = {}  # exporting task -> the task whose table shows its rows
+    parts = []
+    for tg in graphs:
+        source = tg.reused_from or tg.task
+        if source not in shown:
+            shown[source] = tg.task
+            parts.append(render(tg))
+            continue
+        parts.append(
+            f"{tg!r}\n\n(the rows of {shown[source]!r}'s table, owned by {tg.task!r}: its "
+            f"placeholders bound to {tg.task!r}'s tensors, its adapter nodes reading {tg.task!r}'s "
+            "adapter parameters)"
+        )
+    return "\n\n".join(parts)
 
 
 def dump_history(history, directory: Path) -> list[Path]:

@@ -15,19 +15,28 @@ graph and binds it to this task's own tensors, which is what exporting it would 
 
 An export is shared only when every placeholder it lifted is found again by FQN in the model
 (a constant created during tracing cannot be re-bound) and its subgraph modules hold no tensors;
-otherwise each such task is exported on its own. One cache serves one compile: it holds the
-exported graphs only until `trace_tasks` returns.
+otherwise each such task is exported on its own.
+
+What the cache keeps of a shareable export is a *template* (`TraceTemplates`): the graph and
+its placeholders' kinds and FQNs, bound to no tensor (no frozen weight, no adapter parameter of
+the task that was exported). A compile hands its templates on (`TraceTemplates`, one per
+structure its tasks use); a later compile of the same program (`Program.add_task`,
+``remove_task``) starts its cache from them, so a task of a known structure is re-bound, not
+exported again.
 
 >>> cache = TraceCache()                                                  # doctest: +SKIP
 >>> graphs = [cache.trace(t, with_positions=False) for t in tasks]        # doctest: +SKIP
 >>> cache.summary()                                                       # doctest: +SKIP
 '2 exported, 2 re-bound to an equal-structure export'
+>>> later = TraceCache(cache.templates())                                 # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -36,11 +45,11 @@ from muxc.errors import MuxcInternalError
 from muxc.frontends.export import Export, bind_and_tag, export_task, lifted_tensors
 from muxc.frontends.peft import adapter_name_of, adapter_records, hf_model
 from muxc.frontends.signature import TraceSignature, trace_signature
-from muxc.ir import BindingKind, TaskGraph
+from muxc.ir import Binding, BindingKind, TaskGraph
 from muxc.kinds import spec_for_trace_op
 from muxc.task import Task
 
-__all__ = ["TraceCache", "rebind"]
+__all__ = ["TraceCache", "TraceTemplates", "rebind"]
 
 try:  # generates the graph's Python code on first use, not at construction (half a re-bind's
     # time; muxc only reads ``.graph`` of a task graph); public GraphModule where it is missing
@@ -49,16 +58,39 @@ except ImportError:  # pragma: no cover - torch without lazy graph modules
     _GraphModule = fx.GraphModule
 
 
+class TraceTemplates:
+    """The export templates a compile hands on, one per task structure (`TraceSignature`) its
+    tasks use; read only. Each is an `Export` whose graph binds no tensor (module doc)."""
+
+    def __init__(self, templates: Mapping[TraceSignature, Export]) -> None:
+        self._templates = dict(templates)
+
+    def get(self, sig: TraceSignature) -> Export | None:
+        return self._templates.get(sig)
+
+    def items(self):
+        return self._templates.items()
+
+    def __len__(self) -> int:
+        return len(self._templates)
+
+    def __repr__(self) -> str:
+        nodes = sum(len(e.graph.gm.graph.nodes) for e in self._templates.values())
+        return f"TraceTemplates({len(self)} structure(s), {nodes} nodes, no tensors)"
+
+
 class TraceCache:
     """The exports of one compile by `TraceSignature` (module doc); `trace` is the entry point.
 
-    ``exported`` lists the tasks exported, ``reused`` maps each other task to the task whose
-    export it re-binds, and ``unshared`` maps an exported task to why its export could serve
-    no other task.
+    ``kept``: templates an earlier compile handed on (`templates`); tasks of those structures
+    are re-bound, not exported. ``exported`` lists the tasks exported, ``reused`` maps each
+    other task to the task whose export it re-binds, and ``unshared`` maps an exported task to
+    why its export could serve no other task.
     """
 
-    def __init__(self) -> None:
-        self._exports: dict[TraceSignature, Export] = {}
+    def __init__(self, kept: TraceTemplates | None = None) -> None:
+        self._exports: dict[TraceSignature, Export] = dict(kept.items()) if kept is not None else {}
+        self._used: list[TraceSignature] = []
         self.exported: list[str] = []
         self.reused: dict[str, str] = {}
         self.unshared: dict[str, str] = {}
@@ -68,16 +100,22 @@ class TraceCache:
         sig = trace_signature(task, with_positions)
         hit = self._exports.get(sig)
         if hit is not None:
+            self._used.append(sig)
             self.reused[task.name] = hit.graph.task
             return rebind(hit, task)
         exp = export_task(task, with_positions)
         self.exported.append(task.name)
         why = _unshareable(exp, task)
         if why is None:
-            self._exports[sig] = exp
+            self._exports[sig] = _template(exp)
+            self._used.append(sig)
         else:
             self.unshared[task.name] = why
         return exp.graph
+
+    def templates(self) -> TraceTemplates:
+        """The templates of the structures traced so far (exported here or kept), to hand on."""
+        return TraceTemplates({sig: self._exports[sig] for sig in self._used})
 
     def summary(self) -> str:
         """How many tasks were exported and re-bound (and why an export was not shared)."""
@@ -86,6 +124,13 @@ class TraceCache:
             task, why = next(iter(self.unshared.items()))
             text += f"; {len(self.unshared)} export(s) not shareable (task {task!r}: {why})"
         return text
+
+
+def _template(exp: Export) -> Export:
+    """``exp`` bound to no tensor: its graph, placeholder kinds and FQNs only (what `rebind`
+    reads), so keeping it keeps none of the exported task's weights or adapter parameters."""
+    bindings = {ph: Binding(b.kind, b.fqn) for ph, b in exp.graph.bindings.items()}
+    return Export(replace(exp.graph, bindings=bindings, adapters=[]), exp.targets)
 
 
 def rebind(source: Export, task: Task) -> TaskGraph:
@@ -133,7 +178,7 @@ def rebind(source: Export, task: Task) -> TaskGraph:
     gm.meta.update(old.gm.meta)
     tg = bind_and_tag(task, gm, records, lifted, source.targets)
     tg.trace_seconds = time.perf_counter() - t0
-    tg.reused_from = old.task
+    tg.reused_from = old.task if old.task != task.name else None  # a kept template of itself
     return tg
 
 

@@ -6,7 +6,9 @@ one export can serve both (`muxc.frontends.cache`). The signature holds:
 
 - the HF model class and every field of its config (attention implementation included);
 - every parameter and buffer in export order: FQN, shape, stride, dtype, device,
-  ``requires_grad`` and tensor type (a quantised weight is another type);
+  ``requires_grad`` (not for adapter parameters: adapters are opaque nodes whatever it is, and
+  compiling turns it on for every adapter of a model) and tensor type (a quantised weight is
+  another type);
 - every module: its path, class, plain attributes (flags, sizes, PEFT's per-adapter scaling
   and dropout, the active adapter) and the functions it calls through hooks or a patched
   ``forward``; the training flag is left out because `trace_task` always traces in training
@@ -33,7 +35,7 @@ from enum import Enum
 
 import torch
 
-from muxc.frontends.peft import adapter_name_of, adapter_records, hf_model
+from muxc.frontends.peft import adapter_name_of, adapter_param_ids, adapter_records, hf_model
 from muxc.task import Task
 
 __all__ = ["TraceSignature", "trace_signature"]
@@ -67,11 +69,12 @@ def trace_signature(task: Task, with_positions: bool) -> TraceSignature:
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
     records = adapter_records(task.name, hf, adapter)
     plain = _Plain()
+    adapters = adapter_param_ids(task.model)
     return TraceSignature(
         model=_callable_name(type(hf)),
         config=plain(hf.config),
         with_positions=with_positions,
-        tensors=tuple(_tensor_key(n, t) for n, t in _tensors(hf)),
+        tensors=tuple(_tensor_key(n, t, id(t) in adapters) for n, t in _tensors(hf)),
         modules=tuple(
             _module_key(path, mod, plain) for path, mod in hf.named_modules(remove_duplicate=False)
         ),
@@ -94,14 +97,14 @@ def _tensors(hf: torch.nn.Module):
     yield from hf.named_buffers(remove_duplicate=False)
 
 
-def _tensor_key(name: str, t: torch.Tensor) -> tuple:
+def _tensor_key(name: str, t: torch.Tensor, adapter: bool) -> tuple:
     return (
         name,
         tuple(t.shape),
         tuple(t.stride()),
         str(t.dtype),
         str(t.device),
-        t.requires_grad,
+        None if adapter else t.requires_grad,
         _callable_name(type(t)),
     )
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from muxc.options import Options
+
+if TYPE_CHECKING:
+    from muxc.frontends.cache import TraceTemplates
 
 __all__ = ["CompileContext", "PassResult"]
 
@@ -32,10 +35,15 @@ class PassResult(Generic[T]):
 
 @dataclass(frozen=True)
 class CompileContext:
-    """The compile's options and its progress callback; passes read it and never write it."""
+    """The compile's options and its progress callback; passes read it and never write it.
+
+    ``exports``: the trace templates an earlier compile of the same program handed on
+    (`muxc.frontends.TraceTemplates`); `trace_tasks` re-binds tasks of those structures.
+    """
 
     options: Options
     on_progress: Callable[[str, int, int, str], None] | None = None
+    exports: TraceTemplates | None = None
 
     def progress(self, stage: str, done: int, total: int, item: str) -> None:
         """Report ``done`` of ``total`` items of ``stage`` (e.g. tracing) to the callback."""

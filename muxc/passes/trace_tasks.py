@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from muxc.frontends import TraceCache
+from muxc.frontends import TraceCache, TraceTemplates
 from muxc.ir import TaskGraph
 from muxc.options import Alignment
 from muxc.passes.pass_base import CompileContext, PassResult
@@ -13,19 +13,23 @@ from muxc.task import Task
 __all__ = ["trace_tasks"]
 
 
-def trace_tasks(tasks: Sequence[Task], ctx: CompileContext) -> PassResult[tuple[TaskGraph, ...]]:
+def trace_tasks(
+    tasks: Sequence[Task], ctx: CompileContext
+) -> PassResult[tuple[tuple[TaskGraph, ...], TraceTemplates]]:
     """One torch.export graph per task, adapters opaque, in task order; does not mutate the models.
 
     Tasks of equal structure (`muxc.frontends.TraceSignature`) share one export, re-bound to
-    each task's own tensors; the notes say how many tasks were exported and how many re-bound.
-    With chunk alignment the graphs also take ``position_ids`` (positions restart per packed
-    sample).
+    each task's own tensors; so do tasks of a structure in ``ctx.exports`` (templates an
+    earlier compile handed on: nothing of theirs is exported again). Also returns the
+    templates of the structures these tasks use, bound to no tensor, to hand on. The notes say
+    how many tasks were exported and how many re-bound. With chunk alignment the graphs also
+    take ``position_ids`` (positions restart per packed sample).
     """
     with_positions = ctx.options.alignment is Alignment.CHUNK
-    cache = TraceCache()  # this compile's exports only: dropped when the pass returns
+    cache = TraceCache(ctx.exports)  # its task graphs are dropped when the pass returns
     graphs = []
     for i, task in enumerate(tasks):
         ctx.progress("trace", i, len(tasks), task.name)
         graphs.append(cache.trace(task, with_positions))
     ctx.progress("trace", len(tasks), len(tasks), "")
-    return PassResult(tuple(graphs), cache.summary())
+    return PassResult((tuple(graphs), cache.templates()), cache.summary())
