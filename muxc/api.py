@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import warnings
 from collections.abc import Callable, Mapping
 from enum import Enum
@@ -17,6 +18,8 @@ from muxc.errors import (
     EmptyBatchWarning,
     NonFiniteWarning,
     OptionsError,
+    OutOfMemoryRetryWarning,
+    StepOutOfMemoryError,
     TaskPausedWarning,
     TaskSpecError,
 )
@@ -32,6 +35,7 @@ from muxc.runtime.batch import BatchSpec, check_batches, unlabeled
 from muxc.runtime.distributed import StageExecutor, join_stage_group
 from muxc.passes import select_kernels
 from muxc.runtime.local import LocalExecutor
+from muxc.runtime.oom import GradRollback, is_out_of_memory
 from muxc.runtime.training import StepOutcome, TaskState, build_states, nonfinite
 from muxc.checkpoint import load_checkpoint, save_checkpoint
 from muxc.save import save_task_adapter
@@ -160,22 +164,67 @@ class Program:
         Every batch is validated first (`BatchError`, nothing computed). A task whose batch has
         no label token, or that is paused, is left out with a warning (its grads untouched);
         ``last_step`` says what happened to each task. Returns ``{}`` if no task is left.
+
+        Out of memory in an hTask that fuses several tasks: the step is run again once with that
+        hTask split (`Planner.split`), gradients and RNG put back first so nothing counts twice
+        (`OutOfMemoryRetryWarning`, ``last_step[task].retried``). If that fails too, or nothing
+        could be split, `StepOutOfMemoryError` with the gradients as before the step. Not with
+        stages on several processes (the error propagates as it is there).
         """
         run, skipped = self._admit(batches)
         losses = {}
+        retried = ""
         if run:
             plan = self.planner.plan(run)
             self.last_plan = plan
-            losses = self.executor.run(plan, run, training=True)
+            losses, retried = self._run_step(plan, run)
             if self.stage_group is None:
                 self.measured = self.executor.timeline.result()
             else:
                 self.measured = self.executor.gather_timeline().result()
         values = torch.stack(list(losses.values())).tolist() if losses else []
-        outcomes = dict(zip(losses, map(StepOutcome, values)))
+        outcomes = {t: StepOutcome(v, retried=retried) for t, v in zip(losses, values)}
         outcomes.update({t: StepOutcome(None, skipped=True, why=w) for t, w in skipped.items()})
         self.last_step = MappingProxyType({t: outcomes[t] for t in self.mux.tasks if t in outcomes})
         return losses
+
+    def _run_step(self, plan: StepPlan, run: Mapping[str, Mapping]) -> tuple[dict, str]:
+        """Run ``plan`` for training: ``(losses, "")``, or after running out of memory in a fused
+        hTask, ``(losses of the retry with it split, what happened)`` (see `forward_backward`)."""
+        if self.stage_group is not None:  # another rank may be mid-step: no local retry
+            return self.executor.run(plan, run, training=True), ""
+        fused = any(len(h.tasks) > 1 for h in plan.htask_plans)
+        params = [p for t in run for p in self.states[t].params]
+        before = GradRollback(params, copy_values=fused)
+        try:
+            return self.executor.run(plan, run, training=True), ""
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            cause = f"{type(e).__name__}: {str(e)[:200]}"
+            failed = self.executor.running
+        # out of the except block: the failed attempt's activations (held by its traceback) go
+        _free_memory()
+        exact = before.restore()
+        where = failed.htask if failed is not None else None
+        split = self.planner.split(plan, run, where)
+        if split is None:
+            raise _out_of_memory(plan, where, cause, exact, retried=None)
+        try:
+            losses = self.executor.run(split, run, training=True)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            cause = f"{type(e).__name__}: {str(e)[:200]}"
+        else:
+            self.last_plan = split
+            failed_tasks = plan.htasks[where] if where is not None else "(before any action)"
+            what = f"out of memory in hTask {failed_tasks} ({cause}); ran again as hTasks {split.htasks}"
+            warnings.warn(OutOfMemoryRetryWarning(f"step ran {what}"), stacklevel=3)
+            return losses, what
+        _free_memory()
+        before.restore()
+        raise _out_of_memory(plan, where, cause, True, retried=split)
 
     def step(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """`forward_backward`, then each stepped task's own optimizer/scheduler step and zero_grad.
@@ -366,6 +415,31 @@ class Program:
             if self.rank != 0:
                 return []
         return [save_task_adapter(self.tasks[name], path) for name, path in targets.items()]
+
+
+def _free_memory() -> None:
+    """Let the allocator reuse what a failed attempt held (its tensors are unreachable now)."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _out_of_memory(plan: StepPlan, htask: int | None, cause: str, exact: bool,
+                   retried: StepPlan | None) -> StepOutOfMemoryError:
+    """The error for a step that ran out of memory (and, with ``retried``, whose retry did)."""
+    where = f"hTask {plan.htasks[htask]}" if htask is not None else "the step"
+    if retried is not None:
+        what = f"ran out of memory in {where} and again when run as hTasks {retried.htasks}"
+    else:
+        what = f"ran out of memory in {where}, which runs one task (nothing to split, not retried)"
+    grads = ("adapter gradients are as they were before the step" if exact else
+             "adapter gradients that held values before the step may hold part of it: zero them")
+    return StepOutOfMemoryError(
+        f"step {what} ({cause}); {grads}. Remedy: smaller batches (fewer rows or shorter "
+        "samples per task), Options(memory_budget=...) so the fusion planner keeps fused "
+        "activations under it, fusion='temporal' (one task per hTask), or micro_batches / "
+        "alignment='chunk' with a smaller chunk_size"
+    )
 
 
 def _plain(value):

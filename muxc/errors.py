@@ -24,10 +24,12 @@ __all__ = [
     "MuxcInternalError",
     "PipelineError",
     "CheckpointError",
+    "StepOutOfMemoryError",
     "MuxcWarning",
     "EmptyBatchWarning",
     "NonFiniteWarning",
     "TaskPausedWarning",
+    "OutOfMemoryRetryWarning",
 ]
 
 
@@ -114,6 +116,11 @@ class CheckpointError(MuxcError):
     missing, tampered with or truncated; another program's tasks, shapes or options)."""
 
 
+class StepOutOfMemoryError(MuxcError):
+    """A step ran out of memory and could not be retried, or its retry with the failing hTask
+    split ran out of memory too; the adapter gradients are as they were before the step."""
+
+
 class MuxcWarning(UserWarning):
     """Base class of muxc's warnings: a task was left out of a step; the others ran."""
 
@@ -128,3 +135,7 @@ class NonFiniteWarning(MuxcWarning):
 
 class TaskPausedWarning(MuxcWarning):
     """A task is paused after repeated non-finite steps: left out until ``resume_task``."""
+
+
+class OutOfMemoryRetryWarning(MuxcWarning):
+    """A step ran out of memory in a fused hTask and was run again with that hTask split."""

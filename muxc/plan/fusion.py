@@ -144,7 +144,16 @@ class AutoFusion:
             tokens=tokens,
         )
 
-    def _plan_uncached(self, items: tuple, chunk: int | None) -> FusionPlan:
+    def split(self, batches: Mapping[str, Mapping], chunk: int | None,
+              tasks: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+        """hTasks for ``tasks`` (a fused hTask that ran out of memory) with at most half as many
+        tasks each (rounded up): the fusion DP's best such grouping of them alone."""
+        loads = loads_of({t: batches[t] for t in tasks})
+        items = tuple(sorted(loads.items()))
+        return self._plan_uncached(items, chunk, max_tasks=math.ceil(len(tasks) / 2)).htasks
+
+    def _plan_uncached(self, items: tuple, chunk: int | None,
+                       max_tasks: int | None = None) -> FusionPlan:
         loads = dict(items)
         stages = self.options.stages
 
@@ -160,7 +169,7 @@ class AutoFusion:
         if self.options.memory_budget is not None:
             fixed = estimate_memory(self.summary, {}, seq_len=max(seq, 1)).total
             budget = (self.options.memory_budget - fixed) / stages
-        return plan_fusion({t: v[0] for t, v in loads.items()}, cost, stages, sat, budget)
+        return plan_fusion({t: v[0] for t, v in loads.items()}, cost, stages, sat, budget, max_tasks)
 
 
 def _layout_runs(layout: ChunkLayout) -> list[tuple[StepShape, int]]:

@@ -42,11 +42,13 @@ def plan_fusion(
     stages: int = 1,
     saturation_tokens: int | None = None,
     activation_budget: float | None = None,
+    max_tasks: int | None = None,
 ) -> FusionPlan:
     """Optimal hTasks for ``loads`` (task -> tokens per step) under ``cost``.
 
     ``activation_budget``: bytes of activations allowed per in-flight micro-batch, i.e.
     ``(memory_budget - fixed) / stages``; a single task over it raises `OptionsError`.
+    ``max_tasks``: at most this many tasks per hTask (a retry after running out of memory).
     """
     order = sorted(loads, key=lambda t: (loads[t], t))
     n = len(order)
@@ -55,6 +57,8 @@ def plan_fusion(
     cands: dict[tuple[int, int], GroupCost] = {}
     for i in range(n):
         for j in range(i + 1, n + 1):
+            if max_tasks is not None and j - i > max(max_tasks, 1):
+                break
             c = cost(tuple(order[i:j]))
             if j - i > 1 and saturation_tokens is not None and c.tokens > saturation_tokens:
                 break  # sorted by load: longer runs only grow

@@ -60,6 +60,28 @@ class Planner:
     def plan(self, batches: Mapping[str, Mapping]) -> StepPlan:
         return plan_step(self, batches)
 
+    def split(self, plan: StepPlan, batches: Mapping[str, Mapping],
+              htask: int | None = None) -> StepPlan | None:
+        """The next-best plan after ``plan`` ran out of memory in hTask ``htask`` (its index;
+        None: not known, the fused hTask with the most tokens per micro-batch).
+
+        That hTask's tasks are re-planned by the fusion DP with at most half as many tasks per
+        hTask (`AutoFusion.split`), the other hTasks and the chunk size are kept. None when that
+        hTask runs a single task (nothing to split).
+        """
+        groups = [h.tasks for h in plan.htask_plans]
+        if htask is None:
+            fused = [i for i, g in enumerate(groups) if len(g) > 1]
+            if not fused:
+                return None
+            htask = max(fused, key=lambda i: plan.costs[i].tokens)
+        if len(groups[htask]) < 2:
+            return None
+        order = {t: i for i, t in enumerate(self.mux.tasks)}
+        parts = [tuple(sorted(p, key=order.get))
+                 for p in self.fusion.split(batches, plan.chunk_size, groups[htask])]
+        return plan_step(self, batches, (*groups[:htask], *parts, *groups[htask + 1:]), plan.chunk_size)
+
 
 def _groups(planner: Planner, present: Mapping[str, Mapping], chunk: int | None):
     tasks = [t for t in planner.mux.tasks if t in present]
@@ -80,11 +102,20 @@ def _pad_tokens(present: Mapping[str, Mapping], group: tuple[str, ...], loads) -
     return sum(loads[t][2] for t in group) * seq, sum(loads[t][0] for t in group)
 
 
-def plan_step(planner: Planner, batches: Mapping[str, Mapping]) -> StepPlan:
-    """Plan one step of ``batches`` (tasks absent from ``batches`` are not run)."""
+def plan_step(planner: Planner, batches: Mapping[str, Mapping],
+              groups: tuple[tuple[str, ...], ...] | None = None,
+              chunk_size: int | None = None) -> StepPlan:
+    """Plan one step of ``batches`` (tasks absent from ``batches`` are not run).
+
+    ``groups``: the hTasks to run, with ``chunk_size`` as given (`Planner.split`); the plan's
+    ``fusion`` is then None. Without it the options (and the fusion DP) choose both.
+    """
     present = {t: b for t, b in batches.items() if t in planner.mux.tasks}
-    chunk = planner.chunk_size(present)
-    groups, chosen = _groups(planner, present, chunk)
+    if groups is None:
+        chunk = planner.chunk_size(present)
+        groups, chosen = _groups(planner, present, chunk)
+    else:
+        chunk, chosen = chunk_size, None
     loads = loads_of(present)
     htasks, costs = [], []
     computed = real = 0

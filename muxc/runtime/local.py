@@ -85,6 +85,8 @@ class LocalExecutor:
         self.device = mux.tensors[self._bound_names[0]].device
         self.executed: list[Step] = []
         self.timeline: Timeline | None = None
+        # the action in progress; after `run` raised, the one that raised (None: none had begun)
+        self.running: Step | None = None
 
     # ------------------------------------------------------------------ inputs
 
@@ -215,6 +217,7 @@ class LocalExecutor:
         ``.grad`` accumulate like PyTorch when ``backward``. ``timeline`` records each action's
         start and end (seconds from the step's start)."""
         grad = backward and torch.is_grad_enabled()
+        self.running = None
         micro = self.micro_batches(plan, batches, training)
         self.executed = []
         self.timeline = Timeline(plan.stages)
@@ -222,10 +225,12 @@ class LocalExecutor:
             mb = micro[step.htask][step.micro_batch]
             if not (step.is_forward or grad):
                 continue
+            self.running = step
             with self.timeline.record(step):
                 if step.is_forward:
                     self._forward(mb, step.stage, grad)
                 else:
                     self._backward(mb, step.stage)
             self.executed.append(step)
+        self.running = None
         return self.totals(micro, detach=grad)

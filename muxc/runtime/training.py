@@ -27,11 +27,14 @@ class StepOutcome:
     skipped: True when the task's optimizer did not step (or its forward did not run).
     why: "" when it ran, else e.g. "no label tokens", "non-finite loss", "non-finite grad",
       "paused".
+    retried: "" unless the step ran out of memory and was run again with a fused hTask split;
+      then what ran out of memory and the hTasks of the retry (the same for every task).
     """
 
     loss: float | None
     skipped: bool = False
     why: str = ""
+    retried: str = ""
 
 
 @dataclass
