@@ -136,3 +136,31 @@ def test_is_out_of_memory_knows_cpu_and_cuda_allocation_failures():
         pytest.skip("the allocator granted 100 TB")
     assert not is_out_of_memory(RuntimeError("index out of range in self"))
     assert not is_out_of_memory(ValueError("out of memory"))  # only RuntimeErrors say so
+
+
+def test_split_keeps_other_htasks_and_chunk_size_with_chunk_alignment(llama, monkeypatch):
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    names = ["w", "x", "y", "z"]
+    program = muxc.compile([muxc.Task(name=n, model=make_peft(llama, cfg, i + 1)) for i, n in enumerate(names)],
+                           muxc.Options(alignment="chunk", chunk_size=4, fusion="spatial"))
+    batches = {n: make_batch(2, 6 + i, 20 + i, pad_rows=0) for i, n in enumerate(names)}
+    plan = program.plan(batches)
+    split = program.planner.split(plan, batches, 0)
+    assert plan.htasks == [names] and split.chunk_size == plan.chunk_size == 4
+    assert sorted(t for h in split.htasks for t in h) == names and max(map(len, split.htasks)) == 2
+    again = program.planner.split(split, batches, None)  # not known where: the biggest fused one
+    assert sorted(map(len, again.htasks)) == [1, 1, 2]
+    singles = program.with_options(fusion="temporal").plan(batches)
+    assert program.planner.split(singles, batches, None) is None  # nothing fused: nothing to split
+    raised = _inject(monkeypatch, lambda: torch.OutOfMemoryError("CUDA out of memory."), times=1)
+    with pytest.warns(muxc.OutOfMemoryRetryWarning):
+        losses = program.forward_backward(batches)
+    got = [p.grad.clone() for s in program.states.values() for p in s.params]
+    monkeypatch.undo()
+    assert raised and program.last_plan.htasks == split.htasks
+    for s in program.states.values():
+        s.optimizer.zero_grad(set_to_none=True)
+    want = program.executor.run(split, batches)
+    assert all(torch.equal(losses[t], want[t]) for t in names)
+    now = [p.grad for s in program.states.values() for p in s.params]
+    assert all(torch.equal(g, w) for g, w in zip(got, now))
