@@ -98,7 +98,7 @@ def test_add_then_remove_equals_isolated_training(llama, exports):
 
 def test_add_task_refusals_leave_program_unchanged(llama):
     program = muxc.compile([muxc.Task(name="a", model=make_peft(llama, CONFIGS["a"][0], 1))])
-    before = (program.mux, dict(program.states), list(program.tasks))
+    before = (program.mux, dict(program.states), list(program.tasks), program.exports)
     other_base = build_base("llama", seed=5)
     with pytest.raises(muxc.BaseWeightMismatchError, match="differs between tasks 'a' and 'x'"):
         program.add_task(muxc.Task(name="x", model=make_peft(other_base, CONFIGS["b"][0], 2)))
@@ -108,7 +108,7 @@ def test_add_task_refusals_leave_program_unchanged(llama):
         program.remove_task("zz")
     with pytest.raises(muxc.TaskSpecError, match="only task"):
         program.remove_task("a")
-    assert (program.mux, dict(program.states), list(program.tasks)) == before
+    assert (program.mux, dict(program.states), list(program.tasks), program.exports) == before
 
 
 def test_kept_trace_templates_bind_no_tensor_and_adapters_of_one_model_are_not_traced_again(
