@@ -23,9 +23,11 @@ from typing import Any
 from muxc.dump import render
 from muxc.errors import MuxcInternalError
 from muxc.ir import MuxGraph, PartitionedGraph, TaskGraph
+from muxc.ir.recompute import RecomputePlan
 from muxc.passes import (
     merge_backbones,
     partition,
+    plan_recompute,
     rewrite_attention,
     select_kernels,
     share_frozen_weights,
@@ -54,6 +56,7 @@ class CompileState:
     mux_graph: MuxGraph | None = None
     partitioned: PartitionedGraph | None = None
     kernel_plan: KernelPlan | None = None
+    recompute: RecomputePlan | None = None
 
 
 _FIELDS = frozenset(f.name for f in fields(CompileState))
@@ -87,6 +90,7 @@ class Pass:
 
 PIPELINE: tuple[Pass, ...] = (
     Pass(validate_tasks, "tasks", "tasks", "fail fast, before any tracing"),
+    Pass(plan_recompute, "tasks", "recompute", "checkpointing the models ask for is kept"),
     Pass(trace_tasks, "tasks", "task_graphs", "one export per task structure, adapters opaque"),
     Pass(share_frozen_weights, "task_graphs", ("task_graphs", "sharing"), "one copy of the base"),
     Pass(merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
