@@ -90,13 +90,13 @@ class Pass:
 
 PIPELINE: tuple[Pass, ...] = (
     Pass(validate_tasks, "tasks", "tasks", "fail fast, before any tracing"),
-    Pass(plan_recompute, "tasks", "recompute", "checkpointing the models ask for is kept"),
     Pass(trace_tasks, "tasks", "task_graphs", "one export per task structure, adapters opaque"),
     Pass(share_frozen_weights, "task_graphs", ("task_graphs", "sharing"), "one copy of the base"),
     Pass(merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
     Pass(rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),
     Pass(partition, "mux_graph", "partitioned", "subgraphs + cost-balanced pipeline stages"),
     Pass(select_kernels, "mux_graph", "kernel_plan", "pick adapter kernels, say why"),
+    Pass(plan_recompute, "tasks", "recompute", "checkpointing the models ask for is kept"),
 )
 
 

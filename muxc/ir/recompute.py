@@ -7,8 +7,9 @@
 - ``layers``: each checkpointed decoder layer keeps only its inputs; its forward runs again,
   layer by layer, during backward (`torch.utils.checkpoint`, non-reentrant).
 - ``auto``: each decoder layer keeps its inputs and the outputs of its compute-bound ops
-  (GEMMs, adapter GEMMs, attention); during backward only the cheap ops between them
-  (norms, activations, rotary, casts, residual adds) run again (selective checkpointing).
+  (frozen GEMMs, attention); during backward only the cheap ops between them
+  (norms, activations, rotary, casts, residual adds, adapter kernels) run again (selective
+  checkpointing).
 
 `layer_of_nodes(graph)` assigns every op of a merged graph (or of a stage module cut from it)
 to its decoder layer, read from ``nn_module_stack`` (adapter sites: from their site path);
@@ -152,7 +153,7 @@ SAVED_BY_AUTO = frozenset({
 })
 """Ops whose outputs ``recompute="auto"`` keeps: the compute-bound ones (GEMMs and attention,
 as functorch's min-cut partitioner never recomputes them); every other op of a layer runs
-again in backward."""
+again in backward, adapter kernels included (each is one opaque custom op, cheap: rank-wide)."""
 
 
 def _auto_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -23,7 +23,7 @@ __all__ = ["plan_recompute"]
 
 
 def plan_recompute(tasks: Sequence[Task], ctx: CompileContext) -> PassResult[RecomputePlan]:
-    """The step's `RecomputePlan` from the option and the models' checkpointing (module doc)."""
+    """The step's `RecomputePlan` from the option and the models' checkpointing; does not mutate."""
     asked = ctx.options.recompute
     found = {t.name: checkpointed_layers(hf_model(t.name, t.model)) for t in tasks}
     on = {name: layers for name, layers in found.items() if layers is None or layers}

@@ -616,7 +616,7 @@ def _kept_bytes(w: _Walker) -> tuple[Poly, Poly]:
 
     Kept: what ops outside recomputed layers save; each recomputed layer's inputs (the
     checkpoint holds them: activations only, weights excluded), and under ``auto`` the outputs
-    of its GEMMs, matmuls, attention and LoRA's two adapter GEMMs.
+    of its frozen GEMMs, matmuls and attention.
     """
     kept, extra = w.buckets.get(None, ({}, Poly()))
     kept = dict(kept)
@@ -640,16 +640,10 @@ def _kept_bytes(w: _Walker) -> tuple[Poly, Poly]:
 
 
 def _auto_kept(w: _Walker, node: fx.Node) -> Poly:
-    """Bytes ``recompute="auto"`` keeps of one op of a recomputed layer (see SAVED_BY_AUTO)."""
+    """Bytes ``recompute="auto"`` keeps of one op of a recomputed layer (see SAVED_BY_AUTO).
+    Adapter sites keep nothing: each kind's kernel is one opaque custom op, recomputed."""
     if info(node).role is Role.ADAPTER:
-        out = Poly()
-        x, h = _val(node.args[0]), _val(node)
-        n = int(h.shape[-1])
-        for r in info(node).adapters:
-            if spec_of(r.kind).adds_to_output:  # x @ A (rank wide) and its @ B (output wide)
-                itemsize = next(iter(r.params.values())).element_size()
-                out = out + w.tokens(node.args[0], int(x.shape[-1])).scale((r.rank + n) * itemsize)
-        return out
+        return Poly()
     if attention_call(node) is not None:
         return w.bytes(node)  # its output (the log-sum-exp rows are small)
     kind = packet(node.target)
