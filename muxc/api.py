@@ -26,10 +26,11 @@ from muxc.errors import (
 from muxc.explain import Explanation, explain_program
 from muxc.frontends.peft import vocab_sizes
 from muxc.ir import MuxGraph
+from muxc.ir.recompute import RecomputePlan, recompute_module
 from muxc.names import safe_child
 from muxc.options import Alignment, Options
 from muxc.pipeline import CompileContext, CompileState, PassRecord, run_pipeline
-from muxc.ir import SimResult, StepPlan
+from muxc.ir import PartitionedGraph, SimResult, StepPlan
 from muxc.plan import Planner
 from muxc.runtime.batch import BatchSpec, check_batches, unlabeled
 from muxc.runtime.distributed import StageExecutor, join_stage_group
@@ -90,16 +91,19 @@ class Program:
         self.adapters = records
         self.partitioned = state.partitioned
         self.exports = state.exports  # one trace template per task structure (no tensors)
-        self.planner = Planner(mux, self.options)
+        self.recompute: RecomputePlan = state.recompute or RecomputePlan()
+        self._runnable = _runnable(mux, state.partitioned, self.recompute)
+        self.planner = Planner(mux, self.options, recompute=self.recompute)
         # task -> what the latest forward_backward/step did with it (tasks in its batches)
         self.last_step: Mapping[str, StepOutcome] = MappingProxyType({})
         self.last_plan: StepPlan | None = None  # the plan the last step ran
         self.measured: SimResult | None = None  # the last step's measured timeline
+        run_mux, run_pg = self._runnable
         if self.stage_group is None:
-            self.executor = LocalExecutor(mux, state.partitioned, self.options.kernel_impl)
+            self.executor = LocalExecutor(run_mux, run_pg, self.options.kernel_impl)
         else:
             self.planner.summary  # of the whole graph, before other stages' weights go
-            self.executor = StageExecutor(mux, state.partitioned, self.options.kernel_impl, self.stage_group)
+            self.executor = StageExecutor(run_mux, run_pg, self.options.kernel_impl, self.stage_group)
             self.executor.release_unowned([t.model for t in state.tasks])
 
     @property
@@ -148,10 +152,11 @@ class Program:
         # kernel_impl is chosen per op kind like compile does; a forced impl that cannot run raises
         program.kernel_plan = select_kernels(self.mux, CompileContext(options=options)).value
         program.planner = self.planner.with_options(options)
+        run_mux, run_pg = self._runnable
         if self.stage_group is None:
-            program.executor = LocalExecutor(self.mux, self.partitioned, options.kernel_impl)
+            program.executor = LocalExecutor(run_mux, run_pg, options.kernel_impl)
         else:
-            program.executor = StageExecutor(self.mux, self.partitioned, options.kernel_impl, self.stage_group)
+            program.executor = StageExecutor(run_mux, run_pg, options.kernel_impl, self.stage_group)
         return program
 
     def forward_backward(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
@@ -440,6 +445,17 @@ def _out_of_memory(plan: StepPlan, htask: int | None, cause: str, exact: bool,
         "activations under it, fusion='temporal' (one task per hTask), or micro_batches / "
         "alignment='chunk' with a smaller chunk_size"
     )
+def _runnable(mux: MuxGraph, pg: PartitionedGraph | None, plan: RecomputePlan):
+    """The graph and stages the executors run: ``mux`` and ``pg`` with their checkpointed
+    decoder layers recomputed in backward (`muxc.ir.recompute`); themselves without."""
+    gm = recompute_module(mux.gm, plan)
+    run_mux = mux if gm is mux.gm else dataclasses.replace(mux, gm=gm)
+    if pg is None:
+        return run_mux, None
+    stages = tuple(dataclasses.replace(st, module=recompute_module(st.module, plan)) for st in pg.stages)
+    run_pg = pg if all(a.module is b.module for a, b in zip(stages, pg.stages)) \
+        else dataclasses.replace(pg, mux=run_mux, stages=stages)
+    return run_mux, run_pg
 
 
 def _plain(value):

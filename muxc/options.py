@@ -8,10 +8,11 @@ from enum import Enum
 from typing import Any
 
 from muxc.errors import OptionsError, parse_enum
+from muxc.ir.recompute import Recompute
 from muxc.ir.schedule import SchedulePolicy
 from muxc.kernels.registry import Impl
 
-__all__ = ["Options", "Fusion", "Alignment"]
+__all__ = ["Options", "Fusion", "Alignment", "Recompute"]
 
 
 class Fusion(str, Enum):
@@ -52,6 +53,12 @@ class Options:
       "1f1b" | "interleaved" | "sequential": how each stage orders the hTasks' micro-batches.
     pipeline_timeout: seconds a stage process waits for another before the step fails with
       `PipelineError` (multi-process stages only).
+    recompute: None | "none" | "layers" | "auto": what a step keeps for backward (compile-time).
+      "none": everything autograd saves; "layers": only each decoder layer's inputs, the layer
+      runs again in backward (like HF gradient checkpointing); "auto": each layer's inputs and
+      the outputs of its GEMMs and attention, the cheap ops between them run again. None (the
+      default): "layers" when a task's model has gradient checkpointing enabled
+      (``gradient_checkpointing_enable()``; with ``every_n_layers``, those layers), else "none".
     max_bad_steps: consecutive steps with a non-finite loss or adapter gradient after which a
       task is paused (its steps are skipped until ``program.resume_task(name)``); each bad step
       is skipped without touching the adapter.
@@ -72,6 +79,7 @@ class Options:
     pipeline_timeout: float = 60.0
     schedule: SchedulePolicy | str | None = None
     max_bad_steps: int = 3
+    recompute: Recompute | str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fusion", parse_enum(Fusion, self.fusion, "fusion"))
@@ -79,6 +87,8 @@ class Options:
         object.__setattr__(self, "kernel_impl", Impl.parse(self.kernel_impl))
         if self.schedule is not None:
             object.__setattr__(self, "schedule", parse_enum(SchedulePolicy, self.schedule, "schedule"))
+        if self.recompute is not None:
+            object.__setattr__(self, "recompute", parse_enum(Recompute, self.recompute, "recompute"))
         if self.chunk_size is not None:
             if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
                 raise OptionsError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")

@@ -23,9 +23,11 @@ from muxc.dump import render
 from muxc.errors import MuxcInternalError
 from muxc.frontends import TraceTemplates
 from muxc.ir import MuxGraph, PartitionedGraph, TaskGraph
+from muxc.ir.recompute import RecomputePlan
 from muxc.passes import (
     merge_backbones,
     partition,
+    plan_recompute,
     rewrite_attention,
     select_kernels,
     share_frozen_weights,
@@ -55,6 +57,7 @@ class CompileState:
     partitioned: PartitionedGraph | None = None
     kernel_plan: KernelPlan | None = None
     exports: TraceTemplates | None = None  # one trace template per task structure, no tensors
+    recompute: RecomputePlan | None = None
 
 
 _FIELDS = frozenset(f.name for f in fields(CompileState))
@@ -94,6 +97,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass(rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),
     Pass(partition, "mux_graph", "partitioned", "subgraphs + cost-balanced pipeline stages"),
     Pass(select_kernels, "mux_graph", "kernel_plan", "pick adapter kernels, say why"),
+    Pass(plan_recompute, "tasks", "recompute", "checkpointing the models ask for is kept"),
 )
 
 

@@ -2,7 +2,8 @@
 
 The exported function is ``(input_ids, attention_mask) -> logits`` of the HF model in training
 mode (as ``model.train()`` would run it) with batch and sequence dims dynamic, so one trace
-serves every batch shape. With ``with_positions`` it is ``(input_ids, attention_mask,
+serves every batch shape. HF gradient checkpointing is switched off while tracing (muxc's runtime
+recomputes layers itself: `muxc.frontends.checkpointing`). With ``with_positions`` it is ``(input_ids, attention_mask,
 position_ids) -> logits``: chunk alignment packs samples and restarts positions per sample.
 """
 
@@ -18,6 +19,7 @@ from torch.export import Dim
 from torch.export.graph_signature import InputKind
 
 from muxc.errors import TraceError
+from muxc.frontends.checkpointing import checkpointing_off
 from muxc.frontends.peft import (
     adapter_name_of,
     adapter_param_ids,
@@ -94,7 +96,7 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     t0 = time.perf_counter()
     try:
         hf.train()
-        with routed_adapters(task.name, hf, adapter):
+        with routed_adapters(task.name, hf, adapter), checkpointing_off(hf):
             if with_positions:
                 pos = torch.arange(EXAMPLE_SHAPE[1], device=device).expand(EXAMPLE_SHAPE).clone()
                 ep = torch.export.export(

@@ -3,6 +3,7 @@
 from muxc.passes.merge_backbones import merge_backbones
 from muxc.passes.partition import partition
 from muxc.passes.pass_base import CompileContext, PassResult
+from muxc.passes.plan_recompute import plan_recompute
 from muxc.passes.rewrite_attention import rewrite_attention
 from muxc.passes.select_kernels import select_kernels
 from muxc.passes.share_frozen_weights import share_frozen_weights
@@ -10,4 +11,4 @@ from muxc.passes.trace_tasks import trace_tasks
 from muxc.passes.validate_tasks import validate_tasks
 
 __all__ = ["validate_tasks", "trace_tasks", "share_frozen_weights", "merge_backbones",
-           "rewrite_attention", "partition", "select_kernels", "CompileContext", "PassResult"]
+           "rewrite_attention", "partition", "select_kernels", "plan_recompute", "CompileContext", "PassResult"]

@@ -10,7 +10,11 @@
   log-probabilities), times ``in_flight``, the micro-batches whose activations are alive at
   once (1F1B: up to the number of pipeline stages on the first stage).
 
-Assumptions: no activation checkpointing; the caching allocator's fragmentation and the
+With recomputation (`muxc.ir.recompute`), ``activations`` is what stays alive from forward to
+backward under that mode, plus once the largest recomputed layer's saves (alive while that
+layer's backward runs; ``ModelSummary.recompute_peak``).
+
+Assumptions: the caching allocator's fragmentation and the
 framework's workspace are not modelled (keep a margin below the device capacity); frozen weights
 saved for backward are the weights themselves (not counted twice).
 
@@ -85,9 +89,10 @@ def estimate_memory(
         raise CostModelError(f"estimate_memory: tasks {unknown} are not in the summary "
                              f"(tasks {list(summary.tasks)})")
     adapters = sum(summary.adapter_bytes.values())
-    acts = 0.0
+    acts, peak = 0.0, 0.0
     if shape.total_rows:
         acts = summary.saved(shape.total_rows, shape.seq_len)
+        peak = summary.recompute_peak(shape.total_rows, shape.seq_len)
         for task, rows in shape.rows.items():
             if rows:
                 acts += summary.saved_per_task[task](rows, shape.seq_len)
@@ -96,7 +101,7 @@ def estimate_memory(
         adapters=adapters,
         gradients=adapters,
         optimizer=optimizer_states * adapters,
-        activations=int(round(in_flight * acts)),
+        activations=int(round(in_flight * acts + peak)),
     )
 
 

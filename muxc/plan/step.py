@@ -17,6 +17,7 @@ from muxc.ir.chunks import build_layout
 from muxc.ir.step import HTask, StepPlan
 from muxc.options import Alignment, Fusion, Options
 from muxc.plan.fusion import AutoFusion, loads_of
+from muxc.ir.recompute import RecomputePlan
 from muxc.plan.summary import ModelSummary, summarize_graph
 from muxc.plan.simulate import best_schedule, time_table
 
@@ -26,8 +27,10 @@ __all__ = ["Planner", "plan_step"]
 class Planner:
     """Plans steps of one compiled graph under fixed options (the cost model is built lazily)."""
 
-    def __init__(self, mux: MuxGraph, options: Options, summary: ModelSummary | None = None):
+    def __init__(self, mux: MuxGraph, options: Options, summary: ModelSummary | None = None,
+                 recompute: RecomputePlan | None = None):
         self.mux = mux
+        self.recompute = recompute  # what steps keep for backward (the summary's memory)
         self.options = options
         self.device = next(iter(mux.tensors.values())).device
         self._summary = summary
@@ -37,7 +40,7 @@ class Planner:
     def summary(self) -> ModelSummary:
         """The graph's cost summary (built once, shared by `with_options` planners)."""
         if self._summary is None:
-            self._summary = summarize_graph(self.mux)
+            self._summary = summarize_graph(self.mux, recompute=self.recompute)
         return self._summary
 
     @property
@@ -49,7 +52,7 @@ class Planner:
 
     def with_options(self, options: Options) -> Planner:
         """A planner of the same graph under ``options`` (reuses the summary)."""
-        return Planner(self.mux, options, self.summary)
+        return Planner(self.mux, options, self.summary, self.recompute)
 
     def chunk_size(self, present: Mapping[str, Mapping]) -> int | None:
         """``chunk_size`` if set, else the cost model's best for these batches (None: pad)."""

@@ -44,6 +44,7 @@ from muxc.ir.optable import (
     gemm_operands,
     packet,
 )
+from muxc.ir.recompute import Recompute, RecomputePlan, layer_of_nodes
 from muxc.ir.shapes import B, S, GraphShapes, meta_val
 from muxc.kinds import spec_of
 from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Poly
@@ -99,7 +100,10 @@ class ModelSummary:
     ``frozen_bytes``: shared frozen weights (once). ``adapter_numel``/``adapter_bytes``: per
     task trainable parameters. ``saved``: activation bytes saved for backward by shared ops
     (``b`` = rows of the whole step); ``saved_per_task``: by per-task ops (``b`` = the task's
-    rows). ``source``: "graph" or "config".
+    rows). ``source``: "graph" or "config". With recomputation (`RecomputePlan`), ``saved`` is
+    what stays alive from forward to backward (ops outside recomputed layers, each recomputed
+    layer's inputs, and under ``auto`` its GEMM and attention outputs) and ``recompute_peak``
+    the largest layer's recomputed saves, alive while that layer's backward runs.
     """
 
     ops: tuple[OpCost, ...]
@@ -111,6 +115,7 @@ class ModelSummary:
     saved: Poly
     saved_per_task: Mapping[str, Poly]
     source: str = "graph"
+    recompute_peak: Poly = Poly()
 
     def __repr__(self) -> str:
         kinds = Counter(o.forward.key.kind for o in self.ops if o.forward is not None)
@@ -160,6 +165,7 @@ class ModelSummary:
             saved=self.saved,
             saved_per_task={t: p for t, p in self.saved_per_task.items() if t in keep},
             source=self.source,
+            recompute_peak=self.recompute_peak,
         )
 
 
@@ -272,8 +278,12 @@ nothing but the weight (dX = dY W); LoRA/IA3 save their input; the loss its log-
 
 
 class _Walker:
-    def __init__(self, mux: MuxGraph):
+    def __init__(self, mux: MuxGraph, recompute: RecomputePlan | None = None):
         self.mux = mux
+        self.recompute = recompute or RecomputePlan()
+        # recomputed layer (None: kept ops) -> (storage-owning node -> bytes, extra bytes)
+        self.buckets: dict[int | None, tuple[dict[fx.Node, Poly], Poly]] = {}
+        self.bucket_of: dict[fx.Node, int | None] = {}
         self.shapes = _Shapes(mux)
         self.grad: dict[fx.Node, bool] = {}
         self.ops: list[OpCost] = []
@@ -334,24 +344,34 @@ class _Walker:
     # -- walk
     def run(self) -> None:
         graph = self.mux.gm.graph
+        if self.recompute.mode is not Recompute.NONE:
+            self.bucket_of = {n: (l if self.recompute.checkpoints(l) else None)
+                              for n, l in layer_of_nodes(graph).items()}
         for node in graph.nodes:
             if node.op == "placeholder":
                 self.grad[node] = info(node).role is Role.ADAPTER_PARAM
                 continue
             if node.op != "call_function":
                 continue
-            role = info(node).role
-            floating = _floating(node)
-            self.grad[node] = role in (Role.ADAPTER, Role.LOSS) or (
-                floating and any(self.needs_grad(a) for a in _tensor_args(node))
-            )
-            if role is Role.ADAPTER:
-                self.adapter(node)
-            elif role is Role.LOSS:
-                self.loss(node)
-            else:
-                self.backbone(node)
+            bucket = self.bucket_of.get(node)  # saves go to the bucket of the node's layer
+            self.saved, self.saved_extra = self.buckets.get(bucket, ({}, Poly()))
+            self.visit(node)
+            self.buckets[bucket] = (self.saved, self.saved_extra)
+        self.saved, self.saved_extra = self.buckets.get(None, ({}, Poly()))
         self.accumulations()
+
+    def visit(self, node: fx.Node) -> None:
+        role = info(node).role
+        floating = _floating(node)
+        self.grad[node] = role in (Role.ADAPTER, Role.LOSS) or (
+            floating and any(self.needs_grad(a) for a in _tensor_args(node))
+        )
+        if role is Role.ADAPTER:
+            self.adapter(node)
+        elif role is Role.LOSS:
+            self.loss(node)
+        else:
+            self.backbone(node)
 
     def adapter(self, node: fx.Node) -> None:
         rec = info(node)
@@ -555,9 +575,11 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def summarize_graph(mux: MuxGraph) -> ModelSummary:
-    """Summarise a merged program's step cost and memory (see module doc). Pure: reads only."""
-    w = _Walker(mux)
+def summarize_graph(mux: MuxGraph, recompute: RecomputePlan | None = None) -> ModelSummary:
+    """Summarise a merged program's step cost and memory (see module doc). Pure: reads only.
+
+    ``recompute``: what the step recomputes (None: nothing); it changes the memory only."""
+    w = _Walker(mux, recompute)
     w.run()
     frozen: dict[int, int] = {}
     for n in mux.nodes_with(Role.FROZEN):
@@ -573,9 +595,7 @@ def summarize_graph(mux: MuxGraph) -> ModelSummary:
                     seen.add(id(p))
                     numel[r.task] += p.numel()
                     nbytes[r.task] += p.numel() * p.element_size()
-    saved = w.saved_extra
-    for p in w.saved.values():
-        saved = saved + p
+    saved, peak = _kept_bytes(w)
     layers = {o.layer for o in w.ops if o.layer is not None}
     return ModelSummary(
         ops=tuple(w.ops),
@@ -587,7 +607,49 @@ def summarize_graph(mux: MuxGraph) -> ModelSummary:
         saved=saved,
         saved_per_task=w.saved_per_task,
         source="graph",
+        recompute_peak=peak,
     )
+
+
+def _kept_bytes(w: _Walker) -> tuple[Poly, Poly]:
+    """(bytes kept from forward to backward, largest recomputed layer's saves).
+
+    Kept: what ops outside recomputed layers save; each recomputed layer's inputs (the
+    checkpoint holds them: activations only, weights excluded), and under ``auto`` the outputs
+    of its frozen GEMMs, matmuls and attention.
+    """
+    kept, extra = w.buckets.get(None, ({}, Poly()))
+    kept = dict(kept)
+    peak = Poly()
+    auto = w.recompute.mode is Recompute.AUTO
+    for layer, (saved, more) in w.buckets.items():
+        if layer is None:
+            continue
+        total = sum(saved.values(), more)
+        peak = total if _dominates(total, peak) else peak
+        for node, bucket in w.bucket_of.items():
+            if bucket != layer:
+                continue
+            for a in _tensor_args(node):
+                r = w.root(a)
+                if w.bucket_of.get(r) != layer and r.op != "placeholder" and r not in kept:
+                    kept[r] = w.bytes(r)
+            if auto:
+                extra = extra + _auto_kept(w, node)
+    return sum(kept.values(), extra), peak
+
+
+def _auto_kept(w: _Walker, node: fx.Node) -> Poly:
+    """Bytes ``recompute="auto"`` keeps of one op of a recomputed layer (see SAVED_BY_AUTO).
+    Adapter sites keep nothing: each kind's kernel is one opaque custom op, recomputed."""
+    if info(node).role is Role.ADAPTER:
+        return Poly()
+    if attention_call(node) is not None:
+        return w.bytes(node)  # its output (the log-sum-exp rows are small)
+    kind = packet(node.target)
+    if kind in WEIGHT_GEMMS or kind in MATMULS:
+        return w.bytes(node)
+    return Poly()
 
 
 def as_summary(model: ModelSummary | MuxGraph) -> ModelSummary:
