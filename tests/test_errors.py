@@ -74,7 +74,6 @@ def test_unsupported_peft_type_lists_supported(llama):
 
 
 @pytest.mark.parametrize("option,match", [
-    (dict(use_dora=True), "use_dora=True"),
     (dict(bias="lora_only"), "bias='lora_only'"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
 ])

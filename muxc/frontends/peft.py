@@ -1,8 +1,8 @@
 """Read a PEFT model: validate what muxc supports, list each adapter in unified form, and
 route adapter layers through muxc's opaque ops for the duration of a trace.
 
-Supported now: LoRA on ``nn.Linear`` and GPT-2 ``Conv1D`` base layers (any targets, ranks,
-alpha, rslora, rank/alpha patterns, dropout, ``bias="none"``) and IA3 (attention and
+Supported now: LoRA and DoRA on ``nn.Linear`` and GPT-2 ``Conv1D`` base layers (any targets,
+ranks, alpha, rslora, rank/alpha patterns, dropout, ``bias="none"``) and IA3 (attention and
 feed-forward). Everything else raises `UnsupportedPeftError` naming it.
 """
 
@@ -17,8 +17,8 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from muxc.errors import TaskSpecError, UnsupportedPeftError
-from muxc.ir import AdapterRecord
-from muxc.kinds import KINDS, SUPPORTED, spec_for_layer
+from muxc.ir import AdapterKind, AdapterRecord
+from muxc.kinds import KINDS, SUPPORTED, spec_for_config, spec_for_layer
 
 __all__ = [
     "SUPPORTED",
@@ -78,7 +78,7 @@ def adapter_name_of(task_name: str, model: PeftModel, adapter_name: str | None) 
 def _check_config(task_name: str, cfg, adapter: str) -> None:
     ptype = getattr(cfg.peft_type, "value", str(cfg.peft_type))
     where = f"task {task_name!r} (adapter {adapter!r})"
-    spec = next((k for k in KINDS.values() if k.peft_type == ptype), None)
+    spec = spec_for_config(cfg)
     if spec is None:
         raise UnsupportedPeftError(f"{where}: PEFT type {ptype} is not supported; supported: {SUPPORTED}")
     bad = spec.config_problems(cfg)
@@ -112,14 +112,15 @@ def adapter_layers(task_name: str, hf: torch.nn.Module, adapter: str) -> dict[st
             else:
                 continue
         where = f"task {task_name!r}: layer {path!r} ({type(mod).__module__}.{type(mod).__name__})"
-        if spec_for_layer(mod) is None:
+        spec = spec_for_layer(mod, adapter)
+        if spec is None:
             raise UnsupportedPeftError(f"{where} is not supported; supported: {SUPPORTED}")
         if getattr(mod, "merged", False):
             raise UnsupportedPeftError(
                 f"{where} has merged adapters {mod.merged_adapters}; unmerge them "
                 "(model.unmerge_adapter()) before compiling"
             )
-        if adapter in getattr(mod, "lora_variant", {}):
+        if adapter in getattr(mod, "lora_variant", {}) and spec.kind is not AdapterKind.DORA:
             variant = type(mod.lora_variant[adapter]).__name__
             raise UnsupportedPeftError(f"{where} uses LoRA variant {variant}; supported: {SUPPORTED}")
         found[path] = mod
@@ -130,7 +131,7 @@ def adapter_layers(task_name: str, hf: torch.nn.Module, adapter: str) -> dict[st
 
 def adapter_records(task_name: str, hf: torch.nn.Module, adapter: str) -> list[AdapterRecord]:
     """The task's adapters in unified form, holding the user's own parameter tensors."""
-    return [spec_for_layer(mod).records(task_name, path, mod, adapter)
+    return [spec_for_layer(mod, adapter).records(task_name, path, mod, adapter)
             for path, mod in adapter_layers(task_name, hf, adapter).items()]
 
 
@@ -160,7 +161,7 @@ def routed_adapters(task_name: str, hf: torch.nn.Module, adapter: str) -> Iterat
     try:
         for path, mod in layers.items():
             if path in mine:
-                fwd = spec_for_layer(mod).traced_forward(path, adapter)
+                fwd = spec_for_layer(mod, adapter).traced_forward(path, adapter)
             else:
                 fwd = _base_only_forward
             mod.forward = types.MethodType(fwd, mod)

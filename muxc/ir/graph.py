@@ -54,6 +54,7 @@ class Role(str, Enum):
 class AdapterKind(str, Enum):
     LORA = "lora"
     IA3 = "ia3"
+    DORA = "dora"
 
 
 class Dispatch(str, Enum):
@@ -70,6 +71,7 @@ class Aggregate(str, Enum):
     ADD_SCALED = "base + s*B(A(x))"
     SCALE_OUTPUT = "base(x) * v"
     SCALE_INPUT = "base(x * v)"
+    DORA = "base + (m/||W+sBA|| - 1)*(base - b) + m/||W+sBA|| * s*B(A(x))"
 
 
 class Position(str, Enum):
@@ -98,6 +100,7 @@ class AdapterRecord:
     rank: int = 0
     scaling: float = 1.0
     dropout: float = 0.0
+    fan_in_fan_out: bool = False  # the base op stores its weight as (in, out) (GPT-2 Conv1D)
 
     @property
     def position(self) -> Position:

@@ -102,7 +102,8 @@ def common_dtype(records: tuple[AdapterRecord, ...], site: str) -> torch.dtype |
 @dataclass(frozen=True, eq=False)
 class _Site:
     site: str
-    records: tuple[AdapterRecord, ...]  # graph args after (x[, h], mux) are these records' params
+    records: tuple[AdapterRecord, ...]  # graph args after (x[, h], mux, *frozen) are these records' params
+    frozen: tuple[str, ...] = ()  # names of the frozen backbone tensors passed after mux (DoRA: weight, bias)
 
     def __post_init__(self) -> None:
         common_dtype(self.records, self.site)
@@ -134,8 +135,9 @@ class _Site:
 
 
 class OutputSite(_Site):
-    """After a base op, called as ``(x, h, mux, *params)``: each task's adapter on its segment
-    (LoRA ``h + s*B(A(x))``, IA3 ``h * v``)."""
+    """After a base op, called as ``(x, h, mux, *frozen, *params)``: each task's adapter on its
+    segment (LoRA ``h + s*B(A(x))``, IA3 ``h * v``, DoRA, which also reads the base op's frozen
+    weight and bias named in ``frozen``)."""
 
 
 class InputSite(_Site):

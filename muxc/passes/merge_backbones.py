@@ -85,6 +85,7 @@ class _Anchor:
     record: AdapterRecord
     at: Key  # OUT: the adapted op's output; IN: the consuming base op
     x: Key | None  # the tensor the adapter reads besides the anchor (LoRA: the base op's input)
+    frozen: tuple[tuple[str, Key], ...] = ()  # frozen backbone tensors it reads (DoRA: weight, bias)
 
 
 def _anchors(bb: _Backbone) -> list[_Anchor]:
@@ -109,7 +110,9 @@ def _anchors(bb: _Backbone) -> list[_Anchor]:
             out.append(_Anchor(rec, bb.key_of(users[0]), bb.key_of(node.args[0])))
         else:
             x = None if spec.input_arg is None else bb.key_of(node.args[spec.input_arg])
-            out.append(_Anchor(rec, bb.key_of(node.args[spec.adapted_arg]), x))
+            frozen = tuple((name, bb.key_of(t)) for name, t in
+                           zip(spec.frozen_names, spec.frozen_tensors(node.args)) if t is not None)
+            out.append(_Anchor(rec, bb.key_of(node.args[spec.adapted_arg]), x, frozen))
     if len(out) != len(records):
         raise MuxcInternalError(f"{bb.graph.task}: {len(records)} adapters but {len(out)} adapter nodes")
     return out
@@ -210,10 +213,11 @@ def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassR
             group = _ordered(out_sites[key], tasks)
             xkey = _one_key(group, "x", default=key)  # IA3-only sites read no x: pass h
             recs = tuple(a.record for a in group)
+            frozen = _frozen_of(group)
             site = g.create_node(
                 "call_function",
-                OutputSite(recs[0].site, recs),
-                (env[xkey], new, mux, *site_params(group)),
+                OutputSite(recs[0].site, recs, tuple(name for name, _ in frozen)),
+                (env[xkey], new, mux, *(env[k] for _, k in frozen), *site_params(group)),
                 name=_safe(f"site_{recs[0].site}"),
             )
             site.meta["val"] = new.meta.get("val")
@@ -253,6 +257,14 @@ def _one_key(group: list[_Anchor], what: str, default: Key | None = None) -> Key
     if len(keys) != 1:
         raise MuxcInternalError(f"site {group[0].record.site!r}: tasks disagree on the base op {what}")
     return keys.pop()
+
+
+def _frozen_of(group: list[_Anchor]) -> tuple[tuple[str, Key], ...]:
+    """The frozen tensors a site reads: what its anchors read (they must agree: one base op)."""
+    found = {a.frozen for a in group} - {()}
+    if len(found) > 1:
+        raise MuxcInternalError(f"site {group[0].record.site!r}: tasks disagree on the base op's weights")
+    return found.pop() if found else ()
 
 
 def _first_node(args) -> fx.Node:
