@@ -1,7 +1,7 @@
 """The adapter-kind table: one `AdapterKindSpec` per PEFT method muxc runs.
 
 >>> [k.value for k in KINDS], spec_of(AdapterKind.LORA).kernel_op
-(['lora', 'ia3', 'dora'], 'multi_lora')
+(['lora', 'ia3', 'dora', 'head'], 'multi_lora')
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from muxc.ir import AdapterKind
 from muxc.kinds.dora import DORA
+from muxc.kinds.head import HEAD
 from muxc.kinds.ia3 import IA3
 from muxc.kinds.lora import LORA
 from muxc.kinds.spec import AdapterKindSpec
@@ -24,12 +25,13 @@ __all__ = [
     "spec_for_trace_op",
 ]
 
-KINDS: dict[AdapterKind, AdapterKindSpec] = {s.kind: s for s in (LORA, IA3, DORA)}
+KINDS: dict[AdapterKind, AdapterKindSpec] = {s.kind: s for s in (LORA, IA3, DORA, HEAD)}
 _BY_TRACE_OP = {s.trace_op: s for s in KINDS.values()}
 
 SUPPORTED = (
     "LoRA (Linear/Conv1D targets, bias='none'), DoRA (LoraConfig(use_dora=True), Linear/Conv1D "
-    "targets) and IA3 (Linear targets)"
+    "targets) and IA3 (Linear targets), with modules_to_save only on the output head (a "
+    "SEQ_CLS model's score/classifier, a causal LM's lm_head)"
 )
 
 

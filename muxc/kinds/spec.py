@@ -61,6 +61,8 @@ class AdapterKindSpec:
         lambda k, n, r, pre: None
     )
     flops_per_call: Callable[[int, int, int, bool], float] = lambda k, n, r, pre: 0.0
+    # a task head: its node feeds the task's loss (`muxc.ir.HeadLoss`) instead of a site
+    is_head: bool = False
 
     def param_tensors(self, args: tuple) -> tuple:
         """The adapter-parameter arguments of a trace-op call."""
