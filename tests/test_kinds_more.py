@@ -16,6 +16,7 @@ from models import CORE_FAMILIES, make_batch, make_peft
 from peft import IA3Config, LoraConfig, PeftModel
 from peft.tuners.lora.dora import DoraLinearLayer
 
+import muxc
 from muxc.kinds import dora as dora_kind
 from muxc.plan.summary import summarize_graph
 
@@ -162,3 +163,151 @@ def test_dora_is_priced_above_lora_of_its_rank(case):
     dora_ops = [o for o in summary.ops if o.task == "dora"]
     # per site: LoRA work, norm GEMM, norm pass (LoRA: its work); and each task's loss
     assert len(dora_ops) - 1 == 3 * (len(lora_ops) - 1)
+
+
+# ------------------------------------------------------------- SEQ_CLS tasks and task heads
+
+_CLS = {"llama": "LlamaForSequenceClassification", "gpt2": "GPT2ForSequenceClassification",
+        "opt": "OPTForSequenceClassification"}
+
+
+def _cls_model(base, family: str, num_labels: int, seed: int, problem_type=None, dora=False):
+    """A SEQ_CLS PeftModel whose backbone is ``base``'s (same weights), head random."""
+    import transformers
+
+    cfg = copy.deepcopy(base.config)
+    cfg.num_labels, cfg.problem_type = num_labels, problem_type
+    torch.manual_seed(seed)
+    model = getattr(transformers, _CLS[family])(cfg)
+    trunk = base.base_model_prefix
+    getattr(model, trunk).load_state_dict(getattr(base, trunk).state_dict())
+    pm = make_peft(model.eval(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules="all-linear",
+                                            lora_dropout=0.0, use_dora=dora), seed, copy_base=False)
+    _scale_magnitudes(pm, seed)
+    return pm
+
+
+def _cls_batch(rows: int, seq: int, seed: int, labels: torch.Tensor) -> dict:
+    b = make_batch(rows, seq, seed, pad_rows=rows - 1)
+    del b["labels"]
+    return {**b, "labels": labels}
+
+
+def cls_mixed(base, family: str) -> Case:
+    """Five kinds on one backbone: single-label (DoRA), multi-label and regression SEQ_CLS tasks
+    with their heads, a causal LoRA task, a causal IA3 task and a causal task training its own
+    lm_head copy."""
+    g = torch.Generator().manual_seed(0)
+    qv = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"]}[family]
+    spec = [
+        ("sst2", _cls_model(base, family, 2, 5, dora=True)),
+        ("multi", _cls_model(base, family, 3, 6, "multi_label_classification")),
+        ("reg", _cls_model(base, family, 1, 7)),
+        ("lora", make_peft(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 2)),
+        ("ia3", make_peft(base, IA3Config(), 4)),
+        ("lm_head", make_peft(base, LoraConfig(r=2, target_modules=qv, lora_dropout=0.0,
+                                               modules_to_save=["lm_head"]), 8)),
+    ]
+    batches = {"sst2": _cls_batch(3, 7, 1, torch.tensor([0, 1, 1])),
+               "multi": _cls_batch(2, 9, 2, (torch.rand(2, 3, generator=g) > 0.5).float()),
+               "reg": _cls_batch(2, 5, 3, torch.randn(2, generator=g)),
+               "lora": make_batch(2, 7, 3), "ia3": make_batch(1, 6, 4), "lm_head": make_batch(2, 8, 6)}
+    return separate(spec, batches)
+
+
+@pytest.fixture(scope="module")
+def cls_case(bases):
+    cache: dict[str, Case] = {}
+
+    def get(family: str) -> Case:
+        if family not in cache:
+            cache[family] = cls_mixed(bases(family), family)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ("llama", pytest.param("gpt2", marks=SLOW), pytest.param("opt", marks=SLOW)))
+def test_seq_cls_heads_mixed_with_causal_tasks(cls_case, family):
+    c = cls_case(family)
+    for fusion in FUSIONS:
+        c.check(fusion=fusion)
+    c.check(fusion="spatial", micro_batches=2)  # per-row labels split across micro-batches
+
+
+def test_seq_cls_head_grads_are_checked(cls_case):
+    c = cls_case("llama")
+    for task in ("sst2", "multi", "reg"):
+        heads = [n for n in c.refs[task][1] if "score.modules_to_save" in n]
+        assert sorted(n.rsplit(".", 1)[-1] for n in heads) == ["weight"]  # Llama's score has no bias
+    assert any("lm_head.modules_to_save" in n for n in c.refs["lm_head"][1])
+    assert any("lora_magnitude_vector" in n for n in c.refs["sst2"][1])
+    assert set(c.program.mux.heads) == {"sst2", "multi", "reg", "lm_head"}
+
+
+def test_seq_cls_labels_are_validated(cls_case):
+    c = cls_case("llama")
+    bad = dict(c.batches)
+    bad["sst2"] = {**c.batches["sst2"], "labels": torch.tensor([0, 2, 1])}
+    with pytest.raises(muxc.BatchError, match=r"'sst2': label 2 at \[1\] is not a class id in \[0, 2\)"):
+        c.program.forward_backward(bad)
+    bad["sst2"] = {**c.batches["sst2"], "labels": torch.zeros(3, 7, dtype=torch.long)}
+    with pytest.raises(muxc.BatchError, match=r"int64 class ids shaped \(3,\)"):
+        c.program.forward_backward(bad)
+    bad = dict(c.batches)
+    bad["reg"] = {**c.batches["reg"], "labels": torch.tensor([1, 2])}
+    with pytest.raises(muxc.BatchError, match=r"'reg': regression labels must be floating point shaped \(2,\)"):
+        c.program.forward_backward(bad)
+    bad = dict(c.batches)
+    bad["multi"] = {**c.batches["multi"], "labels": torch.ones(2)}
+    with pytest.raises(muxc.BatchError, match=r"multi-label labels must be floating point shaped \(2, 3\)"):
+        c.program.forward_backward(bad)
+
+
+def test_seq_cls_head_saves_loadable_by_peft(bases, cls_case, tmp_path):
+    c = cls_case("llama")
+    c.program.save_adapters(tmp_path)
+    import transformers
+
+    for task, model in zip(("sst2", "reg"), (c.models[0], c.models[2])):
+        fresh = transformers.LlamaForSequenceClassification(model.config)  # random head and trunk
+        fresh.model.load_state_dict(bases("llama").model.state_dict())
+        loaded = PeftModel.from_pretrained(fresh, str(tmp_path / task))
+        b = c.batches[task]
+        with torch.no_grad():
+            want = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            got = loaded(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        assert rel_err(got, want) <= 1e-6, task
+
+
+def test_seq_cls_with_chunk_alignment_says_why(bases):
+    model = _cls_model(bases("llama"), "llama", 2, 3)
+    with pytest.raises(muxc.UnsupportedPeftError, match=r"\['a'\]: sequence classification with "
+                       r"alignment='chunk' is not supported yet: the head pools"):
+        muxc.compile([muxc.Task(name="a", model=model)], muxc.Options(alignment="chunk"))
+
+
+def test_modules_to_save_off_the_head_is_refused(bases):
+    model = make_peft(bases("llama"), LoraConfig(r=2, target_modules=["q_proj"],
+                                                 modules_to_save=["model.layers.0.mlp.up_proj"]), 1)
+    with pytest.raises(muxc.UnsupportedPeftError, match=r"modules_to_save module .*up_proj.* is not the "
+                       r"model's output head"):
+        muxc.compile([muxc.Task(name="a", model=model)])
+
+
+@pytest.mark.parametrize("config", ["LoHaConfig", "LoKrConfig", "VeraConfig", "AdaLoraConfig",
+                                    "OFTConfig", "BOFTConfig", "PromptTuningConfig", "PrefixTuningConfig"])
+def test_unsupported_kinds_are_named_with_what_is_supported(bases, config):
+    import peft
+
+    kwargs = {"PromptTuningConfig": dict(task_type="CAUSAL_LM", num_virtual_tokens=4),
+              "PrefixTuningConfig": dict(task_type="CAUSAL_LM", num_virtual_tokens=4),
+              "AdaLoraConfig": dict(target_modules=["q_proj"], total_step=10),
+              "OFTConfig": dict(target_modules=["q_proj"], r=4, oft_block_size=0),
+              "BOFTConfig": dict(target_modules=["q_proj"], boft_block_size=4)}.get(
+        config, dict(target_modules=["q_proj"]))
+    model = peft.get_peft_model(copy.deepcopy(bases("llama")), getattr(peft, config)(**kwargs))
+    ptype = model.peft_config["default"].peft_type.value
+    with pytest.raises(muxc.UnsupportedPeftError, match=rf"PEFT type {ptype} is not supported; supported: "
+                       r"LoRA .*DoRA .*IA3"):
+        muxc.compile([muxc.Task(name="a", model=model)])
