@@ -311,3 +311,14 @@ def test_unsupported_kinds_are_named_with_what_is_supported(bases, config):
     with pytest.raises(muxc.UnsupportedPeftError, match=rf"PEFT type {ptype} is not supported; supported: "
                        r"LoRA .*DoRA .*IA3"):
         muxc.compile([muxc.Task(name="a", model=model)])
+
+
+def test_heads_are_priced_by_the_cost_model(cls_case):
+    """A task head is priced as its GEMM: per pooled row for SEQ_CLS, per token for an lm_head."""
+    ops = {o.task: o for o in summarize_graph(cls_case("llama").program.mux).ops if o.node.endswith("[head]")}
+    assert set(ops) == {"sst2", "multi", "reg", "lm_head"}
+    assert ops["sst2"].forward.key.shape == (32, 2) and ops["multi"].forward.key.shape == (32, 3)
+    assert ops["sst2"].forward.amount(b=3, s=7) == 3  # one pooled row each
+    assert ops["lm_head"].forward.key.shape == (32, 96) and ops["lm_head"].forward.amount(b=2, s=8) == 16
+    text = str(cls_case("llama").program.explain(cls_case("llama").batches))
+    assert "sst2" in text and "lm_head" in text

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
-from muxc.ir import MuxGraph, Position, Role, info
+from muxc.ir import CAUSAL_LM, HeadLoss, MuxGraph, Position, Role, info
 from muxc.ir.optable import (
     MATMULS,
     WEIGHT_GEMMS,
@@ -397,6 +397,15 @@ class _Walker:
         logits = node.args[0]
         v = _val(logits)
         vocab = int(v.shape[-1])
+        if isinstance(node.target, HeadLoss):  # the task's own head, then its loss
+            weight = _val(node.args[2])
+            hidden, vocab = int(weight.shape[1]), int(weight.shape[0])
+            per = Poly.tokens() if node.target.head.problem == CAUSAL_LM else Poly(((1, 0, 1.0),))
+            w = Work(OpKey(OpKind.GEMM, (hidden, vocab), _dt(weight.dtype)), per)
+            self.add(node, w, w, task=task, suffix="[head]")
+            if node.target.head.problem != CAUSAL_LM:  # pooled rows only: one term per row
+                self.saved_per_task[task] = self.saved_per_task[task] + Poly(((1, 0, 4.0 * vocab),))
+                return
         w = Work(OpKey(OpKind.LOSS, (vocab,), _dt(v.dtype)), Poly.tokens())
         self.add(node, w, w, task=task)
         self.saved_per_task[task] = self.saved_per_task[task] + Poly.tokens(4.0 * vocab)
