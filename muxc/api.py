@@ -67,6 +67,7 @@ class Program:
         self.batch_spec = BatchSpec(  # one base model for all tasks: any task's sizes do
             *vocab_sizes(state.tasks[0].name, state.tasks[0].model),
             right_padded=options.alignment is Alignment.CHUNK,
+            heads=dict(state.mux_graph.heads),
         )
         self.stage_group = None
         if options.stages > 1:
@@ -78,6 +79,7 @@ class Program:
         """Take the compiled graph and plan of ``state``; tasks already in ``states`` keep their
         training state (optimizer, scheduler, counters), new ones get a fresh one."""
         mux: MuxGraph = state.mux_graph
+        self.batch_spec = dataclasses.replace(self.batch_spec, heads=dict(mux.heads))
         records = {t: list(mux.adapters.get(t, ())) for t in mux.tasks}
         new = [t for t in state.tasks if t.name not in self.states]
         states = build_states(new, {t.name: records[t.name] for t in new})  # may raise: first
@@ -363,7 +365,7 @@ class Program:
                     ),
                     stacklevel=3,
                 )
-        for name in unlabeled({t: b for t, b in batches.items() if t not in skipped}):
+        for name in unlabeled({t: b for t, b in batches.items() if t not in skipped}, self.mux.heads):
             skipped[name] = "no label tokens"
             warnings.warn(
                 EmptyBatchWarning(

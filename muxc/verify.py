@@ -66,6 +66,7 @@ def verify_state(
         ref = {b.fqn: b.tensor for b in task_graphs[0].frozen_bindings().values()}
         for tg in task_graphs[1:]:
             for b in tg.frozen_bindings().values():
+                ref.setdefault(b.fqn, b.tensor)  # tasks with their own head lack the LM head
                 if b.tensor is not ref[b.fqn]:
                     _fail(pass_name, f"{tg.task}: {b.fqn} is not the shared tensor")
     if mux_graph is not None:

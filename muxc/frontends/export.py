@@ -24,9 +24,12 @@ from muxc.frontends.peft import (
     adapter_name_of,
     adapter_param_ids,
     adapter_records,
+    head_info,
     hf_model,
+    is_seq_cls,
     normalize_fqn,
     routed_adapters,
+    seq_cls_head_attr,
 )
 from muxc.kinds import spec_for_trace_op
 from muxc.ir import Binding, BindingKind, NodeInfo, Role, TaskGraph, set_info
@@ -56,6 +59,25 @@ class _LogitsAt(_Logits):
         return self.m(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).logits
+
+
+class _SeqCls(torch.nn.Module):
+    """``(input_ids, attention_mask[, position_ids]) -> per-token head logits`` of a sequence
+    classifier: its backbone (the same modules and FQNs as the causal LM's) and its head, with
+    HF's pooling left to the task's loss (`muxc.ir.HeadLoss`), which knows each row's last
+    non-padding token."""
+
+    def __init__(self, model: torch.nn.Module, head: str, with_positions: bool):
+        super().__init__()
+        self.m = model
+        self.head = head
+        self.with_positions = with_positions
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        trunk = getattr(self.m, self.m.base_model_prefix)
+        extra = {"position_ids": position_ids} if self.with_positions else {}
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        return getattr(self.m, self.head)(hidden.last_hidden_state)
 
 
 _KINDS = {
@@ -97,7 +119,12 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     try:
         hf.train()
         with routed_adapters(task.name, hf, adapter), checkpointing_off(hf):
-            if with_positions:
+            if is_seq_cls(hf):
+                wrapper = _SeqCls(hf, seq_cls_head_attr(task.name, hf, adapter), with_positions)
+                args = (ids, mask) + ((torch.arange(EXAMPLE_SHAPE[1], device=device)
+                                       .expand(EXAMPLE_SHAPE).clone(),) if with_positions else ())
+                ep = torch.export.export(wrapper, args, dynamic_shapes=(dims,) * len(args), strict=False)
+            elif with_positions:
                 pos = torch.arange(EXAMPLE_SHAPE[1], device=device).expand(EXAMPLE_SHAPE).clone()
                 ep = torch.export.export(
                     _LogitsAt(hf), (ids, mask, pos), dynamic_shapes=(dims, dims, dims), strict=False
@@ -141,22 +168,46 @@ def bind_and_tag(task: Task, gm: fx.GraphModule, records, lifted, targets) -> Ta
     """
     adapter_fqns = {id(t): n for r in records for n, t in _named(r)}
     other_adapters = adapter_param_ids(task.model) - set(adapter_fqns)
+    # the frozen original a trained head replaces is never run: not a backbone weight
+    unused = {n.name for n in gm.graph.find_nodes(op="placeholder") if not n.users}
+    other_adapters |= {id(t) for ph, (_, t) in lifted.items() if ph in unused and t is not None
+                       and ".original_module." in f".{targets.get(ph, '')}."}
     bindings = {}
+    trunk = _trunk_names(hf_model(task.name, task.model))
     for ph, (kind, tensor) in lifted.items():
         if kind is BindingKind.USER_INPUT:
             bindings[ph] = Binding(kind, ph)
             continue
         name = adapter_fqns.get(id(tensor), normalize_fqn(targets[ph].removeprefix(_PREFIX)))
+        name = trunk.get(id(tensor), name)
         bindings[ph] = Binding(kind, name, tensor)
     _tag(task.name, gm, bindings, adapter_fqns, other_adapters)
     hf = hf_model(task.name, task.model)
+    adapter = adapter_name_of(task.name, task.model, task.adapter_name)
     return TaskGraph(
         task=task.name,
         gm=gm,
         bindings=bindings,
         adapters=records,
         model_type=getattr(hf.config, "model_type", type(hf).__name__),
+        head=head_info(task.name, task.model, adapter),
     )
+
+
+def _trunk_names(hf: torch.nn.Module) -> dict[int, str]:
+    """id -> the backbone FQN of each tensor also reachable outside the backbone (a tied LM
+    head exports under ``lm_head.weight`` in a causal LM but under the embedding's name in a
+    sequence classifier): tasks of both kinds then name it alike."""
+    prefix = getattr(hf, "base_model_prefix", "") + "."
+    names: dict[int, list[str]] = {}
+    for n, p in hf.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    out = {}
+    for i, ns in names.items():
+        inside = sorted(n for n in ns if n.startswith(prefix))
+        if len(ns) > 1 and inside:
+            out[i] = normalize_fqn(inside[0])
+    return out
 
 
 def lifted_tensors(hf: torch.nn.Module, targets: Iterable[str]) -> dict[str, torch.Tensor | None]:

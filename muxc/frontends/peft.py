@@ -1,8 +1,8 @@
 """Read a PEFT model: validate what muxc supports, list each adapter in unified form, and
 route adapter layers through muxc's opaque ops for the duration of a trace.
 
-Supported now: LoRA on ``nn.Linear`` and GPT-2 ``Conv1D`` base layers (any targets, ranks,
-alpha, rslora, rank/alpha patterns, dropout, ``bias="none"``) and IA3 (attention and
+Supported now: LoRA and DoRA on ``nn.Linear`` and GPT-2 ``Conv1D`` base layers (any targets,
+ranks, alpha, rslora, rank/alpha patterns, dropout, ``bias="none"``) and IA3 (attention and
 feed-forward). Everything else raises `UnsupportedPeftError` naming it.
 """
 
@@ -15,10 +15,11 @@ from collections.abc import Iterator
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import ModulesToSaveWrapper
 
 from muxc.errors import TaskSpecError, UnsupportedPeftError
-from muxc.ir import AdapterRecord
-from muxc.kinds import KINDS, SUPPORTED, spec_for_layer
+from muxc.ir import CAUSAL_LM, AdapterKind, AdapterRecord, HeadInfo
+from muxc.kinds import KINDS, SUPPORTED, spec_for_config, spec_for_layer
 
 __all__ = [
     "SUPPORTED",
@@ -30,6 +31,10 @@ __all__ = [
     "adapter_records",
     "routed_adapters",
     "adapter_param_ids",
+    "head_info",
+    "is_seq_cls",
+    "seq_cls_head_attr",
+    "output_head_paths",
 ]
 
 # Model FQNs relative to the HF model: PEFT prefixes and wrappers removed.
@@ -78,12 +83,10 @@ def adapter_name_of(task_name: str, model: PeftModel, adapter_name: str | None) 
 def _check_config(task_name: str, cfg, adapter: str) -> None:
     ptype = getattr(cfg.peft_type, "value", str(cfg.peft_type))
     where = f"task {task_name!r} (adapter {adapter!r})"
-    spec = next((k for k in KINDS.values() if k.peft_type == ptype), None)
+    spec = spec_for_config(cfg)
     if spec is None:
         raise UnsupportedPeftError(f"{where}: PEFT type {ptype} is not supported; supported: {SUPPORTED}")
     bad = spec.config_problems(cfg)
-    if getattr(cfg, "modules_to_save", None):
-        bad.append(f"modules_to_save={cfg.modules_to_save}")
     if bad:
         raise UnsupportedPeftError(
             f"{where}: unsupported {ptype} option(s) {', '.join(bad)}; supported: {SUPPORTED}"
@@ -102,7 +105,18 @@ def normalize_fqn(fqn: str) -> str:
 def adapter_layers(task_name: str, hf: torch.nn.Module, adapter: str) -> dict[str, BaseTunerLayer]:
     """Module path -> PEFT layer holding ``adapter``; unsupported layer types raise."""
     found = {}
+    heads = output_head_paths(hf)
     for path, mod in hf.named_modules():
+        if isinstance(mod, ModulesToSaveWrapper) and adapter in mod.modules_to_save:
+            if path not in heads or not isinstance(mod.modules_to_save[adapter], torch.nn.Linear):
+                raise UnsupportedPeftError(
+                    f"task {task_name!r}: modules_to_save module {path!r} "
+                    f"({type(mod.original_module).__name__}) is not the model's output head; "
+                    f"muxc trains a per-task copy of the output Linear only ({sorted(heads)}); "
+                    f"supported: {SUPPORTED}"
+                )
+            found[path] = mod
+            continue
         if not isinstance(mod, BaseTunerLayer):
             continue
         holds = any(k.holds(mod, adapter) for k in KINDS.values())
@@ -112,14 +126,15 @@ def adapter_layers(task_name: str, hf: torch.nn.Module, adapter: str) -> dict[st
             else:
                 continue
         where = f"task {task_name!r}: layer {path!r} ({type(mod).__module__}.{type(mod).__name__})"
-        if spec_for_layer(mod) is None:
+        spec = spec_for_layer(mod, adapter)
+        if spec is None:
             raise UnsupportedPeftError(f"{where} is not supported; supported: {SUPPORTED}")
         if getattr(mod, "merged", False):
             raise UnsupportedPeftError(
                 f"{where} has merged adapters {mod.merged_adapters}; unmerge them "
                 "(model.unmerge_adapter()) before compiling"
             )
-        if adapter in getattr(mod, "lora_variant", {}):
+        if adapter in getattr(mod, "lora_variant", {}) and spec.kind is not AdapterKind.DORA:
             variant = type(mod.lora_variant[adapter]).__name__
             raise UnsupportedPeftError(f"{where} uses LoRA variant {variant}; supported: {SUPPORTED}")
         found[path] = mod
@@ -128,9 +143,54 @@ def adapter_layers(task_name: str, hf: torch.nn.Module, adapter: str) -> dict[st
     return found
 
 
+_SEQ_CLS_HEADS = ("score", "classifier")
+
+
+def is_seq_cls(hf: torch.nn.Module) -> bool:
+    return type(hf).__name__.endswith("ForSequenceClassification")
+
+
+def output_head_paths(hf: torch.nn.Module) -> set[str]:
+    """Module paths of the model's output head: a sequence classifier's ``score`` /
+    ``classifier``, else a causal LM's output embedding (``lm_head``)."""
+    if is_seq_cls(hf):
+        return {n for n in _SEQ_CLS_HEADS if hasattr(hf, n)}
+    out = hf.get_output_embeddings()
+    return {p for p, m in hf.named_modules() if m is out or (
+        isinstance(m, ModulesToSaveWrapper) and m.original_module is out)} - {""}
+
+
+def seq_cls_head_attr(task_name: str, hf: torch.nn.Module, adapter: str) -> str:
+    """The attribute holding a sequence classifier's head, which ``adapter`` must train."""
+    for name in _SEQ_CLS_HEADS:
+        mod = getattr(hf, name, None)
+        if isinstance(mod, ModulesToSaveWrapper) and adapter in mod.modules_to_save:
+            return name
+    raise UnsupportedPeftError(
+        f"task {task_name!r}: {type(hf).__name__} trains no head of its own (adapter {adapter!r} "
+        f"has no modules_to_save copy of {'/'.join(_SEQ_CLS_HEADS)}); build it with "
+        "LoraConfig(task_type='SEQ_CLS', ...) (PEFT then trains the head) or modules_to_save=['score']"
+    )
+
+
+def head_info(task_name: str, model, adapter: str) -> HeadInfo | None:
+    """What the task's own head computes (None: it uses the frozen shared LM head)."""
+    hf = hf_model(task_name, model)
+    if is_seq_cls(hf):
+        seq_cls_head_attr(task_name, hf, adapter)
+        cfg = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+        return HeadInfo("seq_cls", num_labels=int(hf.config.num_labels),
+                        problem_type=hf.config.problem_type, pad_token_id=cfg.pad_token_id)
+    for path in output_head_paths(hf):
+        mod = hf.get_submodule(path)
+        if isinstance(mod, ModulesToSaveWrapper) and adapter in mod.modules_to_save:
+            return HeadInfo(CAUSAL_LM)
+    return None
+
+
 def adapter_records(task_name: str, hf: torch.nn.Module, adapter: str) -> list[AdapterRecord]:
     """The task's adapters in unified form, holding the user's own parameter tensors."""
-    return [spec_for_layer(mod).records(task_name, path, mod, adapter)
+    return [spec_for_layer(mod, adapter).records(task_name, path, mod, adapter)
             for path, mod in adapter_layers(task_name, hf, adapter).items()]
 
 
@@ -138,6 +198,8 @@ def adapter_param_ids(model: PeftModel) -> set[int]:
     """ids of every adapter parameter of every adapter in ``model`` (not base weights)."""
     ids = set()
     for mod in model.modules():
+        if isinstance(mod, ModulesToSaveWrapper):
+            ids.update(id(p) for p in mod.modules_to_save.parameters())
         if isinstance(mod, BaseTunerLayer):
             for attr in mod.adapter_layer_names:
                 container = getattr(mod, attr, None)
@@ -154,13 +216,13 @@ def routed_adapters(task_name: str, hf: torch.nn.Module, adapter: str) -> Iterat
     exit even if tracing fails. Layers of other adapters of the same model run their base op
     only while tracing (an inactive adapter has no effect on this task).
     """
-    layers = {p: m for p, m in hf.named_modules() if isinstance(m, BaseTunerLayer)}
+    layers = {p: m for p, m in hf.named_modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))}
     mine = adapter_layers(task_name, hf, adapter)
     patched = []
     try:
         for path, mod in layers.items():
             if path in mine:
-                fwd = spec_for_layer(mod).traced_forward(path, adapter)
+                fwd = spec_for_layer(mod, adapter).traced_forward(path, adapter)
             else:
                 fwd = _base_only_forward
             mod.forward = types.MethodType(fwd, mod)
@@ -172,4 +234,6 @@ def routed_adapters(task_name: str, hf: torch.nn.Module, adapter: str) -> Iterat
 
 
 def _base_only_forward(self, x, *args, **kwargs):
+    if isinstance(self, ModulesToSaveWrapper):
+        return self.original_module(x, *args, **kwargs)
     return self.base_layer(x, *args, **kwargs)

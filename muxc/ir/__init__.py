@@ -35,13 +35,17 @@ from muxc.ir.graph import (
 from muxc.ir.ops import (
     IGNORE_INDEX,
     SDPA,
+    CAUSAL_LM,
     ChunkAttention,
+    HeadInfo,
+    HeadLoss,
     InputSite,
     MuxBatch,
     OutputSite,
     TaskLoss,
     bind_site_impl,
     causal_lm_loss,
+    seq_cls_loss,
 )
 from muxc.ir.partition import Crossing, PartitionedGraph, ShapeHint, Stage, Subgraph, SubgraphKind
 from muxc.ir.schedule import Schedule, SchedulePolicy, ScheduleError, SimResult, Step, StepKind
@@ -85,6 +89,10 @@ __all__ = [
     "SubgraphKind",
     "TaskGraph",
     "TaskLoss",
+    "HeadInfo",
+    "HeadLoss",
+    "CAUSAL_LM",
+    "seq_cls_loss",
     "bind_site_impl",
     "causal_lm_loss",
     "info",

@@ -54,6 +54,8 @@ class Role(str, Enum):
 class AdapterKind(str, Enum):
     LORA = "lora"
     IA3 = "ia3"
+    DORA = "dora"
+    HEAD = "head"  # a task's own trainable head (modules_to_save of the output Linear)
 
 
 class Dispatch(str, Enum):
@@ -70,6 +72,8 @@ class Aggregate(str, Enum):
     ADD_SCALED = "base + s*B(A(x))"
     SCALE_OUTPUT = "base(x) * v"
     SCALE_INPUT = "base(x * v)"
+    DORA = "base + (m/||W+sBA|| - 1)*(base - b) + m/||W+sBA|| * s*B(A(x))"
+    REPLACE = "copy(x)"  # the task's own copy of the module replaces it (modules_to_save)
 
 
 class Position(str, Enum):
@@ -98,6 +102,7 @@ class AdapterRecord:
     rank: int = 0
     scaling: float = 1.0
     dropout: float = 0.0
+    fan_in_fan_out: bool = False  # the base op stores its weight as (in, out) (GPT-2 Conv1D)
 
     @property
     def position(self) -> Position:
@@ -161,6 +166,7 @@ class TaskGraph:
     adapters: list[AdapterRecord]
     model_type: str
     trace_seconds: float = 0.0  # seconds spent exporting (or re-binding) this graph
+    head: object | None = None  # a `muxc.ir.HeadInfo` when the task trains its own head
     reused_from: str | None = None  # the task whose export this graph re-binds (None: its own)
 
     def __repr__(self) -> str:
@@ -196,6 +202,7 @@ class MuxGraph:
     tensors: dict[str, torch.Tensor]
     model_type: str
     sites: dict[str, tuple[AdapterRecord, ...]] = field(default_factory=dict)
+    heads: dict = field(default_factory=dict)  # task -> `muxc.ir.HeadInfo`, for tasks with their own head
     # task -> its adapters in its TaskGraph's order (all a Program needs of the task graphs,
     # which are not kept: their graphs and fake tensors would outlive the compile)
     adapters: dict[str, tuple[AdapterRecord, ...]] = field(default_factory=dict, repr=False)

@@ -32,6 +32,9 @@ __all__ = [
     "OutputSite",
     "InputSite",
     "TaskLoss",
+    "HeadInfo",
+    "HeadLoss",
+    "seq_cls_loss",
     "ChunkAttention",
     "bind_site_impl",
     "causal_lm_loss",
@@ -59,6 +62,9 @@ class MuxBatch:
     loss_scale: tuple[float, ...] | None = None  # per task: 1 / its label count this step
     chunk: Any = None  # the ChunkStep being run (chunk alignment), else None
     kv: dict | None = None  # K/V kept across an hTask's chunk steps: attention node -> (K, V)
+    # per active task: the row positions a sequence-classification head pools (its last
+    # non-padding token), None for other tasks; None when no such task is in the batch
+    pooled: tuple[torch.Tensor | None, ...] | None = None
 
     @property
     def seg_lens(self) -> tuple[int, ...]:
@@ -102,7 +108,8 @@ def common_dtype(records: tuple[AdapterRecord, ...], site: str) -> torch.dtype |
 @dataclass(frozen=True, eq=False)
 class _Site:
     site: str
-    records: tuple[AdapterRecord, ...]  # graph args after (x[, h], mux) are these records' params
+    records: tuple[AdapterRecord, ...]  # graph args after (x[, h], mux, *frozen) are these records' params
+    frozen: tuple[str, ...] = ()  # names of the frozen backbone tensors passed after mux (DoRA: weight, bias)
 
     def __post_init__(self) -> None:
         common_dtype(self.records, self.site)
@@ -134,8 +141,9 @@ class _Site:
 
 
 class OutputSite(_Site):
-    """After a base op, called as ``(x, h, mux, *params)``: each task's adapter on its segment
-    (LoRA ``h + s*B(A(x))``, IA3 ``h * v``)."""
+    """After a base op, called as ``(x, h, mux, *frozen, *params)``: each task's adapter on its
+    segment (LoRA ``h + s*B(A(x))``, IA3 ``h * v``, DoRA, which also reads the base op's frozen
+    weight and bias named in ``frozen``)."""
 
 
 class InputSite(_Site):
@@ -196,6 +204,94 @@ class TaskLoss:
 
     def __repr__(self) -> str:
         return f"TaskLoss({self.task})"
+
+
+SINGLE_LABEL = "single_label_classification"
+MULTI_LABEL = "multi_label_classification"
+REGRESSION = "regression"
+CAUSAL_LM = "causal_lm"
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What a task with its own head computes: ``problem`` is ``"causal_lm"`` (its own copy of
+    the LM head) or ``"seq_cls"`` (HF's sequence classification: the head's logits at each
+    row's last non-padding token); ``problem_type`` is the model config's (None: decided per
+    batch from the labels, as HF does on its first call)."""
+
+    problem: str
+    num_labels: int = 0
+    problem_type: str | None = None
+    pad_token_id: int | None = None
+
+    def resolved_problem_type(self, labels: torch.Tensor) -> str:
+        """HF's choice (``ForSequenceClassificationLoss``) for these labels."""
+        if self.problem_type is not None:
+            return self.problem_type
+        if self.num_labels == 1:
+            return REGRESSION
+        if labels.dtype in (torch.long, torch.int):
+            return SINGLE_LABEL
+        return MULTI_LABEL
+
+    def label_count(self, labels: torch.Tensor) -> int:
+        """How many terms HF's mean loss over ``labels`` averages."""
+        kind = self.resolved_problem_type(labels)
+        if kind == SINGLE_LABEL:
+            return int((labels != IGNORE_INDEX).sum())
+        return int(labels.numel())
+
+
+def seq_cls_loss(pooled: torch.Tensor, labels: torch.Tensor, head: HeadInfo, reduction: str) -> torch.Tensor:
+    """HF's sequence-classification loss of pooled logits ``(rows, num_labels)``."""
+    kind = head.resolved_problem_type(labels)
+    labels = labels.to(pooled.device)
+    if kind == REGRESSION:
+        if head.num_labels == 1:
+            return F.mse_loss(pooled.reshape(-1), labels.reshape(-1).to(pooled.dtype), reduction=reduction)
+        return F.mse_loss(pooled, labels.to(pooled.dtype), reduction=reduction)
+    if kind == SINGLE_LABEL:
+        return F.cross_entropy(pooled.reshape(-1, head.num_labels), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction=reduction)
+    return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype), reduction=reduction)
+
+
+@dataclass(frozen=True)
+class HeadLoss:
+    """The loss of a task with its own head, called as ``(hidden, mux, weight[, bias])``: its
+    rows of the shared last hidden state through its head copy, then HF's loss for its
+    `HeadInfo` (causal LM, or sequence classification pooled at ``mux.pooled``). With
+    ``mux.loss_scale`` it is this part's share (summed terms times the scale)."""
+
+    task: str
+    head: HeadInfo
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "__name__", f"head_loss_{self.task}")
+
+    def __call__(self, hidden: torch.Tensor, mux: MuxBatch, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        rng = mux.row_range(self.task)
+        if rng is None:
+            return None
+        start, end = rng
+        i = mux.tasks.index(self.task)
+        labels = mux.labels[i]
+        rows = hidden[start:end]
+        if self.head.problem == CAUSAL_LM:
+            logits = F.linear(rows.to(weight.dtype), weight, bias)
+            return TaskLoss(self.task)(logits, MuxBatch(
+                tasks=(self.task,), rows=(end - start,), seq_len=mux.seq_len, labels=(labels,),
+                shifted=mux.shifted, loss_scale=None if mux.loss_scale is None else (mux.loss_scale[i],)))
+        pos = mux.pooled[i].to(rows.device)
+        picked = rows[torch.arange(rows.shape[0], device=rows.device), pos]
+        pooled = F.linear(picked.to(weight.dtype), weight, bias)
+        if mux.loss_scale is None:
+            return seq_cls_loss(pooled, labels, self.head, "mean")
+        return seq_cls_loss(pooled, labels, self.head, "sum") * mux.loss_scale[i]
+
+    def __repr__(self) -> str:
+        return f"HeadLoss({self.task}, {self.head.problem})"
 
 
 # ---------------------------------------------------------------------------- attention

@@ -1,7 +1,7 @@
 """The adapter-kind table: one `AdapterKindSpec` per PEFT method muxc runs.
 
 >>> [k.value for k in KINDS], spec_of(AdapterKind.LORA).kernel_op
-(['lora', 'ia3'], 'multi_lora')
+(['lora', 'ia3', 'dora', 'head'], 'multi_lora')
 """
 
 from __future__ import annotations
@@ -9,25 +9,50 @@ from __future__ import annotations
 import torch
 
 from muxc.ir import AdapterKind
+from muxc.kinds.dora import DORA
+from muxc.kinds.head import HEAD
 from muxc.kinds.ia3 import IA3
 from muxc.kinds.lora import LORA
 from muxc.kinds.spec import AdapterKindSpec
 
-__all__ = ["AdapterKindSpec", "KINDS", "SUPPORTED", "spec_of", "spec_for_layer", "spec_for_trace_op"]
+__all__ = [
+    "AdapterKindSpec",
+    "KINDS",
+    "SUPPORTED",
+    "spec_of",
+    "spec_for_config",
+    "spec_for_layer",
+    "spec_for_trace_op",
+]
 
-KINDS: dict[AdapterKind, AdapterKindSpec] = {s.kind: s for s in (LORA, IA3)}
+KINDS: dict[AdapterKind, AdapterKindSpec] = {s.kind: s for s in (LORA, IA3, DORA, HEAD)}
 _BY_TRACE_OP = {s.trace_op: s for s in KINDS.values()}
 
-SUPPORTED = "LoRA (Linear/Conv1D targets, bias='none', no DoRA) and IA3 (Linear targets)"
+SUPPORTED = (
+    "LoRA (Linear/Conv1D targets, bias='none'), DoRA (LoraConfig(use_dora=True), Linear/Conv1D "
+    "targets) and IA3 (Linear targets), with modules_to_save only on the output head (a "
+    "SEQ_CLS model's score/classifier, a causal LM's lm_head)"
+)
 
 
 def spec_of(kind: AdapterKind) -> AdapterKindSpec:
     return KINDS[kind]
 
 
-def spec_for_layer(layer: torch.nn.Module) -> AdapterKindSpec | None:
-    """The kind whose PEFT layer class ``layer`` is exactly (None: unsupported)."""
-    return next((s for s in KINDS.values() if type(layer) in s.peft_layers), None)
+def spec_for_config(cfg) -> AdapterKindSpec | None:
+    """The kind a PEFT config trains (None: unsupported PEFT type)."""
+    ptype = getattr(cfg.peft_type, "value", str(cfg.peft_type))
+    return next((s for s in KINDS.values() if s.peft_type == ptype and s.for_config(cfg)), None)
+
+
+def spec_for_layer(layer: torch.nn.Module, adapter: str | None = None) -> AdapterKindSpec | None:
+    """The kind whose PEFT layer class ``layer`` is exactly and, given ``adapter``, which holds
+    it (kinds sharing a layer class, LoRA and DoRA, differ in what they hold); None:
+    unsupported."""
+    found = [s for s in KINDS.values() if type(layer) in s.peft_layers]
+    if adapter is not None and len(found) > 1:
+        found = [s for s in found if s.holds(layer, adapter)]
+    return found[0] if found else None
 
 
 def spec_for_trace_op(target) -> AdapterKindSpec | None:

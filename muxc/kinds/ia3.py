@@ -68,7 +68,7 @@ def _traced_forward(site: str, adapter: str):
     return forward
 
 
-def _apply(site, x: torch.Tensor, t: torch.Tensor, mux, params, recs) -> torch.Tensor:
+def _apply(site, x: torch.Tensor, t: torch.Tensor, mux, params, recs, frozen=None) -> torch.Tensor:
     """``t * v`` on every IA3 task's segment (a ones vector for the others)."""
     dtype = next(iter(recs.values())).params["v"].dtype
     flat = t.reshape(-1, t.shape[-1])

@@ -11,7 +11,7 @@ from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch
 from muxc.kernels import multi_lora
 from muxc.kinds.spec import AdapterKindSpec
 
-__all__ = ["LORA", "lora_adapter"]
+__all__ = ["LORA", "lora_adapter", "config_problems", "segment_dropout"]
 
 
 @torch.library.custom_op("muxc::lora_adapter", mutates_args=())
@@ -49,7 +49,6 @@ lora_adapter.register_autograd(_backward, setup_context=_setup)
 # LoraConfig options muxc does not run yet: (attribute, is it set?, how to name it)
 _UNSUPPORTED = (
     ("bias", lambda v: v not in (None, "none"), lambda v: f"bias={v!r}"),
-    ("use_dora", bool, lambda v: "use_dora=True"),
     ("lora_bias", bool, lambda v: "lora_bias=True"),
     ("target_parameters", bool, lambda v: f"target_parameters={v}"),
     ("trainable_token_indices", bool, lambda v: "trainable_token_indices"),
@@ -58,7 +57,7 @@ _UNSUPPORTED = (
 )
 
 
-def _config_problems(cfg) -> list[str]:
+def config_problems(cfg) -> list[str]:
     out = []
     for attr, is_set, label in _UNSUPPORTED:
         value = getattr(cfg, attr, None)
@@ -68,7 +67,7 @@ def _config_problems(cfg) -> list[str]:
 
 
 def _holds(mod, adapter: str) -> bool:
-    return adapter in getattr(mod, "lora_A", {})
+    return adapter in getattr(mod, "lora_A", {}) and adapter not in getattr(mod, "lora_magnitude_vector", {})
 
 
 def _records(task: str, path: str, mod, adapter: str) -> AdapterRecord:
@@ -97,7 +96,7 @@ def _traced_forward(site: str, adapter: str):
     return forward
 
 
-def _segment_dropout(flat: torch.Tensor, seg_lens, probs) -> torch.Tensor:
+def segment_dropout(flat: torch.Tensor, seg_lens, probs) -> torch.Tensor:
     """Dropout with probability ``probs[i]`` on segment ``i`` (PEFT's lora_dropout)."""
     if len(set(probs)) == 1:
         return F.dropout(flat, probs[0], training=True)
@@ -105,7 +104,7 @@ def _segment_dropout(flat: torch.Tensor, seg_lens, probs) -> torch.Tensor:
     return torch.cat([F.dropout(p, q, training=True) if q > 0 else p for p, q in zip(parts, probs)])
 
 
-def _apply(site, x: torch.Tensor, h: torch.Tensor, mux, params, recs) -> torch.Tensor:
+def _apply(site, x: torch.Tensor, h: torch.Tensor, mux, params, recs, frozen=None) -> torch.Tensor:
     """``h + s*B(A(x))`` on every LoRA task's segment (a rank-0 adapter for the others).
 
     The kernel adds into the base output in the same pass (fused accumulate) when ``h`` has
@@ -126,7 +125,7 @@ def _apply(site, x: torch.Tensor, h: torch.Tensor, mux, params, recs) -> torch.T
             scaling.append(0.0)
             drops.append(0.0)
     if mux.training and any(p > 0 for p in drops):
-        flat = _segment_dropout(flat, mux.seg_lens, drops)
+        flat = segment_dropout(flat, mux.seg_lens, drops)
     if h.dtype == dtype:
         base = h.reshape(-1, h.shape[-1])
         out = multi_lora(flat, mux.seg_lens, a_list, b_list, scaling, impl=mux.impl, base=base)
@@ -139,7 +138,7 @@ LORA = AdapterKindSpec(
     kind=AdapterKind.LORA,
     peft_type="LORA",
     peft_layers=(LoraLinear,),
-    config_problems=_config_problems,
+    config_problems=config_problems,
     holds=_holds,
     records=_records,
     traced_forward=_traced_forward,
@@ -154,4 +153,5 @@ LORA = AdapterKindSpec(
     flops_per_token=lambda k, n, r, pre: 2.0 * r * (k + n) + n,
     numel=lambda k, n, r, pre: r * (k + n),
     adds_to_output=True,
+    for_config=lambda cfg: not getattr(cfg, "use_dora", False),
 )

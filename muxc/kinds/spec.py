@@ -49,8 +49,26 @@ class AdapterKindSpec:
     flops_per_token: Callable[[int, int, int, bool], float]
     numel: Callable[[int, int, int, bool], int]
     adds_to_output: bool  # the site adds a delta to the base output (an extra elementwise add)
+    # kinds sharing a PEFT type (LoRA, DoRA) tell their configs apart: does ``cfg`` use this kind
+    for_config: Callable[[object], bool] = lambda cfg: True
+    # frozen backbone tensors the trace op reads (DoRA: the base weight and bias): their
+    # argument indices and the names `apply` receives them under (an argument may be None)
+    frozen_args: tuple[int, ...] = ()
+    frozen_names: tuple[str, ...] = ()
+    # work every site call does once per task regardless of tokens (DoRA's weight norm): the
+    # (K, N) of a GEMM run over ``rows`` rows, or None; and its forward FLOPs
+    per_call_gemm: Callable[[int, int, int, bool], tuple[tuple[int, int], int] | None] = (
+        lambda k, n, r, pre: None
+    )
+    flops_per_call: Callable[[int, int, int, bool], float] = lambda k, n, r, pre: 0.0
+    # a task head: its node feeds the task's loss (`muxc.ir.HeadLoss`) instead of a site
+    is_head: bool = False
 
     def param_tensors(self, args: tuple) -> tuple:
         """The adapter-parameter arguments of a trace-op call."""
         lo, hi = self.param_args
         return tuple(args[lo:hi])
+
+    def frozen_tensors(self, args: tuple) -> tuple:
+        """The frozen-backbone arguments of a trace-op call (None where absent)."""
+        return tuple(args[i] for i in self.frozen_args)

@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from muxc.errors import ArchitectureMismatchError, MuxcInternalError
 from muxc.ir import AdapterRecord, MuxGraph, NodeInfo, Position, Role, TaskGraph, info, set_info
-from muxc.ir import InputSite, OutputSite, TaskLoss
+from muxc.ir import HeadLoss, InputSite, OutputSite, TaskLoss
 from muxc.kinds import spec_for_trace_op
 from muxc.passes.pass_base import CompileContext, PassResult
 
@@ -85,6 +85,8 @@ class _Anchor:
     record: AdapterRecord
     at: Key  # OUT: the adapted op's output; IN: the consuming base op
     x: Key | None  # the tensor the adapter reads besides the anchor (LoRA: the base op's input)
+    frozen: tuple[tuple[str, Key], ...] = ()  # frozen backbone tensors it reads (DoRA: weight, bias)
+    head: bool = False  # a task head: ``at`` is the hidden state its loss reads
 
 
 def _anchors(bb: _Backbone) -> list[_Anchor]:
@@ -98,32 +100,40 @@ def _anchors(bb: _Backbone) -> list[_Anchor]:
         rec = records.get(site)
         if rec is None:
             raise MuxcInternalError(f"{bb.graph.task}: adapter node at {site!r} has no record")
-        tensors = spec.param_tensors(node.args)
+        tensors = [t for t in spec.param_tensors(node.args) if t is not None]
         ph = [bb.graph.bindings[t.name].tensor for t in tensors]
         if any(a is not b for a, b in zip(ph, rec.params.values())):
             raise MuxcInternalError(f"{bb.graph.task}: adapter tensors at {site!r} are not the model's")
-        if rec.position is Position.IN:
+        if spec.is_head:
+            out.append(_Anchor(rec, bb.key_of(node.args[spec.adapted_arg]), None, head=True))
+        elif rec.position is Position.IN:
             users = list(node.users)
             if len(users) != 1:
                 raise MuxcInternalError(f"{bb.graph.task}: IA3 input at {site!r} has {len(users)} users")
             out.append(_Anchor(rec, bb.key_of(users[0]), bb.key_of(node.args[0])))
         else:
             x = None if spec.input_arg is None else bb.key_of(node.args[spec.input_arg])
-            out.append(_Anchor(rec, bb.key_of(node.args[spec.adapted_arg]), x))
+            frozen = tuple((name, bb.key_of(t)) for name, t in
+                           zip(spec.frozen_names, spec.frozen_tensors(node.args)) if t is not None)
+            out.append(_Anchor(rec, bb.key_of(node.args[spec.adapted_arg]), x, frozen))
     if len(out) != len(records):
         raise MuxcInternalError(f"{bb.graph.task}: {len(records)} adapters but {len(out)} adapter nodes")
     return out
 
 
 def _check_same(ref: _Backbone, other: _Backbone) -> None:
+    """``other``'s backbone equals ``ref``'s; a task with its own head only needs to equal a
+    prefix (it stops at the hidden state its head reads, where a causal LM goes on to its
+    frozen LM head)."""
     a, b = ref.graph, other.graph
-    if len(ref.calls) != len(other.calls):
+    n = len(other.calls) if other.graph.head is not None else len(ref.calls)
+    if len(ref.calls) < len(other.calls) or n != len(other.calls):
         raise ArchitectureMismatchError(
             f"tasks {a.task!r} ({a.model_type}, {len(ref.calls)} backbone ops) and {b.task!r} "
             f"({b.model_type}, {len(other.calls)} backbone ops) have different backbones; all "
             "tasks must fine-tune the same base architecture and config"
         )
-    for i in range(len(ref.calls)):
+    for i in range(n):
         if ref.signature(i) != other.signature(i):
             raise ArchitectureMismatchError(
                 f"tasks {a.task!r} and {b.task!r} differ at backbone op {i}: "
@@ -139,17 +149,22 @@ def _safe(name: str) -> str:
 def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassResult[MuxGraph]:
     """Merge task graphs into a new MuxGraph on one backbone; does not mutate them (module doc)."""
     bbs = [_Backbone.of(g) for g in graphs]
-    for other in bbs[1:]:
-        _check_same(bbs[0], other)
+    # the reference: the longest backbone (a task on the frozen LM head goes past the hidden
+    # state that tasks with their own head stop at)
+    ref = max(bbs, key=lambda bb: (len(bb.calls), bb.graph.head is None))
+    for other in bbs:
+        if other is not ref:
+            _check_same(ref, other)
     tasks = tuple(g.task for g in graphs)
     everyone = frozenset(tasks)
-    anchors = [a for bb in bbs for a in _anchors(bb)]
+    every = [a for bb in bbs for a in _anchors(bb)]
+    anchors = [a for a in every if not a.head]
+    heads = {a.record.task: a for a in every if a.head}
     out_sites: dict[Key, list[_Anchor]] = defaultdict(list)
     in_sites: dict[Key, list[_Anchor]] = defaultdict(list)
     for a in anchors:
         (in_sites if a.record.position is Position.IN else out_sites)[a.at].append(a)
 
-    ref = bbs[0]
     g = fx.Graph()
     env: dict[Key, fx.Node] = {}
     tensors = {}
@@ -162,7 +177,7 @@ def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassR
             env[("ph", rec.fqn)] = new
             tensors[node.name] = ref.graph.bindings[node.name].tensor
     param_nodes: dict[tuple[str, str], list[fx.Node]] = {}
-    for a in anchors:
+    for a in every:
         r = a.record
         nodes = []
         for role, t in r.params.items():
@@ -210,10 +225,11 @@ def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassR
             group = _ordered(out_sites[key], tasks)
             xkey = _one_key(group, "x", default=key)  # IA3-only sites read no x: pass h
             recs = tuple(a.record for a in group)
+            frozen = _frozen_of(group)
             site = g.create_node(
                 "call_function",
-                OutputSite(recs[0].site, recs),
-                (env[xkey], new, mux, *site_params(group)),
+                OutputSite(recs[0].site, recs, tuple(name for name, _ in frozen)),
+                (env[xkey], new, mux, *(env[k] for _, k in frozen), *site_params(group)),
                 name=_safe(f"site_{recs[0].site}"),
             )
             site.meta["val"] = new.meta.get("val")
@@ -223,9 +239,17 @@ def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassR
 
     out_node = next(iter(ref.graph.gm.graph.find_nodes(op="output")))
     logits = env[ref.key_of(_first_node(out_node.args))]
+    head_of = {tg.task: tg.head for tg in graphs}
     losses = []
     for t in tasks:
-        loss = g.create_node("call_function", TaskLoss(t), (logits, mux), name=_safe(f"loss_{t}"))
+        if t in heads:
+            a = heads[t]
+            if head_of[t] is None:
+                raise MuxcInternalError(f"task {t!r}: a head node but no head info")
+            loss = g.create_node("call_function", HeadLoss(t, head_of[t]),
+                                 (env[a.at], mux, *param_nodes[(t, a.record.site)]), name=_safe(f"loss_{t}"))
+        else:
+            loss = g.create_node("call_function", TaskLoss(t), (logits, mux), name=_safe(f"loss_{t}"))
         set_info(loss, NodeInfo(Role.LOSS, frozenset({t})))
         losses.append(loss)
     out = g.output(tuple(losses))
@@ -239,6 +263,7 @@ def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassR
         model_type=ref.graph.model_type,
         sites=sites,
         adapters={tg.task: tuple(tg.adapters) for tg in graphs},
+        heads={t: h for t, h in head_of.items() if h is not None},
     ))
 
 
@@ -255,6 +280,14 @@ def _one_key(group: list[_Anchor], what: str, default: Key | None = None) -> Key
     return keys.pop()
 
 
+def _frozen_of(group: list[_Anchor]) -> tuple[tuple[str, Key], ...]:
+    """The frozen tensors a site reads: what its anchors read (they must agree: one base op)."""
+    found = {a.frozen for a in group} - {()}
+    if len(found) > 1:
+        raise MuxcInternalError(f"site {group[0].record.site!r}: tasks disagree on the base op's weights")
+    return found.pop() if found else ()
+
+
 def _first_node(args) -> fx.Node:
     while isinstance(args, (list, tuple)):
         args = args[0]
@@ -265,5 +298,5 @@ def _first_node(args) -> fx.Node:
 
 def _sources(bbs: list[_Backbone], key: Key) -> tuple[tuple[str, str], ...]:
     if key[0] == "n":
-        return tuple((bb.graph.task, bb.calls[key[1]].name) for bb in bbs)
+        return tuple((bb.graph.task, bb.calls[key[1]].name) for bb in bbs if key[1] < len(bb.calls))
     return ()

@@ -27,6 +27,15 @@ def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph
     """New MuxGraph, SDPA swapped for ChunkAttention (chunk alignment); does not mutate ``mux``."""
     if ctx.options.alignment is not Alignment.CHUNK:
         return PassResult(mux, "alignment='pad': attention left as exported")
+    seq_cls = sorted(t for t, h in mux.heads.items() if h.problem == "seq_cls")
+    if seq_cls:
+        raise UnsupportedPeftError(
+            f"task(s) {seq_cls}: sequence classification with alignment='chunk' is not supported "
+            "yet: the head pools each sample's last non-padding token, which chunk packing moves "
+            "into another chunk step than the rest of its sample, and the per-chunk loss has no "
+            "place for a per-sample label; use alignment='pad' (spatial, temporal and auto "
+            "fusion all work there)"
+        )
     if not any(n.op == "call_function" and n.target is SDPA for n in mux.gm.graph.nodes):
         raise UnsupportedPeftError(
             f"alignment='chunk' needs scaled_dot_product_attention in the backbone; this "

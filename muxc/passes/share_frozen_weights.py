@@ -49,7 +49,10 @@ def share_frozen_weights(
     for i, g in enumerate(graphs[1:], start=1):
         mine = g.frozen_bindings()
         names = {b.fqn for b in mine.values()}
-        if names != set(shared):
+        # a task with its own head stops at the hidden state: it lacks the frozen LM head
+        # (merge_backbones checks its backbone is a prefix of the others')
+        headed = g.head is not None or any(h.head is not None for h in graphs[:i])
+        if names != set(shared) and not headed:
             missing = sorted(set(shared) - names)[:3]
             extra = sorted(names - set(shared))[:3]
             raise ArchitectureMismatchError(
@@ -58,6 +61,9 @@ def share_frozen_weights(
                 f"{g.task!r}: {extra}; all tasks must fine-tune the same base architecture"
             )
         for ph, b in mine.items():
+            if b.fqn not in shared:
+                shared[b.fqn] = b.tensor
+                report[b.fqn] = "identity"
             ref = shared[b.fqn]
             if b.tensor is not ref and not _same_storage(b.tensor, ref):
                 _check_equal(first.task, g.task, b.fqn, ref, b.tensor)

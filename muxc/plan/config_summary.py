@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from muxc.ir import AdapterKind
 from muxc.kinds import spec_of
 from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Poly
-from muxc.plan.summary import KV, ModelSummary, OpCost, Work
+from muxc.plan.summary import KV, ModelSummary, OpCost, Work, per_call_work
 
 __all__ = ["AdapterSpec", "summarize_config", "LINEAR_TARGETS"]
 
@@ -135,6 +135,8 @@ class _Build:
             any_lora = any_lora or kind.adds_to_output
             w = Work(key, Poly.tokens())
             self.op(f"{name}[{task}]", layer, w, w, task, site=name)
+            for suffix, fwd in per_call_work(kind, k, n, spec.rank, name.endswith(_IA3_PRE), spec.dtype):
+                self.op(f"{name}[{task}:{suffix}]", layer, fwd, None, task, site=name)
         if any_lora:
             self.op(f"{name}[add]", layer, Work(self.ew, Poly.tokens(3 * n * self.e)),
                     Work(self.view, Poly.const(1)))

@@ -78,8 +78,11 @@ class FlopCost:
             return 0.0
         t = self.hint.tokens / self.n_tasks
         k, n = self.sizes.dim(x.shape[-1]), self.sizes.dim(out.shape[-1])
-        return sum(t * spec_of(r.kind).flops_per_token(k, n, r.rank, r.position is Position.IN)
-                   for r in rec.adapters)
+        total = 0.0
+        for r in rec.adapters:
+            spec, pre = spec_of(r.kind), r.position is Position.IN
+            total += t * spec.flops_per_token(k, n, r.rank, pre) + spec.flops_per_call(k, n, r.rank, pre)
+        return total
 
 
 class LatencyCost:

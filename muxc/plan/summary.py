@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
-from muxc.ir import MuxGraph, Position, Role, info
+from muxc.ir import CAUSAL_LM, HeadLoss, MuxGraph, Position, Role, info
 from muxc.ir.optable import (
     MATMULS,
     WEIGHT_GEMMS,
@@ -235,6 +235,20 @@ def _val(node) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def per_call_work(spec, k: int, n: int, rank: int, pre: bool, dtype: str) -> list[tuple[str, Work]]:
+    """Work an adapter kind does once per site call and task, whatever its tokens (DoRA's
+    weight norm: a ``(n, r) @ (r, k)`` GEMM and a square-and-sum over the ``(n, k)`` result;
+    forward only, it has no gradient)."""
+    gemm = spec.per_call_gemm(k, n, rank, pre)
+    if gemm is None:
+        return []
+    (kk, nn), rows = gemm
+    key = OpKey(OpKind.GEMM, (kk, nn), dtype)
+    norm_bytes = 3.0 * rows * nn * key.itemsize
+    return [("norm_gemm", Work(key, Poly.const(rows))),
+            ("norm", Work(OpKey(OpKind.ELEMENTWISE, dtype=dtype), Poly.const(norm_bytes)))]
+
+
 def _floating(node: fx.Node) -> bool:
     """Does ``node`` produce a floating tensor (or a sequence holding one)?"""
     v = node.meta.get("val")
@@ -388,6 +402,9 @@ class _Walker:
             lora = lora or spec.adds_to_output
             w = Work(key, Poly.tokens())
             self.add(node, w, w, task=r.task, layer=layer, suffix=f"[{r.task}]", site=node.name)
+            for suffix, fwd in per_call_work(spec, k, n, r.rank, pre, dtype):
+                self.add(node, fwd, None, task=r.task, layer=layer, suffix=f"[{r.task}:{suffix}]",
+                         site=node.name)
         self.save(x)
         if lora:  # h + lora(x): one add over the output; its backward passes the gradient
             out_bytes = self.bytes(node)
@@ -400,6 +417,15 @@ class _Walker:
         logits = node.args[0]
         v = _val(logits)
         vocab = int(v.shape[-1])
+        if isinstance(node.target, HeadLoss):  # the task's own head, then its loss
+            weight = _val(node.args[2])
+            hidden, vocab = int(weight.shape[1]), int(weight.shape[0])
+            per = Poly.tokens() if node.target.head.problem == CAUSAL_LM else Poly(((1, 0, 1.0),))
+            w = Work(OpKey(OpKind.GEMM, (hidden, vocab), _dt(weight.dtype)), per)
+            self.add(node, w, w, task=task, suffix="[head]")
+            if node.target.head.problem != CAUSAL_LM:  # pooled rows only: one term per row
+                self.saved_per_task[task] = self.saved_per_task[task] + Poly(((1, 0, 4.0 * vocab),))
+                return
         w = Work(OpKey(OpKind.LOSS, (vocab,), _dt(v.dtype)), Poly.tokens())
         self.add(node, w, w, task=task)
         self.saved_per_task[task] = self.saved_per_task[task] + Poly.tokens(4.0 * vocab)

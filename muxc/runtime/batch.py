@@ -8,15 +8,15 @@ flattened ``(rows * seq, hidden)`` activations. Right padding changes no real to
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from muxc.errors import BatchError
-from muxc.ir import IGNORE_INDEX, MuxBatch
+from muxc.ir import IGNORE_INDEX, HeadInfo, MuxBatch
 from muxc.kernels.registry import Impl
 
-__all__ = ["BatchSpec", "check_batches", "unlabeled", "build_batch"]
+__all__ = ["BatchSpec", "check_batches", "unlabeled", "build_batch", "pooled_positions"]
 
 _KEYS = {"input_ids", "attention_mask", "labels"}
 # torch's embedding also takes int32 ids, but the exported graphs are specialised to int64
@@ -38,6 +38,7 @@ class BatchSpec:
     vocab_size: int
     label_classes: int
     right_padded: bool = False
+    heads: Mapping = field(default_factory=dict)  # task -> HeadInfo of tasks with their own head
 
 
 def check_batches(
@@ -80,16 +81,61 @@ def check_batches(
                 f"task {name!r}: input_ids must be a non-empty 2-D (batch, seq) tensor, got "
                 f"{getattr(ids, 'shape', type(ids).__name__)}"
             )
-        for k in ("attention_mask", "labels"):
+        head = _seq_cls(spec, name)
+        if head is not None:
+            _check_cls_labels(name, b["labels"], ids, head)
+        for k in ("attention_mask",) if head is not None else ("attention_mask", "labels"):
             if k in b and (not isinstance(b[k], torch.Tensor) or b[k].shape != ids.shape):
                 raise BatchError(
                     f"task {name!r}: {k} must be a tensor shaped like input_ids "
                     f"{tuple(ids.shape)}, got {getattr(b[k], 'shape', type(b[k]).__name__)}"
                 )
         _check_dtype(name, "input_ids", ids, _ID_DTYPES)
-        _check_dtype(name, "labels", b["labels"], _LABEL_DTYPES)
+        if head is None:
+            _check_dtype(name, "labels", b["labels"], _LABEL_DTYPES)
     for name, b in batches.items():  # values only once every batch's structure is known good
         _check_values(name, b, spec)
+
+
+def _seq_cls(spec: BatchSpec | None, task: str) -> HeadInfo | None:
+    head = None if spec is None else spec.heads.get(task)
+    return head if head is not None and head.problem == "seq_cls" else None
+
+
+def _check_cls_labels(task: str, labels, ids: torch.Tensor, head: HeadInfo) -> None:
+    """A sequence-classification batch: one label per row, typed for HF's problem type."""
+    rows = ids.shape[0]
+    if not isinstance(labels, torch.Tensor):
+        raise BatchError(f"task {task!r}: labels must be a tensor, got {type(labels).__name__}")
+    if head.pad_token_id is None and rows != 1:
+        raise BatchError(
+            f"task {task!r}: the model config has no pad_token_id, so HF cannot find each row's "
+            f"last token in a batch of {rows} rows; set model.config.pad_token_id or use 1 row"
+        )
+    kind = head.resolved_problem_type(labels)
+    if kind == "single_label_classification":
+        if labels.dtype not in _LABEL_DTYPES or tuple(labels.shape) not in ((rows,), (rows, 1)):
+            raise BatchError(
+                f"task {task!r}: single-label classification labels must be int64 class ids "
+                f"shaped ({rows},), got {labels.dtype} {tuple(labels.shape)}"
+            )
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= head.num_labels))
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0])
+            raise BatchError(
+                f"task {task!r}: label {labels.reshape(-1)[i].item()} at [{i}] is not a class id in "
+                f"[0, {head.num_labels}) (or {IGNORE_INDEX}, ignored)"
+            )
+        return
+    want = (rows,) if head.num_labels == 1 else (rows, head.num_labels)
+    if not labels.dtype.is_floating_point or tuple(labels.shape) not in (want, (rows, head.num_labels)):
+        what = "regression" if kind == "regression" else "multi-label"
+        raise BatchError(
+            f"task {task!r}: {what} labels must be floating point shaped {want}, got "
+            f"{labels.dtype} {tuple(labels.shape)}"
+        )
+    if not bool(torch.isfinite(labels).all()):
+        raise BatchError(f"task {task!r}: labels hold non-finite values")
 
 
 def _check_dtype(task: str, key: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
@@ -117,6 +163,8 @@ def _check_values(task: str, b: Mapping, spec: BatchSpec | None) -> None:
         return
     _refuse(task, "input_ids", ids, (ids < 0) | (ids >= spec.vocab_size),
             f"is outside the vocabulary [0, {spec.vocab_size}) of the compiled model")
+    if _seq_cls(spec, task) is not None:
+        return
     _refuse(task, "labels", labels,
             (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= spec.label_classes)),
             f"is neither {IGNORE_INDEX} (ignored) nor a token id in [0, {spec.label_classes})")
@@ -150,10 +198,29 @@ def _refuse(task: str, key: str, t: torch.Tensor, bad: torch.Tensor, what: str) 
     )
 
 
-def unlabeled(batches: Mapping[str, Mapping]) -> list[str]:
+def unlabeled(batches: Mapping[str, Mapping], heads: Mapping | None = None) -> list[str]:
     """Tasks whose batch has no label token after the causal shift (HF predicts position
     ``i`` from ``i - 1``, so a label at position 0 trains nothing): their loss would be NaN."""
-    return [n for n, b in batches.items() if not bool((b["labels"][:, 1:] != IGNORE_INDEX).any())]
+    heads = heads or {}
+    out = []
+    for n, b in batches.items():
+        head = heads.get(n)
+        if head is not None and head.problem == "seq_cls":  # one label per row
+            if head.label_count(b["labels"]) == 0:
+                out.append(n)
+        elif not bool((b["labels"][:, 1:] != IGNORE_INDEX).any()):
+            out.append(n)
+    return out
+
+
+def pooled_positions(ids: torch.Tensor, head: HeadInfo) -> torch.Tensor:
+    """Each row's last non-padding token, computed as HF's sequence classifiers do (the
+    rightmost id that is not ``pad_token_id``; the last column without a pad token id)."""
+    if head.pad_token_id is None:
+        return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+    non_pad = (ids != head.pad_token_id).to(torch.int32)
+    cols = torch.arange(ids.shape[-1], device=ids.device, dtype=torch.int32)
+    return (cols * non_pad).argmax(-1)
 
 
 def build_batch(
@@ -162,27 +229,37 @@ def build_batch(
     device: torch.device,
     impl: Impl | None,
     training: bool = True,
+    heads: Mapping | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, MuxBatch]:
-    """Stack the batches of the tasks in ``order`` (skipping absent ones) into one batch."""
+    """Stack the batches of the tasks in ``order`` (skipping absent ones) into one batch.
+
+    A sequence-classification task (in ``heads``) keeps its per-row labels, and its pooled
+    positions are taken from its own ids before any padding (`MuxBatch.pooled`)."""
+    heads = heads or {}
     names = tuple(t for t in order if t in batches)
     seq = max(batches[t]["input_ids"].shape[1] for t in names)
-    ids, masks, labels, rows = [], [], [], []
+    ids, masks, labels, rows, pooled = [], [], [], [], []
     for t in names:
         b = batches[t]
         x = b["input_ids"].to(device)
         m = b.get("attention_mask")
         m = torch.ones_like(x) if m is None else m.to(device=device, dtype=x.dtype)
         y = b["labels"].to(device)
+        head = heads.get(t)
+        cls = head is not None and head.problem == "seq_cls"
+        pooled.append(pooled_positions(x, head) if cls else None)
         pad = seq - x.shape[1]
         if pad:
             x = torch.nn.functional.pad(x, (0, pad), value=0)
             m = torch.nn.functional.pad(m, (0, pad), value=0)
-            y = torch.nn.functional.pad(y, (0, pad), value=IGNORE_INDEX)
+            if not cls:
+                y = torch.nn.functional.pad(y, (0, pad), value=IGNORE_INDEX)
         ids.append(x)
         masks.append(m)
         labels.append(y)
         rows.append(x.shape[0])
     mux = MuxBatch(
-        tasks=names, rows=tuple(rows), seq_len=seq, labels=tuple(labels), impl=impl, training=training
+        tasks=names, rows=tuple(rows), seq_len=seq, labels=tuple(labels), impl=impl, training=training,
+        pooled=tuple(pooled) if any(p is not None for p in pooled) else None,
     )
     return torch.cat(ids), torch.cat(masks), mux

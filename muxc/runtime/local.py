@@ -91,15 +91,17 @@ class LocalExecutor:
     # ------------------------------------------------------------------ inputs
 
     def _pad_micro_batches(self, batches, tasks, m: int, training: bool) -> list[_MicroBatch]:
-        ids, mask, full = build_batch(batches, tasks, self.device, self.impl, training)
+        heads = self.mux.heads
+        ids, mask, full = build_batch(batches, tasks, self.device, self.impl, training, heads)
         if m == 1:
             return [_MicroBatch({"input_ids": ids, "attention_mask": mask}, full)]
-        counts = [int((torch.nn.functional.pad(lab, (0, 1), value=IGNORE_INDEX)[:, 1:] != IGNORE_INDEX).sum())
-                  for lab in full.labels]
+        counts = [heads[t].label_count(lab) if t in heads and heads[t].problem == "seq_cls" else
+                  int((torch.nn.functional.pad(lab, (0, 1), value=IGNORE_INDEX)[:, 1:] != IGNORE_INDEX).sum())
+                  for t, lab in zip(full.tasks, full.labels)]
         starts = [sum(full.rows[:i]) for i in range(len(full.rows))]
         out = []
         for k in range(m):
-            names, rows, labels, scale, sel = [], [], [], [], []
+            names, rows, labels, scale, sel, pooled = [], [], [], [], [], []
             for i, t in enumerate(full.tasks):
                 lo, hi = full.rows[i] * k // m, full.rows[i] * (k + 1) // m
                 if hi > lo:
@@ -108,10 +110,13 @@ class LocalExecutor:
                     labels.append(full.labels[i][lo:hi])
                     scale.append(1.0 / counts[i] if counts[i] else float("nan"))
                     sel.append(torch.arange(starts[i] + lo, starts[i] + hi))
+                    pooled.append(None if full.pooled is None or full.pooled[i] is None
+                                  else full.pooled[i][lo:hi])
             idx = torch.cat(sel).to(self.device)
             mux = MuxBatch(tasks=tuple(names), rows=tuple(rows), seq_len=full.seq_len,
                            labels=tuple(labels), impl=self.impl, training=training,
-                           loss_scale=tuple(scale))
+                           loss_scale=tuple(scale),
+                           pooled=tuple(pooled) if any(p is not None for p in pooled) else None)
             out.append(_MicroBatch({"input_ids": ids[idx], "attention_mask": mask[idx]}, mux))
         return out
 

@@ -24,18 +24,21 @@ def _check_tokens(t: torch.Tensor, mux: MuxBatch, site: str) -> None:
         )
 
 
-def _apply_kinds(site, x: torch.Tensor, t: torch.Tensor, mux: MuxBatch, flat_params) -> torch.Tensor:
-    params = site.params_by_task(flat_params)
+def _apply_kinds(site, x: torch.Tensor, t: torch.Tensor, mux: MuxBatch, flat) -> torch.Tensor:
+    n = len(site.frozen)
+    frozen = dict(zip(site.frozen, flat[:n]))
+    params = site.params_by_task(flat[n:])
     for kind, spec in KINDS.items():
         recs = {r.task: r for r in site.records if r.kind is kind}
         if any(task in recs for task in mux.tasks):
             _check_tokens(t, mux, site.site)
-            t = spec.apply(site, x, t, mux, params, recs)
+            t = spec.apply(site, x, t, mux, params, recs, frozen=frozen)
     return t
 
 
 def run_output_site(site: OutputSite, x, h, mux: MuxBatch, *flat_params) -> torch.Tensor:
-    """Every task's adapter on the base op's output ``h`` (reading its input ``x``)."""
+    """Every task's adapter on the base op's output ``h`` (reading its input ``x`` and the
+    frozen tensors named by ``site.frozen``, which come first in ``flat_params``)."""
     return _apply_kinds(site, x, h, mux, flat_params)
 
 
