@@ -23,8 +23,8 @@ import torch
 from muxc.errors import UnsupportedPeftError
 from muxc.ir.quant import linear_4bit, linear_8bit
 
-__all__ = ["quantized_layers", "check_quantized", "routed_quantized", "state_tensor",
-           "quant_config"]
+__all__ = ["quantized_layers", "is_quantized", "check_quantized", "routed_quantized",
+           "state_tensors", "state_tensor", "quant_config"]
 
 try:  # bitsandbytes is optional: without it no model has quantized layers
     from bitsandbytes.nn import Linear4bit, Linear8bitLt
@@ -44,6 +44,12 @@ def quantized_layers(hf: torch.nn.Module) -> dict[str, torch.nn.Module]:
     if not kinds:
         return {}
     return {p: m for p, m in hf.named_modules() if isinstance(m, kinds)}
+
+
+def is_quantized(mod) -> bool:
+    """Is ``mod`` a bitsandbytes quantized linear layer muxc routes?"""
+    kinds = _kinds()
+    return bool(kinds) and isinstance(mod, kinds)
 
 
 def _is_4bit(mod) -> bool:
@@ -70,19 +76,20 @@ def state_tensors(mod) -> dict[str, torch.Tensor]:
 
 def state_tensor(mod, attr: str) -> torch.Tensor | None:
     """The tensor a lifted ``<layer path>.<attr>`` names in ``mod`` now (None: not one)."""
-    if not isinstance(mod, _kinds() or (type(None),)):
-        return None
-    return state_tensors(mod).get(attr)
+    return state_tensors(mod).get(attr) if is_quantized(mod) else None
 
 
 def quant_config(mod) -> tuple:
-    """What of a layer's quantization is baked into a traced graph (not its tensors)."""
+    """What of a layer's quantization a traced graph depends on: its config (baked into the
+    op) and its state tensors' metadata (lifted as inputs)."""
+    tensors = tuple((k, tuple(t.shape), str(t.dtype), str(t.device))
+                    for k, t in state_tensors(mod).items() if t is not None)
     if _is_4bit(mod):
         qs = mod.weight.quant_state
         nested = (qs.state2.blocksize, str(qs.state2.dtype)) if qs.nested else None
         return ("4bit", qs.quant_type, qs.blocksize, tuple(qs.shape), str(qs.dtype), nested,
-                str(mod.compute_dtype), mod.compute_type_is_set)
-    return ("8bit", float(mod.state.threshold), mod.state.has_fp16_weights)
+                str(mod.compute_dtype), mod.compute_type_is_set, tensors)
+    return ("8bit", float(mod.state.threshold), mod.state.has_fp16_weights, tensors)
 
 
 def check_quantized(task_name: str, hf: torch.nn.Module) -> None:

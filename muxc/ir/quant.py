@@ -55,6 +55,11 @@ def is_quant_state(fqn: str) -> bool:
     return fqn.rpartition(".")[2] in STATE_ATTRS
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a plain tensor (bitsandbytes' parameter classes override ``.to``)."""
+    return t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor)
+
+
 def _quant_state(absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type,
                  nested_blocksize, dtype):
     """A bitsandbytes ``QuantState`` over the op's tensors (no copies)."""
@@ -166,12 +171,12 @@ def linear_8bit(
     from bitsandbytes.autograd._functions import MatmulLtState
 
     state = MatmulLtState()
-    state.CB, state.SCB = weight, scb
+    state.CB, state.SCB = _plain(weight), scb
     state.threshold = threshold
     state.has_fp16_weights = False
     state.is_training = True  # Linear8bitLt in train mode: the kernels HF PEFT trains with
     with torch.no_grad():
-        return bnb.matmul(x, weight, bias=bias, state=state)
+        return bnb.matmul(x, state.CB, bias=bias, state=state)
 
 
 @linear_8bit.register_fake
@@ -182,7 +187,7 @@ def _(x, weight, bias, scb, threshold):
 @torch.library.custom_op("muxc::linear_8bit_grad_input", mutates_args=())
 def linear_8bit_grad_input(grad: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     """``grad @ (W * scb / 127)``: the input gradient of `linear_8bit` (bitsandbytes')."""
-    w = weight.to(grad.dtype, copy=True).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+    w = _plain(weight).to(grad.dtype, copy=True).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
     return torch.matmul(grad, w)
 
 
