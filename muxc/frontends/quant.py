@@ -20,10 +20,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from muxc.errors import UnsupportedPeftError
+from muxc.errors import ArchitectureMismatchError, UnsupportedPeftError
+from muxc.frontends.peft import normalize_fqn
 from muxc.ir.quant import linear_4bit, linear_8bit
 
-__all__ = ["quantized_layers", "is_quantized", "check_quantized", "routed_quantized",
+__all__ = ["quantized_layers", "is_quantized", "quantization", "check_quantized",
+           "check_same_quantization", "routed_quantized",
            "state_tensors", "state_tensor", "quant_config"]
 
 try:  # bitsandbytes is optional: without it no model has quantized layers
@@ -90,6 +92,40 @@ def quant_config(mod) -> tuple:
         return ("4bit", qs.quant_type, qs.blocksize, tuple(qs.shape), str(qs.dtype), nested,
                 str(mod.compute_dtype), mod.compute_type_is_set, tensors)
     return ("8bit", float(mod.state.threshold), mod.state.has_fp16_weights, tensors)
+
+
+def quantization(hf: torch.nn.Module) -> dict[str, str]:
+    """Layer path (PEFT wrappers removed) -> how it is quantized, e.g. ``"nf4 (block 64)"``."""
+    out = {}
+    for path, mod in quantized_layers(hf).items():
+        if _is_4bit(mod):
+            qs = mod.weight.quant_state
+            nested = f", double quantization (block {qs.state2.blocksize})" if qs.nested else ""
+            text = f"{qs.quant_type} (block {qs.blocksize}{nested})"
+        else:
+            text = f"int8 (threshold {float(mod.state.threshold)})"
+        out[normalize_fqn(path)] = text
+    return out
+
+
+def check_same_quantization(named_models) -> None:
+    """Raise `ArchitectureMismatchError` unless every ``(task name, HF model)`` has its base
+    quantized the same way (before any tracing: a mismatch would otherwise surface only
+    after every task is exported)."""
+    first_name, first = None, None
+    for name, hf in named_models:
+        mine = quantization(hf)
+        if first is None:
+            first_name, first = name, mine
+            continue
+        for path in [*first, *(p for p in mine if p not in first)]:  # in module order
+            a, b = first.get(path, "not quantized"), mine.get(path, "not quantized")
+            if a != b:
+                raise ArchitectureMismatchError(
+                    f"tasks {first_name!r} and {name!r} have differently quantized bases: layer "
+                    f"{path!r} is {a} vs {b}; load every task's base with the same "
+                    "BitsAndBytesConfig (or none)"
+                )
 
 
 def check_quantized(task_name: str, hf: torch.nn.Module) -> None:
