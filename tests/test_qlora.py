@@ -168,7 +168,8 @@ def test_qlora_tasks_match_isolated_peft_on_one_shared_quantized_base(
             assert mod.weight.untyped_storage().data_ptr() in shared, name
             if isinstance(mod, bnb.nn.Linear4bit):
                 qs = mod.weight.quant_state
-                state = [qs.absmax] + ([qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested else [])
+                nested = [qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested else []
+                state = [qs.absmax, *nested]
             else:
                 state = [mod.state.SCB if mod.state.SCB is not None else mod.weight.SCB]
             assert all(t.untyped_storage().data_ptr() in shared for t in state), name

@@ -185,7 +185,9 @@ def _(x, weight, bias, scb, threshold):
 
 
 @torch.library.custom_op("muxc::linear_8bit_grad_input", mutates_args=())
-def linear_8bit_grad_input(grad: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+def linear_8bit_grad_input(
+    grad: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
+) -> torch.Tensor:
     """``grad @ (W * scb / 127)``: the input gradient of `linear_8bit` (bitsandbytes')."""
     w = _plain(weight).to(grad.dtype, copy=True).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
     return torch.matmul(grad, w)
