@@ -31,6 +31,7 @@ from muxc.frontends.peft import (
     routed_adapters,
     seq_cls_head_attr,
 )
+from muxc.frontends.quant import check_quantized, routed_quantized, state_tensor
 from muxc.kinds import spec_for_trace_op
 from muxc.ir import Binding, BindingKind, NodeInfo, Role, TaskGraph, set_info
 from muxc.task import Task
@@ -110,6 +111,7 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
     records = adapter_records(task.name, hf, adapter)
+    check_quantized(task.name, hf)
     device = next(hf.parameters()).device
     ids = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device=device)
     mask = torch.ones(EXAMPLE_SHAPE, dtype=torch.long, device=device)
@@ -118,7 +120,8 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     t0 = time.perf_counter()
     try:
         hf.train()
-        with routed_adapters(task.name, hf, adapter), checkpointing_off(hf):
+        with routed_adapters(task.name, hf, adapter), checkpointing_off(hf), \
+                routed_quantized(task.name, hf):
             if is_seq_cls(hf):
                 wrapper = _SeqCls(hf, seq_cls_head_attr(task.name, hf, adapter), with_positions)
                 args = (ids, mask) + ((torch.arange(EXAMPLE_SHAPE[1], device=device)
@@ -222,9 +225,12 @@ def lifted_tensors(hf: torch.nn.Module, targets: Iterable[str]) -> dict[str, tor
         if tensor is None and target.startswith(_PREFIX):
             path, _, attr = fqn.rpartition(".")
             try:
-                tensor = getattr(hf.get_submodule(path), attr, None)
+                mod = hf.get_submodule(path)
             except AttributeError:
-                tensor = None
+                mod = None
+            tensor = getattr(mod, attr, None)
+            if tensor is None and mod is not None:  # a quantized layer's lifted state tensor
+                tensor = state_tensor(mod, attr)
         out[target] = tensor if isinstance(tensor, torch.Tensor) else None
     return out
 

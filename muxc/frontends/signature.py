@@ -10,7 +10,8 @@ one export can serve both (`muxc.frontends.cache`). The signature holds:
   compiling turns it on for every adapter of a model) and tensor type (a quantised weight is
   another type);
 - every module: its path, class, plain attributes (flags, sizes, PEFT's per-adapter scaling
-  and dropout, the active adapter) and the functions it calls through hooks or a patched
+  and dropout, the active adapter; for a bitsandbytes-quantized layer its quantization config
+  and state tensors' metadata) and the functions it calls through hooks or a patched
   ``forward``; the training flag is left out because `trace_task` always traces in training
   mode;
 - the task's adapter in unified form, without its name: per site, the kind, rank, scaling,
@@ -36,6 +37,7 @@ from enum import Enum
 import torch
 
 from muxc.frontends.peft import adapter_name_of, adapter_param_ids, adapter_records, hf_model
+from muxc.frontends.quant import is_quantized, quant_config
 from muxc.task import Task
 
 __all__ = ["TraceSignature", "trace_signature"]
@@ -117,6 +119,8 @@ def _module_key(path: str, mod: torch.nn.Module, plain: _Plain) -> tuple:
         if "hooks" in k and isinstance(v, dict):  # keyed by global handle ids: keep the order
             v = list(v.values())
         attrs.append((k, plain(v)))
+    if is_quantized(mod):  # baked into the traced op; kept on the weight, not the module
+        attrs.append(("<quantization>", quant_config(mod)))
     return (path, _callable_name(type(mod)), tuple(attrs))
 
 

@@ -5,7 +5,8 @@ they attach to and prices ops in FLOPs; the planner's summary prices them with i
 keyed by overload packet so ``aten.mm.default`` and any other overload of ``mm`` agree.
 
 - ``GEMMS``: matrix products, priced ``2*M*K*N``; ``WEIGHT_GEMMS`` may multiply activations by
-  a weight matrix (``x @ W``, the base ops adapters attach to); ``MATMULS`` multiply two
+  a weight matrix (``x @ W``, the base ops adapters attach to; bitsandbytes-quantized linears
+  included); ``MATMULS`` multiply two
   activations (batched or not: eager attention's ``q @ k.T``). ``mm`` and ``matmul`` are both.
 - ``VIEWS``: ops that only rewrite metadata (never copy); ``FREE``: views plus size queries and
   asserts, which cost nothing. `aliases_input` is the wider schema fact: the op's output may
@@ -27,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from muxc.ir.ops import SDPA, ChunkAttention
+from muxc.ir.quant import QUANT_LINEARS
 
 __all__ = [
     "FREE",
@@ -51,7 +53,9 @@ VIEWS = frozenset({
     aten.as_strided, aten.split, aten.split_with_sizes, aten.unbind, aten.chunk,
 })
 FREE = VIEWS | {aten.sym_size, aten._assert_tensor_metadata, aten.lift_fresh_copy}
-WEIGHT_GEMMS = frozenset({aten.linear, aten.mm, aten.addmm, aten.matmul})
+# a quantized base's frozen linears (`muxc.ir.quant`: ``(x, weight, bias, state...)``) count
+# as weight GEMMs: adapters attach to them, and the cost model prices their product
+WEIGHT_GEMMS = frozenset({aten.linear, aten.mm, aten.addmm, aten.matmul}) | QUANT_LINEARS
 MATMULS = frozenset({aten.mm, aten.matmul, aten.bmm, aten.baddbmm})
 GEMMS = WEIGHT_GEMMS | MATMULS
 _ADD_FIRST = frozenset({aten.addmm, aten.baddbmm})  # (input, a, b): input + a @ b

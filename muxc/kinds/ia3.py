@@ -6,6 +6,12 @@ from __future__ import annotations
 import torch
 from peft.tuners.ia3.layer import Linear as IA3Linear
 
+try:  # PEFT's IA3 layers on bitsandbytes-quantized bases: present with bitsandbytes
+    from peft.tuners.ia3.bnb import Linear4bit as _IA34bit, Linear8bitLt as _IA38bit
+    _QUANT_LAYERS: tuple[type, ...] = (_IA34bit, _IA38bit)
+except ImportError:  # pragma: no cover - bitsandbytes not installed
+    _QUANT_LAYERS = ()
+
 from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch
 from muxc.kernels import multi_ia3
 from muxc.kinds.spec import AdapterKindSpec
@@ -88,7 +94,7 @@ def _apply(site, x: torch.Tensor, t: torch.Tensor, mux, params, recs, frozen=Non
 IA3 = AdapterKindSpec(
     kind=AdapterKind.IA3,
     peft_type="IA3",
-    peft_layers=(IA3Linear,),
+    peft_layers=(IA3Linear, *_QUANT_LAYERS),
     config_problems=lambda cfg: [],
     holds=_holds,
     records=_records,

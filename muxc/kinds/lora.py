@@ -7,6 +7,12 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
+try:  # PEFT's LoRA layers on bitsandbytes-quantized bases (QLoRA): present with bitsandbytes
+    from peft.tuners.lora.bnb import Linear4bit as _Lora4bit, Linear8bitLt as _Lora8bit
+    _QUANT_LAYERS: tuple[type, ...] = (_Lora4bit, _Lora8bit)
+except ImportError:  # pragma: no cover - bitsandbytes not installed
+    _QUANT_LAYERS = ()
+
 from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch
 from muxc.kernels import multi_lora
 from muxc.kinds.spec import AdapterKindSpec
@@ -137,7 +143,7 @@ def _apply(site, x: torch.Tensor, h: torch.Tensor, mux, params, recs, frozen=Non
 LORA = AdapterKindSpec(
     kind=AdapterKind.LORA,
     peft_type="LORA",
-    peft_layers=(LoraLinear,),
+    peft_layers=(LoraLinear, *_QUANT_LAYERS),
     config_problems=config_problems,
     holds=_holds,
     records=_records,

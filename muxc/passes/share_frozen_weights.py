@@ -6,6 +6,10 @@ base model) or has equal shape, dtype and values (separate copies of one checkpo
 parameter is re-pointed at the shared storage (``param.data = shared``) so the duplicate's
 memory is freed once nothing else references it. The user's models keep computing exactly the
 same values. Anything else raises `BaseWeightMismatchError` naming the tensor and the tasks.
+A quantized base (bitsandbytes, `muxc.ir.quant`) is shared the same way: its packed weights
+and each layer's quantization-state tensors are frozen tensors like any other, compared by
+value and re-pointed; its non-tensor state (quant type, block size) is part of each traced op,
+which `merge_backbones` requires to be equal.
 
 Returns new TaskGraphs (same graph modules) whose frozen bindings all point at the shared
 tensors, and a `SharingReport`. Does not mutate the input TaskGraphs; mutates, for value
@@ -21,6 +25,7 @@ import torch
 
 from muxc.errors import ArchitectureMismatchError, BaseWeightMismatchError
 from muxc.ir import Binding, BindingKind, TaskGraph
+from muxc.ir.quant import is_quant_state
 from muxc.passes.pass_base import CompileContext, PassResult
 
 __all__ = ["share_frozen_weights", "SharingReport"]
@@ -67,7 +72,7 @@ def share_frozen_weights(
             ref = shared[b.fqn]
             if b.tensor is not ref and not _same_storage(b.tensor, ref):
                 _check_equal(first.task, g.task, b.fqn, ref, b.tensor)
-                if isinstance(b.tensor, torch.nn.Parameter) and b.kind is BindingKind.PARAMETER:
+                if _repointable(b):
                     aliases.append((b.tensor, ref))
                 report[b.fqn] = "value"
             rebound.append((i, ph, Binding(b.kind, b.fqn, ref)))
@@ -79,6 +84,14 @@ def share_frozen_weights(
         param.data = ref.data
     shared_graphs = tuple(replace(g, bindings=b) for g, b in zip(graphs, bindings))
     return PassResult((shared_graphs, report))
+
+
+def _repointable(b: Binding) -> bool:
+    """May a value duplicate be re-pointed at the shared tensor? Frozen parameters, and the
+    quantization state of a quantized base (bitsandbytes keeps it on the weight, beside it)."""
+    if b.kind is BindingKind.PARAMETER:
+        return isinstance(b.tensor, torch.nn.Parameter)
+    return b.kind is BindingKind.BUFFER and is_quant_state(b.fqn)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

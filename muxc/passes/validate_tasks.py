@@ -6,6 +6,7 @@ from collections import Counter
 
 from muxc.errors import TaskSpecError, TrainableBaseError
 from muxc.frontends.peft import adapter_name_of, adapter_param_ids, hf_model
+from muxc.frontends.quant import check_quantized, check_same_quantization
 from muxc.passes.pass_base import CompileContext, PassResult
 from muxc.names import check_name
 from muxc.task import Task
@@ -40,6 +41,8 @@ def validate_tasks(tasks, ctx: CompileContext) -> PassResult[tuple[Task, ...]]:
             )
         seen[key] = t.name
         _check_frozen(t)
+        check_quantized(t.name, hf_model(t.name, t.model))
+    check_same_quantization((t.name, hf_model(t.name, t.model)) for t in tasks)
     return PassResult(tuple(tasks))
 
 
