@@ -15,6 +15,7 @@ are removed on exit, even if tracing fails. `state_tensor` finds such a tensor a
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 from collections.abc import Callable, Iterator
 
@@ -28,16 +29,17 @@ __all__ = ["quantized_layers", "is_quantized", "quantization", "check_quantized"
            "check_same_quantization", "routed_quantized",
            "state_tensors", "state_tensor", "quant_config"]
 
-try:  # bitsandbytes is optional: without it no model has quantized layers
-    from bitsandbytes.nn import Linear4bit, Linear8bitLt
-except ImportError:  # pragma: no cover - bitsandbytes not installed
-    Linear4bit = Linear8bitLt = None
-
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16)  # inputs Linear4bit computes in as they are
 
 
 def _kinds() -> tuple[type, ...]:
-    return tuple(k for k in (Linear4bit, Linear8bitLt) if k is not None)
+    """bitsandbytes' quantized linear classes, if it is loaded. A quantized model was loaded
+    through it, so a process without it has none; muxc never imports it first (importing it
+    costs time and logs warnings on some CPUs)."""
+    if "bitsandbytes" not in sys.modules:
+        return ()
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+    return (Linear4bit, Linear8bitLt)
 
 
 def quantized_layers(hf: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -55,7 +57,8 @@ def is_quantized(mod) -> bool:
 
 
 def _is_4bit(mod) -> bool:
-    return Linear4bit is not None and isinstance(mod, Linear4bit)
+    kinds = _kinds()
+    return bool(kinds) and isinstance(mod, kinds[0])
 
 
 def _scb(mod) -> torch.Tensor | None:

@@ -49,7 +49,9 @@ def spec_for_layer(layer: torch.nn.Module, adapter: str | None = None) -> Adapte
     """The kind whose PEFT layer class ``layer`` is exactly and, given ``adapter``, which holds
     it (kinds sharing a layer class, LoRA and DoRA, differ in what they hold); None:
     unsupported."""
-    found = [s for s in KINDS.values() if type(layer) in s.peft_layers]
+    cls = type(layer)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    found = [s for s in KINDS.values() if cls in s.peft_layers or name in s.peft_layers]
     if adapter is not None and len(found) > 1:
         found = [s for s in found if s.holds(layer, adapter)]
     return found[0] if found else None

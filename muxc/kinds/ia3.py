@@ -6,11 +6,9 @@ from __future__ import annotations
 import torch
 from peft.tuners.ia3.layer import Linear as IA3Linear
 
-try:  # PEFT's IA3 layers on bitsandbytes-quantized bases: present with bitsandbytes
-    from peft.tuners.ia3.bnb import Linear4bit as _IA34bit, Linear8bitLt as _IA38bit
-    _QUANT_LAYERS: tuple[type, ...] = (_IA34bit, _IA38bit)
-except ImportError:  # pragma: no cover - bitsandbytes not installed
-    _QUANT_LAYERS = ()
+# PEFT's layers on bitsandbytes-quantized bases (QLoRA), named (not imported: importing them
+# imports bitsandbytes, which a process without a quantized model does not need)
+_QUANT_LAYERS = ("peft.tuners.ia3.bnb.Linear4bit", "peft.tuners.ia3.bnb.Linear8bitLt")
 
 from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch
 from muxc.kernels import multi_ia3

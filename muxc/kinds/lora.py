@@ -7,11 +7,9 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-try:  # PEFT's LoRA layers on bitsandbytes-quantized bases (QLoRA): present with bitsandbytes
-    from peft.tuners.lora.bnb import Linear4bit as _Lora4bit, Linear8bitLt as _Lora8bit
-    _QUANT_LAYERS: tuple[type, ...] = (_Lora4bit, _Lora8bit)
-except ImportError:  # pragma: no cover - bitsandbytes not installed
-    _QUANT_LAYERS = ()
+# PEFT's layers on bitsandbytes-quantized bases (QLoRA), named (not imported: importing them
+# imports bitsandbytes, which a process without a quantized model does not need)
+_QUANT_LAYERS = ("peft.tuners.lora.bnb.Linear4bit", "peft.tuners.lora.bnb.Linear8bitLt")
 
 from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch
 from muxc.kernels import multi_lora

@@ -26,7 +26,8 @@ class AdapterKindSpec:
 
     kind: AdapterKind
     peft_type: str  # PeftConfig.peft_type value ("LORA")
-    peft_layers: tuple[type, ...]  # PEFT layer classes holding this kind
+    # PEFT layer classes holding this kind, or their qualified names (classes not imported)
+    peft_layers: tuple[type | str, ...]
     config_problems: Callable[[object], list[str]]  # PeftConfig -> options muxc cannot run
     holds: Callable[[torch.nn.Module, str], bool]  # (layer, adapter) -> does it hold the adapter
     records: Callable[[str, str, torch.nn.Module, str], AdapterRecord]  # (task, path, layer, adapter)
