@@ -67,6 +67,8 @@ class Program:
         if options.stages > 1:
             device = next(iter(state.mux_graph.tensors.values())).device
             self.stage_group = join_stage_group(options.stages, options.pipeline_timeout, device)
+            if self.stage_group is not None:
+                _no_clipping_across_stages(state.tasks)
         self._install(state, history)
 
     def _install(self, state: CompileState, history: list[PassRecord]) -> None:
@@ -179,6 +181,10 @@ class Program:
     def step(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """`forward_backward`, then each stepped task's own optimizer/scheduler step and zero_grad.
 
+        A task with ``Task.grad_accumulation`` k > 1 steps its optimizer only on every k-th call
+        it is in (on the mean of the k gradients, clipped to ``Task.max_grad_norm`` when set);
+        on the others ``last_step`` reports it skipped, "accumulating (i of k micro-batches)".
+
         A task whose loss or adapter gradients are non-finite does not step: its gradients are
         dropped, its adapter and optimizer state are unchanged, a `NonFiniteWarning` is issued
         and ``last_step`` reports why; after ``Options.max_bad_steps`` such steps in a row it is
@@ -190,7 +196,9 @@ class Program:
         for name in losses:
             state = self.states[name]
             if name not in bad:
-                state.step()
+                if not state.step():  # accumulating: the optimizer steps on a later micro-step
+                    outcomes[name] = StepOutcome(outcomes[name].loss, skipped=True, why=(
+                        f"accumulating ({state.micro_steps} of {state.accumulation} micro-batches)"))
                 continue
             state.skip_bad(self.options.max_bad_steps)
             outcomes[name] = StepOutcome(outcomes[name].loss, skipped=True, why=bad[name])
@@ -363,6 +371,16 @@ class Program:
             if self.rank != 0:
                 return []
         return [save_task_adapter(self.tasks[name], path) for name, path in targets.items()]
+
+
+def _no_clipping_across_stages(tasks: list[Task]) -> None:
+    clipped = [t.name for t in tasks if t.max_grad_norm is not None]
+    if clipped:
+        raise TaskSpecError(
+            f"task(s) {clipped} set max_grad_norm, which needs each task's gradient norm over all "
+            "stages; it is not supported yet with stages on several processes: clip in one "
+            "process (stages=1) or leave max_grad_norm=None"
+        )
 
 
 def _plain(value):
