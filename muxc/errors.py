@@ -24,6 +24,7 @@ __all__ = [
     "MuxcInternalError",
     "PipelineError",
     "CheckpointError",
+    "ConfigError",
     "MuxcWarning",
     "EmptyBatchWarning",
     "NonFiniteWarning",
@@ -112,6 +113,11 @@ class PipelineError(MuxcError):
 class CheckpointError(MuxcError):
     """A checkpoint cannot be written or does not fit the program it is loaded into (a file
     missing, tampered with or truncated; another program's tasks, shapes or options)."""
+
+
+class ConfigError(MuxcError):
+    """A `muxc train` config file is unreadable, has an unknown key, a value of the wrong type
+    or range, or names a file that does not exist (the message names file, table and key)."""
 
 
 class MuxcWarning(UserWarning):
