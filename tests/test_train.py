@@ -32,7 +32,7 @@ checkpoint_every = 2
 [base]
 builtin = "tiny-llama"
 hidden = 32
-layers = 2
+layers = 1
 
 [options]
 fusion = "auto"
@@ -64,7 +64,7 @@ name = "sums"
 start_step = 2
 steps = 3
 batch_size = 4
-lr = 5e-2
+lr = 0.3
 schedule = "cosine"
 peft = {type = "ia3", target_modules = ["k_proj", "down_proj"], feedforward_modules = ["down_proj"]}
 data = {files = ["sums.csv"], template = "{a} plus {b} is ", label = "total"}
@@ -155,7 +155,7 @@ def test_config_file_problems_are_typed(tmp_path):
     bad.write_text("[base\nbuiltin = 1\n")
     with pytest.raises(ConfigError, match=r"syntax.toml' is not valid TOML: .*line 1"):
         load_config(bad)
-    no_base = _config(tmp_path, CONFIG.replace('[base]\nbuiltin = "tiny-llama"\nhidden = 32\nlayers = 2\n', ""))
+    no_base = _config(tmp_path, CONFIG.replace('[base]\nbuiltin = "tiny-llama"\nhidden = 32\nlayers = 1\n', ""))
     with pytest.raises(ConfigError, match=r"\[top level\] base: missing"):
         load_config(no_base)
 
@@ -258,23 +258,30 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("crash_after", [3, 5])
-def test_resume_after_a_crash_is_bit_identical(full_run, workdir, tmp_path, crash_after):
-    """Crash after run step 3 (newest checkpoint: step 2, before the labelled task joined) or
-    after step 5 (checkpoint at 4 holds a task that joined later); resume through the CLI."""
+def test_resume_after_crashes_is_bit_identical(full_run, workdir, tmp_path):
+    """Crash after run step 3 (newest checkpoint: step 2, before the labelled task joined),
+    resume and crash again after step 5 (the checkpoint at 4 holds the task that joined
+    later), then resume through the CLI: adapters and every metrics row equal the
+    uninterrupted run's."""
     _, full, _ = full_run
     out = tmp_path / "out"
     cfg = load_config(workdir / "run.toml")
 
-    def crash(report):
-        if report.step == crash_after:
-            raise _Crash
+    def crash_after(step):
+        def on_step(report):
+            if report.step == step:
+                raise _Crash
+        return on_step
 
     with pytest.raises(_Crash):
-        train(cfg, out, on_step=crash)
-    latest = (out / "checkpoints" / "latest").read_text().strip()
-    assert latest == f"step-{crash_after - 1:06d}"
-    assert max(r["step"] for r in _rows(out)) == crash_after  # rows past the checkpoint
+        train(cfg, out, on_step=crash_after(3))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert max(r["step"] for r in _rows(out)) == 3  # a row past the checkpoint, dropped on resume
+    with pytest.raises(_Crash):
+        train(cfg, out, resume=True, on_step=crash_after(5))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    saved = json.loads((out / "checkpoints" / "step-000004" / "trainer.json").read_text())
+    assert saved["running"] == ["prose", "sums"] and saved["tenants"]["notes"]["status"] == "done"
     assert cli.main(["train", str(workdir / "run.toml"), "--out", str(out), "--resume"]) == 0
     want, got = _adapters(full), _adapters(out)
     assert sorted(got) == sorted(want) == ["notes", "prose", "sums"]
