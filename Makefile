@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-demo: setup
-	$(VENV)/bin/muxc demo
+demo: setup  # the training service on the shipped config (README: Training service)
+	$(VENV)/bin/muxc train examples/train-demo.toml --out out/train-demo $(if $(wildcard out/train-demo/checkpoints),--resume,)
 
 test: setup
 	$(PY) -m pytest -q
