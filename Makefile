@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup  # the training service on the shipped config (README: Training service)
-	$(VENV)/bin/muxc train examples/train-demo.toml --out out/train-demo $(if $(wildcard out/train-demo/checkpoints),--resume,)
+	rm -rf out/train-demo  # a fresh run each time (muxc train refuses to overwrite a run)
+	$(VENV)/bin/muxc train examples/train-demo.toml --out out/train-demo
 
 test: setup
 	$(PY) -m pytest -q
