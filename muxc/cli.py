@@ -71,11 +71,11 @@ def _train(args) -> int:
         bar.total = report.total
         bar.update(1)
         for name in report.joined:
-            bar.write(f"step {report.step}: task {name!r} joined")
+            bar.write(f"step {report.step}: task {name!r} joined", file=sys.stderr)
         for name in report.left:
-            bar.write(f"step {report.step}: task {name!r} left (adapter saved)")
+            bar.write(f"step {report.step}: task {name!r} left (adapter saved)", file=sys.stderr)
         if report.checkpoint is not None:
-            bar.write(f"step {report.step}: checkpoint {report.checkpoint}")
+            bar.write(f"step {report.step}: checkpoint {report.checkpoint}", file=sys.stderr)
         bar.set_postfix({k[:10]: f"{v:.3f}" for k, v in report.train.items()})
 
     try:
