@@ -312,3 +312,35 @@ def test_train_leaves_the_global_rng_alone(workdir, tmp_path):
     res = train(small, tmp_path / "out")
     assert torch.equal(torch.get_rng_state(), before)
     assert res.tasks["prose"].status == "done" and res.tasks["prose"].steps == 1
+
+
+# ------------------------------------------------------------------------- the shipped demo
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_shipped_demo_config_parses_and_its_data_loads(tmp_path):
+    cfg = load_config(EXAMPLES / "train-demo.toml")
+    kinds = {t.peft.type for t in cfg.tasks}
+    assert len(cfg.tasks) >= 3 and kinds == {"lora", "ia3"}
+    assert any(t.start_step > 0 for t in cfg.tasks)  # a task joins later
+    tok = ByteTokenizer()
+    for t in cfg.tasks:
+        data = load_task_data(t, tok, tmp_path / "cache", cfg.seed)
+        assert len(data.train) >= 100, t.name
+        labelled = t.data.label is not None
+        assert all((IGNORE in s.labels) == labelled for s in data.train[:50]), t.name
+
+
+def test_committed_demo_data_is_what_make_data_writes(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_data", EXAMPLES / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "HERE", tmp_path)
+    module.main()
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted(p.name for p in (EXAMPLES / "data").iterdir())
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (EXAMPLES / "data" / name).read_bytes(), name

@@ -45,7 +45,8 @@ from muxc.train.data import TaskData, load_task_data, seed_of
 from muxc.train.report import MetricsLog, plot_losses, read_rows
 from muxc.train.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["train", "StepReport", "TaskSummary", "TrainResult", "lr_factor", "build_base"]
+__all__ = ["train", "StepReport", "TaskSummary", "TrainResult", "lr_factor", "build_base",
+           "optimizer_steps"]
 
 STATE_FORMAT = "muxc-train"
 STATE_VERSION = 1
@@ -129,6 +130,20 @@ def lr_factor(schedule: Schedule, warmup: int, total: int) -> Callable[[int], fl
     return factor
 
 
+def optimizer_steps(task: TaskConfig, samples: int) -> int:
+    """``task.steps``, or enough steps for ``task.epochs`` passes over ``samples``.
+
+    >>> from muxc.train.config import DataConfig, PeftSpec
+    >>> t = TaskConfig(name="t", peft=PeftSpec("lora", {}), data=DataConfig(), epochs=2.0,
+    ...                batch_size=4, grad_accumulation=3)
+    >>> optimizer_steps(t, 25)  # 50 samples / 12 per optimizer step
+    5
+    """
+    if task.steps is not None:
+        return task.steps
+    return max(1, math.ceil(task.epochs * samples / (task.batch_size * task.grad_accumulation)))
+
+
 def build_base(cfg: BaseConfig, tok: Tokenizer, seed: int) -> torch.nn.Module:
     """The frozen base: ``from_pretrained`` of a local directory (local files only) or the
     built-in tiny Llama (sized to ``tok``'s vocabulary, weights seeded by ``seed``)."""
@@ -198,9 +213,7 @@ class _Run:
         self.tenants: dict[str, _Tenant] = {}
         for i, t in enumerate(self.config.tasks):
             data = load_task_data(t, tok, cache, self.config.seed)
-            steps = t.steps if t.steps is not None else max(1, math.ceil(
-                t.epochs * len(data.train) / (t.batch_size * t.grad_accumulation)))
-            self.tenants[t.name] = _Tenant(t, data, steps, i)
+            self.tenants[t.name] = _Tenant(t, data, optimizer_steps(t, len(data.train)), i)
         total = max(t.cfg.start_step + t.steps for t in self.tenants.values())
         step = self._restore() if resume else 0
         resumed_from = step if resume else None
