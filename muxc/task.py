@@ -45,7 +45,8 @@ class Task:
             raise TaskSpecError(f"task {self.name!r}: lr must be > 0, got {self.lr}")
         k = self.grad_accumulation
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise TaskSpecError(f"task {self.name!r}: grad_accumulation must be an int >= 1, got {k!r}")
+            raise TaskSpecError(
+                f"task {self.name!r}: grad_accumulation must be an int >= 1, got {k!r}")
         g = self.max_grad_norm
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0):
             raise TaskSpecError(f"task {self.name!r}: max_grad_norm must be a number > 0 or None, "

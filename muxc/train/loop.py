@@ -238,15 +238,17 @@ class _Run:
                     saved = latest = self._checkpoint(step)
                 metrics.write(rows)
                 if on_step is not None:
-                    on_step(StepReport(step, max(total, step), losses, {n: v for n, (v, _) in evals.items()},
-                                       joined, left, saved))
+                    scores = {n: v for n, (v, _) in evals.items()}
+                    on_step(StepReport(step, max(total, step), losses, scores, joined, left, saved))
         finally:
             metrics.close()
         rows = read_rows(metrics.jsonl)
-        png = plot_losses(rows, self.out / "loss_curves.png", title=f"muxc train {self.config.path.name}")
+        png = plot_losses(rows, self.out / "loss_curves.png",
+                          title=f"muxc train {self.config.path.name}")
         notes = []
         if png is None:
-            notes.append("loss_curves.png skipped: matplotlib is not installed (pip install matplotlib)")
+            notes.append("loss_curves.png skipped: matplotlib is not installed "
+                         "(pip install matplotlib)")
         if metrics.tensorboard is None:
             notes.append("TensorBoard logs skipped: the tensorboard package is not installed")
         if latest is None:
@@ -368,7 +370,8 @@ class _Run:
                 outcome = program.last_step.get(n)
                 if n in out and math.isfinite(float(out[n])):
                     losses[n].append(float(out[n]))
-                if outcome is not None and outcome.skipped and not outcome.why.startswith("accumulating"):
+                if outcome is not None and outcome.skipped \
+                        and not outcome.why.startswith("accumulating"):
                     left_out.add(n)
         for n in self.running:
             self.tenants[n].done = program.states[n].steps

@@ -46,7 +46,8 @@ class MetricsLog:
             self._json.write(json.dumps(row) + "\n")
             self._csv.writerow(row)
             if tensorboard and self.tensorboard is not None:
-                self.tensorboard.add_scalar(f"{row['task']}/{row['split']}_loss", row["loss"], row["step"])
+                self.tensorboard.add_scalar(f"{row['task']}/{row['split']}_loss", row["loss"],
+                                            row["step"])
                 if row["split"] == "train":
                     self.tensorboard.add_scalar(f"{row['task']}/lr", row["lr"], row["step"])
         self._json.flush()
