@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-demo: setup
-	$(VENV)/bin/muxc demo
+demo: setup  # the training service on the shipped config (README: Training service)
+	rm -rf out/train-demo  # a fresh run each time (muxc train refuses to overwrite a run)
+	$(VENV)/bin/muxc train examples/train-demo.toml --out out/train-demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -73,6 +73,8 @@ class Program:
         if options.stages > 1:
             device = next(iter(state.mux_graph.tensors.values())).device
             self.stage_group = join_stage_group(options.stages, options.pipeline_timeout, device)
+            if self.stage_group is not None:
+                _no_clipping_across_stages(state.tasks)
         self._install(state, history)
 
     def _install(self, state: CompileState, history: list[PassRecord]) -> None:
@@ -236,6 +238,10 @@ class Program:
     def step(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """`forward_backward`, then each stepped task's own optimizer/scheduler step and zero_grad.
 
+        A task with ``Task.grad_accumulation`` k > 1 steps its optimizer only on every k-th call
+        it is in (on the mean of the k gradients, clipped to ``Task.max_grad_norm`` when set);
+        on the others ``last_step`` reports it skipped, "accumulating (i of k micro-batches)".
+
         A task whose loss or adapter gradients are non-finite does not step: its gradients are
         dropped, its adapter and optimizer state are unchanged, a `NonFiniteWarning` is issued
         and ``last_step`` reports why; after ``Options.max_bad_steps`` such steps in a row it is
@@ -247,7 +253,9 @@ class Program:
         for name in losses:
             state = self.states[name]
             if name not in bad:
-                state.step()
+                if not state.step():  # accumulating: the optimizer steps on a later micro-step
+                    outcomes[name] = StepOutcome(outcomes[name].loss, skipped=True, why=(
+                        f"accumulating ({state.micro_steps} of {state.accumulation} micro-batches)"))
                 continue
             state.skip_bad(self.options.max_bad_steps)
             outcomes[name] = StepOutcome(outcomes[name].loss, skipped=True, why=bad[name])
@@ -447,6 +455,8 @@ def _out_of_memory(plan: StepPlan, htask: int | None, cause: str, exact: bool,
         "activations under it, fusion='temporal' (one task per hTask), or micro_batches / "
         "alignment='chunk' with a smaller chunk_size"
     )
+
+
 def _runnable(mux: MuxGraph, pg: PartitionedGraph | None, plan: RecomputePlan):
     """The graph and stages the executors run: ``mux`` and ``pg`` with their checkpointed
     decoder layers recomputed in backward (`muxc.ir.recompute`); themselves without."""
@@ -458,6 +468,16 @@ def _runnable(mux: MuxGraph, pg: PartitionedGraph | None, plan: RecomputePlan):
     run_pg = pg if all(a.module is b.module for a, b in zip(stages, pg.stages)) \
         else dataclasses.replace(pg, mux=run_mux, stages=stages)
     return run_mux, run_pg
+
+
+def _no_clipping_across_stages(tasks: list[Task]) -> None:
+    clipped = [t.name for t in tasks if t.max_grad_norm is not None]
+    if clipped:
+        raise TaskSpecError(
+            f"task(s) {clipped} set max_grad_norm, which needs each task's gradient norm over all "
+            "stages; it is not supported yet with stages on several processes: clip in one "
+            "process (stages=1) or leave max_grad_norm=None"
+        )
 
 
 def _plain(value):

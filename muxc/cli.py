@@ -1,5 +1,6 @@
-"""The ``muxc`` command: ``demo``, and ``bench`` (a thin entry to the source checkout's
-`bench` package: ``muxc bench e2e`` = ``python -m bench.e2e``). The only module that prints."""
+"""The ``muxc`` command: ``demo``, ``train CONFIG.toml`` (`muxc.train`), and ``bench`` (a thin
+entry to the source checkout's `bench` package: ``muxc bench e2e`` = ``python -m bench.e2e``).
+The only module that prints."""
 
 from __future__ import annotations
 
@@ -43,6 +44,76 @@ def _demo(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from tqdm import tqdm
+
+    from muxc.errors import MuxcError
+    from muxc.ir import table
+    from muxc.train import load_config, train
+
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()  # the run's own bar is enough
+    except ImportError:
+        pass
+    bar = None
+
+    def on_progress(stage, done, total, item):
+        if item:
+            print(f"  {stage} {done + 1}/{total}: {item}", file=sys.stderr)
+
+    def on_step(report):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=report.total, initial=report.step - 1, desc="muxc train",
+                       unit="step", file=sys.stderr)
+        bar.total = report.total
+        bar.update(1)
+        for name in report.joined:
+            bar.write(f"step {report.step}: task {name!r} joined", file=sys.stderr)
+        for name in report.left:
+            bar.write(f"step {report.step}: task {name!r} left (adapter saved)", file=sys.stderr)
+        if report.checkpoint is not None:
+            bar.write(f"step {report.step}: checkpoint {report.checkpoint}", file=sys.stderr)
+        bar.set_postfix({k[:10]: f"{v:.3f}" for k, v in report.train.items()})
+
+    try:
+        config = load_config(args.config)
+        out = Path(args.out) if args.out else Path("out") / Path(args.config).stem
+        print(f"muxc train {args.config}: {len(config.tasks)} tasks, output in {out}/"
+              + (" (resuming)" if args.resume else ""), file=sys.stderr)
+        res = train(config, out, resume=args.resume, on_step=on_step, on_progress=on_progress)
+    except MuxcError as e:
+        if bar is not None:
+            bar.close()
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if bar is not None:
+        bar.close()
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    rows = [[t.name, t.peft, t.status, str(t.steps), fmt(t.first_loss), fmt(t.last_loss),
+             fmt(t.eval_loss), str(t.samples)] for t in res.tasks.values()]
+    resumed = f", resumed after step {res.resumed_from}" if res.resumed_from is not None else ""
+    print(f"\nmuxc train: {len(rows)} tasks, {res.steps} run steps in {res.seconds:.1f}s "
+          f"(compile/add/remove {res.compile_seconds:.1f}s{resumed})\n")
+    print(table(["task", "adapter", "status", "steps", "first loss", "last loss", "eval loss",
+                 "samples"], rows))
+    print(f"\nadapters: {res.out_dir / 'adapters'}/  metrics: {res.metrics_csv}, {res.metrics_jsonl}")
+    if res.loss_png is not None:
+        print(f"loss curves: {res.loss_png}")
+    if res.tensorboard is not None:
+        print(f"tensorboard: {res.tensorboard}")
+    if res.checkpoint is not None:
+        print(f"last checkpoint: {res.checkpoint}")
+    for note in res.notes:
+        print(f"note: {note}")
+    return 0
+
+
 NO_CHECKOUT = (
     "error: `muxc bench {what}` needs the `bench` package of a muxc source checkout, and none "
     "is importable here. Benchmarks are not installed with muxc: from the root of a checkout run "
@@ -83,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--stages", type=int, default=1)
     d.add_argument("--kernel-impl", default=None, choices=["torch", "grouped", "triton"])
     d.add_argument("--out", default="out/demo", help="where dumps and adapters go")
+    tr = sub.add_parser("train", help="train the tasks of a TOML config (examples/train-demo.toml)")
+    tr.add_argument("config", help="the run's TOML file (see README, Training service)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from the newest checkpoint in the output directory")
+    tr.add_argument("--out", default=None, help="output directory (default: out/<config name>)")
     b = sub.add_parser("bench", add_help=False,
                        help="benchmarks, from a source checkout; `muxc bench kernels --help`")
     b.add_argument("what", choices=["kernels", "plan", "e2e", "pipeline", "memory"])
@@ -91,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _demo(args)
+    if args.cmd == "train":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _train(args)
     return _bench(args.what, rest)
 
 

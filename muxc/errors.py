@@ -25,6 +25,7 @@ __all__ = [
     "PipelineError",
     "CheckpointError",
     "StepOutOfMemoryError",
+    "ConfigError",
     "MuxcWarning",
     "EmptyBatchWarning",
     "NonFiniteWarning",
@@ -119,6 +120,11 @@ class CheckpointError(MuxcError):
 class StepOutOfMemoryError(MuxcError):
     """A step ran out of memory and could not be retried, or its retry with the failing hTask
     split ran out of memory too; the adapter gradients are as they were before the step."""
+
+
+class ConfigError(MuxcError):
+    """A `muxc train` config file is unreadable, has an unknown key, a value of the wrong type
+    or range, or names a file that does not exist (the message names file, table and key)."""
 
 
 class MuxcWarning(UserWarning):

@@ -62,6 +62,14 @@ RNG = "rng.safetensors"
 def save_checkpoint(program: Any, path: str | Path) -> Path:
     """Write ``program``'s whole training state to directory ``path`` (replaced atomically)."""
     _single_process(program, "save_checkpoint")
+    pending = {n: f"{s.micro_steps} of {s.accumulation}" for n, s in program.states.items()
+               if s.micro_steps}
+    if pending:
+        raise CheckpointError(
+            f"save_checkpoint: task(s) are between optimizer steps with accumulated gradients "
+            f"(micro-batches done: {pending}), and gradients are not saved; save after the step "
+            "on which every task's optimizer stepped (a multiple of its grad_accumulation)"
+        )
     path = Path(path)
     with atomic_directory(path) as tmp:
         tasks_dir = safe_child(tmp, "tasks")

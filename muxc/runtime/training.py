@@ -1,7 +1,9 @@
 """Per-task training state: each task's own optimizer and LR scheduler, never mixed.
 
 A task whose loss or gradients are non-finite skips its optimizer step (`TaskState.skip_bad`);
-after ``limit`` such steps in a row it is paused until `TaskState.resume`.
+after ``limit`` such steps in a row it is paused until `TaskState.resume`. A task with
+``accumulation`` k steps its optimizer on every k-th micro-step, on the mean gradient, after
+clipping it to ``max_grad_norm`` when set.
 """
 
 from __future__ import annotations
@@ -46,19 +48,36 @@ class TaskState:
     steps: int = 0
     bad_steps: int = 0  # consecutive steps skipped for non-finite loss or gradients
     paused: bool = False
+    accumulation: int = 1  # micro-steps whose gradients add up before an optimizer step
+    max_grad_norm: float | None = None  # clip to this L2 norm before the optimizer step
+    micro_steps: int = 0  # micro-steps accumulated since the last optimizer step
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One micro-step done: on the ``accumulation``-th, average the summed gradients, clip
+        them, step the optimizer and scheduler and zero the gradients. Returns whether the
+        optimizer stepped."""
+        self.micro_steps += 1
+        self.bad_steps = 0
+        if self.micro_steps < self.accumulation:
+            return False
+        self.micro_steps = 0
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.accumulation > 1 and grads:
+            torch._foreach_div_(grads, float(self.accumulation))
+        if self.max_grad_norm is not None and grads:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
-        self.bad_steps = 0
+        return True
 
     def skip_bad(self, limit: int) -> None:
         """Drop this step's (non-finite) gradients without stepping; pause after ``limit``
         bad steps in a row. The adapter, optimizer state and LR schedule are untouched."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.micro_steps = 0  # the micro-steps accumulated so far are dropped with it
         self.bad_steps += 1
         self.paused = self.bad_steps >= limit
 
@@ -115,5 +134,6 @@ def build_states(tasks: list[Task], records: dict[str, list[AdapterRecord]]) -> 
                     "over this task's adapter only, e.g. [p for n, p in model.named_parameters() "
                     "if p.requires_grad]"
                 )
-        states[t.name] = TaskState(t.name, params, opt, t.lr_scheduler)
+        states[t.name] = TaskState(t.name, params, opt, t.lr_scheduler,
+                                   accumulation=t.grad_accumulation, max_grad_norm=t.max_grad_norm)
     return states
