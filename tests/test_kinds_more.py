@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 from helpers import REL_TOL, Case, rel_err, separate
-from models import CORE_FAMILIES, make_batch, make_peft
+from models import make_batch, make_peft
 from peft import IA3Config, LoraConfig, PeftModel
 from peft.tuners.lora.dora import DoraLinearLayer
 
