@@ -370,6 +370,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     ap.add_argument("--budget-mib", type=float, default=None,
                     help="memory budget for `tasks fit` (default: hf-separate's 8-task peak)")
+    ap.add_argument("--cost-model", default=None, metavar="PATH|none",
+                    help="on-device cost profile muxc full plans with (default "
+                         "<out>/cost-profile-<device>.json, shared with bench.plan, profiled "
+                         "during setup where keys are missing; 'none': the roofline default)")
     ap.add_argument("--no-profile", action="store_true",
                     help="skip the profiled step of the 8-task non-uniform cases")
     ap.add_argument("--append", action="store_true",
@@ -389,11 +393,19 @@ def _parts(text: str) -> tuple[str, ...]:
     return parts
 
 
+def _cost_model(args, device: torch.device) -> str:
+    """The profile path muxc full plans with ("" for the roofline: ``--cost-model none``)."""
+    if args.cost_model is None:
+        return str(Path(args.out) / f"cost-profile-{harness.device_slug(device)}.json")
+    return "" if args.cost_model.lower() == "none" else args.cost_model
+
+
 def _cases(args, device: torch.device) -> list[dict[str, Any]]:
     """Every case of the asked parts, in run order: main (+ sweep at the headline count),
     memory-large, compile."""
     cpu = device.type == "cpu"
-    common = dict(device=device.type, seed=args.seed, threads=args.threads if cpu else 0)
+    common = dict(device=device.type, seed=args.seed, threads=args.threads if cpu else 0,
+                  cost_model=_cost_model(args, device))
     main = plan(args.quick, device.type, args.models, args.workloads, args.tasks, args.systems)
     first_model = main[0][0] if main else None
     headline = max((n for *_, n, _ in main if n <= HEADLINE_TASKS), default=None)
@@ -422,7 +434,7 @@ def _cases(args, device: torch.device) -> list[dict[str, Any]]:
                   for n in MEMORY_TASKS[args.quick] for system in systems]
     if "compile" in args.parts:
         cases += [dict(model=COMPILE_MODEL, workload="uniform", tasks=n, system="muxc",
-                       part="compile", rows=2, steps=1, warmup=0, **common)
+                       part="compile", rows=2, steps=1, warmup=0, **{**common, "cost_model": ""})
                   for n in COMPILE_TASKS]
     return cases
 
