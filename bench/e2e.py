@@ -275,6 +275,14 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _load() -> str:
+    """The machine's 1/5/15-minute load averages and its CPU count (others share the cores)."""
+    import os
+
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}/{five:.2f}/{fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
 def _meta(device: torch.device, argv: list[str], wall_s: float) -> dict[str, Any]:
     import peft
     import transformers
@@ -471,11 +479,13 @@ def main(argv: list[str] | None = None) -> int:
           "fresh process", file=sys.stderr)
     slug = harness.device_slug(device) + ("-quick" if args.quick else "")
     partial = args.out / f"e2e-{slug}.partial.csv"
+    load_before = _load()
     t0 = time.perf_counter()
     rows = run_cases(cases, log=lambda s: print(s, file=sys.stderr, flush=True),
                      side_by_side=_side_by_side(device),
                      checkpoint=lambda rows: harness.write_csv(rows, partial))
     meta = _meta(device, argv, time.perf_counter() - t0)
+    meta["load"] = f"{load_before} before, {_load()} after"
     rc = _write(rows, meta, args, device, slug)
     partial.unlink(missing_ok=True)
     return rc
