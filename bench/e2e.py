@@ -275,6 +275,14 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _load() -> str:
+    """The machine's 1/5/15-minute load averages and its CPU count (others share the cores)."""
+    import os
+
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}/{five:.2f}/{fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
 def _meta(device: torch.device, argv: list[str], wall_s: float) -> dict[str, Any]:
     import peft
     import transformers
@@ -370,6 +378,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     ap.add_argument("--budget-mib", type=float, default=None,
                     help="memory budget for `tasks fit` (default: hf-separate's 8-task peak)")
+    ap.add_argument("--cost-model", default=None, metavar="PATH|none",
+                    help="on-device cost profile muxc full plans with (default "
+                         "<out>/cost-profile-<device>.json, shared with bench.plan, profiled "
+                         "during setup where keys are missing; 'none': the roofline default)")
     ap.add_argument("--no-profile", action="store_true",
                     help="skip the profiled step of the 8-task non-uniform cases")
     ap.add_argument("--append", action="store_true",
@@ -389,11 +401,19 @@ def _parts(text: str) -> tuple[str, ...]:
     return parts
 
 
+def _cost_model(args, device: torch.device) -> str:
+    """The profile path muxc full plans with ("" for the roofline: ``--cost-model none``)."""
+    if args.cost_model is None:
+        return str(Path(args.out) / f"cost-profile-{harness.device_slug(device)}.json")
+    return "" if args.cost_model.lower() == "none" else args.cost_model
+
+
 def _cases(args, device: torch.device) -> list[dict[str, Any]]:
     """Every case of the asked parts, in run order: main (+ sweep at the headline count),
     memory-large, compile."""
     cpu = device.type == "cpu"
-    common = dict(device=device.type, seed=args.seed, threads=args.threads if cpu else 0)
+    common = dict(device=device.type, seed=args.seed, threads=args.threads if cpu else 0,
+                  cost_model=_cost_model(args, device))
     main = plan(args.quick, device.type, args.models, args.workloads, args.tasks, args.systems)
     first_model = main[0][0] if main else None
     headline = max((n for *_, n, _ in main if n <= HEADLINE_TASKS), default=None)
@@ -422,7 +442,7 @@ def _cases(args, device: torch.device) -> list[dict[str, Any]]:
                   for n in MEMORY_TASKS[args.quick] for system in systems]
     if "compile" in args.parts:
         cases += [dict(model=COMPILE_MODEL, workload="uniform", tasks=n, system="muxc",
-                       part="compile", rows=2, steps=1, warmup=0, **common)
+                       part="compile", rows=2, steps=1, warmup=0, **{**common, "cost_model": ""})
                   for n in COMPILE_TASKS]
     return cases
 
@@ -459,11 +479,13 @@ def main(argv: list[str] | None = None) -> int:
           "fresh process", file=sys.stderr)
     slug = harness.device_slug(device) + ("-quick" if args.quick else "")
     partial = args.out / f"e2e-{slug}.partial.csv"
+    load_before = _load()
     t0 = time.perf_counter()
     rows = run_cases(cases, log=lambda s: print(s, file=sys.stderr, flush=True),
                      side_by_side=_side_by_side(device),
                      checkpoint=lambda rows: harness.write_csv(rows, partial))
     meta = _meta(device, argv, time.perf_counter() - t0)
+    meta["load"] = f"{load_before} before, {_load()} after"
     rc = _write(rows, meta, args, device, slug)
     partial.unlink(missing_ok=True)
     return rc

@@ -339,6 +339,9 @@ def markdown(rows: Sequence[Row], *, meta: dict[str, Any], summary: dict[str, An
     out += [f"Command: `{meta['command']}` ({meta['wall_s']:.0f} s wall), {meta['timestamp']}, "
             f"commit {meta['commit']}{dirty}, "
             f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}.", ""]
+    if meta.get("load"):
+        out += [f"Machine load (1/5/15-minute load averages; other jobs share the CPUs): "
+                f"{meta['load']}.", ""]
     out += [f"Build measured: {meta['build']}", ""]
     out += [f"Setup: {meta['setup']}", ""]
     out += ["## Headline (muxc full vs the others, non-uniform workload)", "",

@@ -326,12 +326,14 @@ class HFMultiAdapter(HFSeparate):
             self.optims[name].zero_grad(set_to_none=True)
 
 
-def muxc_options(system: str):
+def muxc_options(system: str, cost_model: str = ""):
     """The `muxc.Options` a muxc system runs with in THIS build, and a readable string.
 
     ``system`` is ``spatial``, ``temporal``, ``muxc`` or a fixed configuration
     ``<fusion>-chunk<size>`` (`fixed_systems`). ``alignment`` is passed only when the build's
     Options has that field (the planner adds it); the string says what actually ran.
+    ``cost_model``: muxc full (``muxc``) plans with this on-device profile (`muxc.Options`
+    ``cost_model``; "" keeps the roofline default); the fixed systems need no cost model.
 
     >>> muxc_options("temporal-chunk64")[1].split()[:3]
     ['fusion=temporal', 'alignment=chunk', 'chunk_size=64']
@@ -346,6 +348,8 @@ def muxc_options(system: str):
         kwargs.update(alignment="chunk", chunk_size=int(chunk))
     elif "alignment" in names and system != "temporal":
         kwargs["alignment"] = "chunk" if system == "muxc" else "pad"
+    if cost_model and system == "muxc" and "cost_model" in names:
+        kwargs["cost_model"] = cost_model
     options = muxc.Options(**kwargs)
     shown = []
     for f in dataclasses.fields(options):
@@ -359,17 +363,21 @@ class Muxc:
     shared backbone."""
 
     def __init__(self, bases: list[torch.nn.Module], tasks: list[TaskSpec], family: str,
-                 system: str):
+                 system: str, cost_model: str = ""):
         import muxc
         from peft import get_peft_model
 
-        options, self.options = muxc_options(system)
+        options, self.options = muxc_options(system, cost_model)
         specs = [muxc.Task(name=t.name, model=get_peft_model(b, t.peft_config(family)), lr=1e-3)
                  for b, t in zip(bases, tasks)]
         c0, t0 = time.process_time(), time.perf_counter()
         self.program = muxc.compile(specs, options)
         self.compile_s = time.perf_counter() - t0
         self.compile_cpu_s = time.process_time() - c0
+        if getattr(options, "cost_model", None):
+            # load the profile (or profile what it lacks) now, during setup: not in the
+            # compile time, the timed steps or the training memory peak
+            self.program.planner.fusion  # noqa: B018
 
     def step(self, batches: Step) -> None:
         self.program.step(batches)
@@ -388,8 +396,9 @@ class Muxc:
 
 
 def build_system(system: str, model: ModelSpec, tasks: list[TaskSpec], device: torch.device,
-                 seed: int) -> System:
-    """Build ``system`` over the base copies it needs (the template is one of them)."""
+                 seed: int, cost_model: str = "") -> System:
+    """Build ``system`` over the base copies it needs (the template is one of them);
+    ``cost_model``: see `muxc_options`."""
     copies = HFMultiAdapter.base_copies(tasks) if system == "hf-multi-adapter" else len(tasks)
     bases = [model.build(device, seed)]
     bases += [copy.deepcopy(bases[0]) for _ in range(copies - 1)]
@@ -397,7 +406,7 @@ def build_system(system: str, model: ModelSpec, tasks: list[TaskSpec], device: t
         return HFSeparate(bases, tasks, model.family)
     if system == "hf-multi-adapter":
         return HFMultiAdapter(bases, tasks, model.family)
-    return Muxc(bases, tasks, model.family, system)
+    return Muxc(bases, tasks, model.family, system, cost_model)
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -487,6 +496,7 @@ class Case:
     profile: bool = False  # also profile one extra step (not timed)
     part: str = "main"  # which part of the benchmark: main | sweep | memory | compile
     strict_malloc: bool = False  # CPU: `strict_malloc()` before anything is built
+    cost_model: str = ""  # muxc full's on-device profile (`muxc_options`); "": roofline
 
     def key(self) -> tuple:
         return (self.model, self.workload, self.tasks, self.system)
@@ -518,7 +528,8 @@ class CaseRun:
                                     case.seed)
         self.memory = Memory(self.device)
         t0 = time.perf_counter()
-        self.system = build_system(case.system, self.spec, tasks, self.device, case.seed)
+        self.system = build_system(case.system, self.spec, tasks, self.device, case.seed,
+                                   case.cost_model)
         self.setup_s = time.perf_counter() - t0
         self.setup_mib = self.memory.peak()
         self.memory.reset()

@@ -157,3 +157,17 @@ def test_fixed_system_options():
     options, text = systems.muxc_options("spatial-chunk16")
     assert options.fusion.value == "spatial" and options.alignment.value == "chunk"
     assert options.chunk_size == 16 and "chunk_size=16" in text
+
+
+def test_only_muxc_full_plans_with_the_cost_profile(tmp_path):
+    from bench import e2e
+
+    path = str(tmp_path / "cost-profile-cpu.json")
+    assert systems.muxc_options("muxc", path)[0].cost_model == path
+    assert systems.muxc_options("temporal-chunk64", path)[0].cost_model is None
+    args = e2e._parse(["--quick", "--out", str(tmp_path)])
+    cases = e2e._cases(args, torch.device("cpu"))
+    assert {c["cost_model"] for c in cases if c.get("part") != "compile"} == {path}
+    assert {c["cost_model"] for c in cases if c.get("part") == "compile"} == {""}
+    none = e2e._cases(e2e._parse(["--quick", "--cost-model", "none"]), torch.device("cpu"))
+    assert {c["cost_model"] for c in none} == {""}

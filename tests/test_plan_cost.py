@@ -429,3 +429,24 @@ def test_summary_is_fast_and_cheap_to_evaluate(summary):
     for n in range(1, 201):
         estimate_step(summary, {"t0": 64 * n, "t1": 32 * n}, seq_len=64, cost=cost)
     assert (time.perf_counter() - t0) / 200 < 5e-3  # the fusion DP evaluates many groups
+
+
+def test_adapter_probes_call_like_a_site():
+    """The LoRA probe adds into a base output (fused accumulate, as the LoRA site calls it) and
+    reuses its arguments, so its samples are what the executor pays per site call."""
+    from muxc.plan.profile import PROBES
+
+    torch.manual_seed(0)
+    fwd, _ = PROBES[OpKind.LORA](OpKey(OpKind.LORA, (8, 6, 2)), 5, torch.device("cpu"))
+    out = fwd()
+    lists = [c.cell_contents for c in fwd.__closure__ if isinstance(c.cell_contents, list)]
+    assert len(lists) == 4  # seg_lens, A, B, scaling: built once, not per call
+    out.sum().backward()
+    tensors = [c.cell_contents for c in fwd.__closure__
+               if isinstance(c.cell_contents, torch.Tensor)]
+    base = next(t for t in tensors if t.shape == (5, 6))
+    x = next(t for t in tensors if t.shape == (5, 8))
+    a = next(v[0] for v in lists if isinstance(v[0], torch.Tensor) and v[0].shape == (2, 8))
+    bm = next(v[0] for v in lists if isinstance(v[0], torch.Tensor) and v[0].shape == (6, 2))
+    torch.testing.assert_close(out, base + 2.0 * (x @ a.T) @ bm.T)
+    assert torch.equal(base.grad, torch.ones(5, 6))  # the base output is an input of the call

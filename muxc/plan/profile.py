@@ -43,7 +43,7 @@ __all__ = [
     "measure_call_overhead",
 ]
 
-FORMAT = 2  # 2: call_overhead
+FORMAT = 3  # 2: call_overhead; 3: adapter probes call like a site (base=, arguments built once)
 aten = torch.ops.aten  # probes call the same OpOverloads exported graphs call
 DEFAULT_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_ATTENTION_SHAPES = ((1, 32), (1, 64), (1, 128), (2, 128), (1, 256), (2, 256), (4, 256),
@@ -310,9 +310,11 @@ def _probe_lora(key: OpKey, tokens: int, device):
     k, n, r = key.shape
     dt = _dtype(key)
     x = _leaf(tokens, k, device=device, dtype=dt)
-    a = _leaf(r, k, device=device, dtype=dt)
-    bm = _leaf(n, r, device=device, dtype=dt)
-    return (lambda: multi_lora(x, [tokens], [a], [bm], [2.0])), None
+    h = _leaf(tokens, n, device=device, dtype=dt)  # the base op's output the site adds to
+    # built once, as a site's arguments are: the call is what the executor pays per site
+    lens, a, bm, scaling = [tokens], [_leaf(r, k, device=device, dtype=dt)], \
+        [_leaf(n, r, device=device, dtype=dt)], [2.0]
+    return (lambda: multi_lora(x, lens, a, bm, scaling, base=h)), None
 
 
 def _probe_ia3(key: OpKey, tokens: int, device):
@@ -321,8 +323,8 @@ def _probe_ia3(key: OpKey, tokens: int, device):
     (n,) = key.shape
     dt = _dtype(key)
     h = _leaf(tokens, n, device=device, dtype=dt)
-    v = _leaf(n, device=device, dtype=dt)
-    return (lambda: multi_ia3(h, [tokens], [v])), None
+    lens, v = [tokens], [_leaf(n, device=device, dtype=dt)]
+    return (lambda: multi_ia3(h, lens, v)), None
 
 
 def _probe_loss(key: OpKey, tokens: int, device):
