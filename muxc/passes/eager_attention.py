@@ -35,6 +35,7 @@ __all__ = ["EagerAttention", "match_eager_attention", "sdpa_from_eager", "unmatc
 aten = torch.ops.aten
 _SOFTMAX = (aten.softmax.int, aten._softmax.default)
 _MATMUL = (aten.matmul.default, aten.bmm.default)
+_SCALE = (aten.mul.Tensor, aten.mul_.Tensor, aten.div.Tensor, aten.div_.Tensor)  # mul first
 # value-preserving steps allowed between the softmax and the matmul with V
 _CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.clone.default)
 _ASSERT = aten._assert_tensor_metadata.default
@@ -77,11 +78,11 @@ def _is_last_two_transpose(node: fx.Node) -> bool:
 def _scores(node: fx.Node) -> tuple[fx.Node, fx.Node, float, list[fx.Node]] | None:
     """``(q, k, scale, nodes)`` when ``node`` is ``matmul(q, k^T)`` times constants."""
     scale, nodes = 1.0, []
-    while node.op == "call_function" and node.target in (aten.mul.Tensor, aten.div.Tensor):
+    while node.op == "call_function" and node.target in _SCALE:
         tensor, const = node.args
         if not isinstance(const, Number) or isinstance(const, bool) or len(_users(node)) != 1:
             return None
-        scale = scale * const if node.target is aten.mul.Tensor else scale / const
+        scale = scale * const if node.target in _SCALE[:2] else scale / const
         nodes.append(node)
         node = tensor
     if node.op != "call_function" or node.target not in _MATMUL or len(_users(node)) != 1:
