@@ -38,6 +38,12 @@ def _batch(lengths, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
+def _ia3(family: str) -> IA3Config:
+    if family == "stablelm":  # PEFT has no IA3 default targets for it
+        return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    return IA3Config()
+
+
 _CACHE: dict = {}
 
 
@@ -47,7 +53,7 @@ def eager_case(family: str):
         base = eager_base(family)
         spec = [
             ("lora", make_peft(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 1)),
-            ("ia3", make_peft(base, IA3Config(), 3)),
+            ("ia3", make_peft(base, _ia3(family), 3)),
         ]
         batches = {"lora": _batch([12, 4, 9], 1), "ia3": make_batch(2, 7, 2, pad_rows=2)}
         _CACHE[family] = separate(spec, batches, alignment="chunk")
