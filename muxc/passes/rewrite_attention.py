@@ -2,10 +2,13 @@
 
 Replaces every backbone ``aten.scaled_dot_product_attention`` node with a `ChunkAttention`
 node reading the step's `MuxBatch`, so chunks attend to the K/V of their stream's earlier
-chunks under a document mask. Does not mutate the input: the rewrite happens on a copy of its
-graph (nodes and meta copied, parameters and tensors shared) in a new MuxGraph. With
+chunks under a document mask. HF's eager attention (matmul, scale, mask, softmax, matmul) is
+first rewritten to the equivalent SDPA call (`sdpa_from_eager`); an attention-like softmax left
+unrecognised (one whose probabilities feed a matmul) is refused rather than run unaware of the
+chunks. Does not mutate the input: the rewrite happens on a copy of its graph (nodes and meta
+copied, parameters and tensors shared) in a new MuxGraph. With
 ``alignment="pad"`` the input is returned as is (the history notes say so). A model whose
-attention is not SDPA (e.g. Bloom's ALiBi) raises `UnsupportedPeftError` with a remedy.
+attention is neither (e.g. Bloom's ALiBi) raises `UnsupportedPeftError` with a remedy.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.fx as fx
 from muxc.errors import UnsupportedPeftError
 from muxc.ir import SDPA, ChunkAttention, MuxGraph, NodeInfo, Role, info, set_info
 from muxc.options import Alignment
+from muxc.passes.eager_attention import sdpa_from_eager, unmatched_attention
 from muxc.passes.pass_base import CompileContext, PassResult
 
 __all__ = ["rewrite_attention"]
@@ -36,14 +40,25 @@ def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph
             "place for a per-sample label; use alignment='pad' (spatial, temporal and auto "
             "fusion all work there)"
         )
-    if not any(n.op == "call_function" and n.target is SDPA for n in mux.gm.graph.nodes):
-        raise UnsupportedPeftError(
-            f"alignment='chunk' needs scaled_dot_product_attention in the backbone; this "
-            f"{mux.model_type} model has none (e.g. ALiBi or eager attention); use alignment='pad' "
-            "or load the model with attn_implementation='sdpa'"
-        )
     gm = fx.GraphModule(mux.gm, copy.deepcopy(mux.gm.graph), class_name=type(mux.gm).__name__)
     g = gm.graph
+    eager = sdpa_from_eager(g)
+    left = unmatched_attention(g)
+    if left:
+        raise UnsupportedPeftError(
+            f"alignment='chunk': this {mux.model_type} model computes attention in a form muxc "
+            f"does not recognise (softmax node {left[0].format_node()} feeds a matmul; "
+            f"{len(left)} such nodes), so it cannot attend across chunks exactly; recognised are "
+            "scaled_dot_product_attention and HF's eager attention "
+            "(softmax(q @ k^T * scale + mask) @ v), not ALiBi's baddbmm (Bloom); use "
+            "alignment='pad'"
+        )
+    if not any(n.op == "call_function" and n.target is SDPA for n in g.nodes):
+        raise UnsupportedPeftError(
+            f"alignment='chunk' needs scaled_dot_product_attention or HF's eager attention "
+            f"(softmax(q @ k^T * scale + mask) @ v) in the backbone; this {mux.model_type} model "
+            "has neither (e.g. Bloom's ALiBi attention); use alignment='pad'"
+        )
     mux_input = next(n for n in g.find_nodes(op="placeholder") if n.name == "mux")
     targets = [n for n in g.nodes if n.op == "call_function" and n.target is SDPA]
     for i, node in enumerate(targets):
@@ -59,4 +74,7 @@ def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph
         g.erase_node(node)
     g.lint()
     gm.recompile()
-    return PassResult(replace(mux, gm=gm), f"{len(targets)} attention nodes made chunk-aware")
+    note = f"{len(targets)} attention nodes made chunk-aware"
+    if eager:
+        note += f" ({eager} from eager attention, rewritten to SDPA first)"
+    return PassResult(replace(mux, gm=gm), note)

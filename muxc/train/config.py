@@ -70,7 +70,7 @@ class BaseConfig:
     builtin: str | None = None
     hidden: int = 64  # built-in only: hidden size
     layers: int = 2  # built-in only: decoder layers
-    attn_implementation: str = "sdpa"  # alignment="chunk" needs "sdpa"
+    attn_implementation: str = "sdpa"  # "sdpa" or "eager"; both work with alignment="chunk"
 
 
 @dataclass(frozen=True)
