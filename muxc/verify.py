@@ -41,9 +41,9 @@ def verify_mux_graph(pass_name: str, mux: MuxGraph) -> None:
                 _fail(pass_name, f"adapter tensor {node.name} also bound for task {owner[id(t)]}")
             owner[id(t)] = next(iter(rec.tasks))
         if rec.role is Role.ADAPTER:
-            tasks = [r.task for r in rec.adapters]
+            tasks = [(r.task, r.kind.value) for r in rec.adapters]
             if len(set(tasks)) != len(tasks):
-                _fail(pass_name, f"site {rec.site} serves a task twice: {tasks}")
+                _fail(pass_name, f"site {rec.site} serves a task's kind twice: {tasks}")
     frozen = [mux.tensors[n.name] for n in g.find_nodes(op="placeholder") if info(n).role is Role.FROZEN]
     if any(id(t) in owner for t in frozen):
         _fail(pass_name, "a frozen placeholder is bound to an adapter tensor")
