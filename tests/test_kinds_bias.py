@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel
 
 import muxc
 from muxc.errors import UnsupportedPeftError
-from muxc.ir import AdapterKind
+from muxc.ir import AdapterKind, Role, info
 
 FUSIONS = ("spatial", "temporal", "auto")
 
@@ -116,7 +116,9 @@ def test_shared_op_reads_a_frozen_snapshot(case):
     """The shared op's bias is never a trained tensor: the plain task's (untrained) one."""
     c = case("opt")
     trained = {id(p) for m in c.models[:2] for p in m.parameters() if p.requires_grad}
-    frozen = [t for n, t in c.program.mux.tensors.items() if n.endswith("bias") or "bias" in n]
+    mux = c.program.mux
+    frozen = [mux.tensors[n.name] for n in mux.gm.graph.find_nodes(op="placeholder")
+              if info(n).role is Role.FROZEN and n.name.endswith("bias")]
     assert frozen and not any(id(t) in trained for t in frozen)
     kinds = {r.kind for recs in c.program.mux.sites.values() for r in recs}
     assert AdapterKind.BIAS in kinds
@@ -136,12 +138,18 @@ def test_save_round_trip_restores_the_biases(case, tmp_path):
 
 
 def test_cost_model_prices_bias_sites(case):
+    """A bias-only site (a LayerNorm) costs the task a per-token pointwise op over its width,
+    and the task's trained biases count in its adapter size."""
+    from muxc.plan.ops import OpKind
     from muxc.plan.summary import summarize_graph
 
     c = case("gpt2")
     summary = summarize_graph(c.program.mux)
-    text = repr(summary) + str(getattr(summary, "ops", ""))
-    assert "[all]" in text
+    ln = [op for op in summary.ops if op.site and "ln_1" in op.site and op.task == "all"]
+    assert ln and all(op.forward.key.kind is OpKind.IA3 and op.forward.key.shape == (32,) for op in ln)
+    assert not [op for op in summary.ops if op.site and "ln_1" in op.site and op.task == "lora"]
+    trained = sum(p.numel() for p in c.models[0].parameters() if p.requires_grad)
+    assert summary.adapter_numel["all"] == trained
 
 
 def test_dora_with_bias_is_refused():
