@@ -41,8 +41,10 @@ def verify_mux_graph(pass_name: str, mux: MuxGraph) -> None:
                 _fail(pass_name, f"adapter tensor {node.name} also bound for task {owner[id(t)]}")
             owner[id(t)] = next(iter(rec.tasks))
         if rec.role is Role.ADAPTER:
-            tasks = [r.task for r in rec.adapters]
-            if len(set(tasks)) != len(tasks):
+            # one record per (task, kind): a task may hold a trained bias and LoRA at one site
+            kinds = [(r.task, r.kind) for r in rec.adapters]
+            if len(set(kinds)) != len(kinds):
+                tasks = [r.task for r in rec.adapters]
                 _fail(pass_name, f"site {rec.site} serves a task twice: {tasks}")
     frozen = [mux.tensors[n.name] for n in g.find_nodes(op="placeholder") if info(n).role is Role.FROZEN]
     if any(id(t) in owner for t in frozen):

@@ -74,7 +74,7 @@ def test_unsupported_peft_type_lists_supported(llama):
 
 
 @pytest.mark.parametrize("option,match", [
-    (dict(bias="lora_only"), "bias='lora_only'"),
+    (dict(lora_bias=True), "lora_bias=True"),
 ])
 def test_unsupported_lora_options_are_named(llama, option, match):
     m = get_peft_model(copy.deepcopy(llama), LoraConfig(r=4, target_modules=["q_proj"], **option))

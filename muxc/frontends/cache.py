@@ -43,7 +43,7 @@ import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
 from muxc.frontends.export import Export, bind_and_tag, export_task, lifted_tensors
-from muxc.frontends.peft import adapter_name_of, adapter_records, hf_model
+from muxc.frontends.peft import adapter_name_of, adapter_records, bias_mode, hf_model
 from muxc.frontends.signature import TraceSignature, trace_signature
 from muxc.ir import Binding, BindingKind, TaskGraph
 from muxc.kinds import spec_for_trace_op
@@ -141,7 +141,7 @@ def rebind(source: Export, task: Task) -> TaskGraph:
     t0 = time.perf_counter()
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
-    records = adapter_records(task.name, hf, adapter)
+    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter))
     old = source.graph
     tensors = lifted_tensors(hf, source.targets.values())
     graph, env = _copy_graph(old.gm.graph)
@@ -158,12 +158,12 @@ def rebind(source: Export, task: Task) -> TaskGraph:
         lifted[ph] = (b.kind, t)
     placeholder_of = {id(t): env[n] for n in old.gm.graph.find_nodes(op="placeholder")
                       if (t := lifted[n.name][1]) is not None}
-    by_site = {r.site: r for r in records}
+    by_site = {(r.site, r.kind): r for r in records}
     for node in graph.nodes:
         spec = spec_for_trace_op(node.target) if node.op == "call_function" else None
         if spec is None:
             continue
-        rec = by_site.get(node.args[-1])
+        rec = by_site.get((node.args[-1], spec.kind))
         missing = rec is None or any(id(t) not in placeholder_of for t in rec.params.values())
         if missing:
             raise MuxcInternalError(

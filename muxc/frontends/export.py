@@ -24,6 +24,7 @@ from muxc.frontends.peft import (
     adapter_name_of,
     adapter_param_ids,
     adapter_records,
+    bias_mode,
     head_info,
     hf_model,
     is_seq_cls,
@@ -32,7 +33,7 @@ from muxc.frontends.peft import (
     seq_cls_head_attr,
 )
 from muxc.frontends.quant import check_quantized, routed_quantized, state_tensor
-from muxc.kinds import spec_for_trace_op
+from muxc.kinds import spec_for_trace_op, spec_of
 from muxc.ir import Binding, BindingKind, NodeInfo, Role, TaskGraph, set_info
 from muxc.task import Task
 
@@ -110,7 +111,7 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     """`trace_task`, keeping each placeholder's source FQN (`Export`). Does not mutate the model."""
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
-    records = adapter_records(task.name, hf, adapter)
+    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter))
     check_quantized(task.name, hf)
     device = next(hf.parameters()).device
     ids = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device=device)
@@ -120,7 +121,8 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     t0 = time.perf_counter()
     try:
         hf.train()
-        with routed_adapters(task.name, hf, adapter), checkpointing_off(hf), \
+        with routed_adapters(task.name, hf, adapter, bias_mode(task.model, adapter)), \
+                checkpointing_off(hf), \
                 routed_quantized(task.name, hf):
             if is_seq_cls(hf):
                 wrapper = _SeqCls(hf, seq_cls_head_attr(task.name, hf, adapter), with_positions)
@@ -169,7 +171,8 @@ def bind_and_tag(task: Task, gm: fx.GraphModule, records, lifted, targets) -> Ta
     ``lifted`` maps each placeholder to ``(BindingKind, tensor)`` (None for user inputs),
     ``targets`` each non-user placeholder to its FQN in the traced module.
     """
-    adapter_fqns = {id(t): n for r in records for n, t in _named(r)}
+    # a trained base bias keeps its backbone name: the frozen op reads it too (muxc.kinds.bias)
+    adapter_fqns = {id(t): n for r in records if not spec_of(r.kind).trains_base for n, t in _named(r)}
     other_adapters = adapter_param_ids(task.model) - set(adapter_fqns)
     # the frozen original a trained head replaces is never run: not a backbone weight
     unused = {n.name for n in gm.graph.find_nodes(op="placeholder") if not n.users}

@@ -2,7 +2,8 @@
 route adapter layers through muxc's opaque ops for the duration of a trace.
 
 Supported now: LoRA and DoRA on ``nn.Linear`` and GPT-2 ``Conv1D`` base layers (any targets,
-ranks, alpha, rslora, rank/alpha patterns, dropout, ``bias="none"``) and IA3 (attention and
+ranks, alpha, rslora, rank/alpha patterns, dropout, ``bias="none"``, ``"all"`` or
+``"lora_only"``: `muxc.kinds.bias`) and IA3 (attention and
 feed-forward). Everything else raises `UnsupportedPeftError` naming it.
 """
 
@@ -20,6 +21,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from muxc.errors import TaskSpecError, UnsupportedPeftError
 from muxc.ir import CAUSAL_LM, AdapterKind, AdapterRecord, HeadInfo
 from muxc.kinds import KINDS, SUPPORTED, spec_for_config, spec_for_layer
+from muxc.kinds.bias import BIAS, bias_site, trained_bias_modules
 
 __all__ = [
     "SUPPORTED",
@@ -29,6 +31,8 @@ __all__ = [
     "normalize_fqn",
     "adapter_layers",
     "adapter_records",
+    "bias_mode",
+    "trained_biases",
     "routed_adapters",
     "adapter_param_ids",
     "head_info",
@@ -188,10 +192,29 @@ def head_info(task_name: str, model, adapter: str) -> HeadInfo | None:
     return None
 
 
-def adapter_records(task_name: str, hf: torch.nn.Module, adapter: str) -> list[AdapterRecord]:
-    """The task's adapters in unified form, holding the user's own parameter tensors."""
-    return [spec_for_layer(mod, adapter).records(task_name, path, mod, adapter)
+def bias_mode(model, adapter: str) -> str:
+    """The adapter's ``bias`` option: which base biases it trains ("none", "all", "lora_only")."""
+    return getattr(model.peft_config[adapter], "bias", "none") or "none"
+
+
+def trained_biases(task_name: str, hf: torch.nn.Module, adapter: str, bias: str) -> dict:
+    """Module path -> module whose own bias the task trains (`muxc.kinds.bias`)."""
+    if bias == "none":
+        return {}
+    cfg = types.SimpleNamespace(bias=bias)
+    return trained_bias_modules(task_name, hf, cfg, adapter_layers(task_name, hf, adapter))
+
+
+def adapter_records(
+    task_name: str, hf: torch.nn.Module, adapter: str, bias: str = "none"
+) -> list[AdapterRecord]:
+    """The task's adapters in unified form, holding the user's own parameter tensors (with
+    ``bias`` other than "none", its trained base biases too, `bias_mode`)."""
+    recs = [spec_for_layer(mod, adapter).records(task_name, path, mod, adapter)
             for path, mod in adapter_layers(task_name, hf, adapter).items()]
+    recs += [BIAS.records(task_name, path, mod, adapter)
+             for path, mod in trained_biases(task_name, hf, adapter, bias).items()]
+    return recs
 
 
 def adapter_param_ids(model: PeftModel) -> set[int]:
@@ -209,12 +232,15 @@ def adapter_param_ids(model: PeftModel) -> set[int]:
 
 
 @contextlib.contextmanager
-def routed_adapters(task_name: str, hf: torch.nn.Module, adapter: str) -> Iterator[None]:
+def routed_adapters(
+    task_name: str, hf: torch.nn.Module, adapter: str, bias: str = "none"
+) -> Iterator[None]:
     """Route ``adapter``'s layers through muxc's opaque ops, only inside the ``with`` block.
 
     Patches are per instance (``module.forward``), never on PEFT's classes, and are removed on
     exit even if tracing fails. Layers of other adapters of the same model run their base op
-    only while tracing (an inactive adapter has no effect on this task).
+    only while tracing (an inactive adapter has no effect on this task). Modules whose bias the
+    task trains (``bias``) add a `muxc.kinds.bias` node after their output.
     """
     layers = {p: m for p, m in hf.named_modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))}
     mine = adapter_layers(task_name, hf, adapter)
@@ -226,6 +252,9 @@ def routed_adapters(task_name: str, hf: torch.nn.Module, adapter: str) -> Iterat
             else:
                 fwd = _base_only_forward
             mod.forward = types.MethodType(fwd, mod)
+            patched.append(mod)
+        for path, mod in trained_biases(task_name, hf, adapter, bias).items():
+            mod.forward = types.MethodType(BIAS.traced_forward(bias_site(path), adapter), mod)
             patched.append(mod)
         yield
     finally:

@@ -36,7 +36,13 @@ from enum import Enum
 
 import torch
 
-from muxc.frontends.peft import adapter_name_of, adapter_param_ids, adapter_records, hf_model
+from muxc.frontends.peft import (
+    adapter_name_of,
+    adapter_param_ids,
+    adapter_records,
+    bias_mode,
+    hf_model,
+)
 from muxc.frontends.quant import is_quantized, quant_config
 from muxc.task import Task
 
@@ -69,7 +75,7 @@ def trace_signature(task: Task, with_positions: bool) -> TraceSignature:
     """The `TraceSignature` of ``task`` traced with or without ``position_ids``; reads only."""
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
-    records = adapter_records(task.name, hf, adapter)
+    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter))
     plain = _Plain()
     adapters = adapter_param_ids(task.model)
     return TraceSignature(

@@ -56,6 +56,7 @@ class AdapterKind(str, Enum):
     IA3 = "ia3"
     DORA = "dora"
     HEAD = "head"  # a task's own trainable head (modules_to_save of the output Linear)
+    BIAS = "bias"  # a task's own trained copy of a base op's bias (LoRA bias="all"/"lora_only")
 
 
 class Dispatch(str, Enum):
@@ -73,6 +74,7 @@ class Aggregate(str, Enum):
     SCALE_OUTPUT = "base(x) * v"
     SCALE_INPUT = "base(x * v)"
     DORA = "base + (m/||W+sBA|| - 1)*(base - b) + m/||W+sBA|| * s*B(A(x))"
+    ADD_BIAS = "base + (b_task - b_shared)"
     REPLACE = "copy(x)"  # the task's own copy of the module replaces it (modules_to_save)
 
 

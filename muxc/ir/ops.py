@@ -119,9 +119,9 @@ class _Site:
     def params_by_task(self, flat_params) -> dict[str, dict[str, torch.Tensor]]:
         """The flat parameter arguments of a call, as task -> name -> tensor."""
         out, i = {}, 0
-        for r in self.records:
+        for r in self.records:  # a task may hold several kinds here (a trained bias and LoRA)
             n = len(r.params)
-            out[r.task] = dict(zip(r.params, flat_params[i : i + n]))
+            out.setdefault(r.task, {}).update(zip(r.params, flat_params[i : i + n]))
             i += n
         if i != len(flat_params):
             raise MuxcInternalError(f"site {self.site!r}: expected {i} params, got {len(flat_params)}")

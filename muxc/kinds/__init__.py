@@ -1,7 +1,7 @@
 """The adapter-kind table: one `AdapterKindSpec` per PEFT method muxc runs.
 
 >>> [k.value for k in KINDS], spec_of(AdapterKind.LORA).kernel_op
-(['lora', 'ia3', 'dora', 'head'], 'multi_lora')
+(['bias', 'lora', 'ia3', 'dora', 'head'], 'multi_lora')
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from muxc.ir import AdapterKind
+from muxc.kinds.bias import BIAS
 from muxc.kinds.dora import DORA
 from muxc.kinds.head import HEAD
 from muxc.kinds.ia3 import IA3
@@ -25,11 +26,14 @@ __all__ = [
     "spec_for_trace_op",
 ]
 
-KINDS: dict[AdapterKind, AdapterKindSpec] = {s.kind: s for s in (LORA, IA3, DORA, HEAD)}
+# table order is the order a site applies kinds: a task's trained bias first (it is part of
+# the base output that LoRA adds to and IA3 scales)
+KINDS: dict[AdapterKind, AdapterKindSpec] = {s.kind: s for s in (BIAS, LORA, IA3, DORA, HEAD)}
 _BY_TRACE_OP = {s.trace_op: s for s in KINDS.values()}
 
 SUPPORTED = (
-    "LoRA (Linear/Conv1D targets, bias='none'), DoRA (LoraConfig(use_dora=True), Linear/Conv1D "
+    "LoRA (Linear/Conv1D targets, bias='none'/'all'/'lora_only' on Linear/Conv1D/LayerNorm "
+    "biases), DoRA (LoraConfig(use_dora=True), bias='none', Linear/Conv1D "
     "targets) and IA3 (Linear targets), with modules_to_save only on the output head (a "
     "SEQ_CLS model's score/classifier, a causal LM's lm_head)"
 )

@@ -30,7 +30,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch
 from muxc.kernels import multi_lora
-from muxc.kinds.lora import config_problems, segment_dropout
+from muxc.kinds.lora import config_problems as _lora_problems
+from muxc.kinds.lora import segment_dropout
 from muxc.kinds.spec import AdapterKindSpec
 
 __all__ = ["DORA", "dora_adapter", "weight_norms"]
@@ -111,6 +112,16 @@ def weight_norms(w: torch.Tensor, fan_in_fan_out: bool, a_list, b_list, scaling)
     s = torch.tensor(scaling, dtype=dtype, device=wt.device).view(-1, 1, 1)
     merged = wt.to(dtype).unsqueeze(0) + s * torch.bmm(bp, ap)
     return torch.linalg.norm(merged, dim=2).to(dtype)
+
+
+def config_problems(cfg) -> list[str]:
+    """LoRA's, and bias training (DoRA's norm reads the base bias, which would then differ
+    per task)."""
+    out = _lora_problems(cfg)
+    bias = getattr(cfg, "bias", "none")
+    if bias not in (None, "none") and f"bias={bias!r}" not in out:
+        out.append(f"bias={bias!r} with use_dora=True")
+    return out
 
 
 def _for_config(cfg) -> bool:

@@ -52,7 +52,7 @@ lora_adapter.register_autograd(_backward, setup_context=_setup)
 
 # LoraConfig options muxc does not run yet: (attribute, is it set?, how to name it)
 _UNSUPPORTED = (
-    ("bias", lambda v: v not in (None, "none"), lambda v: f"bias={v!r}"),
+    ("bias", lambda v: v not in (None, "none", "all", "lora_only"), lambda v: f"bias={v!r}"),
     ("lora_bias", bool, lambda v: "lora_bias=True"),
     ("target_parameters", bool, lambda v: f"target_parameters={v}"),
     ("trainable_token_indices", bool, lambda v: "trainable_token_indices"),

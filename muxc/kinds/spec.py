@@ -64,6 +64,9 @@ class AdapterKindSpec:
     flops_per_call: Callable[[int, int, int, bool], float] = lambda k, n, r, pre: 0.0
     # a task head: its node feeds the task's loss (`muxc.ir.HeadLoss`) instead of a site
     is_head: bool = False
+    # its parameters are the base model's own tensors (a trained bias), which the frozen op
+    # also reads: they are never shared across tasks nor tagged as adapter parameters there
+    trains_base: bool = False
 
     def param_tensors(self, args: tuple) -> tuple:
         """The adapter-parameter arguments of a trace-op call."""

@@ -24,7 +24,7 @@ import torch.fx as fx
 from muxc.errors import ArchitectureMismatchError, MuxcInternalError
 from muxc.ir import AdapterRecord, MuxGraph, NodeInfo, Position, Role, TaskGraph, info, set_info
 from muxc.ir import HeadLoss, InputSite, OutputSite, TaskLoss
-from muxc.kinds import spec_for_trace_op
+from muxc.kinds import KINDS, spec_for_trace_op
 from muxc.passes.pass_base import CompileContext, PassResult
 
 __all__ = ["merge_backbones"]
@@ -90,19 +90,20 @@ class _Anchor:
 
 
 def _anchors(bb: _Backbone) -> list[_Anchor]:
-    records = {r.site: r for r in bb.graph.adapters}
+    records = {(r.site, r.kind): r for r in bb.graph.adapters}
     out = []
     for node in bb.graph.gm.graph.nodes:
         spec = spec_for_trace_op(node.target) if node.op == "call_function" else None
         if spec is None:
             continue
         site = node.args[-1]
-        rec = records.get(site)
+        rec = records.get((site, spec.kind))
         if rec is None:
             raise MuxcInternalError(f"{bb.graph.task}: adapter node at {site!r} has no record")
         tensors = [t for t in spec.param_tensors(node.args) if t is not None]
         ph = [bb.graph.bindings[t.name].tensor for t in tensors]
-        if any(a is not b for a, b in zip(ph, rec.params.values())):
+        # a trained base tensor's placeholder is the frozen op's, now bound to its snapshot
+        if not spec.trains_base and any(a is not b for a, b in zip(ph, rec.params.values())):
             raise MuxcInternalError(f"{bb.graph.task}: adapter tensors at {site!r} are not the model's")
         if spec.is_head:
             out.append(_Anchor(rec, bb.key_of(node.args[spec.adapted_arg]), None, head=True))
@@ -186,7 +187,7 @@ def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassR
             set_info(new, NodeInfo(Role.ADAPTER_PARAM, frozenset({r.task}), fqn=r.param_names[role]))
             tensors[new.name] = t
             nodes.append(new)
-        param_nodes[(r.task, r.site)] = nodes
+        param_nodes[(r.task, r.site, r.kind)] = nodes
     for node in ref.graph.gm.graph.find_nodes(op="placeholder"):
         if info(node).role is Role.INPUT:
             new = g.placeholder(node.name)
@@ -199,7 +200,7 @@ def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassR
     sites: dict[str, tuple[AdapterRecord, ...]] = {}
 
     def site_params(group):
-        return [p for a in group for p in param_nodes[(a.record.task, a.record.site)]]
+        return [p for a in group for p in param_nodes[(a.record.task, a.record.site, a.record.kind)]]
 
     for i, node in enumerate(ref.calls):
         key = ("n", i)
@@ -247,7 +248,7 @@ def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassR
             if head_of[t] is None:
                 raise MuxcInternalError(f"task {t!r}: a head node but no head info")
             loss = g.create_node("call_function", HeadLoss(t, head_of[t]),
-                                 (env[a.at], mux, *param_nodes[(t, a.record.site)]), name=_safe(f"loss_{t}"))
+                                 (env[a.at], mux, *param_nodes[(t, a.record.site, a.record.kind)]), name=_safe(f"loss_{t}"))
         else:
             loss = g.create_node("call_function", TaskLoss(t), (logits, mux), name=_safe(f"loss_{t}"))
         set_info(loss, NodeInfo(Role.LOSS, frozenset({t})))
@@ -268,7 +269,9 @@ def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassR
 
 
 def _ordered(group: list[_Anchor], tasks: tuple[str, ...]) -> list[_Anchor]:
-    return sorted(group, key=lambda a: tasks.index(a.record.task))
+    """By task, then (a task's bias and its LoRA at one site) by the kind table's order."""
+    order = list(KINDS)
+    return sorted(group, key=lambda a: (tasks.index(a.record.task), order.index(a.record.kind)))
 
 
 def _one_key(group: list[_Anchor], what: str, default: Key | None = None) -> Key:
@@ -281,11 +284,16 @@ def _one_key(group: list[_Anchor], what: str, default: Key | None = None) -> Key
 
 
 def _frozen_of(group: list[_Anchor]) -> tuple[tuple[str, Key], ...]:
-    """The frozen tensors a site reads: what its anchors read (they must agree: one base op)."""
-    found = {a.frozen for a in group} - {()}
-    if len(found) > 1:
-        raise MuxcInternalError(f"site {group[0].record.site!r}: tasks disagree on the base op's weights")
-    return found.pop() if found else ()
+    """The frozen tensors a site reads: every name its anchors read (DoRA: weight and bias, a
+    trained bias: the bias), each once; anchors must agree on what a name is (one base op)."""
+    out: dict[str, Key] = {}
+    for a in group:
+        for name, key in a.frozen:
+            if out.setdefault(name, key) != key:
+                raise MuxcInternalError(
+                    f"site {group[0].record.site!r}: tasks disagree on the base op's {name}"
+                )
+    return tuple(out.items())
 
 
 def _first_node(args) -> fx.Node:

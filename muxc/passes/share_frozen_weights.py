@@ -6,6 +6,8 @@ base model) or has equal shape, dtype and values (separate copies of one checkpo
 parameter is re-pointed at the shared storage (``param.data = shared``) so the duplicate's
 memory is freed once nothing else references it. The user's models keep computing exactly the
 same values. Anything else raises `BaseWeightMismatchError` naming the tensor and the tasks.
+A base tensor a task trains (a bias, `muxc.kinds.bias`) is replaced by a frozen snapshot
+(`_snapshots`): it is neither shared, compared nor re-pointed.
 A quantized base (bitsandbytes, `muxc.ir.quant`) is shared the same way: its packed weights
 and each layer's quantization-state tensors are frozen tensors like any other, compared by
 value and re-pointed; its non-tensor state (quant type, block size) is part of each traced op,
@@ -26,6 +28,7 @@ import torch
 from muxc.errors import ArchitectureMismatchError, BaseWeightMismatchError
 from muxc.ir import Binding, BindingKind, TaskGraph
 from muxc.ir.quant import is_quant_state
+from muxc.kinds import spec_of
 from muxc.passes.pass_base import CompileContext, PassResult
 
 __all__ = ["share_frozen_weights", "SharingReport"]
@@ -48,11 +51,15 @@ def share_frozen_weights(
     Also returns how each tensor was shared. Re-points value duplicates' ``.data`` (module doc).
     """
     first = graphs[0]
-    shared = {b.fqn: b.tensor for b in first.frozen_bindings().values()}
+    snap = _snapshots(graphs)
+    shared = {b.fqn: b.tensor for b in snap(first).values()}
     report = SharingReport({fqn: "identity" for fqn in shared})
     aliases, rebound = [], []
+    for ph, b in snap(first).items():
+        if b.tensor is not first.bindings[ph].tensor:
+            rebound.append((0, ph, b))
     for i, g in enumerate(graphs[1:], start=1):
-        mine = g.frozen_bindings()
+        mine = snap(g)
         names = {b.fqn for b in mine.values()}
         # a task with its own head stops at the hidden state: it lacks the frozen LM head
         # (merge_backbones checks its backbone is a prefix of the others')
@@ -84,6 +91,35 @@ def share_frozen_weights(
         param.data = ref.data
     shared_graphs = tuple(replace(g, bindings=b) for g, b in zip(graphs, bindings))
     return PassResult((shared_graphs, report))
+
+
+def _snapshots(graphs: Sequence[TaskGraph]):
+    """``snap(g)``: ``g``'s frozen bindings with each base tensor a task TRAINS (a bias,
+    `muxc.kinds.bias`) replaced by the frozen op's snapshot of it: another task's untrained
+    tensor of that name if there is one, else a detached copy. A trained tensor is never the
+    shared copy, never compared (training changes it) and never re-pointed."""
+    trained = {id(p) for g in graphs for r in g.adapters if spec_of(r.kind).trains_base
+               for p in r.params.values()}
+    if not trained:
+        return TaskGraph.frozen_bindings
+    untrained: dict[str, torch.Tensor] = {}
+    for g in graphs:
+        for b in g.frozen_bindings().values():
+            if id(b.tensor) not in trained:
+                untrained.setdefault(b.fqn, b.tensor)
+    copies: dict[str, torch.Tensor] = {}
+
+    def snap(g: TaskGraph) -> dict[str, Binding]:
+        out = {}
+        for ph, b in g.frozen_bindings().items():
+            if id(b.tensor) in trained:
+                if b.fqn not in untrained and b.fqn not in copies:
+                    copies[b.fqn] = b.tensor.detach().clone()
+                b = Binding(b.kind, b.fqn, untrained.get(b.fqn, copies.get(b.fqn)))
+            out[ph] = b
+        return out
+
+    return snap
 
 
 def _repointable(b: Binding) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from muxc.errors import TaskSpecError, TrainableBaseError
-from muxc.frontends.peft import adapter_name_of, adapter_param_ids, hf_model
+from muxc.frontends.peft import adapter_name_of, adapter_param_ids, bias_mode, hf_model, trained_biases
 from muxc.frontends.quant import check_quantized, check_same_quantization
 from muxc.passes.pass_base import CompileContext, PassResult
 from muxc.names import check_name
@@ -48,6 +48,11 @@ def validate_tasks(tasks, ctx: CompileContext) -> PassResult[tuple[Task, ...]]:
 
 def _check_frozen(task: Task) -> None:
     adapter_ids = adapter_param_ids(task.model)
+    adapter = adapter_name_of(task.name, task.model, task.adapter_name)
+    hf = hf_model(task.name, task.model)
+    # biases the adapter trains (LoraConfig(bias=...)) are per-task deltas: muxc.kinds.bias
+    adapter_ids |= {id(m.bias) for m in trained_biases(
+        task.name, hf, adapter, bias_mode(task.model, adapter)).values()}
     trainable = [
         n for n, p in task.model.named_parameters() if p.requires_grad and id(p) not in adapter_ids
     ]
