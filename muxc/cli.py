@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", default="out/demo", help="where dumps and adapters go")
     b = sub.add_parser("bench", add_help=False,
                        help="benchmarks, from a source checkout; `muxc bench kernels --help`")
-    b.add_argument("what", choices=["kernels", "plan", "e2e", "pipeline"])
+    b.add_argument("what", choices=["kernels", "plan", "e2e", "pipeline", "soak"])
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "demo":
         if rest:
