@@ -21,7 +21,7 @@ from collections import Counter
 import pytest
 import torch
 from helpers import REL_TOL, isolated, rel_err, same, training_snapshot
-from hypothesis import given, note
+from hypothesis import example, given, note
 from hypothesis import strategies as st
 from models import VOCAB, make_peft
 from peft import LoraConfig
@@ -109,10 +109,15 @@ CORRUPTIONS = {
 }
 
 
-def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
-    """Within REL_TOL, or both at round-off level (a grad that is zero up to fp32 noise, e.g. of
-    a query in a 2-token sample, has no meaningful relative error)."""
-    return rel_err(got, want) <= REL_TOL or float((got - want).abs().max()) <= 1e-9
+def _close(got: torch.Tensor, want: torch.Tensor, scale: float) -> bool:
+    """Within REL_TOL, or off by round-off only: at most 1e-6 of ``scale``, the task's largest
+    reference grad norm (a grad that is zero up to fp32 noise, e.g. of the query of a sample's
+    first token, has no meaningful relative error)."""
+    return rel_err(got, want) <= REL_TOL or float((got - want).norm()) <= 1e-6 * scale
+
+
+def _scale(grads: dict) -> float:
+    return max(float(g.norm()) for g in grads.values())
 
 
 def _put(t: torch.Tensor, value: float) -> torch.Tensor:
@@ -203,7 +208,7 @@ def _check_invariant(program, models, batches, fusion: str) -> str:
             assert rel_err(loss, ref_loss) <= REL_TOL, (name, loss, ref_loss)
             got = dict(models[name].named_parameters())
             for pname, g in ref_grads.items():
-                assert _close(got[pname].grad, g), (name, pname)
+                assert _close(got[pname].grad, g, _scale(ref_grads)), (name, pname)
         return "left out (EmptyBatchWarning), others = HF" if left_out else "= HF PEFT"
     finally:
         for st_ in program.states.values():
@@ -233,7 +238,11 @@ def test_fuzz_batches(fuzzed, record_property):
     program, models = fuzzed
     outcomes: dict[str, Counter] = {}
 
+    two_tokens = ({"a": _valid(1, 2, 5), "b": _valid(1, 2, 6, lens=[1])}, ["labels all -100"],
+                  dict(ARGS), "auto")  # found by the long profile: q grads zero up to round-off
+
     @given(step_inputs())
+    @example(two_tokens)
     def check(inputs):
         batches, drawn, args, fusion = inputs
         kinds = _apply(batches, drawn, args)
@@ -315,7 +324,7 @@ def test_fuzz_run_time_options(fuzzed, record_property):
         for name, (ref_loss, ref_grads) in refs.items():
             assert rel_err(losses[name], ref_loss) <= REL_TOL
             got = dict(models[name].named_parameters())
-            assert all(_close(got[k].grad, g) for k, g in ref_grads.items())
+            assert all(_close(got[k].grad, g, _scale(ref_grads)) for k, g in ref_grads.items())
         for st_ in program.states.values():
             st_.optimizer.zero_grad(set_to_none=True)
 
