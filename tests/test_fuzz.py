@@ -164,12 +164,12 @@ def _reference(models, batches):
 
 def _apply(batches, drawn, args) -> list[str]:
     """Apply the corruptions ``drawn``; returns those that applied (one may undo what another
-    needs, e.g. a removed key)."""
+    needs, e.g. a removed key or the shape another one indexes)."""
     kinds = []
     for kind in drawn:
         try:
             CORRUPTIONS[kind](batches, args)
-        except (KeyError, AttributeError, TypeError, IndexError):
+        except (KeyError, AttributeError, TypeError, IndexError, RuntimeError):
             continue
         kinds.append(kind)
     return kinds
