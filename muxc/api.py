@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 import torch
 
+from muxc.admission import admit_plan, check_tokens
 from muxc.dump.dot import write_dot
 from muxc.dump import dump_history, dump_measured, dump_plan
 from muxc.errors import (
@@ -48,7 +49,7 @@ __all__ = ["compile", "Program", "RUN_TIME_OPTIONS"]
 # recompiling. The others (alignment, stages, verify, pipeline_timeout) act while compiling.
 RUN_TIME_OPTIONS = (
     "fusion", "chunk_size", "micro_batches", "kernel_impl", "memory_budget", "cost_model", "schedule",
-    "max_bad_steps",
+    "max_bad_steps", "max_task_tokens",
 )
 
 
@@ -124,7 +125,8 @@ class Program:
         The new Program shares the compiled graph, the tasks, their adapters and their training
         states (optimizers, schedulers) with this one; only how steps run changes. Run-time
         options: ``fusion``, ``chunk_size``, ``micro_batches``, ``kernel_impl``,
-        ``memory_budget``, ``cost_model``, ``schedule``, ``max_bad_steps``. Changing ``alignment``,
+        ``memory_budget``, ``cost_model``, ``schedule``, ``max_bad_steps``,
+        ``max_task_tokens``. Changing ``alignment``,
         ``stages``, ``verify`` or ``pipeline_timeout``
         raises `OptionsError` (they act while compiling: compile again instead). Gradients
         accumulate across programs as across calls: zero them between runs you compare.
@@ -170,9 +172,11 @@ class Program:
         ``attention_mask``); tasks may be left out of a step. Losses equal
         ``model(**batch).loss`` of each task alone.
 
-        Every batch is validated first (`BatchError`, nothing computed). A task whose batch has
-        no label token, or that is paused, is left out with a warning (its grads untouched);
-        ``last_step`` says what happened to each task. Returns ``{}`` if no task is left.
+        Every batch is validated first (`BatchError`, nothing computed), then admitted:
+        ``Options.max_task_tokens`` and ``memory_budget`` (`AdmissionError`, nothing computed).
+        A task whose batch has no label token, or that is paused, is left out with a warning
+        (its grads untouched); ``last_step`` says what happened to each task. Returns ``{}`` if
+        no task is left.
 
         Out of memory in an hTask that fuses several tasks: the step is run again once with that
         hTask split (`Planner.split`), gradients and RNG put back first so nothing counts twice
@@ -180,11 +184,10 @@ class Program:
         could be split, `StepOutOfMemoryError` with the gradients as before the step. Not with
         stages on several processes (the error propagates as it is there).
         """
-        run, skipped = self._admit(batches)
+        run, skipped, plan = self._admit(batches)
         losses = {}
         retried = ""
         if run:
-            plan = self.planner.plan(run)
             self.last_plan = plan
             losses, retried = self._run_step(plan, run)
             if self.stage_group is None:
@@ -346,8 +349,10 @@ class Program:
 
     @torch.no_grad()
     def evaluate(self, batches: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
-        """Losses without gradients (dropout off); tasks without label tokens are left out."""
-        run, _ = self._admit(batches, training=False)
+        """Losses without gradients (dropout off); tasks without label tokens are left out.
+        Batches are validated and ``max_task_tokens`` is checked (no activations are kept, so
+        ``memory_budget`` is not)."""
+        run, _, _ = self._admit(batches, training=False)
         if not run:
             return {}
         return self.executor.run(self.planner.plan(run), run, training=False, backward=False)
@@ -359,31 +364,33 @@ class Program:
         return self.planner.plan(batches)
 
     def _admit(self, batches: Mapping[str, Mapping], training: bool = True):
-        """Validate every batch; then ``(batches to run, {left-out task: why})``, warning once
-        per left-out task (paused ones only when ``training``; those without label tokens)."""
+        """Validate every batch and check ``max_task_tokens``; leave out paused tasks (only when
+        ``training``) and those without label tokens; when ``training``, plan the rest and
+        check the plan against ``memory_budget``. Only then warn once per left-out task.
+        Returns ``(batches to run, {left-out task: why}, plan or None)``."""
         check_batches(batches, self.mux.tasks, self.batch_spec)
+        check_tokens(batches, self.options.max_task_tokens)
         skipped: dict[str, str] = {}
+        notes: list[Warning] = []
         for name in batches:
             if training and self.states[name].paused:
                 skipped[name] = "paused"
-                warnings.warn(
-                    TaskPausedWarning(
-                        f"task {name!r} is paused after {self.states[name].bad_steps} non-finite "
-                        f"steps and was left out; call program.resume_task({name!r}) to train it"
-                    ),
-                    stacklevel=3,
-                )
+                notes.append(TaskPausedWarning(
+                    f"task {name!r} is paused after {self.states[name].bad_steps} non-finite "
+                    f"steps and was left out; call program.resume_task({name!r}) to train it"
+                ))
         for name in unlabeled({t: b for t, b in batches.items() if t not in skipped}, self.mux.heads):
             skipped[name] = "no label tokens"
-            warnings.warn(
-                EmptyBatchWarning(
-                    f"task {name!r}: batch has no label tokens (labels are all -100 after the "
-                    "causal shift; a label at position 0 predicts nothing), so it was left out "
-                    "of this step instead of giving a NaN loss"
-                ),
-                stacklevel=3,
-            )
-        return {t: b for t, b in batches.items() if t not in skipped}, skipped
+            notes.append(EmptyBatchWarning(
+                f"task {name!r}: batch has no label tokens (labels are all -100 after the "
+                "causal shift; a label at position 0 predicts nothing), so it was left out "
+                "of this step instead of giving a NaN loss"
+            ))
+        run = {t: b for t, b in batches.items() if t not in skipped}
+        plan = admit_plan(self.planner, run, self.options.memory_budget) if training and run else None
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
+        return run, skipped, plan
 
     def explain(self, batches: Mapping[str, Mapping] | None = None) -> Explanation:
         """What is shared, what is per task, which kernels run and why (``str()`` is a table)."""

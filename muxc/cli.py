@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out", default=None, help="output directory (default: out/<config name>)")
     b = sub.add_parser("bench", add_help=False,
                        help="benchmarks, from a source checkout; `muxc bench kernels --help`")
-    b.add_argument("what", choices=["kernels", "plan", "e2e", "pipeline", "memory"])
+    b.add_argument("what", choices=["kernels", "plan", "e2e", "pipeline", "memory", "soak", "compile"])
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "demo":
         if rest:

@@ -16,6 +16,7 @@ __all__ = [
     "BaseWeightMismatchError",
     "TrainableBaseError",
     "BatchError",
+    "AdmissionError",
     "UnsafePathError",
     "OptionsError",
     "KernelUnavailableError",
@@ -60,6 +61,11 @@ class TrainableBaseError(MuxcError):
 
 class BatchError(MuxcError):
     """A batch passed to the program is malformed or names an unknown task."""
+
+
+class AdmissionError(MuxcError):
+    """A step was refused before it ran: a task's batch is over ``Options.max_task_tokens`` or
+    the step's predicted memory is over ``Options.memory_budget``."""
 
 
 class UnsafePathError(MuxcError):

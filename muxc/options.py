@@ -43,7 +43,8 @@ class Options:
       otherwise every stage runs in this process, in the plan's order.
     micro_batches: micro-batches per hTask with alignment="pad" (None: one per task row
       group); with alignment="chunk" an hTask's micro-batches are its chunk steps.
-    memory_budget: bytes the fusion planner must stay under (None: unlimited).
+    memory_budget: bytes the fusion planner must stay under (None: unlimited); a training step
+      whose plan is predicted to peak above it is refused with `AdmissionError` before it runs.
     cost_model: path of a saved device profile (JSON) for the cost model (None: profile on
       first use or fall back to the analytic roofline).
     kernel_impl: None (registry picks: Triton on CUDA, grouped on CPU) | "grouped" (CPU multi-task
@@ -62,6 +63,10 @@ class Options:
     max_bad_steps: consecutive steps with a non-finite loss or adapter gradient after which a
       task is paused (its steps are skipped until ``program.resume_task(name)``); each bad step
       is skipped without touching the adapter.
+    max_task_tokens: tokens (rows x sequence length, padding included) one task may bring to one
+      step (None: no limit). A batch over it is refused with `AdmissionError` before anything
+      runs, so one tenant cannot push the process out of memory for all. ``memory_budget`` is
+      checked at the same point against the step plan's predicted peak.
 
     >>> Options(fusion="temporal").fusion
     <Fusion.TEMPORAL: 'temporal'>
@@ -80,6 +85,7 @@ class Options:
     schedule: SchedulePolicy | str | None = None
     max_bad_steps: int = 3
     recompute: Recompute | str | None = None
+    max_task_tokens: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fusion", parse_enum(Fusion, self.fusion, "fusion"))
@@ -97,7 +103,7 @@ class Options:
                     f"chunk_size={self.chunk_size} needs alignment='chunk' (alignment is "
                     f"{self.alignment.value!r}); set alignment='chunk' or drop chunk_size"
                 )
-        for name in ("stages", "micro_batches", "memory_budget", "max_bad_steps"):
+        for name in ("stages", "micro_batches", "memory_budget", "max_bad_steps", "max_task_tokens"):
             value = getattr(self, name)
             required = name in ("stages", "max_bad_steps")
             if value is None and not required:

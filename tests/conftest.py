@@ -15,8 +15,17 @@ if not torch.cuda.is_available():  # before any triton kernel is defined: use th
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 from models import CORE_FAMILIES, build_base  # noqa: E402
+
+# Fuzz tests (tests/test_fuzz.py): "default" keeps the suite fast with a fixed (derandomized)
+# number of examples per test; HYPOTHESIS_PROFILE=long is the nightly-style run.
+_FUZZ = dict(deadline=None, derandomize=True, print_blob=True,
+             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("default", max_examples=40, **_FUZZ)
+settings.register_profile("long", max_examples=2000, **_FUZZ)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -49,3 +58,19 @@ def llama(bases):
 def pytest_report_header(config):
     return [f"torch {torch.__version__}, cuda={torch.cuda.is_available()}, "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}", f"core families: {CORE_FAMILIES}"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many examples each fuzz test ran, and what muxc answered per bad-input kind."""
+    lines = []
+    for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+        props = dict(getattr(report, "user_properties", ()))
+        if report.when == "call" and "fuzz_examples" in props:
+            lines.append(f"{report.nodeid}: {props['fuzz_examples']} examples")
+            for kind, outcomes in props.get("fuzz_outcomes", {}).items():
+                lines.append(f"    {kind}: {outcomes}")
+    if lines:
+        terminalreporter.write_sep("-", "fuzz examples (hypothesis profile "
+                                   f"{settings._current_profile})")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -81,3 +81,33 @@ def separate(spec, batches, **options) -> Case:
     models = dict(spec)
     program = muxc.compile([muxc.Task(name=n, model=m) for n, m in spec], muxc.Options(verify=True, **options))
     return Case(program, batches, refs, lambda n: adapter_grads(models[n], "default"), list(models.values()))
+
+
+def training_snapshot(program: muxc.Program) -> dict:
+    """Every task's adapter values, grads, optimizer state and counters (cloned), for
+    "nothing changed" checks: compare two with `same`."""
+    import copy
+
+    out = {}
+    for name, st in program.states.items():
+        out[name] = (
+            [p.detach().clone() for p in st.params],
+            [None if p.grad is None else p.grad.clone() for p in st.params],
+            copy.deepcopy(st.optimizer.state_dict()),
+            (st.steps, st.bad_steps, st.paused),
+        )
+    return out
+
+
+def same(x, y) -> bool:
+    """Bit-for-bit equality of nested tensors / dicts / lists / tuples / plain values (NaN
+    tensors compare equal where both hold NaN)."""
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+                and x.shape == y.shape and x.dtype == y.dtype and torch.equal(x.nan_to_num(), y.nan_to_num())
+                and torch.equal(x.isnan(), y.isnan()))
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return type(x) is type(y) and len(x) == len(y) and all(map(same, x, y))
+    return x == y

@@ -7,7 +7,8 @@
 - `summary`: `summarize_graph(mux)` -> `ModelSummary` (work per op as polynomials in batch
   rows and sequence length); `config_summary.summarize_config` builds one from an HF config.
 - `cost`: `CostModel` (fitted latency or roofline per op) and `estimate_step`.
-- `memory`: `estimate_memory` (weights once + per-task training state + activations).
+- `memory`: `estimate_memory` (weights once + per-task training state + activations),
+  `plan_peak_bytes` (a step plan's predicted peak, checked against ``memory_budget``).
 - `stage_cost`: node cost policies the partition pass balances stages with (`FlopCost`,
   `LatencyCost`).
 - `iteration`: the pipeline iteration-time formula and bubble fraction.
@@ -34,7 +35,9 @@ from muxc.plan.config_summary import AdapterSpec, summarize_config
 from muxc.plan.cost import CostModel, StepEstimate, StepShape, estimate_step, saturation_tokens
 from muxc.plan.iteration import bubble_fraction, pipeline_iteration_time
 from muxc.plan.latency import LatencyModel, fit_latency
-from muxc.plan.memory import MemoryEstimate, activation_bytes_per_token_per_layer, estimate_memory
+from muxc.plan.memory import (
+    MemoryEstimate, activation_bytes_per_token_per_layer, estimate_memory, plan_peak_bytes,
+)
 from muxc.plan.ops import CostModelError, OpKey, OpKind, Poly, Roofline, roofline_latency
 from muxc.plan.profile import Clock, DeviceProfile, Sample, load_or_profile, profile_device
 from muxc.plan.summary import ModelSummary, OpCost, Work, as_summary, summarize_graph
@@ -81,6 +84,7 @@ __all__ = [
     "as_summary",
     "bubble_fraction",
     "estimate_memory",
+    "plan_peak_bytes",
     "estimate_step",
     "fit_latency",
     "load_or_profile",

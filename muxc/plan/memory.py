@@ -28,12 +28,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from muxc.ir import MuxGraph
+from muxc.ir import MuxGraph, StepPlan
 from muxc.plan.cost import StepShape
 from muxc.plan.ops import CostModelError
 from muxc.plan.summary import ModelSummary, as_summary
 
-__all__ = ["MemoryEstimate", "estimate_memory", "activation_bytes_per_token_per_layer"]
+__all__ = [
+    "MemoryEstimate", "estimate_memory", "plan_peak_bytes", "activation_bytes_per_token_per_layer",
+]
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,15 @@ def estimate_memory(
         optimizer=optimizer_states * adapters,
         activations=int(round(in_flight * acts + peak)),
     )
+
+
+def plan_peak_bytes(model: ModelSummary | MuxGraph, plan: StepPlan) -> int:
+    """Predicted peak bytes of running ``plan``: what every task holds between steps (weights
+    once; each task's adapter, gradients and AdamW state, see `estimate_memory`) plus the
+    activations its simulated schedule holds at once, summed over stages (exact for one stage;
+    an upper bound when several stages share a process, since their peaks need not coincide)."""
+    fixed = estimate_memory(model, {}, seq_len=1).total
+    return fixed + int(round(sum(plan.sim.peak_memory)))
 
 
 def activation_bytes_per_token_per_layer(model: ModelSummary | MuxGraph, seq_len: int) -> float:

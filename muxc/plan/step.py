@@ -11,6 +11,7 @@ fraction and peak activations.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from muxc.ir import MuxGraph
 from muxc.ir.chunks import build_layout
@@ -53,6 +54,13 @@ class Planner:
     def with_options(self, options: Options) -> Planner:
         """A planner of the same graph under ``options`` (reuses the summary)."""
         return Planner(self.mux, options, self.summary, self.recompute)
+
+    def alone(self) -> Planner:
+        """A planner that plans one task's batch on its own (temporal: the fusion DP's memory
+        check is left to the caller), sharing this one's summary and cost model."""
+        solo = Planner(self.mux, replace(self.options, fusion=Fusion.TEMPORAL), self.summary)
+        solo._fusion = self.fusion  # pricing does not depend on the fusion mode
+        return solo
 
     def chunk_size(self, present: Mapping[str, Mapping]) -> int | None:
         """``chunk_size`` if set, else the cost model's best for these batches (None: pad)."""
