@@ -292,6 +292,8 @@ def _check_files(root: Path, files: dict) -> None:
 
 def _check_options(program: Any, saved: dict) -> None:
     mine = options_dict(program.options)
+    # an option newer than the checkpoint is absent from it: the checkpoint ran with its default
+    saved = {**options_dict(type(program.options)()), **saved}
     diff = [f"{k}: checkpoint {saved.get(k)!r}, program {mine.get(k)!r}"
             for k in sorted(set(mine) | set(saved)) if saved.get(k, "<absent>") != mine.get(k, "<absent>")]
     if diff:
