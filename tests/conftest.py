@@ -14,6 +14,12 @@ import torch
 if not torch.cuda.is_available():  # before any triton kernel is defined: use the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist workers share the cores: one core's worth of torch threads each (two threads per
+# worker on a 2-core machine oversubscribe it; index_add_ on tiny tensors then takes ~100 ms)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
