@@ -28,6 +28,7 @@ from muxc.explain import Explanation, explain_program
 from muxc.frontends.peft import vocab_sizes
 from muxc.ir import MuxGraph
 from muxc.ir.recompute import RecomputePlan, recompute_module
+from muxc.plan.recompute_choice import choose_kept
 from muxc.names import safe_child
 from muxc.options import Alignment, Options
 from muxc.pipeline import CompileContext, CompileState, PassRecord, run_pipeline
@@ -96,7 +97,8 @@ class Program:
         self.adapters = records
         self.partitioned = state.partitioned
         self.exports = state.exports  # one trace template per task structure (no tensors)
-        self.recompute: RecomputePlan = state.recompute or RecomputePlan()
+        # recompute="auto": which outputs to keep, chosen on this graph by the cost model
+        self.recompute: RecomputePlan = choose_kept(mux, state.recompute or RecomputePlan())
         self._runnable = _runnable(mux, state.partitioned, self.recompute)
         self.planner = Planner(mux, self.options, recompute=self.recompute)
         # task -> what the latest forward_backward/step did with it (tasks in its batches)

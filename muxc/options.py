@@ -57,7 +57,8 @@ class Options:
     recompute: None | "none" | "layers" | "auto": what a step keeps for backward (compile-time).
       "none": everything autograd saves; "layers": only each decoder layer's inputs, the layer
       runs again in backward (like HF gradient checkpointing); "auto": each layer's inputs and
-      the outputs of its GEMMs and attention, the cheap ops between them run again. None (the
+      the outputs that cost the most time to recompute per byte (attention, GEMMs; chosen by the
+      cost model to keep the predicted step within 1.3x of "none"), the rest runs again. None (the
       default): "layers" when a task's model has gradient checkpointing enabled
       (``gradient_checkpointing_enable()``; with ``every_n_layers``, those layers), else "none".
     max_bad_steps: consecutive steps with a non-finite loss or adapter gradient after which a

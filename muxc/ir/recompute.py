@@ -6,10 +6,12 @@
   nothing for the weight gradient of a frozen GEMM: only the weight itself, for dX).
 - ``layers``: each checkpointed decoder layer keeps only its inputs; its forward runs again,
   layer by layer, during backward (`torch.utils.checkpoint`, non-reentrant).
-- ``auto``: each decoder layer keeps its inputs and the outputs of its compute-bound ops
-  (frozen GEMMs, attention); during backward only the cheap ops between them
-  (norms, activations, rotary, casts, residual adds, adapter kernels) run again (selective
-  checkpointing).
+- ``auto``: each decoder layer keeps its inputs and the outputs of the ops named in
+  ``RecomputePlan.keep`` (compute-bound ones: frozen GEMMs, matmuls, attention, chosen by
+  `muxc.plan.recompute_choice` from the cost model: those that cost the most time to recompute
+  per byte kept, until the predicted step time is within a bound); every other op of the layer
+  (norms, activations, rotary, casts, residual adds, adapter kernels, the other GEMMs) runs
+  again during backward (selective checkpointing).
 
 `layer_of_nodes(graph)` assigns every op of a merged graph (or of a stage module cut from it)
 to its decoder layer, read from ``nn_module_stack`` (adapter sites: from their site path);
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -53,6 +56,7 @@ __all__ = [
     "layer_of_nodes",
     "recompute_module",
     "SAVED_BY_AUTO",
+    "keepable",
     "recomputed_layers",
 ]
 
@@ -75,6 +79,8 @@ class RecomputePlan:
     mode: Recompute = Recompute.NONE
     layers: frozenset[int] | None = None
     why: str = ""
+    keep: frozenset[str] | None = None
+    """``auto``: the graph nodes whose outputs are kept (None: every candidate, `keepable`)."""
 
     def checkpoints(self, layer: int | None) -> bool:
         """Is decoder layer ``layer`` recomputed (None: not in a layer, never)?"""
@@ -86,6 +92,8 @@ class RecomputePlan:
         which = "every layer" if self.layers is None else f"layers {sorted(self.layers)}"
         if self.mode is Recompute.NONE:
             which = "nothing"
+        elif self.mode is Recompute.AUTO and self.keep is not None:
+            which += f", keeping {len(self.keep)} op outputs"
         return f"RecomputePlan({self.mode.value}: {which})"
 
 
@@ -151,13 +159,48 @@ SAVED_BY_AUTO = frozenset({
     _aten._efficient_attention_forward.default,
     _aten._flash_attention_forward.default,
 })
-"""Ops whose outputs ``recompute="auto"`` keeps: the compute-bound ones (GEMMs and attention,
-as functorch's min-cut partitioner never recomputes them); every other op of a layer runs
-again in backward, adapter kernels included (each is one opaque custom op, cheap: rank-wide)."""
+"""The compute-bound aten ops whose outputs a kept node's call caches (a kept ``linear`` runs
+as a view, an ``mm`` and a view: only the ``mm`` output is cached; a kept SDPA caches its
+output and log-sum-exp, which its backward needs). Views and pointwise ops inside a kept node
+run again; ops outside kept nodes never cache (adapter kernels included)."""
+
+
+def keepable(node: fx.Node) -> bool:
+    """Can ``recompute="auto"`` keep this node's output (a frozen GEMM, matmul or attention;
+    not an adapter site: each kind's kernel is one cheap opaque op, recomputed)?"""
+    from muxc.ir.optable import MATMULS, WEIGHT_GEMMS, attention_call, packet
+
+    if node.op != "call_function":
+        return False
+    rec = node.meta.get("muxc")
+    if rec is not None and getattr(rec, "site", None):
+        return False
+    if attention_call(node) is not None:
+        return True
+    kind = packet(node.target)
+    return kind in WEIGHT_GEMMS or kind in MATMULS
+
+
+_KEEPING = threading.local()  # .target: the kept node's target while it runs, else unset
+
+
+def _kept_call(target):
+    """``target`` run with `_KEEPING` set, so the policy caches its compute-bound outputs."""
+    def kept(*args, **kwargs):
+        outer = getattr(_KEEPING, "target", None)
+        _KEEPING.target = target
+        try:
+            return target(*args, **kwargs)
+        finally:
+            _KEEPING.target = outer
+    kept.__name__ = f"kept_{getattr(target, '__name__', 'op')}".replace(".", "_")
+    kept.__qualname__ = kept.__name__
+    return kept
 
 
 def _auto_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in SAVED_BY_AUTO:
+    target = getattr(_KEEPING, "target", None)
+    if target is not None and (op in SAVED_BY_AUTO or op is target):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -166,12 +209,24 @@ def _auto_context():
     return create_selective_checkpoint_contexts(_auto_policy)
 
 
+def _mark_kept(inner: fx.GraphModule, keep: frozenset[str] | None) -> None:
+    """Run the nodes of ``inner`` named in ``keep`` (None: every `keepable` one) as kept."""
+    changed = False
+    for node in inner.graph.nodes:
+        if (node.name in keep) if keep is not None else keepable(node):
+            if node.op == "call_function":
+                node.target = _kept_call(node.target)
+                changed = True
+    if changed:
+        inner.recompile()
+
+
 # ------------------------------------------------------------------ running
 
 
 class CheckpointedLayer(torch.nn.Module):
     """Runs ``inner`` (one decoder layer's ops) under non-reentrant `torch.utils.checkpoint`;
-    ``selective``: keep the outputs of `SAVED_BY_AUTO` ops, recompute the rest. The replay
+    ``selective``: keep the outputs of the kept nodes (`_mark_kept`), recompute the rest. The replay
     gets the `MuxBatch` it first saw, with a private copy of its kept K/V (module doc)."""
 
     def __init__(self, inner: fx.GraphModule, layer: int, selective: bool):
@@ -236,6 +291,8 @@ def recompute_module(gm: fx.GraphModule, plan: RecomputePlan) -> fx.GraphModule:
         inner = getattr(split, name, None)
         if not isinstance(inner, fx.GraphModule):
             raise MuxcInternalError(f"split_module made no module {name!r} for layer {layer}")
+        if selective:
+            _mark_kept(inner, plan.keep)
         setattr(split, name, CheckpointedLayer(inner, layer, selective))
     return split
 

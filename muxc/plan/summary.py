@@ -23,6 +23,7 @@ ModelSummary(graph, tasks=['t0', 't1'], 2 layers, 268 ops, 15 GEMMs, 2 attention
 from __future__ import annotations
 
 import operator
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -44,7 +45,7 @@ from muxc.ir.optable import (
     gemm_operands,
     packet,
 )
-from muxc.ir.recompute import Recompute, RecomputePlan, layer_of_nodes
+from muxc.ir.recompute import Recompute, RecomputePlan, keepable, layer_of_nodes
 from muxc.ir.shapes import B, S, GraphShapes, meta_val
 from muxc.kinds import spec_of
 from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Poly
@@ -116,6 +117,9 @@ class ModelSummary:
     saved_per_task: Mapping[str, Poly]
     source: str = "graph"
     recompute_peak: Poly = Poly()
+    keepable: Mapping[str, Poly] = dataclasses.field(default_factory=dict)
+    """Under ``recompute="auto"``: node -> bytes it keeps if kept, for each `keepable` node of
+    a recomputed layer (what `muxc.plan.recompute_choice` chooses from)."""
 
     def __repr__(self) -> str:
         kinds = Counter(o.forward.key.kind for o in self.ops if o.forward is not None)
@@ -621,7 +625,7 @@ def summarize_graph(mux: MuxGraph, recompute: RecomputePlan | None = None) -> Mo
                     seen.add(id(p))
                     numel[r.task] += p.numel()
                     nbytes[r.task] += p.numel() * p.element_size()
-    saved, peak = _kept_bytes(w)
+    saved, peak, candidates = _kept_bytes(w)
     layers = {o.layer for o in w.ops if o.layer is not None}
     return ModelSummary(
         ops=tuple(w.ops),
@@ -634,20 +638,23 @@ def summarize_graph(mux: MuxGraph, recompute: RecomputePlan | None = None) -> Mo
         saved_per_task=w.saved_per_task,
         source="graph",
         recompute_peak=peak,
+        keepable=candidates,
     )
 
 
-def _kept_bytes(w: _Walker) -> tuple[Poly, Poly]:
-    """(bytes kept from forward to backward, largest recomputed layer's saves).
+def _kept_bytes(w: _Walker) -> tuple[Poly, Poly, dict[str, Poly]]:
+    """(bytes kept from forward to backward, largest recomputed layer's saves, keepable
+    node -> its bytes).
 
     Kept: what ops outside recomputed layers save; each recomputed layer's inputs (the
     checkpoint holds them: activations only, weights excluded), and under ``auto`` the outputs
-    of its frozen GEMMs, matmuls and attention.
+    of the nodes the plan keeps (`RecomputePlan.keep`; None: every keepable node).
     """
     kept, extra = w.buckets.get(None, ({}, Poly()))
     kept = dict(kept)
     peak = Poly()
     auto = w.recompute.mode is Recompute.AUTO
+    candidates: dict[str, Poly] = {}
     for layer, (saved, more) in w.buckets.items():
         if layer is None:
             continue
@@ -660,22 +667,24 @@ def _kept_bytes(w: _Walker) -> tuple[Poly, Poly]:
                 r = w.root(a)
                 if w.bucket_of.get(r) != layer and r.op != "placeholder" and r not in kept:
                     kept[r] = w.bytes(r)
-            if auto:
-                extra = extra + _auto_kept(w, node)
-    return sum(kept.values(), extra), peak
+            if auto and keepable(node):
+                candidates[node.name] = _auto_kept(w, node)
+    keep = w.recompute.keep
+    for name, b in candidates.items():
+        if keep is None or name in keep:
+            extra = extra + b
+    return sum(kept.values(), extra), peak, candidates
 
 
 def _auto_kept(w: _Walker, node: fx.Node) -> Poly:
-    """Bytes ``recompute="auto"`` keeps of one op of a recomputed layer (see SAVED_BY_AUTO).
-    Adapter sites keep nothing: each kind's kernel is one opaque custom op, recomputed."""
-    if info(node).role is Role.ADAPTER:
-        return Poly()
-    if attention_call(node) is not None:
-        return w.bytes(node)  # its output (the log-sum-exp rows are small)
-    kind = packet(node.target)
-    if kind in WEIGHT_GEMMS or kind in MATMULS:
+    """Bytes ``recompute="auto"`` keeps of a kept node: its output, and for attention also the
+    per-row log-sum-exp (fp32, one per query row and head), which SDPA's backward reads."""
+    attn = attention_call(node)
+    if attn is None:
         return w.bytes(node)
-    return Poly()
+    q = _val(attn[0][0])
+    rows = w.shapes.numel(q, effective=False) / int(q.shape[-1])
+    return w.bytes(node) + w.shapes.poly(rows * 4, node)
 
 
 def as_summary(model: ModelSummary | MuxGraph) -> ModelSummary:
