@@ -29,7 +29,7 @@ from models import CORE_FAMILIES, build_base  # noqa: E402
 # number of examples per test; HYPOTHESIS_PROFILE=long is the nightly-style run.
 _FUZZ = dict(deadline=None, derandomize=True, print_blob=True,
              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("default", max_examples=40, **_FUZZ)
+settings.register_profile("default", max_examples=25, **_FUZZ)
 settings.register_profile("long", max_examples=2000, **_FUZZ)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 

@@ -121,8 +121,8 @@ class QCase:
 
 CASES = [
     pytest.param("llama", "nf4", "chunk", id="llama-nf4-chunk"),
-    pytest.param("llama", "fp4-dq", "pad", id="llama-fp4-dq-pad"),
-    pytest.param("opt", "nf4-dq", "chunk", id="opt-nf4-dq-chunk"),
+    pytest.param("llama", "fp4-dq", "pad", id="llama-fp4-dq-pad", marks=pytest.mark.slow),
+    pytest.param("opt", "nf4-dq", "chunk", id="opt-nf4-dq-chunk", marks=pytest.mark.slow),
     pytest.param("opt", "int8", "pad", id="opt-int8-pad"),
     *(pytest.param(f, q, a, id=f"{f}-{q}-{a}", marks=pytest.mark.slow)
       for f, q, a in (("llama", "int8", "chunk"), ("llama", "nf4-dq", "pad"),
