@@ -13,7 +13,7 @@ from helpers import rel_err
 from peft import PeftModel
 from safetensors.torch import load_file
 
-FAMILIES = ("gpt2", "llama")  # opt with 4 ranks (slow: make test-all)
+FAMILIES = ("llama",)  # gpt2 and opt with 4 ranks (slow: make test-all)
 
 
 def _isolated_training(family: str):

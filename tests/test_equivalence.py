@@ -74,8 +74,16 @@ def case(bases):
     return get
 
 
+# llama by default; gpt2/opt with -m slow (test_lora_qv_lora_all_ia3 runs all three by default)
+LLAMA_FIRST = ("llama", pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("opt", marks=pytest.mark.slow))
+# llama-like attention/MLP families under -m slow; the others (rotary variants, parallel
+# blocks, ALiBi, multi-query, LayerNorm MLPs) by default
+OTHER = [pytest.param(f, marks=pytest.mark.slow) if f in ("qwen2", "qwen3", "mistral", "stablelm") else f
+         for f in OTHER_FAMILIES]
+
+
 @pytest.mark.parametrize("fusion", FUSIONS)
-@pytest.mark.parametrize("family", CORE_FAMILIES)
+@pytest.mark.parametrize("family", LLAMA_FIRST)
 def test_two_lora_ranks_one_rslora(case, family, fusion):
     case("two_lora_ranks_one_rslora", family).check(fusion=fusion)
 
@@ -87,12 +95,12 @@ def test_lora_qv_lora_all_ia3(case, family, fusion):
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
-@pytest.mark.parametrize("family", CORE_FAMILIES)
+@pytest.mark.parametrize("family", LLAMA_FIRST)
 def test_one_peft_model_two_adapters(case, family, fusion):
     case("one_peft_model_two_adapters", family).check(fusion=fusion)
 
 
-@pytest.mark.parametrize("family", OTHER_FAMILIES)
+@pytest.mark.parametrize("family", OTHER)
 def test_other_families_lora_and_ia3(bases, family):
     base = bases(family)
     spec = [

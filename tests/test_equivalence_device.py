@@ -16,7 +16,7 @@ import muxc
 
 NO_CUDA = "needs a CUDA device"
 CASES = [
-    pytest.param("cpu", "chunk", id="cpu-chunk"),
+    pytest.param("cpu", "chunk", id="cpu-chunk", marks=pytest.mark.slow),  # = test_chunks on CPU
     *(pytest.param("cuda", alignment, id=f"cuda-{alignment}",
                    marks=[pytest.mark.gpu,
                           pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)])
