@@ -13,9 +13,9 @@ import muxc
 
 CASES = [  # (alignment, stages, fusion, micro_batches, chunk_size)
     ("chunk", 2, "auto", None, 4),
-    ("chunk", 1, "temporal", None, 8),
+    pytest.param("chunk", 1, "temporal", None, 8, marks=pytest.mark.slow),  # chunk: the cell above
     ("pad", 2, "temporal", 2, None),
-    ("pad", 1, "spatial", 3, None),
+    pytest.param("pad", 1, "spatial", 3, None, marks=pytest.mark.slow),  # pad: 2-stage cell above
 ]
 
 
