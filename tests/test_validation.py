@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from helpers import assert_matches, isolated
+from helpers import assert_matches, isolated, same, training_snapshot
 from models import VOCAB, make_batch, make_peft
 from peft import IA3Config, LoraConfig
 
@@ -32,29 +32,6 @@ def _compile(llama, **options):
 
 def _batches():
     return {"a": make_batch(2, 6, 1), "b": make_batch(3, 5, 2), "c": make_batch(1, 7, 3)}
-
-
-def _snapshot(program):
-    """Every task's adapter values, grads, optimizer state and counters (cloned)."""
-    out = {}
-    for name, st in program.states.items():
-        out[name] = (
-            [p.detach().clone() for p in st.params],
-            [None if p.grad is None else p.grad.clone() for p in st.params],
-            copy.deepcopy(st.optimizer.state_dict()),
-            (st.steps, st.bad_steps, st.paused),
-        )
-    return out
-
-
-def _same(x, y) -> bool:
-    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
-    if isinstance(x, dict):
-        return isinstance(y, dict) and x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
-    if isinstance(x, (list, tuple)):
-        return type(x) is type(y) and len(x) == len(y) and all(map(_same, x, y))
-    return x == y
 
 
 def _restore(program, snap, names):
@@ -219,10 +196,10 @@ def test_bad_batch_is_refused_before_anything_changes(chunked, kind, call):
     corrupt, match = BAD_BATCHES[kind]
     batches = _batches()
     corrupt(batches["b"])
-    before, last = _snapshot(program), program.last_step
+    before, last = training_snapshot(program), program.last_step
     with pytest.raises(muxc.BatchError, match=f"task 'b': {match}"):
         getattr(program, call)(batches)
-    assert _same(_snapshot(program), before)
+    assert same(training_snapshot(program), before)
     assert program.last_step is last
     for st in program.states.values():
         st.optimizer.zero_grad(set_to_none=True)
@@ -277,13 +254,13 @@ def test_step_without_labels_leaves_that_task_untouched(chunked):
     program, _ = chunked
     batches = _batches()
     batches["b"] = _unlabel(batches["b"])
-    before = _snapshot(program)
+    before = training_snapshot(program)
     with pytest.warns(muxc.EmptyBatchWarning):
         program.step(batches)
-    after = _snapshot(program)
-    assert _same(after["b"], before["b"])
+    after = training_snapshot(program)
+    assert same(after["b"], before["b"])
     assert after["a"][3][0] == before["a"][3][0] + 1  # the others stepped
-    assert not _same(after["a"][0], before["a"][0])
+    assert not same(after["a"][0], before["a"][0])
 
 
 def test_all_tasks_without_labels_run_nothing(chunked, monkeypatch):
@@ -293,11 +270,11 @@ def test_all_tasks_without_labels_run_nothing(chunked, monkeypatch):
         raise AssertionError("the executor ran")
 
     monkeypatch.setattr(program.executor, "run", boom)
-    before = _snapshot(program)
+    before = training_snapshot(program)
     batches = {n: _unlabel(b) for n, b in _batches().items()}
     with pytest.warns(muxc.EmptyBatchWarning):
         assert program.step(batches) == {}
-    assert _same(_snapshot(program), before)
+    assert same(training_snapshot(program), before)
     assert all(o.skipped and o.loss is None for o in program.last_step.values())
     assert list(program.last_step) == ["a", "b", "c"]
 
@@ -338,25 +315,25 @@ def test_nonfinite_task_is_skipped_and_others_train_as_without_it(request, fusio
     program.resume_task("b")
     batches = _batches()
     with _huge_b(program):
-        start = _snapshot(program)
+        start = training_snapshot(program)
         assert all(torch.isfinite(v).all() for v in start["b"][0])
         warned = r"task 'b': non-finite loss; .*\(1 of 2 bad steps"
         with pytest.warns(muxc.NonFiniteWarning, match=warned):
             losses = program.step(batches)
         assert math.isnan(losses["b"].item())
-        with_bad = _snapshot(program)
+        with_bad = training_snapshot(program)
     out = program.last_step
     assert out["b"].skipped and out["b"].why == "non-finite loss" and math.isnan(out["b"].loss)
     assert not out["a"].skipped and not out["c"].skipped
     # b: adapter, optimizer state and step count unchanged (and finite); grads dropped
-    assert _same(with_bad["b"][0], start["b"][0]) and _same(with_bad["b"][2], start["b"][2])
+    assert same(with_bad["b"][0], start["b"][0]) and same(with_bad["b"][2], start["b"][2])
     assert with_bad["b"][1] == [None] * len(start["b"][1])
     assert with_bad["b"][3] == (start["b"][3][0], 1, False)
     # a and c: as if b had not been in the batches at all
     _restore(program, start, "ac")
     del batches["b"]
     program.step(batches)
-    without = _snapshot(program)
+    without = training_snapshot(program)
     for n in "ac":
         for got, want in zip(with_bad[n][0], without[n][0]):
             if fusion == "temporal":  # each task its own forward/backward: bit-identical
@@ -368,7 +345,7 @@ def test_nonfinite_task_is_skipped_and_others_train_as_without_it(request, fusio
 def test_nonfinite_grad_is_caught_with_finite_loss(temporal):
     program, _ = temporal
     program.resume_task("b")
-    before = _snapshot(program)
+    before = training_snapshot(program)
     p = program.states["b"].params[0]
     hook = p.register_hook(lambda g: g * math.inf)
     try:
@@ -379,8 +356,8 @@ def test_nonfinite_grad_is_caught_with_finite_loss(temporal):
     assert math.isfinite(losses["b"].item())
     want = muxc.StepOutcome(losses["b"].item(), skipped=True, why="non-finite grad")
     assert program.last_step["b"] == want
-    after = _snapshot(program)
-    assert _same(after["b"][0], before["b"][0]) and _same(after["b"][2], before["b"][2])
+    after = training_snapshot(program)
+    assert same(after["b"][0], before["b"][0]) and same(after["b"][2], before["b"][2])
 
 
 def test_task_is_paused_after_max_bad_steps_until_resumed(temporal):
@@ -393,12 +370,12 @@ def test_task_is_paused_after_max_bad_steps_until_resumed(temporal):
         with pytest.warns(muxc.NonFiniteWarning, match=warned):
             program.step(_batches())
     assert program.states["b"].paused
-    before = _snapshot(program)
+    before = training_snapshot(program)
     with pytest.warns(muxc.TaskPausedWarning, match=r"task 'b' is paused .*resume_task\('b'\)"):
         losses = program.step(_batches())  # b's weights are fine again, but it stays paused
     assert "b" not in losses
     assert program.last_step["b"] == muxc.StepOutcome(None, skipped=True, why="paused")
-    assert _same(_snapshot(program)["b"], before["b"])
+    assert same(training_snapshot(program)["b"], before["b"])
     program.resume_task("b")
     losses = program.step(_batches())
     assert math.isfinite(losses["b"].item()) and not program.last_step["b"].skipped
