@@ -76,9 +76,9 @@ def case(bases):
 
 # llama by default; gpt2/opt with -m slow (test_lora_qv_lora_all_ia3 runs all three by default)
 LLAMA_FIRST = ("llama", pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("opt", marks=pytest.mark.slow))
-# llama-like attention/MLP families under -m slow; the others (rotary variants, parallel
+# llama-like attention/MLP families (and gemma, phi) under -m slow; the others (parallel
 # blocks, ALiBi, multi-query, LayerNorm MLPs) by default
-OTHER = [pytest.param(f, marks=pytest.mark.slow) if f in ("qwen2", "qwen3", "mistral", "stablelm") else f
+OTHER = [pytest.param(f, marks=pytest.mark.slow) if f in ("qwen2", "qwen3", "mistral", "stablelm", "gemma", "phi") else f
          for f in OTHER_FAMILIES]
 
 

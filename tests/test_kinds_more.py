@@ -87,8 +87,8 @@ def test_dora_mixed_with_lora_and_ia3_chunk(case, family):
     c.check(fusion="spatial", chunk_size=4)  # samples span chunks: kept K/V crosses DoRA layers
 
 
-# llama's DoRA runs in the mixed cases above; alone, gpt2 covers Conv1D and opt its family
-@pytest.mark.parametrize("family", (pytest.param("llama", marks=SLOW), "gpt2", "opt"))
+# llama's DoRA runs in the mixed cases above; alone, gpt2 covers Conv1D (opt: -m slow)
+@pytest.mark.parametrize("family", (pytest.param("llama", marks=SLOW), "gpt2", pytest.param("opt", marks=SLOW)))
 def test_dora_alone(bases, family):
     c = separate([("dora", _dora(bases(family), 7))], {"dora": make_batch(3, 6, 5)})
     c.check(fusion="spatial")
