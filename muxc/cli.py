@@ -96,12 +96,12 @@ def _train(args) -> int:
         return "-" if v is None else f"{v:.3f}"
 
     rows = [[t.name, t.peft, t.status, str(t.steps), fmt(t.first_loss), fmt(t.last_loss),
-             fmt(t.eval_loss), str(t.samples)] for t in res.tasks.values()]
+             fmt(t.eval_loss), fmt(t.eval_accuracy), str(t.samples)] for t in res.tasks.values()]
     resumed = f", resumed after step {res.resumed_from}" if res.resumed_from is not None else ""
     print(f"\nmuxc train: {len(rows)} tasks, {res.steps} run steps in {res.seconds:.1f}s "
           f"(compile/add/remove {res.compile_seconds:.1f}s{resumed})\n")
     print(table(["task", "adapter", "status", "steps", "first loss", "last loss", "eval loss",
-                 "samples"], rows))
+                 "eval acc", "samples"], rows))
     print(f"\nadapters: {res.out_dir / 'adapters'}/  metrics: {res.metrics_csv}, {res.metrics_jsonl}")
     if res.loss_png is not None:
         print(f"loss curves: {res.loss_png}")

@@ -199,3 +199,31 @@ def test_compiled_program_keeps_no_task_graph_only_a_template_per_structure(base
     assert template.graph.gm is alive[0][1]()
     assert template.graph.adapters == [] and all(b.tensor is None for b in template.graph.bindings.values())
     assert {t: len(recs) for t, recs in program.mux.adapters.items()} == {"t0": 4, "t1": 4, "t2": 4}
+
+
+def test_rebound_head_without_bias_keeps_its_empty_bias_slot(bases, exports):
+    """A Llama SEQ_CLS head (``score`` has no bias): the re-bound head node still reads
+    (hidden, weight, None, site), as its own export does (a re-bind once shifted the site into
+    the bias slot, which broke `Program.add_task` next to such a task)."""
+    import copy
+
+    import transformers
+
+    base = bases("llama")
+    cfg = copy.deepcopy(base.config)
+    cfg.num_labels, cfg.pad_token_id = 2, 0
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        cls = transformers.LlamaForSequenceClassification(cfg)
+        cls.model.load_state_dict(base.model.state_dict())
+        models.append(make_peft(cls.eval(), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"],
+                                                       lora_dropout=0.0), seed, copy_base=False))
+    cache = TraceCache()
+    cache.trace(muxc.Task(name="a", model=models[0]), True)
+    task = muxc.Task(name="b", model=models[1])
+    got = cache.trace(task, True)
+    assert got.reused_from == "a" and len(exports) == 1
+    [head] = [n for n in got.gm.graph.nodes if n.target is torch.ops.muxc.task_head.default]
+    assert head.args[2] is None and isinstance(head.args[3], str)
+    assert_same_graph(got, trace_task(task, True))

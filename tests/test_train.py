@@ -216,7 +216,7 @@ def test_train_end_to_end_writes_metrics_png_and_adapters(full_run):
     assert code == 0
     rows = _rows(out)
     csv_lines = (out / "metrics.csv").read_text().splitlines()
-    assert csv_lines[0] == "step,task,split,task_step,loss,lr,tokens,seconds"
+    assert csv_lines[0] == "step,task,split,task_step,loss,lr,tokens,seconds,accuracy"
     assert len(csv_lines) == len(rows) + 1
     train_rows = {n: [r for r in rows if r["task"] == n and r["split"] == "train"]
                   for n in ("prose", "notes", "sums")}
@@ -252,6 +252,102 @@ def test_saved_adapters_load_into_peft_as_trained(full_run, workdir):
     for k, v in saved.items():
         match = [p for name, p in state.items() if name.replace(".default", "").endswith(k.removeprefix("base_model"))]
         assert len(match) == 1 and torch.equal(match[0], v), k
+
+
+# ----------------------------------------------------------- sequence classification tasks
+
+CLS_CONFIG = """\
+seed = 1
+
+[base]
+builtin = "tiny-llama"
+hidden = 32
+layers = 1
+
+[[task]]
+name = "mood"
+task_type = "seq_cls"
+steps = 4
+batch_size = 4
+max_length = 24
+lr = 2e-2
+peft = {type = "lora", r = 2, target_modules = ["q_proj", "up_proj"]}
+data = {files = ["mood.csv"], template = "{text}", label = "label", classes = ["sad", "glad"]}
+eval = {split = 0.25, every = 2}
+
+[[task]]
+name = "prose"
+start_step = 1
+steps = 2
+batch_size = 2
+max_length = 24
+peft = {type = "ia3", target_modules = ["k_proj", "down_proj"], feedforward_modules = ["down_proj"]}
+data = {files = ["prose.txt"]}
+"""
+
+
+def _cls_workdir(d: Path, text: str = CLS_CONFIG) -> Path:
+    _write_data(d)
+    r = random.Random(1)
+    rows = [(" ".join(r.choice(WORDS) for _ in range(r.randint(2, 6))), r.choice(["sad", "glad"]))
+            for _ in range(24)]
+    (d / "mood.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    (d / "cls.toml").write_text(text)
+    return d / "cls.toml"
+
+
+def test_seq_cls_task_trains_next_to_a_causal_one_and_reports_accuracy(tmp_path):
+    """A classification tenant and a causal one joining later (`Program.add_task` next to a
+    head): the final eval loss and accuracy are what HF computes with the saved adapter."""
+    from peft import PeftModel
+
+    from muxc.train.loop import accuracy_of, classifier_over
+
+    cfg = load_config(_cls_workdir(tmp_path))
+    assert [t.task_type for t in cfg.tasks] == ["seq_cls", "causal_lm"]
+    res = train(cfg, tmp_path / "out")
+    mood = res.tasks["mood"]
+    assert (mood.status, mood.steps, res.tasks["prose"].status) == ("done", 4, "done")
+    rows = _rows(tmp_path / "out")
+    evals = [r for r in rows if r["task"] == "mood" and r["split"] == "eval"]
+    assert [r["task_step"] for r in evals] == [2, 4]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in evals)
+    assert all(r.get("accuracy") is None for r in rows if r["split"] == "train")
+    # the saved adapter (LoRA + the score head) reproduces the last eval loss and accuracy
+    tok = ByteTokenizer()
+    base = build_base(cfg.base, tok, cfg.seed)
+    data = load_task_data(cfg.tasks[0], tok, tmp_path / "cache", cfg.seed)
+    frozen = {id(x): x for x in [*base.parameters(), *base.buffers()]}
+    model = PeftModel.from_pretrained(classifier_over(base, 2, tok.pad_id, frozen),
+                                      str(tmp_path / "out" / "adapters" / "mood"))
+    batches = data.eval_batches(4, None)
+    assert all(b["labels"].shape == (b["input_ids"].shape[0],) for b in batches)
+    with torch.no_grad():
+        losses = [(float(model(**b).loss), len(b["labels"])) for b in batches]
+    want = sum(v * k for v, k in losses) / sum(k for _, k in losses)
+    assert mood.eval_loss == pytest.approx(want, rel=1e-5)
+    assert mood.eval_accuracy == accuracy_of(model, batches) == evals[-1]["accuracy"]
+    assert evals[-1]["tokens"] == len(data.eval) == 6
+
+
+@pytest.mark.parametrize("change, match", [
+    (('classes = ["sad", "glad"]', 'classes = ["sad"]'), r"task_type = \"seq_cls\" needs label"),
+    (('task_type = "seq_cls"\n', ""), r"classes are for task_type = \"seq_cls\""),
+    (('task_type = "seq_cls"', 'task_type = "seq2seq"'), r"task_type: expected one of \['causal_lm', 'seq_cls'\]"),
+    (('"sad", "glad"]', '"sad", "sad"]'), r"names a class twice"),
+])
+def test_seq_cls_config_errors(tmp_path, change, match):
+    old, new = change
+    assert old in CLS_CONFIG
+    with pytest.raises(ConfigError, match=match):
+        load_config(_cls_workdir(tmp_path, CLS_CONFIG.replace(old, new, 1)))
+
+
+def test_seq_cls_label_outside_the_classes_is_named(tmp_path):
+    cfg = load_config(_cls_workdir(tmp_path, CLS_CONFIG.replace('"sad", "glad"', '"sad", "happy"')))
+    with pytest.raises(ConfigError, match=r"task 'mood' data: label 'glad' \(field 'label'\) is not one "
+                       r"of the classes \['sad', 'happy'\]"):
+        load_task_data(cfg.tasks[0], ByteTokenizer(), tmp_path / "cache", 0)
 
 
 class _Crash(Exception):
@@ -323,11 +419,15 @@ def test_shipped_demo_config_parses_and_its_data_loads(tmp_path):
     cfg = load_config(EXAMPLES / "train-demo.toml")
     kinds = {t.peft.type for t in cfg.tasks}
     assert len(cfg.tasks) >= 3 and kinds == {"lora", "ia3"}
+    assert {t.task_type for t in cfg.tasks} == {"causal_lm", "seq_cls"}  # a classification tenant
     assert any(t.start_step > 0 for t in cfg.tasks)  # a task joins later
     tok = ByteTokenizer()
     for t in cfg.tasks:
         data = load_task_data(t, tok, tmp_path / "cache", cfg.seed)
         assert len(data.train) >= 100, t.name
+        if t.task_type == "seq_cls":
+            assert all(s.target in (0, 1) and not s.labels for s in data.train), t.name
+            continue
         labelled = t.data.label is not None
         assert all((IGNORE in s.labels) == labelled for s in data.train[:50]), t.name
 

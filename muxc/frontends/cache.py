@@ -171,8 +171,10 @@ def rebind(source: Export, task: Task) -> TaskGraph:
                 "no matching adapter parameters in this task's model"
             )
         lo, hi = spec.param_args
-        params = tuple(placeholder_of[id(t)] for t in rec.params.values())
-        node.args = (*node.args[:lo], *params, *node.args[hi:])
+        params = iter([placeholder_of[id(t)] for t in rec.params.values()])
+        # an absent optional parameter (a head without bias) stays None in its slot
+        slots = tuple(None if a is None else next(params) for a in node.args[lo:hi])
+        node.args = (*node.args[:lo], *slots, *node.args[hi:])
     graph.lint()
     gm = _GraphModule(old.gm, graph)
     gm.meta.update(old.gm.meta)

@@ -47,6 +47,7 @@ __all__ = [
 
 BUILTIN_BASES = ("tiny-llama",)
 BUILTIN_DATA = ("stdlib-docstrings",)
+TASK_TYPES = ("causal_lm", "seq_cls")
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
            ".text": "text"}
 # fields of a PEFT config the run sets itself (or PEFT bookkeeping), never from the file
@@ -80,10 +81,11 @@ class PeftSpec:
     type: str
     fields: Mapping[str, Any]
 
-    def build(self):
-        """A fresh PEFT config object (``task_type="CAUSAL_LM"``)."""
+    def build(self, task_type: str = "CAUSAL_LM"):
+        """A fresh PEFT config object (``task_type`` "CAUSAL_LM" or "SEQ_CLS": PEFT then trains
+        the classification head too, as ``modules_to_save``)."""
         cls = _peft_class(self.type)
-        return cls(task_type="CAUSAL_LM", **{k: _thaw(v) for k, v in self.fields.items()})
+        return cls(task_type=task_type, **{k: _thaw(v) for k, v in self.fields.items()})
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -97,6 +99,9 @@ class DataConfig:
     template: ``str.format`` over a sample's fields, e.g. "Q: {question}\\nA: ".
     label: a field whose value is the target after the template; only its tokens (and the end
       token) are trained (the template's are -100). Without ``label`` every token is trained.
+      For a ``task_type = "seq_cls"`` task the label is a class instead: ``classes`` lists the
+      class names (``str`` of the field's value) in class-id order, and the sample is the
+      template's (or ``text_field``'s) tokens alone.
     """
 
     files: tuple[Path, ...] = ()
@@ -106,6 +111,7 @@ class DataConfig:
     text_field: str = "text"
     template: str | None = None
     label: str | None = None
+    classes: tuple[str, ...] = ()  # seq_cls tasks: class names, in class-id order
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -129,6 +135,10 @@ class TaskConfig:
     peft: PeftSpec
     data: DataConfig
     eval: EvalConfig | None = None
+    # "causal_lm" (next-token loss on the trained tokens) or "seq_cls" (sequence classification
+    # of the last token: a task head over the shared backbone, HF's pooling and loss; eval also
+    # reports accuracy)
+    task_type: str = "causal_lm"
     start_step: int = 0  # the run step at which the task joins
     steps: int | None = None  # optimizer steps; or ``epochs`` over the training samples
     epochs: float | None = None
@@ -334,6 +344,7 @@ def _task(t: _Table, root: Path) -> TaskConfig:
                                      "epochs = <passes over the training samples>")
     kw = dict(
         name=name, steps=steps, epochs=epochs,
+        task_type=t.get("task_type", "causal_lm", _choice(TASK_TYPES), f"one of {list(TASK_TYPES)}"),
         start_step=t.get("start_step", 0, _int(0), "an integer >= 0 (run step)"),
         batch_size=t.get("batch_size", 8, _int(1), "an integer >= 1"),
         max_length=t.get("max_length", 128, _int(4), "an integer >= 4 (tokens)"),
@@ -353,6 +364,7 @@ def _task(t: _Table, root: Path) -> TaskConfig:
     if "data" not in t.data:
         raise t.fail("data", 'missing; add data = {files = ["train.jsonl"], ...}')
     kw["data"] = _data(_Table(t.data["data"], t.file, f"{where}.data"), root)
+    _check_task_type(t, kw["task_type"], kw["data"])
     if "eval" in t.data:
         kw["eval"] = _eval(_Table(t.data["eval"], t.file, f"{where}.eval"), root)
     t.seen |= {"peft", "data", "eval"}
@@ -419,8 +431,9 @@ def _data(t: _Table, root: Path) -> DataConfig:
         text_field=t.get("text_field", "text", _str, "a field name"),
         template=t.get("template", None, _str, "a str.format template"),
         label=t.get("label", None, _str, "a field name"),
+        classes=t.get("classes", (), _strs, "an array of class names"),
     )
-    t.done(["files", "format", "builtin", "modules", "text_field", "template", "label"])
+    t.done(["files", "format", "builtin", "modules", "text_field", "template", "label", "classes"])
     if bool(files) == (builtin is not None):
         raise t.fail("files/builtin", "give exactly one: files = [...] (local jsonl/csv/parquet/"
                                       f"text files) or builtin = one of {list(BUILTIN_DATA)}")
@@ -433,10 +446,27 @@ def _data(t: _Table, root: Path) -> DataConfig:
                                     "name modules such as \"json\" or \"collections\"")
     if files and fmt is None:
         fmt = _format_of(t, files)
-    if kw["label"] is not None and kw["template"] is None:
+    if kw["classes"] and len(set(kw["classes"])) != len(kw["classes"]):
+        raise t.fail("classes", f"{list(kw['classes'])} names a class twice; list each once")
+    if kw["label"] is not None and kw["template"] is None and not kw["classes"]:
         raise t.fail("template", f"label = {kw['label']!r} needs a template for the prompt, e.g. "
                                  'template = "{question} = "')
     return DataConfig(files=files, format=fmt, builtin=builtin, modules=modules, **kw)
+
+
+def _check_task_type(t: _Table, task_type: str, data: DataConfig) -> None:
+    """A seq_cls task names its label field and at least two classes; a causal one no classes."""
+    where = f"{t.where}.data"
+    if task_type == "seq_cls":
+        if data.label is None or len(data.classes) < 2:
+            raise ConfigError(f"{t.file}: [{where}] task_type = \"seq_cls\" needs label = <field> "
+                              "and classes = [<name of class 0>, <name of class 1>, ...]")
+        if data.builtin is not None:
+            raise ConfigError(f"{t.file}: [{where}] builtin text has no labels; a seq_cls task "
+                              "reads labelled files")
+    elif data.classes:
+        raise ConfigError(f"{t.file}: [{where}] classes are for task_type = \"seq_cls\"; add it "
+                          "to the task or drop classes")
 
 
 def _format_of(t: _Table, files: tuple[Path, ...]) -> str:

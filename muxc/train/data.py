@@ -4,7 +4,10 @@ deterministic stream of right-padded micro-batches.
 
 Plain text (no ``label``) is a causal-LM sample: every token is trained, and a text longer than
 ``max_length`` is cut into consecutive windows. A labelled record is ``template`` (the prompt,
-labels -100) followed by the label's text and the end token (trained).
+labels -100) followed by the label's text and the end token (trained). With ``classes`` (a
+sequence-classification task) the sample is the prompt alone, cut to ``max_length`` from its
+start, and its label is the index of ``str(record[label])`` in ``classes``; a batch then has
+``labels`` of shape ``(rows,)``, as HF's ``*ForSequenceClassification`` takes them.
 
 >>> from muxc.train.config import DataConfig
 >>> from muxc.train.tokenizer import ByteTokenizer
@@ -31,7 +34,7 @@ from muxc.train.config import DataConfig, TaskConfig
 from muxc.train.tokenizer import Tokenizer
 
 __all__ = ["Sample", "TaskData", "load_task_data", "load_records", "stdlib_docstrings", "tokenize",
-           "collate", "seed_of"]
+           "collate", "trained_count", "seed_of"]
 
 IGNORE = -100  # label of a token that is not trained (HF convention)
 
@@ -48,7 +51,8 @@ def seed_of(*parts: object) -> int:
 @dataclass(frozen=True)
 class Sample:
     ids: tuple[int, ...]
-    labels: tuple[int, ...]  # IGNORE where a token is not trained
+    labels: tuple[int, ...]  # IGNORE where a token is not trained (empty for a class sample)
+    target: int | None = None  # the class id of a sequence-classification sample
 
 
 @dataclass(frozen=True)
@@ -89,16 +93,26 @@ class TaskData:
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded HF batch: ``input_ids``, ``attention_mask``, ``labels`` (IGNORE on padding)."""
+    """Right-padded HF batch: ``input_ids``, ``attention_mask``, ``labels`` (IGNORE on padding;
+    class ids shaped ``(rows,)`` for class samples)."""
     seq = max(len(s.ids) for s in samples)
     ids = torch.full((len(samples), seq), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), seq), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(samples), seq), dtype=torch.long)
     for r, s in enumerate(samples):
         ids[r, :len(s.ids)] = torch.tensor(s.ids)
-        labels[r, :len(s.ids)] = torch.tensor(s.labels)
+        if s.target is None:
+            labels[r, :len(s.ids)] = torch.tensor(s.labels)
         mask[r, :len(s.ids)] = 1
+    if samples[0].target is not None:
+        labels = torch.tensor([s.target for s in samples], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def trained_count(batch: Mapping[str, torch.Tensor]) -> int:
+    """Label tokens a causal batch trains (after HF's shift), or labelled rows of a class batch."""
+    labels = batch["labels"]
+    return int((labels != IGNORE).sum() if labels.dim() == 1 else (labels[:, 1:] != IGNORE).sum())
 
 
 def load_records(files: Sequence[Path], fmt: str, cache_dir: Path) -> list[dict]:
@@ -167,6 +181,14 @@ def tokenize(records: Sequence[Mapping], cfg: DataConfig, tok: Tokenizer,
         if cfg.label not in row:
             raise ConfigError(f"data: label field {cfg.label!r} is not in the records; their "
                               f"fields are {sorted(row)}")
+        if cfg.classes:
+            value = str(row[cfg.label])
+            if value not in cfg.classes:
+                raise ConfigError(f"data: label {value!r} (field {cfg.label!r}) is not one of the "
+                                  f"classes {list(cfg.classes)}; add it to classes or fix the data")
+            ids = (begin + tok.encode(_render(cfg, row)))[:max_length]
+            samples.append(Sample(tuple(ids), (), cfg.classes.index(value)))
+            continue
         target = tok.encode(str(row[cfg.label])) + end
         room = max_length - len(target)
         if room < 1:

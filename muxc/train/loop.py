@@ -41,7 +41,7 @@ from muxc.names import safe_child
 from muxc.save import save_task_adapter
 from muxc.task import Task
 from muxc.train.config import BaseConfig, RunConfig, Schedule, TaskConfig
-from muxc.train.data import TaskData, load_task_data, seed_of
+from muxc.train.data import TaskData, load_task_data, seed_of, trained_count
 from muxc.train.report import MetricsLog, plot_losses, read_rows
 from muxc.train.tokenizer import Tokenizer, load_tokenizer
 
@@ -74,6 +74,7 @@ class TaskSummary:
     first_loss: float | None
     last_loss: float | None
     eval_loss: float | None  # the last one
+    eval_accuracy: float | None  # the last one (seq_cls tasks)
     samples: int  # training samples (after windowing)
     eval_samples: int
     adapter: Path | None
@@ -229,8 +230,8 @@ class _Run:
                              loss=losses[n], lr=lrs[n], tokens=tokens[n], seconds=now) for n in losses]
                 evals = self._evaluate()
                 rows += [dict(step=step, task=n, split="eval", task_step=self.tenants[n].done,
-                              loss=v, lr=None, tokens=tok_count, seconds=now)
-                         for n, (v, tok_count) in evals.items()]
+                              loss=v, lr=None, tokens=tok_count, seconds=now, accuracy=acc)
+                         for n, (v, tok_count, acc) in evals.items()]
                 left = self._leave()
                 saved = None
                 if self.config.checkpoint_every and step % self.config.checkpoint_every == 0 \
@@ -238,7 +239,7 @@ class _Run:
                     saved = latest = self._checkpoint(step)
                 metrics.write(rows)
                 if on_step is not None:
-                    scores = {n: v for n, (v, _) in evals.items()}
+                    scores = {n: v for n, (v, _, _) in evals.items()}
                     on_step(StepReport(step, max(total, step), losses, scores, joined, left, saved))
         finally:
             metrics.close()
@@ -264,14 +265,16 @@ class _Run:
 
     def _summary(self, t: _Tenant, rows: list[dict]) -> TaskSummary:
         train = [r["loss"] for r in rows if r["task"] == t.cfg.name and r["split"] == "train"]
-        evals = [r["loss"] for r in rows if r["task"] == t.cfg.name and r["split"] == "eval"]
+        evals = [r for r in rows if r["task"] == t.cfg.name and r["split"] == "eval"]
         peft = t.cfg.peft
         rank = peft.fields.get("r")
         adapter = self.out / "adapters" / t.cfg.name
         return TaskSummary(
             name=t.cfg.name, peft=peft.type + (f" r={rank}" if rank is not None else ""),
             status=t.status, steps=t.done, first_loss=train[0] if train else None,
-            last_loss=train[-1] if train else None, eval_loss=evals[-1] if evals else None,
+            last_loss=train[-1] if train else None,
+            eval_loss=evals[-1]["loss"] if evals else None,
+            eval_accuracy=evals[-1].get("accuracy") if evals else None,
             samples=len(t.data.train), eval_samples=len(t.data.eval),
             adapter=adapter if adapter.is_dir() else None,
         )
@@ -280,13 +283,19 @@ class _Run:
 
     def _make_task(self, t: _Tenant) -> Task:
         """The task's PeftModel over the shared frozen base (weights shared by identity, so no
-        copy of them), its adapter initialised from its own seed, AdamW and its LR schedule."""
+        copy of them), its adapter (and a seq_cls task's head) initialised from its own seed,
+        AdamW and its LR schedule."""
         from peft import get_peft_model
 
         frozen = {id(x): x for x in [*self.base.parameters(), *self.base.buffers()]}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_of(self.config.seed, t.cfg.seed, t.cfg.name, "init"))
-            model = get_peft_model(copy.deepcopy(self.base, memo=dict(frozen)), t.cfg.peft.build())
+            if t.cfg.task_type == "seq_cls":
+                model = classifier_over(self.base, len(t.cfg.data.classes), t.data.pad_id, frozen)
+                model = get_peft_model(model, t.cfg.peft.build("SEQ_CLS"))
+            else:
+                model = get_peft_model(copy.deepcopy(self.base, memo=dict(frozen)),
+                                       t.cfg.peft.build())
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=t.cfg.lr, weight_decay=t.cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -363,7 +372,7 @@ class _Run:
                 t = self.tenants[n]
                 batch = t.data.batch(t.position, t.cfg.batch_size)
                 t.position += 1
-                tokens[n] += int((batch["labels"][:, 1:] != -100).sum())
+                tokens[n] += trained_count(batch)
                 batches[n] = batch
             out = program.step(batches)
             for n in names:
@@ -378,9 +387,11 @@ class _Run:
         mean = {n: sum(v) / len(v) for n, v in losses.items() if v}
         return mean, {n: tokens[n] for n in mean}, {n: lrs[n] for n in mean}
 
-    def _evaluate(self) -> dict[str, tuple[float, int]]:
-        """Eval loss of every running task whose ``eval.every`` divides its steps done, or that
-        just did its last step (all of them in one fused `Program.evaluate` per batch index)."""
+    def _evaluate(self) -> dict[str, tuple[float, int, float | None]]:
+        """``(loss, labelled tokens or rows, accuracy or None)`` of every running task whose
+        ``eval.every`` divides its steps done, or that just did its last step: losses from one
+        fused `Program.evaluate` per batch index, a seq_cls task's accuracy from its own model
+        (the same trained tensors) over the same batches."""
         due = {}
         for n in self.running:
             t = self.tenants[n]
@@ -396,10 +407,12 @@ class _Run:
         for i in range(max(len(b) for b in due.values())):
             batches = {n: b[i] for n, b in due.items() if i < len(b)}
             for n, loss in self.program.evaluate(batches).items():
-                k = int((batches[n]["labels"][:, 1:] != -100).sum())
+                k = trained_count(batches[n])
                 sums[n] += float(loss) * k
                 counts[n] += k
-        return {n: (sums[n] / counts[n], counts[n]) for n in due if counts[n]}
+        accuracy = {n: accuracy_of(self.tenants[n].task.model, due[n]) for n in due
+                    if self.tenants[n].cfg.task_type == "seq_cls"}
+        return {n: (sums[n] / counts[n], counts[n], accuracy.get(n)) for n in due if counts[n]}
 
     # --------------------------------------------------------------------- checkpoint/resume
 
@@ -480,6 +493,51 @@ class _Run:
                 raise CheckpointError(f"{str(where)!r}: program and trainer step counts disagree "
                                       f"{wrong}; the checkpoint is damaged")
         return int(state["step"])
+
+
+def classifier_over(base: torch.nn.Module, num_labels: int, pad_id: int,
+                    frozen: dict) -> torch.nn.Module:
+    """A ``*ForSequenceClassification`` model of ``base``'s architecture whose backbone is
+    ``base``'s (tensors shared by identity via the ``frozen`` deepcopy memo) and whose head is
+    new (``reset_parameters`` under the caller's seed); ``pad_token_id`` set for HF's pooling."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(base.config)
+    config.num_labels, config.pad_token_id = num_labels, pad_id
+    config.id2label = {i: str(i) for i in range(num_labels)}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    prefix = base.base_model_prefix
+    with torch.device("meta"):  # no second backbone is allocated
+        model = AutoModelForSequenceClassification.from_config(config)
+    setattr(model, prefix, copy.deepcopy(getattr(base, prefix), memo=dict(frozen)))
+    for name, child in model.named_children():
+        if name != prefix:
+            child.to_empty(device="cpu")
+            for m in child.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def accuracy_of(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Share of labelled rows whose argmax logit is the label (``model`` in eval mode, no
+    gradients; its training mode is restored)."""
+    was = model.training
+    model.eval()
+    right = total = 0
+    try:
+        with torch.no_grad():
+            for b in batches:
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                keep = b["labels"] != -100
+                right += int((logits.argmax(-1)[keep] == b["labels"][keep]).sum())
+                total += int(keep.sum())
+    finally:
+        model.train(was)
+    return right / total if total else float("nan")
 
 
 def _write_atomic(path: Path, text: str) -> None:

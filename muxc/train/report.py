@@ -5,7 +5,8 @@ installed, and a loss-curve PNG (matplotlib) at the end.
 A row: ``step`` (run steps done), ``task``, ``split`` ("train" | "eval"), ``task_step`` (the
 task's optimizer steps done), ``loss`` (train: mean over the step's micro-batches; eval:
 token-weighted mean over the eval batches), ``lr`` (the rate the step used), ``tokens``
-(trained label tokens), ``seconds`` (since the run, or its resumed part, started).
+(trained label tokens; labelled rows for a seq_cls task), ``seconds`` (since the run, or its
+resumed part, started), ``accuracy`` (eval rows of seq_cls tasks; empty otherwise).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 __all__ = ["FIELDS", "MetricsLog", "plot_losses"]
 
-FIELDS = ("step", "task", "split", "task_step", "loss", "lr", "tokens", "seconds")
+FIELDS = ("step", "task", "split", "task_step", "loss", "lr", "tokens", "seconds", "accuracy")
 
 
 class MetricsLog:
@@ -48,6 +49,9 @@ class MetricsLog:
             if tensorboard and self.tensorboard is not None:
                 self.tensorboard.add_scalar(f"{row['task']}/{row['split']}_loss", row["loss"],
                                             row["step"])
+                if row.get("accuracy") is not None:
+                    self.tensorboard.add_scalar(f"{row['task']}/eval_accuracy", row["accuracy"],
+                                                row["step"])
                 if row["split"] == "train":
                     self.tensorboard.add_scalar(f"{row['task']}/lr", row["lr"], row["step"])
         self._json.flush()
