@@ -7,7 +7,9 @@ first rewritten to the equivalent SDPA call (`sdpa_from_eager`); an attention-li
 unrecognised (one whose probabilities feed a matmul) is refused rather than run unaware of the
 chunks. Does not mutate the input: the rewrite happens on a copy of its graph (nodes and meta
 copied, parameters and tensors shared) in a new MuxGraph. With
-``alignment="pad"`` the input is returned as is (the history notes say so). A model whose
+``alignment="pad"`` the input is returned as is (the history notes say so), unless a task
+does prefix tuning: then every attention node becomes a `PrefixAttention`
+(`muxc.passes.prefix_attention`). A model whose
 attention is neither (e.g. Bloom's ALiBi) raises `UnsupportedPeftError` with a remedy.
 """
 
@@ -23,14 +25,24 @@ from muxc.ir import SDPA, ChunkAttention, MuxGraph, NodeInfo, Role, info, set_in
 from muxc.options import Alignment
 from muxc.passes.eager_attention import sdpa_from_eager, unmatched_attention
 from muxc.passes.pass_base import CompileContext, PassResult
+from muxc.passes.prefix_attention import prefix_records, refuse_prefix, with_prefix_attention
 
 __all__ = ["rewrite_attention"]
 
 
 def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph]:
     """New MuxGraph, SDPA swapped for ChunkAttention (chunk alignment); does not mutate ``mux``."""
+    prefixes = prefix_records(mux)
     if ctx.options.alignment is not Alignment.CHUNK:
+        if prefixes:  # prefix tuning: each task's rows attend to its trained K/V first
+            if ctx.options.stages > 1:
+                refuse_prefix(prefixes, f"stages={ctx.options.stages}",
+                              "every stage would need the task's prefix encoder")
+            return PassResult(*with_prefix_attention(mux, prefixes))
         return PassResult(mux, "alignment='pad': attention left as exported")
+    refuse_prefix(prefixes, "alignment='chunk'", "a packed row holds several samples, each of "
+                  "which must see the prefix as if it began the sequence (positions restarting "
+                  "after the prefix per sample)")
     seq_cls = sorted(t for t, h in mux.heads.items() if h.problem == "seq_cls")
     if seq_cls:
         raise UnsupportedPeftError(
