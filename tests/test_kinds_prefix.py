@@ -1,0 +1,163 @@
+"""Prefix tuning (PEFT ``PrefixTuningConfig``) in muxc: per-task trained K/V at every attention.
+
+Two prefix tasks (one with ``prefix_projection``, its MLP encoder; one a plain embedding, of
+another length) run beside a LoRA and an IA3 task on one backbone. Each (family, alignment) is
+compiled once per module and run under every fusion through `Program.with_options`; every task
+must match isolated HF PEFT (loss and every trainable parameter's grad, `helpers.REL_TOL`).
+Default runs keep one fusion per family (llama: all three); the rest is ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import Case, rel_err, separate
+from models import make_batch, make_peft
+from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig
+
+import muxc
+from muxc.errors import UnsupportedPeftError
+from muxc.ir import PrefixAttention, prefix_kv
+from muxc.ir.prefix import task_positions
+from muxc.plan.summary import summarize_graph
+
+SLOW = pytest.mark.slow
+
+
+def _prefix(base, seed: int, n: int, projection: bool):
+    cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=projection,
+                             encoder_hidden_size=24)
+    return make_peft(base, cfg, seed)
+
+
+def prefix_mixed(base) -> Case:
+    spec = [
+        ("proj", _prefix(base, 1, 3, True)),
+        ("lora", make_peft(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 2)),
+        ("plain", _prefix(base, 3, 5, False)),
+        ("ia3", make_peft(base, IA3Config(), 4)),
+    ]
+    batches = {"proj": make_batch(2, 9, 1, pad_rows=2), "lora": make_batch(2, 7, 2),
+               "plain": make_batch(3, 6, 3), "ia3": make_batch(1, 5, 4)}
+    return separate(spec, batches)
+
+
+@pytest.fixture(scope="module")
+def case(bases):
+    cache: dict[str, Case] = {}
+
+    def get(family: str) -> Case:
+        if family not in cache:
+            cache[family] = prefix_mixed(bases(family))
+        return cache[family]
+
+    return get
+
+
+# one fusion per family by default (llama: every fusion); the off-diagonal cells under -m slow
+CELLS = [("llama", "spatial"), ("llama", "temporal"), ("llama", "auto"),
+         ("gpt2", "temporal"), ("opt", "auto"),
+         pytest.param("gpt2", "spatial", marks=SLOW), pytest.param("gpt2", "auto", marks=SLOW),
+         pytest.param("opt", "spatial", marks=SLOW), pytest.param("opt", "temporal", marks=SLOW)]
+
+
+@pytest.mark.parametrize(("family", "fusion"), CELLS)
+def test_prefix_mixed_with_lora_and_ia3_pad(case, family, fusion):
+    case(family).check(fusion=fusion)
+
+
+def test_prefix_micro_batches(case):
+    case("llama").check(fusion="spatial", micro_batches=2)
+
+
+def test_every_attention_node_serves_both_prefix_tasks(case):
+    mux = case("llama").program.mux
+    nodes = [n for n in mux.gm.graph.nodes if isinstance(n.target, PrefixAttention)]
+    assert [n.target.index for n in nodes] == [0, 1]  # the tiny models have 2 layers
+    assert all([r.task for r in n.target.records] == ["proj", "plain"] for n in nodes)
+    assert all(n.target.layers == 2 for n in nodes)
+    assert "position_ids" in mux.input_names()  # the prefix tasks' positions follow their prefix
+
+
+def test_prefix_kv_is_peft_layout(bases):
+    """Layer l's K/V are what PEFT's get_prompt puts in the cache for layer l (GQA: the
+    key/value head count)."""
+    model = _prefix(copy.deepcopy(bases("llama")), 5, 4, True)
+    enc = model.prompt_encoder["default"]
+    cache = model.get_prompt(batch_size=1)
+    params = {"embedding": enc.embedding.weight, "w1": enc.transform[0].weight,
+              "b1": enc.transform[0].bias, "w2": enc.transform[2].weight, "b2": enc.transform[2].bias}
+    for layer in range(2):
+        k, v = prefix_kv(params, layer, 2, head_dim=8)
+        assert k.shape == (2, 4, 8)  # 2 key/value heads of the 4 query heads
+        assert rel_err(k, cache.layers[layer].keys[0]) <= 1e-6
+        assert rel_err(v, cache.layers[layer].values[0]) <= 1e-6
+
+
+def test_positions_follow_the_prefix():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert task_positions("llama", mask, 3).tolist() == [[3, 4, 5, 6]] * 2
+    assert task_positions("opt", mask, 3).tolist() == [[3, 4, 5, -1], [3, 4, -1, -1]]
+    assert task_positions("opt", mask, 0).tolist() == [[0, 1, 2, -1], [0, 1, -1, -1]]
+
+
+def test_prefix_is_priced(case):
+    """Each prefix task pays n more key columns per attention call and, with
+    prefix_projection, its encoder slice per layer; the plain embedding pays no GEMM."""
+    ops = summarize_graph(case("llama").program.mux).ops
+    extra = {o.task: o.forward.amount for o in ops if o.node == "prefix_attention_0[" + str(o.task) + "]"}
+    assert extra["proj"](1, 1) == 4 * 3 and extra["plain"](1, 1) == 4 * 5  # heads * n per token
+    enc = [o.task for o in ops if ":enc" in o.node]
+    assert enc and set(enc) == {"proj"}
+
+
+def test_prefix_alone_trains_saves_and_checkpoints(bases, tmp_path):
+    """A prefix task alone equals PEFT; after a step its adapter saves in PEFT format (which
+    from_pretrained loads to the same logits) and its checkpoint restores its parameters."""
+    model = _prefix(copy.deepcopy(bases("llama")), 7, 3, True)
+    batches = {"p": make_batch(2, 6, 7)}
+    c = separate([("p", model)], batches)
+    c.check()
+    c.program.step(batches)
+    c.program.save_checkpoint(tmp_path / "ckpt")
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert params and all(".default." in n for n in params)
+    c.program.save_adapters(tmp_path / "adapters")
+    batch = make_batch(2, 7, 99)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(bases("llama")), str(tmp_path / "adapters" / "p"))
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert rel_err(got, want) <= 1e-6
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    c.program.load_checkpoint(tmp_path / "ckpt")
+    now = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(now[n], params[n]) for n in params)
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"alignment": "chunk"}, r"prefix tuning with alignment='chunk' is not supported yet.*alignment='pad'"),
+    ({"stages": 2}, r"prefix tuning with stages=2 is not supported yet"),
+])
+def test_prefix_refuses_chunk_and_stages(bases, options, match):
+    model = _prefix(copy.deepcopy(bases("llama")), 8, 2, False)
+    lora = make_peft(bases("llama"), LoraConfig(r=2, target_modules=["q_proj"]), 9)
+    with pytest.raises(UnsupportedPeftError, match=match):
+        muxc.compile([muxc.Task(name="p", model=model), muxc.Task(name="l", model=lora)],
+                     muxc.Options(**options))
+
+
+def test_prefix_refuses_other_task_types(bases):
+    cfg = PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)
+    from transformers import LlamaForSequenceClassification
+
+    base = bases("llama")
+    torch.manual_seed(0)
+    model = make_peft(LlamaForSequenceClassification(base.config), cfg, 1, copy_base=False)
+    with pytest.raises(UnsupportedPeftError, match=r"task_type='SEQ_CLS'"):
+        muxc.compile([muxc.Task(name="cls", model=model)])
