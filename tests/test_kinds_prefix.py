@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 from helpers import Case, rel_err, separate
-from models import make_batch, make_peft
+from models import _cfg, make_batch, make_peft
 from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig
 
 import muxc
@@ -32,26 +32,26 @@ def _prefix(base, seed: int, n: int, projection: bool):
     return make_peft(base, cfg, seed)
 
 
-def prefix_mixed(base) -> Case:
+def prefix_mixed(base, alignment: str = "pad") -> Case:
     spec = [
         ("proj", _prefix(base, 1, 3, True)),
         ("lora", make_peft(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 2)),
         ("plain", _prefix(base, 3, 5, False)),
         ("ia3", make_peft(base, IA3Config(), 4)),
     ]
-    batches = {"proj": make_batch(2, 9, 1, pad_rows=2), "lora": make_batch(2, 7, 2),
+    batches = {"proj": make_batch(3, 9, 1, pad_rows=2), "lora": make_batch(2, 7, 2),
                "plain": make_batch(3, 6, 3), "ia3": make_batch(1, 5, 4)}
-    return separate(spec, batches)
+    return separate(spec, batches, alignment=alignment)
 
 
 @pytest.fixture(scope="module")
 def case(bases):
-    cache: dict[str, Case] = {}
+    cache: dict[tuple, Case] = {}
 
-    def get(family: str) -> Case:
-        if family not in cache:
-            cache[family] = prefix_mixed(bases(family))
-        return cache[family]
+    def get(family: str, alignment: str = "pad") -> Case:
+        if (family, alignment) not in cache:
+            cache[family, alignment] = prefix_mixed(bases(family), alignment)
+        return cache[family, alignment]
 
     return get
 
@@ -66,6 +66,32 @@ CELLS = [("llama", "spatial"), ("llama", "temporal"), ("llama", "auto"),
 @pytest.mark.parametrize(("family", "fusion"), CELLS)
 def test_prefix_mixed_with_lora_and_ia3_pad(case, family, fusion):
     case(family).check(fusion=fusion)
+
+
+# chunk alignment: samples packed several to a stream, each seeing its task's prefix; chunk
+# sizes 4 (a 9-token sample spans three chunks) and 8
+CHUNK_CELLS = [("llama", "auto", 4),
+               pytest.param("llama", "spatial", 8, marks=SLOW),
+               pytest.param("llama", "temporal", 4, marks=SLOW),
+               pytest.param("gpt2", "auto", 4, marks=SLOW), pytest.param("gpt2", "spatial", 8, marks=SLOW),
+               pytest.param("opt", "auto", 4, marks=SLOW), pytest.param("opt", "temporal", 8, marks=SLOW)]
+
+
+@pytest.mark.parametrize(("family", "fusion", "chunk"), CHUNK_CELLS)
+def test_prefix_mixed_with_lora_and_ia3_chunk(case, family, fusion, chunk):
+    case(family, "chunk").check(fusion=fusion, chunk_size=chunk)
+
+
+@SLOW
+@pytest.mark.parametrize("alignment", ["pad", "chunk"])
+def test_prefix_on_eager_attention(alignment):
+    """HF's eager attention is rewritten to SDPA first, then given the prefixes."""
+    cfg, cls = _cfg("llama")
+    torch.manual_seed(0)
+    base = cls._from_config(cfg, attn_implementation="eager").eval()
+    c = prefix_mixed(base, alignment)
+    assert any(isinstance(n.target, PrefixAttention) for n in c.program.mux.gm.graph.nodes)
+    c.check(fusion="spatial")
 
 
 def test_prefix_micro_batches(case):
@@ -140,16 +166,20 @@ def test_prefix_alone_trains_saves_and_checkpoints(bases, tmp_path):
     assert all(torch.equal(now[n], params[n]) for n in params)
 
 
-@pytest.mark.parametrize(("options", "match"), [
-    ({"alignment": "chunk"}, r"prefix tuning with alignment='chunk' is not supported yet.*alignment='pad'"),
-    ({"stages": 2}, r"prefix tuning with stages=2 is not supported yet"),
-])
-def test_prefix_refuses_chunk_and_stages(bases, options, match):
+def test_prefix_refuses_stages(bases):
     model = _prefix(copy.deepcopy(bases("llama")), 8, 2, False)
     lora = make_peft(bases("llama"), LoraConfig(r=2, target_modules=["q_proj"]), 9)
-    with pytest.raises(UnsupportedPeftError, match=match):
+    with pytest.raises(UnsupportedPeftError, match=r"task\(s\) \['p'\]: prefix tuning with stages=2 is not "
+                       r"supported yet.*use stages=1"):
         muxc.compile([muxc.Task(name="p", model=model), muxc.Task(name="l", model=lora)],
-                     muxc.Options(**options))
+                     muxc.Options(stages=2))
+
+
+def test_prefix_refuses_unknown_position_rules(bases):
+    """A family whose positions after a prefix muxc does not know is refused, naming it."""
+    model = _prefix(bases("qwen2"), 8, 2, False)
+    with pytest.raises(UnsupportedPeftError, match=r"prefix tuning on 'qwen2' models is not supported yet"):
+        muxc.compile([muxc.Task(name="p", model=model)])
 
 
 def test_prefix_refuses_other_task_types(bases):

@@ -118,5 +118,5 @@ def attention_call(node: fx.Node) -> tuple[tuple, dict, bool] | None:
         return tuple(node.args[1:]), dict(node.kwargs), True
     if isinstance(node.target, PrefixAttention):  # SDPA's arguments are its keywords
         kw = dict(node.kwargs)
-        return (kw.pop("query"), kw.pop("key"), kw.pop("value")), kw, False
+        return (kw.pop("query"), kw.pop("key"), kw.pop("value")), kw, node.target.chunked
     return None

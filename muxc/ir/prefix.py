@@ -22,6 +22,12 @@ columns), so gradients reach the user's parameters through plain autograd and no
 between layers. Positions are not this op's business: the runtime gives the task's rows
 positions shifted by ``n`` as HF numbers them (`muxc.runtime.positions`).
 
+With chunk alignment (``chunked``) it first does what `muxc.ir.ChunkAttention` does (prepend
+the K/V its stream's earlier chunks kept, keep the result, attend under the step's document
+mask), then prepends the prefix to the prefix tasks' rows as above: every packed sample of a
+stream sees the prefix as if it began the sequence, as each sample does in its own PEFT row
+(positions restart at ``n`` per sample). The prefix itself is never kept across chunks.
+
 >>> PrefixAttention(0, 2, ())
 PrefixAttention(0/2; )
 """
@@ -78,6 +84,7 @@ class PrefixAttention:
     index: int
     layers: int
     records: tuple[AdapterRecord, ...]
+    chunked: bool = False  # chunk alignment: also keep and prepend earlier chunks' K/V
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "__name__", f"prefix_attention_{self.index}")
@@ -95,6 +102,16 @@ class PrefixAttention:
                  is_causal=False, scale=None, enable_gqa=False) -> torch.Tensor:
         params = self.params_by_task(flat)
         kw = dict(dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
+        step = mux.chunk if self.chunked else None
+        if step is not None:  # as `ChunkAttention`: earlier chunks' K/V first, the step's mask
+            if step.index > 0:
+                past = mux.kv.get(self.index)
+                if past is None:
+                    raise MuxcInternalError(f"attention {self.index}: no kept K/V for chunk {step.index}")
+                key = torch.cat([past[0].index_select(0, step.gather), key], dim=-2)
+                value = torch.cat([past[1].index_select(0, step.gather), value], dim=-2)
+            mux.kv[self.index] = (key, value)  # the prefix is not kept: each call prepends it
+            attn_mask, is_causal = step.mask, False
         if not any(t in params for t in mux.tasks):
             return SDPA(query, key, value, attn_mask=attn_mask, is_causal=is_causal, **kw)
         # row segments in layout order: each prefix task alone, runs of other tasks together
@@ -138,7 +155,7 @@ class PrefixAttention:
 
     def __repr__(self) -> str:
         tasks = ",".join(r.task for r in self.records)
-        return f"PrefixAttention({self.index}/{self.layers}; {tasks})"
+        return f"PrefixAttention({self.index}/{self.layers}; {tasks}{'; chunked' if self.chunked else ''})"
 
 
 def _rows(mask: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:

@@ -1,8 +1,8 @@
 """Wire prefix tuning into a merged graph: every attention node becomes a `PrefixAttention`.
 
 A helper of `muxc.passes.rewrite_attention` (alignment "pad"); why this is exact:
-`muxc.ir.prefix`. Refuses, with a remedy, what it cannot run exactly: chunk alignment,
-pipeline stages, a model family whose positions after a prefix muxc does not know, and a prefix
+`muxc.ir.prefix`. Refuses, with a remedy, what it cannot run exactly: pipeline stages, a
+model family whose positions after a prefix muxc does not know, and a prefix
 whose width does not match the model's attention layers.
 """
 
@@ -33,14 +33,15 @@ def refuse_prefix(recs: tuple[AdapterRecord, ...], what: str, why: str) -> None:
         tasks = sorted({r.task for r in recs})
         raise UnsupportedPeftError(
             f"task(s) {tasks}: prefix tuning with {what} is not supported yet: {why}; use "
-            "alignment='pad' and stages=1 for them (spatial, temporal and auto fusion all work "
-            "there), or compile them in a program of their own"
+            "stages=1 (every fusion and alignment works there), or compile the other tasks in a "
+            "program of their own"
         )
 
 
-def with_prefix_attention(mux: MuxGraph, recs: tuple[AdapterRecord, ...]) -> tuple[MuxGraph, str]:
+def with_prefix_attention(mux: MuxGraph, recs: tuple[AdapterRecord, ...], chunked: bool = False
+                          ) -> tuple[MuxGraph, str]:
     """A new MuxGraph whose attention nodes give ``recs``' tasks their prefix K/V (and a note);
-    does not mutate ``mux``."""
+    with ``chunked`` they also attend across chunks (`PrefixAttention`). Does not mutate ``mux``."""
     if mux.model_type not in POSITION_RULES:
         raise UnsupportedPeftError(
             f"task(s) {sorted({r.task for r in recs})}: prefix tuning on {mux.model_type!r} models is "
@@ -82,7 +83,7 @@ def with_prefix_attention(mux: MuxGraph, recs: tuple[AdapterRecord, ...]) -> tup
         if norm is None:
             raise MuxcInternalError(f"cannot normalise attention arguments of {node.format_node()}")
         with g.inserting_before(node):
-            new = g.create_node("call_function", PrefixAttention(i, layers, recs), (mux_input, *params),
+            new = g.create_node("call_function", PrefixAttention(i, layers, recs, chunked), (mux_input, *params),
                                 dict(norm.kwargs), name=f"prefix_attention_{i}")
         new.meta.update(node.meta)
         rec = info(node)
@@ -91,7 +92,7 @@ def with_prefix_attention(mux: MuxGraph, recs: tuple[AdapterRecord, ...]) -> tup
         g.erase_node(node)
     g.lint()
     gm.recompile()
-    note = f"{layers} attention nodes give {len(recs)} prefix-tuning task(s) their K/V"
+    note = f"{layers} attention nodes{' (chunk-aware)' if chunked else ''} give {len(recs)} prefix-tuning task(s) their K/V"
     if eager:
         note += f" ({eager} from eager attention, rewritten to SDPA first)"
     return replace(mux, gm=gm), note

@@ -9,7 +9,7 @@ chunks. Does not mutate the input: the rewrite happens on a copy of its graph (n
 copied, parameters and tensors shared) in a new MuxGraph. With
 ``alignment="pad"`` the input is returned as is (the history notes say so), unless a task
 does prefix tuning: then every attention node becomes a `PrefixAttention`
-(`muxc.passes.prefix_attention`). A model whose
+(`muxc.passes.prefix_attention`), chunk-aware with ``alignment="chunk"``. A model whose
 attention is neither (e.g. Bloom's ALiBi) raises `UnsupportedPeftError` with a remedy.
 """
 
@@ -33,16 +33,13 @@ __all__ = ["rewrite_attention"]
 def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph]:
     """New MuxGraph, SDPA swapped for ChunkAttention (chunk alignment); does not mutate ``mux``."""
     prefixes = prefix_records(mux)
+    if ctx.options.stages > 1:
+        refuse_prefix(prefixes, f"stages={ctx.options.stages}", "each attention layer reads the "
+                      "task's prefix encoder, whose parameters would be needed on every stage")
     if ctx.options.alignment is not Alignment.CHUNK:
         if prefixes:  # prefix tuning: each task's rows attend to its trained K/V first
-            if ctx.options.stages > 1:
-                refuse_prefix(prefixes, f"stages={ctx.options.stages}",
-                              "every stage would need the task's prefix encoder")
             return PassResult(*with_prefix_attention(mux, prefixes))
         return PassResult(mux, "alignment='pad': attention left as exported")
-    refuse_prefix(prefixes, "alignment='chunk'", "a packed row holds several samples, each of "
-                  "which must see the prefix as if it began the sequence (positions restarting "
-                  "after the prefix per sample)")
     seq_cls = sorted(t for t, h in mux.heads.items() if h.problem == "seq_cls")
     if seq_cls:
         raise UnsupportedPeftError(
@@ -52,6 +49,8 @@ def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph
             "place for a per-sample label; use alignment='pad' (spatial, temporal and auto "
             "fusion all work there)"
         )
+    if prefixes:  # chunk-aware attention that also gives prefix tasks their K/V
+        return PassResult(*with_prefix_attention(mux, prefixes, chunked=True))
     gm = fx.GraphModule(mux.gm, copy.deepcopy(mux.gm.graph), class_name=type(mux.gm).__name__)
     g = gm.graph
     eager = sdpa_from_eager(g)

@@ -26,7 +26,7 @@ import torch
 
 from muxc.ir import IGNORE_INDEX, MuxBatch, MuxGraph, PartitionedGraph, Step, StepPlan
 from muxc.runtime.batch import build_batch
-from muxc.runtime.positions import pad_positions
+from muxc.runtime.positions import chunk_positions, pad_positions
 from muxc.runtime.timeline import Timeline
 
 __all__ = ["LocalExecutor", "Boundary"]
@@ -135,7 +135,7 @@ class LocalExecutor:
                            labels=tuple(labels), impl=self.impl, training=training, shifted=True,
                            loss_scale=scale, chunk=step, kv=kv)
             inputs = {"input_ids": step.ids, "attention_mask": torch.ones_like(step.ids),
-                      "position_ids": step.positions}
+                      "position_ids": chunk_positions(self.mux, step)}
             out.append(_MicroBatch(inputs, mux))
         return out
 
