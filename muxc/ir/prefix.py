@@ -133,9 +133,8 @@ class PrefixAttention:
             pk, pv = prefix_kv(params[task], self.index, self.layers, q.shape[-1])
             if pk.shape[0] != k.shape[1]:  # HF repeated K/V to the query heads before SDPA
                 if k.shape[1] % pk.shape[0]:
-                    raise MuxcInternalError(
-                        f"prefix attention {self.index}: {pk.shape[0]} prefix heads for {k.shape[1]} key heads"
-                    )
+                    raise MuxcInternalError(f"prefix attention {self.index}: {pk.shape[0]} "
+                                            f"prefix heads for {k.shape[1]} key heads")
                 rep = k.shape[1] // pk.shape[0]
                 pk, pv = pk.repeat_interleave(rep, 0), pv.repeat_interleave(rep, 0)
             rows, n = hi - lo, pk.shape[1]
@@ -155,7 +154,8 @@ class PrefixAttention:
 
     def __repr__(self) -> str:
         tasks = ",".join(r.task for r in self.records)
-        return f"PrefixAttention({self.index}/{self.layers}; {tasks}{'; chunked' if self.chunked else ''})"
+        chunked = "; chunked" if self.chunked else ""
+        return f"PrefixAttention({self.index}/{self.layers}; {tasks}{chunked})"
 
 
 def _rows(mask: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:

@@ -15,7 +15,17 @@ import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 from muxc.errors import MuxcInternalError, UnsupportedPeftError
-from muxc.ir import SDPA, AdapterKind, AdapterRecord, MuxGraph, NodeInfo, PrefixAttention, Role, info, set_info
+from muxc.ir import (
+    SDPA,
+    AdapterKind,
+    AdapterRecord,
+    MuxGraph,
+    NodeInfo,
+    PrefixAttention,
+    Role,
+    info,
+    set_info,
+)
 from muxc.ir.prefix import POSITION_RULES
 from muxc.passes.eager_attention import sdpa_from_eager, unmatched_attention
 
@@ -79,12 +89,13 @@ def with_prefix_attention(mux: MuxGraph, recs: tuple[AdapterRecord, ...], chunke
         raise MuxcInternalError(f"prefix parameter {e} has no placeholder in the merged graph") from e
     mux_input = next(n for n in g.find_nodes(op="placeholder") if n.name == "mux")
     for i, node in enumerate(targets):
-        norm = normalize_function(SDPA, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
+        norm = normalize_function(SDPA, tuple(node.args), dict(node.kwargs),
+                                  normalize_to_only_use_kwargs=True)
         if norm is None:
             raise MuxcInternalError(f"cannot normalise attention arguments of {node.format_node()}")
         with g.inserting_before(node):
-            new = g.create_node("call_function", PrefixAttention(i, layers, recs, chunked), (mux_input, *params),
-                                dict(norm.kwargs), name=f"prefix_attention_{i}")
+            new = g.create_node("call_function", PrefixAttention(i, layers, recs, chunked),
+                                (mux_input, *params), dict(norm.kwargs), name=f"prefix_attention_{i}")
         new.meta.update(node.meta)
         rec = info(node)
         set_info(new, NodeInfo(Role.BACKBONE, rec.tasks, sources=rec.sources))
@@ -92,7 +103,8 @@ def with_prefix_attention(mux: MuxGraph, recs: tuple[AdapterRecord, ...], chunke
         g.erase_node(node)
     g.lint()
     gm.recompile()
-    note = f"{layers} attention nodes{' (chunk-aware)' if chunked else ''} give {len(recs)} prefix-tuning task(s) their K/V"
+    note = (f"{layers} attention nodes{' (chunk-aware)' if chunked else ''} give "
+            f"{len(recs)} prefix-tuning task(s) their K/V")
     if eager:
         note += f" ({eager} from eager attention, rewritten to SDPA first)"
     return replace(mux, gm=gm), note
