@@ -189,3 +189,29 @@ def test_prefix_refuses_other_task_types(bases):
     model = make_peft(LlamaForSequenceClassification(base.config), cfg, 1, copy_base=False)
     with pytest.raises(UnsupportedPeftError, match=r"task_type='SEQ_CLS'"):
         muxc.compile([muxc.Task(name="cls", model=model)])
+
+
+def test_prefix_attention_op_leaves_other_rows_alone():
+    """Direct check of the op: a prefix task's rows attend to ``[P; K]`` with the prefix
+    columns open (a causal flag becomes the same mask), other rows are plain SDPA bit for bit."""
+    from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch, MuxBatch
+
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, d, s, n, layers = 4, 2, 8, 5, 3, 2
+    emb = torch.randn(n, layers * 2 * kv_heads * d, generator=g)
+    rec = AdapterRecord(task="a", site="prompt_encoder.default", kind=AdapterKind.PREFIX,
+                        dispatch=Dispatch.ATTENTION, aggregate=Aggregate.PREFIX_KV,
+                        params={"embedding": emb}, param_names={"embedding": "e"}, rank=n)
+    q, k, v = (torch.randn(3, heads, s, d, generator=g) for _ in range(3))
+    mux = MuxBatch(tasks=("a", "b"), rows=(2, 1), seq_len=s, labels=())
+    op = PrefixAttention(1, layers, (rec,))
+    out = op(mux, emb, query=q, key=k, value=v, is_causal=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert torch.equal(out[2:], sdpa(q[2:], k[2:], v[2:], is_causal=True))
+    pk, pv = prefix_kv({"embedding": emb}, 1, layers, d)
+    pk, pv = (x.repeat_interleave(2, 0).expand(2, -1, -1, -1) for x in (pk, pv))
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    mask = torch.cat([torch.ones(s, n, dtype=torch.bool), causal], dim=1)
+    want = sdpa(q[:2], torch.cat([pk, k[:2]], 2), torch.cat([pv, v[:2]], 2), attn_mask=mask)
+    assert rel_err(out[:2], want) <= 1e-6
+    assert rel_err(out[:2], sdpa(q[:2], k[:2], v[:2], is_causal=True)) > 1e-2  # the prefix matters

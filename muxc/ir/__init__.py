@@ -48,7 +48,7 @@ from muxc.ir.ops import (
     causal_lm_loss,
     seq_cls_loss,
 )
-from muxc.ir.prefix import PrefixAttention, prefix_kv, prefix_length
+from muxc.ir.prefix import PrefixAttention, prefix_kv
 from muxc.ir.partition import Crossing, PartitionedGraph, ShapeHint, Stage, Subgraph, SubgraphKind
 from muxc.ir.schedule import Schedule, SchedulePolicy, ScheduleError, SimResult, Step, StepKind
 from muxc.ir.step import FusionPlan, GroupCost, HTask, HTaskCost, StepPlan
@@ -100,7 +100,6 @@ __all__ = [
     "causal_lm_loss",
     "info",
     "prefix_kv",
-    "prefix_length",
     "set_info",
     "table",
 ]

@@ -42,17 +42,11 @@ import torch.nn.functional as F
 from muxc.errors import MuxcInternalError
 from muxc.ir.graph import AdapterRecord
 
-__all__ = ["PrefixAttention", "prefix_kv", "prefix_length", "PREFIX_ROLES", "POSITION_RULES",
-           "task_positions"]
+__all__ = ["PrefixAttention", "prefix_kv", "PREFIX_ROLES", "POSITION_RULES", "task_positions"]
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # the record's parameter roles: the embedding alone, or with PEFT's two-layer MLP
 PREFIX_ROLES = ("embedding", "w1", "b1", "w2", "b2")
-
-
-def prefix_length(rec: AdapterRecord) -> int:
-    """The task's number of virtual tokens ``n``."""
-    return int(rec.params["embedding"].shape[0])
 
 
 def prefix_kv(params: dict[str, torch.Tensor], index: int, layers: int, head_dim: int
@@ -141,9 +135,9 @@ class PrefixAttention:
             pk = pk.to(k.dtype).unsqueeze(0).expand(rows, -1, -1, -1)
             pv = pv.to(v.dtype).unsqueeze(0).expand(rows, -1, -1, -1)
             s_q, s_k = q.shape[-2], k.shape[-2]
-            if mask is None:
-                mask = (torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
-                        if is_causal else torch.ones(s_q, s_k, dtype=torch.bool, device=q.device))
+            if mask is None:  # what SDPA's is_causal means (top-left aligned), or no mask
+                mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device)
+                mask = mask.tril() if is_causal else mask
             seen = (torch.ones((), dtype=torch.bool, device=q.device) if mask.dtype == torch.bool
                     else torch.zeros((), dtype=mask.dtype, device=q.device))
             lead = seen.expand(*mask.shape[:-1], n)
