@@ -166,11 +166,26 @@ def test_prefix_alone_trains_saves_and_checkpoints(bases, tmp_path):
     assert all(torch.equal(now[n], params[n]) for n in params)
 
 
-def test_prefix_refuses_stages(bases):
+def test_prefix_across_pipeline_stages_in_one_process(bases):
+    """With stages in one process every stage reads the same encoder parameters: their
+    gradients add up over the stages' layers, as in PEFT."""
+    spec = [("p", _prefix(copy.deepcopy(bases("llama")), 8, 3, True)),
+            ("l", make_peft(bases("llama"), LoraConfig(r=2, target_modules="all-linear"), 9))]
+    c = separate(spec, {"p": make_batch(2, 7, 8), "l": make_batch(3, 5, 9)}, stages=2)
+    assert len(c.program.partitioned.stages) == 2
+    c.check(fusion="spatial")
+    c.check(fusion="temporal", micro_batches=2)
+
+
+def test_prefix_refuses_stages_on_several_processes(bases, monkeypatch):
+    """Stage ranks would each hold part of the encoder's gradient: refused with the remedy."""
+    monkeypatch.setattr(muxc.api, "join_stage_group", lambda *a: object())  # as if under torchrun
     model = _prefix(copy.deepcopy(bases("llama")), 8, 2, False)
-    with pytest.raises(UnsupportedPeftError, match=r"task\(s\) \['p'\]: prefix tuning with stages=2 is "
-                       r"not supported yet.*use stages=1"):
-        muxc.compile([muxc.Task(name="p", model=model)], muxc.Options(stages=2))
+    lora = make_peft(bases("llama"), LoraConfig(r=2, target_modules=["q_proj"]), 9)  # stages cut at sites
+    with pytest.raises(UnsupportedPeftError, match=r"task\(s\) \['p'\]: prefix tuning with stages on "
+                       r"several processes is not supported yet.*in one process"):
+        muxc.compile([muxc.Task(name="p", model=model), muxc.Task(name="l", model=lora)],
+                     muxc.Options(stages=2))
 
 
 def test_prefix_refuses_unknown_position_rules(bases):

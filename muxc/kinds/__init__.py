@@ -39,7 +39,7 @@ SUPPORTED = (
     "biases), DoRA (LoraConfig(use_dora=True), bias='none', Linear/Conv1D "
     "targets) and IA3 (Linear targets), with modules_to_save only on the output head (a "
     "SEQ_CLS model's score/classifier, a causal LM's lm_head); prefix tuning (causal LM, with or "
-    "without prefix_projection) on GPT-2, Llama and OPT, in one process (stages=1)"
+    "without prefix_projection) on GPT-2, Llama and OPT, with stages in one process"
 )
 
 

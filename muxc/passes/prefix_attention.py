@@ -1,9 +1,10 @@
 """Wire prefix tuning into a merged graph: every attention node becomes a `PrefixAttention`.
 
 A helper of `muxc.passes.rewrite_attention` (alignment "pad"); why this is exact:
-`muxc.ir.prefix`. Refuses, with a remedy, what it cannot run exactly: pipeline stages, a
-model family whose positions after a prefix muxc does not know, and a prefix
-whose width does not match the model's attention layers.
+`muxc.ir.prefix`. Refuses, with a remedy, what it cannot run exactly: a model family whose
+positions after a prefix muxc does not know, and a prefix whose width does not match the
+model's attention layers (and, through `refuse_prefix`, which `muxc.api` calls, pipeline stages
+on several processes).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def refuse_prefix(recs: tuple[AdapterRecord, ...], what: str, why: str) -> None:
     if recs:
         tasks = sorted({r.task for r in recs})
         raise UnsupportedPeftError(
-            f"task(s) {tasks}: prefix tuning with {what} is not supported yet: {why}; use "
-            "stages=1 (every fusion and alignment works there), or compile the other tasks in a "
-            "program of their own"
+            f"task(s) {tasks}: prefix tuning with {what} is not supported yet: {why}; run the "
+            "stages in one process (every fusion and alignment works there), or train the "
+            "prefix-tuning tasks in a program of their own"
         )
 
 

@@ -25,7 +25,7 @@ from muxc.ir import SDPA, ChunkAttention, MuxGraph, NodeInfo, Role, info, set_in
 from muxc.options import Alignment
 from muxc.passes.eager_attention import sdpa_from_eager, unmatched_attention
 from muxc.passes.pass_base import CompileContext, PassResult
-from muxc.passes.prefix_attention import prefix_records, refuse_prefix, with_prefix_attention
+from muxc.passes.prefix_attention import prefix_records, with_prefix_attention
 
 __all__ = ["rewrite_attention"]
 
@@ -33,9 +33,6 @@ __all__ = ["rewrite_attention"]
 def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph]:
     """New MuxGraph, SDPA swapped for ChunkAttention (chunk alignment); does not mutate ``mux``."""
     prefixes = prefix_records(mux)
-    if ctx.options.stages > 1:
-        refuse_prefix(prefixes, f"stages={ctx.options.stages}", "each attention layer reads the "
-                      "task's prefix encoder, whose parameters would be needed on every stage")
     if ctx.options.alignment is not Alignment.CHUNK:
         if prefixes:  # prefix tuning: each task's rows attend to its trained K/V first
             return PassResult(*with_prefix_attention(mux, prefixes))
