@@ -36,6 +36,7 @@ from muxc.ir import PartitionedGraph, SimResult, StepPlan
 from muxc.plan import Planner
 from muxc.runtime.batch import BatchSpec, check_batches, unlabeled
 from muxc.runtime.distributed import StageExecutor, join_stage_group
+from muxc.passes.prefix_attention import prefix_records, refuse_prefix
 from muxc.passes import select_kernels
 from muxc.runtime.local import LocalExecutor
 from muxc.runtime.oom import GradRollback, is_out_of_memory
@@ -77,6 +78,9 @@ class Program:
             self.stage_group = join_stage_group(options.stages, options.pipeline_timeout, device)
             if self.stage_group is not None:
                 _no_clipping_across_stages(state.tasks)
+                refuse_prefix(prefix_records(state.mux_graph), "stages on several processes",
+                              "every stage reads the task's prefix encoder, and its gradient "
+                              "would have to be summed across the processes")
         self._install(state, history)
 
     def _install(self, state: CompileState, history: list[PassRecord]) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from muxc.errors import MuxcInternalError
 from muxc.ir import META_KEY, MuxGraph, Role, TaskGraph, info
+from muxc.kinds import spec_of
 
 __all__ = ["verify_state", "verify_task_graph", "verify_mux_graph"]
 
@@ -23,8 +24,9 @@ def verify_task_graph(pass_name: str, tg: TaskGraph) -> None:
         if META_KEY not in node.meta:
             _fail(pass_name, f"{tg.task}: {node.format_node()} has no muxc record")
     n_adapters = sum(1 for n in tg.gm.graph.nodes if info(n).role is Role.ADAPTER)
-    if n_adapters != len(tg.adapters):
-        _fail(pass_name, f"{tg.task}: {n_adapters} adapter nodes for {len(tg.adapters)} adapters")
+    traced = sum(1 for r in tg.adapters if spec_of(r.kind).traces)  # prefix tuning has no node
+    if n_adapters != traced:
+        _fail(pass_name, f"{tg.task}: {n_adapters} adapter nodes for {traced} adapters")
 
 
 def verify_mux_graph(pass_name: str, mux: MuxGraph) -> None:

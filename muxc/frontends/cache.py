@@ -141,7 +141,7 @@ def rebind(source: Export, task: Task) -> TaskGraph:
     t0 = time.perf_counter()
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
-    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter))
+    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), task.model)
     old = source.graph
     tensors = lifted_tensors(hf, source.targets.values())
     graph, env = _copy_graph(old.gm.graph)

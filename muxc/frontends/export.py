@@ -9,6 +9,7 @@ position_ids) -> logits``: chunk alignment packs samples and restarts positions 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from muxc.frontends.peft import (
 )
 from muxc.frontends.quant import check_quantized, routed_quantized, state_tensor
 from muxc.kinds import spec_for_trace_op, spec_of
+from muxc.kinds.prefix import is_prefix
 from muxc.ir import Binding, BindingKind, NodeInfo, Role, TaskGraph, set_info
 from muxc.task import Task
 
@@ -111,7 +113,7 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     """`trace_task`, keeping each placeholder's source FQN (`Export`). Does not mutate the model."""
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
-    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter))
+    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), task.model)
     check_quantized(task.name, hf)
     device = next(hf.parameters()).device
     ids = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device=device)
@@ -121,7 +123,9 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     t0 = time.perf_counter()
     try:
         hf.train()
-        with routed_adapters(task.name, hf, adapter, bias_mode(task.model, adapter)), \
+        routing = (contextlib.nullcontext() if is_prefix(task.model, adapter)  # no layer to route
+                   else routed_adapters(task.name, hf, adapter, bias_mode(task.model, adapter)))
+        with routing, \
                 checkpointing_off(hf), \
                 routed_quantized(task.name, hf):
             if is_seq_cls(hf):

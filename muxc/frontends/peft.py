@@ -1,7 +1,8 @@
 """Read a PEFT model: validate what muxc supports, list each adapter in unified form, and
 route adapter layers through muxc's opaque ops for the duration of a trace.
 
-Supported now: LoRA and DoRA on ``nn.Linear`` and GPT-2 ``Conv1D`` base layers (any targets,
+Supported now: prefix tuning (`muxc.kinds.prefix`: no layer to route, the base model is
+traced as is), LoRA and DoRA on ``nn.Linear`` and GPT-2 ``Conv1D`` base layers (any targets,
 ranks, alpha, rslora, rank/alpha patterns, dropout, ``bias="none"``, ``"all"`` or
 ``"lora_only"``: `muxc.kinds.bias`) and IA3 (attention and
 feed-forward). Everything else raises `UnsupportedPeftError` naming it.
@@ -22,6 +23,7 @@ from muxc.errors import TaskSpecError, UnsupportedPeftError
 from muxc.ir import CAUSAL_LM, AdapterKind, AdapterRecord, HeadInfo
 from muxc.kinds import KINDS, SUPPORTED, spec_for_config, spec_for_layer
 from muxc.kinds.bias import BIAS, bias_site, trained_bias_modules
+from muxc.kinds.prefix import is_prefix, prefix_records
 
 __all__ = [
     "SUPPORTED",
@@ -206,10 +208,13 @@ def trained_biases(task_name: str, hf: torch.nn.Module, adapter: str, bias: str)
 
 
 def adapter_records(
-    task_name: str, hf: torch.nn.Module, adapter: str, bias: str = "none"
+    task_name: str, hf: torch.nn.Module, adapter: str, bias: str = "none", model=None
 ) -> list[AdapterRecord]:
     """The task's adapters in unified form, holding the user's own parameter tensors (with
-    ``bias`` other than "none", its trained base biases too, `bias_mode`)."""
+    ``bias`` other than "none", its trained base biases too, `bias_mode`). Given the PeftModel
+    ``model``, a prefix-tuning adapter is read from its prompt encoder (`muxc.kinds.prefix`)."""
+    if model is not None and is_prefix(model, adapter):
+        return prefix_records(task_name, model, adapter)
     recs = [spec_for_layer(mod, adapter).records(task_name, path, mod, adapter)
             for path, mod in adapter_layers(task_name, hf, adapter).items()]
     recs += [BIAS.records(task_name, path, mod, adapter)
@@ -228,6 +233,8 @@ def adapter_param_ids(model: PeftModel) -> set[int]:
                 container = getattr(mod, attr, None)
                 if container is not None:
                     ids.update(id(p) for p in container.parameters())
+    for enc in getattr(model, "prompt_encoder", {}).values():  # prompt learning (prefix tuning)
+        ids.update(id(p) for p in enc.parameters())
     return ids
 
 

@@ -4,6 +4,7 @@
   node record `NodeInfo` (``node.meta["muxc"]``) and the unified adapter record `AdapterRecord`.
 - `ops`: what a merged graph may contain besides aten ops (`OutputSite`, `InputSite`,
   `TaskLoss`, `ChunkAttention`) and the per-step layout contract they read (`MuxBatch`).
+- `prefix`: `PrefixAttention`, an attention call giving prefix-tuning tasks their trained K/V.
 - `partition`: the merged graph cut into subgraphs (COMPUTE/PEFT/COMMUNICATE) and stages.
 - `schedule`: per-stage ordered forward/backward steps with their dependencies; `SimResult`.
 - `chunks`: the chunk layout of a step (streams cut into equal chunks, masks, kept-K/V gathers).
@@ -47,6 +48,7 @@ from muxc.ir.ops import (
     causal_lm_loss,
     seq_cls_loss,
 )
+from muxc.ir.prefix import PrefixAttention, prefix_kv
 from muxc.ir.partition import Crossing, PartitionedGraph, ShapeHint, Stage, Subgraph, SubgraphKind
 from muxc.ir.schedule import Schedule, SchedulePolicy, ScheduleError, SimResult, Step, StepKind
 from muxc.ir.step import FusionPlan, GroupCost, HTask, HTaskCost, StepPlan
@@ -73,6 +75,7 @@ __all__ = [
     "NodeInfo",
     "OutputSite",
     "PartitionedGraph",
+    "PrefixAttention",
     "Position",
     "Role",
     "SDPA",
@@ -96,6 +99,7 @@ __all__ = [
     "bind_site_impl",
     "causal_lm_loss",
     "info",
+    "prefix_kv",
     "set_info",
     "table",
 ]

@@ -57,6 +57,7 @@ class AdapterKind(str, Enum):
     DORA = "dora"
     HEAD = "head"  # a task's own trainable head (modules_to_save of the output Linear)
     BIAS = "bias"  # a task's own trained copy of a base op's bias (LoRA bias="all"/"lora_only")
+    PREFIX = "prefix"  # prefix tuning: trained K/V prepended at every attention (`muxc.ir.prefix`)
 
 
 class Dispatch(str, Enum):
@@ -65,6 +66,7 @@ class Dispatch(str, Enum):
     PARALLEL = "parallel"  # the base op's input x (LoRA: base(x) and B(A(x)))
     OUTPUT = "output"  # the base op's output h (IA3 on attention: h * v)
     PRE = "pre"  # the base op's input, and the adapter's output feeds the base op (IA3 ff)
+    ATTENTION = "attention"  # the attention's keys and values (prefix tuning)
 
 
 class Aggregate(str, Enum):
@@ -76,6 +78,7 @@ class Aggregate(str, Enum):
     DORA = "base + (m/||W+sBA|| - 1)*(base - b) + m/||W+sBA|| * s*B(A(x))"
     ADD_BIAS = "base + (b_task - b_shared)"
     REPLACE = "copy(x)"  # the task's own copy of the module replaces it (modules_to_save)
+    PREFIX_KV = "attn(q, [P_k; K], [P_v; V])"  # prefix tuning
 
 
 class Position(str, Enum):

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from muxc.ir.ops import SDPA, ChunkAttention
+from muxc.ir.prefix import PrefixAttention
 from muxc.ir.quant import QUANT_LINEARS
 
 __all__ = [
@@ -115,4 +116,7 @@ def attention_call(node: fx.Node) -> tuple[tuple, dict, bool] | None:
         return tuple(node.args), dict(node.kwargs), False
     if isinstance(node.target, ChunkAttention):
         return tuple(node.args[1:]), dict(node.kwargs), True
+    if isinstance(node.target, PrefixAttention):  # SDPA's arguments are its keywords
+        kw = dict(node.kwargs)
+        return (kw.pop("query"), kw.pop("key"), kw.pop("value")), kw, node.target.chunked
     return None

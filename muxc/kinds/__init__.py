@@ -1,7 +1,7 @@
 """The adapter-kind table: one `AdapterKindSpec` per PEFT method muxc runs.
 
 >>> [k.value for k in KINDS], spec_of(AdapterKind.LORA).kernel_op
-(['bias', 'lora', 'ia3', 'dora', 'head'], 'multi_lora')
+(['bias', 'lora', 'ia3', 'dora', 'head', 'prefix'], 'multi_lora')
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from muxc.kinds.dora import DORA
 from muxc.kinds.head import HEAD
 from muxc.kinds.ia3 import IA3
 from muxc.kinds.lora import LORA
+from muxc.kinds.prefix import PREFIX
 from muxc.kinds.spec import AdapterKindSpec
 
 __all__ = [
@@ -28,14 +29,17 @@ __all__ = [
 
 # table order is the order a site applies kinds: a task's trained bias first (it is part of
 # the base output that LoRA adds to and IA3 scales)
-KINDS: dict[AdapterKind, AdapterKindSpec] = {s.kind: s for s in (BIAS, LORA, IA3, DORA, HEAD)}
-_BY_TRACE_OP = {s.trace_op: s for s in KINDS.values()}
+KINDS: dict[AdapterKind, AdapterKindSpec] = {
+    s.kind: s for s in (BIAS, LORA, IA3, DORA, HEAD, PREFIX)
+}
+_BY_TRACE_OP = {s.trace_op: s for s in KINDS.values() if s.traces}
 
 SUPPORTED = (
     "LoRA (Linear/Conv1D targets, bias='none'/'all'/'lora_only' on Linear/Conv1D/LayerNorm "
     "biases), DoRA (LoraConfig(use_dora=True), bias='none', Linear/Conv1D "
     "targets) and IA3 (Linear targets), with modules_to_save only on the output head (a "
-    "SEQ_CLS model's score/classifier, a causal LM's lm_head)"
+    "SEQ_CLS model's score/classifier, a causal LM's lm_head); prefix tuning (causal LM, with or "
+    "without prefix_projection) on GPT-2, Llama and OPT, with stages in one process"
 )
 
 

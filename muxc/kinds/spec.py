@@ -67,6 +67,9 @@ class AdapterKindSpec:
     # its parameters are the base model's own tensors (a trained bias), which the frozen op
     # also reads: they are never shared across tasks nor tagged as adapter parameters there
     trains_base: bool = False
+    # it leaves a node in the task's trace (False: prefix tuning, which no base layer holds;
+    # its parameters reach the merged graph through `muxc.passes.rewrite_attention`)
+    traces: bool = True
 
     def param_tensors(self, args: tuple) -> tuple:
         """The adapter-parameter arguments of a trace-op call."""

@@ -8,7 +8,9 @@ Output: the first task's backbone, copied once, with
 
 - one `OutputSite` after each base op that any task adapts on its output (LoRA, IA3 attention),
 - one `InputSite` before each base op whose input any task scales (IA3 feed-forward),
-- one `TaskLoss` node per task on its rows of the shared logits.
+- one `TaskLoss` node per task on its rows of the shared logits,
+- one placeholder per parameter of an adapter the trace holds no node of (prefix tuning), for
+  `rewrite_attention` to wire.
 
 Does not mutate the task graphs.
 """
@@ -24,7 +26,7 @@ import torch.fx as fx
 from muxc.errors import ArchitectureMismatchError, MuxcInternalError
 from muxc.ir import AdapterRecord, MuxGraph, NodeInfo, Position, Role, TaskGraph, info, set_info
 from muxc.ir import HeadLoss, InputSite, OutputSite, TaskLoss
-from muxc.kinds import KINDS, spec_for_trace_op
+from muxc.kinds import KINDS, spec_for_trace_op, spec_of
 from muxc.passes.pass_base import CompileContext, PassResult
 
 __all__ = ["merge_backbones"]
@@ -90,7 +92,7 @@ class _Anchor:
 
 
 def _anchors(bb: _Backbone) -> list[_Anchor]:
-    records = {(r.site, r.kind): r for r in bb.graph.adapters}
+    records = {(r.site, r.kind): r for r in bb.graph.adapters if spec_of(r.kind).traces}
     out = []
     for node in bb.graph.gm.graph.nodes:
         spec = spec_for_trace_op(node.target) if node.op == "call_function" else None
@@ -188,6 +190,12 @@ def merge_backbones(graphs: tuple[TaskGraph, ...], ctx: CompileContext) -> PassR
             tensors[new.name] = t
             nodes.append(new)
         param_nodes[(r.task, r.site, r.kind)] = nodes
+    for r in (r for tg in graphs for r in tg.adapters if not spec_of(r.kind).traces):
+        for role, t in r.params.items():  # read by the attention rewrite (prefix tuning)
+            new = g.placeholder(_safe(f"{r.task}__{r.param_names[role]}"))
+            new.meta["val"] = t
+            set_info(new, NodeInfo(Role.ADAPTER_PARAM, frozenset({r.task}), fqn=r.param_names[role]))
+            tensors[new.name] = t
     for node in ref.graph.gm.graph.find_nodes(op="placeholder"):
         if info(node).role is Role.INPUT:
             new = g.placeholder(node.name)

@@ -7,7 +7,9 @@ first rewritten to the equivalent SDPA call (`sdpa_from_eager`); an attention-li
 unrecognised (one whose probabilities feed a matmul) is refused rather than run unaware of the
 chunks. Does not mutate the input: the rewrite happens on a copy of its graph (nodes and meta
 copied, parameters and tensors shared) in a new MuxGraph. With
-``alignment="pad"`` the input is returned as is (the history notes say so). A model whose
+``alignment="pad"`` the input is returned as is (the history notes say so), unless a task
+does prefix tuning: then every attention node becomes a `PrefixAttention`
+(`muxc.passes.prefix_attention`), chunk-aware with ``alignment="chunk"``. A model whose
 attention is neither (e.g. Bloom's ALiBi) raises `UnsupportedPeftError` with a remedy.
 """
 
@@ -23,13 +25,17 @@ from muxc.ir import SDPA, ChunkAttention, MuxGraph, NodeInfo, Role, info, set_in
 from muxc.options import Alignment
 from muxc.passes.eager_attention import sdpa_from_eager, unmatched_attention
 from muxc.passes.pass_base import CompileContext, PassResult
+from muxc.passes.prefix_attention import prefix_records, with_prefix_attention
 
 __all__ = ["rewrite_attention"]
 
 
 def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph]:
     """New MuxGraph, SDPA swapped for ChunkAttention (chunk alignment); does not mutate ``mux``."""
+    prefixes = prefix_records(mux)
     if ctx.options.alignment is not Alignment.CHUNK:
+        if prefixes:  # prefix tuning: each task's rows attend to its trained K/V first
+            return PassResult(*with_prefix_attention(mux, prefixes))
         return PassResult(mux, "alignment='pad': attention left as exported")
     seq_cls = sorted(t for t, h in mux.heads.items() if h.problem == "seq_cls")
     if seq_cls:
@@ -40,6 +46,8 @@ def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph
             "place for a per-sample label; use alignment='pad' (spatial, temporal and auto "
             "fusion all work there)"
         )
+    if prefixes:  # chunk-aware attention that also gives prefix tasks their K/V
+        return PassResult(*with_prefix_attention(mux, prefixes, chunked=True))
     gm = fx.GraphModule(mux.gm, copy.deepcopy(mux.gm.graph), class_name=type(mux.gm).__name__)
     g = gm.graph
     eager = sdpa_from_eager(g)

@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
-from muxc.ir import CAUSAL_LM, HeadLoss, MuxGraph, Position, Role, info
+from muxc.ir import CAUSAL_LM, HeadLoss, MuxGraph, Position, PrefixAttention, Role, info
 from muxc.ir.optable import (
     MATMULS,
     WEIGHT_GEMMS,
@@ -452,6 +452,8 @@ class _Walker:
         attn = attention_call(node)
         if attn is not None:  # a ChunkAttention may attend to kept K/V
             self.attention(node, grad, *attn)
+            if isinstance(t, PrefixAttention):
+                self.prefix(node, grad, attn[0])
             return
         if kind in MATMULS:
             self.matmul(node, grad)
@@ -550,6 +552,28 @@ class _Walker:
             if isinstance(mask, fx.Node):  # kept as an additive mask in q's dtype, per call
                 extra = extra + self.shapes.numel(_val(mask), effective=False) * qv.dtype.itemsize
             self.saved_extra = self.saved_extra + self.shapes.poly(extra, node)
+
+    def prefix(self, node: fx.Node, grad: bool, qkv) -> None:
+        """Each prefix-tuning task's extra at an attention node: its own attention call over
+        ``n`` more key columns, the ``[P; K]``, ``[P; V]`` copies, and its layer's slice of the
+        encoder MLP (``prefix_projection``), once per step (`muxc.ir.prefix`)."""
+        qv = _val(qkv[0])
+        heads, d, isz = int(qv.shape[-3]), int(qv.shape[-1]), qv.dtype.itemsize
+        dtype = _dt(qv.dtype)
+        for r in node.target.records:
+            n = r.rank
+            scores = Work(OpKey(OpKind.ATTENTION, (heads, d), dtype, "mask"), Poly(((1, 1, heads * n),)))
+            self.add(node, scores, scores if grad else None, task=r.task, suffix=f"[{r.task}]")
+            kv = Work(self.ew, Poly(((1, 1, 4.0 * heads * d * isz), (1, 0, 4.0 * heads * n * d * isz))))
+            self.add(node, kv, kv if grad else None, task=r.task, suffix=f"[{r.task}:kv]")
+            self.saved_per_task[r.task] = self.saved_per_task[r.task] + Poly(
+                ((1, 1, 2.0 * heads * d * isz), (1, 0, 2.0 * heads * (n + 1) * d * isz)))
+            if "w2" in r.params:
+                hidden, token_dim = (int(x) for x in r.params["w1"].shape)
+                width = int(r.params["w2"].shape[0]) // node.target.layers
+                for i, (k, m) in enumerate(((token_dim, hidden), (hidden, width))):
+                    w = Work(OpKey(OpKind.GEMM, (k, m), _dt(r.params["w1"].dtype)), Poly.const(n))
+                    self.add(node, w, w, task=r.task, suffix=f"[{r.task}:enc{i}]")
 
     def matmul(self, node: fx.Node, grad: bool) -> None:
         args = _tensor_args(node)

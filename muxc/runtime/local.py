@@ -26,6 +26,7 @@ import torch
 
 from muxc.ir import IGNORE_INDEX, MuxBatch, MuxGraph, PartitionedGraph, Step, StepPlan
 from muxc.runtime.batch import build_batch
+from muxc.runtime.positions import chunk_positions, pad_positions
 from muxc.runtime.timeline import Timeline
 
 __all__ = ["LocalExecutor", "Boundary"]
@@ -93,8 +94,11 @@ class LocalExecutor:
     def _pad_micro_batches(self, batches, tasks, m: int, training: bool) -> list[_MicroBatch]:
         heads = self.mux.heads
         ids, mask, full = build_batch(batches, tasks, self.device, self.impl, training, heads)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in self._inputs:  # a prefix-tuning task's positions follow its prefix
+            inputs["position_ids"] = pad_positions(self.mux, mask, full)
         if m == 1:
-            return [_MicroBatch({"input_ids": ids, "attention_mask": mask}, full)]
+            return [_MicroBatch(inputs, full)]
         counts = [heads[t].label_count(lab) if t in heads and heads[t].problem == "seq_cls" else
                   int((torch.nn.functional.pad(lab, (0, 1), value=IGNORE_INDEX)[:, 1:] != IGNORE_INDEX).sum())
                   for t, lab in zip(full.tasks, full.labels)]
@@ -117,7 +121,7 @@ class LocalExecutor:
                            labels=tuple(labels), impl=self.impl, training=training,
                            loss_scale=tuple(scale),
                            pooled=tuple(pooled) if any(p is not None for p in pooled) else None)
-            out.append(_MicroBatch({"input_ids": ids[idx], "attention_mask": mask[idx]}, mux))
+            out.append(_MicroBatch({k: v[idx] for k, v in inputs.items()}, mux))
         return out
 
     def _chunk_micro_batches(self, layout, training: bool) -> list[_MicroBatch]:
@@ -131,7 +135,7 @@ class LocalExecutor:
                            labels=tuple(labels), impl=self.impl, training=training, shifted=True,
                            loss_scale=scale, chunk=step, kv=kv)
             inputs = {"input_ids": step.ids, "attention_mask": torch.ones_like(step.ids),
-                      "position_ids": step.positions}
+                      "position_ids": chunk_positions(self.mux, step)}
             out.append(_MicroBatch(inputs, mux))
         return out
 
