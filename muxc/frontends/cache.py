@@ -141,7 +141,7 @@ def rebind(source: Export, task: Task) -> TaskGraph:
     t0 = time.perf_counter()
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
-    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter))
+    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), model=task.model)
     old = source.graph
     tensors = lifted_tensors(hf, source.targets.values())
     graph, env = _copy_graph(old.gm.graph)
@@ -170,9 +170,8 @@ def rebind(source: Export, task: Task) -> TaskGraph:
                 f"task {task.name!r}: adapter node {node.format_node()} of {old.task!r}'s export has "
                 "no matching adapter parameters in this task's model"
             )
-        lo, hi = spec.param_args
         params = tuple(placeholder_of[id(t)] for t in rec.params.values())
-        node.args = (*node.args[:lo], *params, *node.args[hi:])
+        node.args = spec.with_params(node.args, params)
     graph.lint()
     gm = _GraphModule(old.gm, graph)
     gm.meta.update(old.gm.meta)

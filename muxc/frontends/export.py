@@ -29,6 +29,7 @@ from muxc.frontends.peft import (
     hf_model,
     is_seq_cls,
     normalize_fqn,
+    prompt_encoder_of,
     routed_adapters,
     seq_cls_head_attr,
 )
@@ -46,9 +47,11 @@ _PREFIX = "m."  # attribute name of the HF model inside _Logits
 class _Logits(torch.nn.Module):
     """``(input_ids, attention_mask) -> logits``: the part of an HF causal LM muxc traces."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, prompt: torch.nn.Module | None = None):
         super().__init__()
         self.m = model
+        if prompt is not None:  # a prompt encoder: its parameters lift as parameters, not constants
+            self.p = prompt
 
     def forward(self, input_ids, attention_mask):
         return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -111,7 +114,9 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     """`trace_task`, keeping each placeholder's source FQN (`Export`). Does not mutate the model."""
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
-    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter))
+    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), model=task.model)
+    prompt = prompt_encoder_of(task.name, task.model, adapter)
+    encoder = prompt[1] if prompt is not None else None
     check_quantized(task.name, hf)
     device = next(hf.parameters()).device
     ids = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device=device)
@@ -121,7 +126,7 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     t0 = time.perf_counter()
     try:
         hf.train()
-        with routed_adapters(task.name, hf, adapter, bias_mode(task.model, adapter)), \
+        with routed_adapters(task.name, hf, adapter, bias_mode(task.model, adapter), model=task.model), \
                 checkpointing_off(hf), \
                 routed_quantized(task.name, hf):
             if is_seq_cls(hf):
@@ -132,11 +137,11 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
             elif with_positions:
                 pos = torch.arange(EXAMPLE_SHAPE[1], device=device).expand(EXAMPLE_SHAPE).clone()
                 ep = torch.export.export(
-                    _LogitsAt(hf), (ids, mask, pos), dynamic_shapes=(dims, dims, dims), strict=False
+                    _LogitsAt(hf, encoder), (ids, mask, pos), dynamic_shapes=(dims, dims, dims), strict=False
                 )
             else:
                 ep = torch.export.export(
-                    _Logits(hf), (ids, mask), dynamic_shapes=(dims, dims), strict=False
+                    _Logits(hf, encoder), (ids, mask), dynamic_shapes=(dims, dims), strict=False
                 )
     except Exception as e:  # torch.export raises many types; keep the cause attached
         raise TraceError(

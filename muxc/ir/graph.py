@@ -57,6 +57,8 @@ class AdapterKind(str, Enum):
     DORA = "dora"
     HEAD = "head"  # a task's own trainable head (modules_to_save of the output Linear)
     BIAS = "bias"  # a task's own trained copy of a base op's bias (LoRA bias="all"/"lora_only")
+    PROMPT = "prompt"  # prompt tuning: learned virtual tokens in front of each row
+    P_TUNING = "p_tuning"  # P-tuning: virtual tokens from an MLP/LSTM prompt encoder
 
 
 class Dispatch(str, Enum):
@@ -76,6 +78,7 @@ class Aggregate(str, Enum):
     DORA = "base + (m/||W+sBA|| - 1)*(base - b) + m/||W+sBA|| * s*B(A(x))"
     ADD_BIAS = "base + (b_task - b_shared)"
     REPLACE = "copy(x)"  # the task's own copy of the module replaces it (modules_to_save)
+    VIRTUAL_TOKENS = "h[pos < n] = encoder()[pos]"  # virtual tokens' embeddings (prompt tuning)
 
 
 class Position(str, Enum):

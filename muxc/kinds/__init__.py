@@ -1,7 +1,7 @@
 """The adapter-kind table: one `AdapterKindSpec` per PEFT method muxc runs.
 
 >>> [k.value for k in KINDS], spec_of(AdapterKind.LORA).kernel_op
-(['bias', 'lora', 'ia3', 'dora', 'head'], 'multi_lora')
+(['bias', 'lora', 'ia3', 'dora', 'head', 'prompt', 'p_tuning'], 'multi_lora')
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from muxc.kinds.dora import DORA
 from muxc.kinds.head import HEAD
 from muxc.kinds.ia3 import IA3
 from muxc.kinds.lora import LORA
+from muxc.kinds.prompt import P_TUNING, PROMPT
 from muxc.kinds.spec import AdapterKindSpec
 
 __all__ = [
@@ -28,7 +29,9 @@ __all__ = [
 
 # table order is the order a site applies kinds: a task's trained bias first (it is part of
 # the base output that LoRA adds to and IA3 scales)
-KINDS: dict[AdapterKind, AdapterKindSpec] = {s.kind: s for s in (BIAS, LORA, IA3, DORA, HEAD)}
+KINDS: dict[AdapterKind, AdapterKindSpec] = {
+    s.kind: s for s in (BIAS, LORA, IA3, DORA, HEAD, PROMPT, P_TUNING)
+}
 _BY_TRACE_OP = {s.trace_op: s for s in KINDS.values()}
 
 SUPPORTED = (
@@ -36,6 +39,7 @@ SUPPORTED = (
     "biases), DoRA (LoraConfig(use_dora=True), bias='none', Linear/Conv1D "
     "targets) and IA3 (Linear targets), with modules_to_save only on the output head (a "
     "SEQ_CLS model's score/classifier, a causal LM's lm_head)"
+    "; prompt tuning and P-tuning (MLP or LSTM encoder) on causal LMs"
 )
 
 

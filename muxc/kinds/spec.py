@@ -67,11 +67,26 @@ class AdapterKindSpec:
     # its parameters are the base model's own tensors (a trained bias), which the frozen op
     # also reads: they are never shared across tasks nor tagged as adapter parameters there
     trains_base: bool = False
+    # tokens the kind puts in front of each of its task's rows before batches are laid out
+    # (prompt tuning: its virtual tokens); 0 for kinds that leave batches as they are
+    prepends: Callable[[AdapterRecord], int] = lambda rec: 0
 
     def param_tensors(self, args: tuple) -> tuple:
-        """The adapter-parameter arguments of a trace-op call."""
+        """The adapter-parameter arguments of a trace-op call (a list argument, as a prompt
+        encoder's parameters, flattened)."""
         lo, hi = self.param_args
-        return tuple(args[lo:hi])
+        out = []
+        for a in args[lo:hi]:
+            out.extend(a) if isinstance(a, (list, tuple)) else out.append(a)
+        return tuple(out)
+
+    def with_params(self, args: tuple, params: tuple) -> tuple:
+        """``args`` of a trace-op call with its adapter parameters replaced by ``params`` (in
+        `param_tensors` order, list arguments kept lists)."""
+        lo, hi = self.param_args
+        it = iter(params)
+        mid = [[next(it) for _ in a] if isinstance(a, (list, tuple)) else next(it) for a in args[lo:hi]]
+        return (*args[:lo], *mid, *args[hi:])
 
     def frozen_tensors(self, args: tuple) -> tuple:
         """The frozen-backbone arguments of a trace-op call (None where absent)."""
