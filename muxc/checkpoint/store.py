@@ -6,6 +6,8 @@ Layout of a checkpoint directory (data only: safetensors and JSON, never pickle)
     rng.safetensors                    torch CPU generator state (+ one per CUDA device)
     tasks/<task>/adapter_config.json   PEFT format: PeftModel.from_pretrained(base, this dir)
     tasks/<task>/adapter_model.safetensors
+    tasks/<task>/prompt_encoder.safetensors  prompt tuning / P-tuning only: the encoder's own
+                                       parameters (PEFT's format holds only its output)
     tasks/<task>/training.json         optimizer / LR-scheduler state_dict trees (`codec`)
     tasks/<task>/training.safetensors  their tensors
 
@@ -33,7 +35,7 @@ from safetensors.torch import save as dump_tensors
 from muxc.checkpoint.atomic import atomic_directory, previous, sha256
 from muxc.checkpoint.codec import decode, encode
 from muxc.errors import CheckpointError
-from muxc.frontends.peft import adapter_name_of
+from muxc.frontends.peft import adapter_name_of, prompt_encoder_of
 from muxc.names import safe_child
 from muxc.save import save_task_adapter
 from muxc.version import __version__
@@ -54,6 +56,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 TRAINING = "training.json"
 TRAINING_TENSORS = "training.safetensors"
 RNG = "rng.safetensors"
+PROMPT_ENCODER = "prompt_encoder.safetensors"
 
 
 # ---------------------------------------------------------------------------------- saving
@@ -78,6 +81,9 @@ def save_checkpoint(program: Any, path: str | Path) -> Path:
             task, state = program.tasks[name], program.states[name]
             where = safe_child(tasks_dir, name)
             save_task_adapter(task, where)
+            if _adapter_file(task) != ADAPTER:
+                state_now = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(task).items()}
+                _write_file(safe_child(where, PROMPT_ENCODER), dump_tensors(state_now, {"format": "pt"}))
             tensors: dict[str, torch.Tensor] = {}
             sched = state.lr_scheduler
             tree = {
@@ -164,9 +170,19 @@ def _peft_config(task: Task) -> dict:
 
 
 def _adapter_state(task: Task) -> dict[str, torch.Tensor]:
-    """The task's adapter tensors under their PEFT names (views of its parameters)."""
+    """The task's adapter tensors under their PEFT names (views of its parameters); for prompt
+    learning, its prompt encoder's parameters (PEFT saves the encoder's output instead)."""
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
+    prompt = prompt_encoder_of(task.name, task.model, adapter)
+    if prompt is not None:
+        return dict(prompt[1].named_parameters())
     return get_peft_model_state_dict(task.model, adapter_name=adapter)
+
+
+def _adapter_file(task: Task) -> str:
+    """The file of a task's checkpoint directory holding what `_adapter_state` lists."""
+    adapter = adapter_name_of(task.name, task.model, task.adapter_name)
+    return ADAPTER if prompt_encoder_of(task.name, task.model, adapter) is None else PROMPT_ENCODER
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -308,9 +324,10 @@ def _read_task(program: Any, root: Path, name: str, entry: dict) -> _TaskLoad:
     where = f"task {name!r}"
     base = f"tasks/{name}"
     # adapter: names, shapes, dtypes, PEFT config
-    saved = _read_tensors(root, f"{base}/{ADAPTER}")
+    source = f"{base}/{_adapter_file(task)}"
+    saved = _read_tensors(root, source)
     current = _adapter_state(task)
-    _check_specs(program, name, {k: _spec(v) for k, v in saved.items()}, f"{base}/{ADAPTER}")
+    _check_specs(program, name, {k: _spec(v) for k, v in saved.items()}, source)
     config = _get(entry, "peft_config", dict, f"{where} in the manifest")
     mine = _peft_config(task)
     changed = sorted(k for k in set(config) | set(mine) if config.get(k) != mine.get(k))

@@ -43,7 +43,7 @@ import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
 from muxc.frontends.export import Export, bind_and_tag, export_task, lifted_tensors
-from muxc.frontends.peft import adapter_name_of, adapter_records, bias_mode, hf_model
+from muxc.frontends.peft import adapter_name_of, adapter_records, bias_mode, hf_model, prompt_encoder_of
 from muxc.frontends.signature import TraceSignature, trace_signature
 from muxc.ir import Binding, BindingKind, TaskGraph
 from muxc.kinds import spec_for_trace_op
@@ -143,7 +143,7 @@ def rebind(source: Export, task: Task) -> TaskGraph:
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
     records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), model=task.model)
     old = source.graph
-    tensors = lifted_tensors(hf, source.targets.values())
+    tensors = lifted_tensors(hf, source.targets.values(), _encoder(task))
     graph, env = _copy_graph(old.gm.graph)
     lifted = {}
     for ph, b in old.bindings.items():
@@ -181,6 +181,12 @@ def rebind(source: Export, task: Task) -> TaskGraph:
     return tg
 
 
+def _encoder(task: Task) -> torch.nn.Module | None:
+    """The task's prompt encoder (prompt tuning, P-tuning), whose parameters an export lifts."""
+    prompt = prompt_encoder_of(task.name, task.model, adapter_name_of(task.name, task.model, task.adapter_name))
+    return None if prompt is None else prompt[1]
+
+
 def _copy_graph(old: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
     """A new graph with ``old``'s nodes (names kept, ``meta`` dicts shallow-copied)."""
     new = fx.Graph(tracer_cls=old._tracer_cls, tracer_extras=old._tracer_extras)
@@ -194,7 +200,7 @@ def _copy_graph(old: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
 def _unshareable(exp: Export, task: Task) -> str | None:
     """Why ``exp`` cannot be re-bound to another task (None: it can)."""
     hf = hf_model(task.name, task.model)
-    found = lifted_tensors(hf, exp.targets.values())
+    found = lifted_tensors(hf, exp.targets.values(), _encoder(task))
     for ph, target in exp.targets.items():
         if found[target] is not exp.graph.bindings[ph].tensor:
             return f"{target} is not a tensor of the model (a constant made while tracing)"

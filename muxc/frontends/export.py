@@ -42,6 +42,7 @@ __all__ = ["trace_task", "export_task", "bind_and_tag", "Export", "EXAMPLE_SHAPE
 
 EXAMPLE_SHAPE = (2, 8)  # (batch, seq) of the example input; >1 so export keeps dims dynamic
 _PREFIX = "m."  # attribute name of the HF model inside _Logits
+_PROMPT_PREFIX = "p."  # ... and of a prompt-learning task's prompt encoder
 
 
 class _Logits(torch.nn.Module):
@@ -221,13 +222,20 @@ def _trunk_names(hf: torch.nn.Module) -> dict[int, str]:
     return out
 
 
-def lifted_tensors(hf: torch.nn.Module, targets: Iterable[str]) -> dict[str, torch.Tensor | None]:
+def lifted_tensors(
+    hf: torch.nn.Module, targets: Iterable[str], prompt: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor | None]:
     """The tensor each export target (an `Export.targets` value) names in ``hf`` now: a
-    parameter, buffer or tensor attribute; None where it names none (a constant the trace made)."""
+    parameter, buffer or tensor attribute; None where it names none (a constant the trace made).
+    Targets of a prompt encoder (``"p."``) name parameters of ``prompt``."""
     named = dict(hf.named_parameters(remove_duplicate=False))
     named.update(hf.named_buffers(remove_duplicate=False))
     out = {}
     for target in targets:
+        if target.startswith(_PROMPT_PREFIX):
+            found = dict(prompt.named_parameters()) if prompt is not None else {}
+            out[target] = found.get(target.removeprefix(_PROMPT_PREFIX))
+            continue
         fqn = target.removeprefix(_PREFIX)
         tensor = named.get(fqn)
         if tensor is None and target.startswith(_PREFIX):
