@@ -106,6 +106,20 @@ def test_mixed_chunk(case, family):
     c.check(fusion="spatial", chunk_size=4)
 
 
+@SLOW
+@pytest.mark.parametrize("family", ["gemma", "bloom"])
+def test_other_families(family):
+    """Gemma scales inputs_embeds inside the model (after the site: PEFT's prompts are scaled
+    too); Bloom uses ALiBi (pad alignment)."""
+    base = build_base(family)
+    spec = [("prompt", make_peft(base, _prompt())), ("mlp", make_peft(base, _mlp()))]
+    batches = {"prompt": make_batch(3, 7, 1), "mlp": make_batch(2, 5, 2)}
+    refs = {n: isolated(m, batches[n]) for n, m in spec}
+    program = muxc.compile([muxc.Task(name=n, model=m) for n, m in spec])
+    models = dict(spec)
+    assert_matches(program.forward_backward(batches), lambda n: adapter_grads(models[n], "default"), refs)
+
+
 @pytest.mark.parametrize("task", ["prompt", "mlp", pytest.param("lstm", marks=SLOW)])
 def test_alone(case, task):
     c = case("gpt2")
