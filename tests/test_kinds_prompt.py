@@ -243,3 +243,26 @@ def test_two_prompt_adapters_of_one_model():
     assert "1 exported, 1 re-bound" in program.history[1].summary
     losses = program.forward_backward(batches)
     assert_matches(losses, lambda n: adapter_grads(model, adapters[n]), refs)
+
+
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+def test_encoder_and_trace_op_match_peft(encoder):
+    """`encode` gives PEFT's PromptEncoder output from its parameters alone, and the single-task
+    trace op (first n columns replaced) has PEFT's values and gradients."""
+    from peft.tuners.p_tuning.model import PromptEncoder
+
+    from muxc.kinds.prompt import encode, ptuning_replace
+
+    torch.manual_seed(0)
+    enc = PromptEncoder(PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, token_dim=8, encoder_hidden_size=5,
+        encoder_reparameterization_type=encoder, encoder_num_layers=2, num_transformer_submodules=1))
+    params = list(enc.parameters())
+    want = enc(torch.arange(3)[None])
+    assert rel_err(encode(params), want[0]) <= 1e-6
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(2, 5, 8)
+    got = torch.autograd.grad((ptuning_replace(h, params, "s") * w).sum(), [h, *params])
+    ref = torch.autograd.grad((torch.cat([want.expand(2, 3, 8), h[:, 3:]], 1) * w).sum(), [h, *params])
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= 1e-5

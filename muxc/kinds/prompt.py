@@ -59,7 +59,7 @@ def encode(params: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tenso
     flat = list(params[1 : 1 + 8 * layers])
     hidden = flat[1].shape[1]  # weight_hh_l0: (4 * hidden, hidden)
     zeros = emb.new_zeros(2 * layers, 1, hidden)
-    out = torch.lstm(emb.unsqueeze(0), (zeros, zeros), flat, True, layers, 0.0, False, True, True)[0]
+    out = torch.lstm(emb.unsqueeze(0), (zeros, zeros), flat, True, layers, 0.0, True, True, True)[0]
     w0, b0, w1, b1 = params[1 + 8 * layers :]
     return F.linear(F.relu(F.linear(out[0], w0, b0)), w1, b1)
 
