@@ -82,8 +82,8 @@ def save_checkpoint(program: Any, path: str | Path) -> Path:
             where = safe_child(tasks_dir, name)
             save_task_adapter(task, where)
             if _adapter_file(task) != ADAPTER:
-                state_now = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(task).items()}
-                _write_file(safe_child(where, PROMPT_ENCODER), dump_tensors(state_now, {"format": "pt"}))
+                own = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(task).items()}
+                _write_file(safe_child(where, PROMPT_ENCODER), dump_tensors(own, {"format": "pt"}))
             tensors: dict[str, torch.Tensor] = {}
             sched = state.lr_scheduler
             tree = {

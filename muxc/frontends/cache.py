@@ -43,7 +43,13 @@ import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
 from muxc.frontends.export import Export, bind_and_tag, export_task, lifted_tensors
-from muxc.frontends.peft import adapter_name_of, adapter_records, bias_mode, hf_model, prompt_encoder_of
+from muxc.frontends.peft import (
+    adapter_name_of,
+    adapter_records,
+    bias_mode,
+    hf_model,
+    prompt_encoder_of,
+)
 from muxc.frontends.signature import TraceSignature, trace_signature
 from muxc.ir import Binding, BindingKind, TaskGraph
 from muxc.kinds import spec_for_trace_op
@@ -183,7 +189,8 @@ def rebind(source: Export, task: Task) -> TaskGraph:
 
 def _encoder(task: Task) -> torch.nn.Module | None:
     """The task's prompt encoder (prompt tuning, P-tuning), whose parameters an export lifts."""
-    prompt = prompt_encoder_of(task.name, task.model, adapter_name_of(task.name, task.model, task.adapter_name))
+    adapter = adapter_name_of(task.name, task.model, task.adapter_name)
+    prompt = prompt_encoder_of(task.name, task.model, adapter)
     return None if prompt is None else prompt[1]
 
 

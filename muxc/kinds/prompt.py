@@ -181,7 +181,9 @@ def _ptuning_gemm(k: int, n: int, r: int, pre: bool):
     return (n, n), 9 * r
 
 
-def _spec(kind: AdapterKind, peft_type: str, op, op_name: str, per_call_gemm, flops_per_call, numel) -> AdapterKindSpec:
+def _spec(
+    kind: AdapterKind, peft_type: str, op, op_name: str, per_call_gemm, flops_per_call, numel
+) -> AdapterKindSpec:
     return AdapterKindSpec(
         kind=kind,
         peft_type=peft_type,

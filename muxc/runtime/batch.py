@@ -287,7 +287,8 @@ def with_virtual_tokens(batches: Mapping[str, Mapping], virtual: Mapping[str, in
         ids = b["input_ids"]
         new = dict(b)
         new["input_ids"] = torch.cat([ids.new_zeros(ids.shape[0], n), ids], 1)
-        new["labels"] = torch.cat([b["labels"].new_full((ids.shape[0], n), IGNORE_INDEX), b["labels"]], 1)
+        labels = b["labels"]
+        new["labels"] = torch.cat([labels.new_full((ids.shape[0], n), IGNORE_INDEX), labels], 1)
         mask = b.get("attention_mask")
         if mask is not None:
             new["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], 1)
