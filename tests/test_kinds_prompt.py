@@ -266,3 +266,25 @@ def test_encoder_and_trace_op_match_peft(encoder):
     ref = torch.autograd.grad((torch.cat([want.expand(2, 3, 8), h[:, 3:]], 1) * w).sum(), [h, *params])
     for a, b in zip(got, ref):
         assert rel_err(a, b) <= 1e-5
+
+
+@SLOW  # re-binding a prompt export runs by default in test_two_prompt_adapters_of_one_model
+def test_add_and_remove_prompt_tasks():
+    """add_task re-binds a known prompt structure (no new export); remove_task keeps the rest
+    exact."""
+    base = build_base("llama")
+    models = {"lora": make_peft(base, LoraConfig(r=2, target_modules=["q_proj"])),
+              "p1": make_peft(base, _mlp(3)), "p2": make_peft(base, _mlp(3), seed=5)}
+    batches = {"lora": make_batch(2, 6, 1), "p1": make_batch(2, 5, 2), "p2": make_batch(3, 4, 3)}
+    refs = {n: isolated(m, batches[n]) for n, m in models.items()}
+    program = muxc.compile([muxc.Task(name="lora", model=models["lora"])])
+    program.add_task(muxc.Task(name="p1", model=models["p1"]))
+    program.add_task(muxc.Task(name="p2", model=models["p2"]))
+    assert program.history[1].summary.startswith("0 exported, 3 re-bound")
+    grads = lambda n: adapter_grads(models[n], "default")  # noqa: E731
+    assert_matches(program.forward_backward(batches), grads, refs)
+    for m in models.values():
+        m.zero_grad(set_to_none=True)
+    program.remove_task("p1")
+    kept = {n: batches[n] for n in ("lora", "p2")}
+    assert_matches(program.forward_backward(kept), grads, {n: refs[n] for n in kept})
