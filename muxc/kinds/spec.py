@@ -82,11 +82,17 @@ class AdapterKindSpec:
 
     def with_params(self, args: tuple, params: tuple) -> tuple:
         """``args`` of a trace-op call with its adapter parameters replaced by ``params`` (in
-        `param_tensors` order, list arguments kept lists)."""
+        `param_tensors` order without the absent ones; list arguments kept lists, an absent
+        parameter (None, a head without bias) kept None)."""
         lo, hi = self.param_args
         it = iter(params)
-        mid = [[next(it) for _ in a] if isinstance(a, (list, tuple)) else next(it) for a in args[lo:hi]]
-        return (*args[:lo], *mid, *args[hi:])
+
+        def put(a):
+            if isinstance(a, (list, tuple)):
+                return [next(it) for _ in a]
+            return None if a is None else next(it)
+
+        return (*args[:lo], *(put(a) for a in args[lo:hi]), *args[hi:])
 
     def frozen_tensors(self, args: tuple) -> tuple:
         """The frozen-backbone arguments of a trace-op call (None where absent)."""
