@@ -152,6 +152,16 @@ def test_first_label_trains_the_prompt(case):
     _check(c, {"mlp": b}, fusion="temporal")
 
 
+def test_evaluate_matches_peft(case):
+    c = case("gpt2")
+    models = dict(zip(c.refs, c.models))
+    got = c.program.evaluate({n: c.batches[n] for n in ("prompt", "lstm")})
+    for name in ("prompt", "lstm"):
+        with torch.no_grad():
+            want = models[name](**c.batches[name]).loss
+        assert rel_err(got[name], want) <= 1e-5, name
+
+
 def test_site_and_plan_see_virtual_tokens(case):
     """One site after the word embedding holds both prompt kinds; plans count virtual tokens as
     real tokens (each prompt row is n longer)."""
