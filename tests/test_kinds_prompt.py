@@ -298,3 +298,24 @@ def test_add_and_remove_prompt_tasks():
     program.remove_task("p1")
     kept = {n: batches[n] for n in ("lora", "p2")}
     assert_matches(program.forward_backward(kept), grads, {n: refs[n] for n in kept})
+
+
+@SLOW
+@pytest.mark.parametrize("alignment", ["pad", "chunk"])
+def test_two_stages_in_one_process(alignment):
+    """The embedding site sits in stage 0; the encoder's gradient comes back from stage 1."""
+    base = build_base("llama")
+    spec = [("prompt", make_peft(base, _prompt())), ("mlp", make_peft(base, _mlp())),
+            ("lora", make_peft(base, LoraConfig(r=4, target_modules=["q_proj"]), 3))]
+    batches = {"prompt": make_batch(3, 7, 1), "mlp": make_batch(2, 5, 2), "lora": make_batch(2, 6, 3)}
+    refs = {n: isolated(m, batches[n]) for n, m in spec}
+    models = dict(spec)
+    program = muxc.compile([muxc.Task(name=n, model=m) for n, m in spec],
+                           muxc.Options(stages=2, alignment=alignment, recompute="layers"))
+    extra = dict(micro_batches=2) if alignment == "pad" else dict(chunk_size=4)
+    runs = [dict(fusion="spatial", **extra), dict(fusion="temporal")]
+    for options in runs:
+        losses = program.with_options(**options).forward_backward(batches)
+        assert_matches(losses, lambda n: adapter_grads(models[n], "default"), refs)
+        for m in models.values():
+            m.zero_grad(set_to_none=True)
