@@ -27,6 +27,7 @@ from muxc.errors import (
 from muxc.explain import Explanation, explain_program
 from muxc.frontends.peft import vocab_sizes
 from muxc.ir import MuxGraph
+from muxc.kinds import spec_of
 from muxc.ir.recompute import RecomputePlan, recompute_module
 from muxc.plan.recompute_choice import choose_kept
 from muxc.names import safe_child
@@ -34,7 +35,7 @@ from muxc.options import Alignment, Options
 from muxc.pipeline import CompileContext, CompileState, PassRecord, run_pipeline
 from muxc.ir import PartitionedGraph, SimResult, StepPlan
 from muxc.plan import Planner
-from muxc.runtime.batch import BatchSpec, check_batches, unlabeled
+from muxc.runtime.batch import BatchSpec, check_batches, unlabeled, with_virtual_tokens
 from muxc.runtime.distributed import StageExecutor, join_stage_group
 from muxc.passes.prefix_attention import prefix_records, refuse_prefix
 from muxc.passes import select_kernels
@@ -87,7 +88,8 @@ class Program:
         """Take the compiled graph and plan of ``state``; tasks already in ``states`` keep their
         training state (optimizer, scheduler, counters), new ones get a fresh one."""
         mux: MuxGraph = state.mux_graph
-        self.batch_spec = dataclasses.replace(self.batch_spec, heads=dict(mux.heads))
+        self.batch_spec = dataclasses.replace(self.batch_spec, heads=dict(mux.heads),
+                                              virtual=_virtual_tokens(mux))
         records = {t: list(mux.adapters.get(t, ())) for t in mux.tasks}
         new = [t for t in state.tasks if t.name not in self.states]
         states = build_states(new, {t.name: records[t.name] for t in new})  # may raise: first
@@ -367,7 +369,7 @@ class Program:
         """The `StepPlan` for ``batches``: hTasks, micro-batches and the per-stage ordered actions
         that `forward_backward` runs (and `explain(batches)` prints). Validates the batches."""
         check_batches(batches, self.mux.tasks, self.batch_spec)
-        return self.planner.plan(batches)
+        return self.planner.plan(with_virtual_tokens(batches, self.batch_spec.virtual))
 
     def _admit(self, batches: Mapping[str, Mapping], training: bool = True):
         """Validate every batch and check ``max_task_tokens``; leave out paused tasks (only when
@@ -375,6 +377,8 @@ class Program:
         check the plan against ``memory_budget``. Only then warn once per left-out task.
         Returns ``(batches to run, {left-out task: why}, plan or None)``."""
         check_batches(batches, self.mux.tasks, self.batch_spec)
+        # prompt-learning tasks' virtual tokens are real tokens from here on (muxc.kinds.prompt)
+        batches = with_virtual_tokens(batches, self.batch_spec.virtual)
         check_tokens(batches, self.options.max_task_tokens)
         skipped: dict[str, str] = {}
         notes: list[Warning] = []
@@ -481,6 +485,12 @@ def _runnable(mux: MuxGraph, pg: PartitionedGraph | None, plan: RecomputePlan):
     run_pg = pg if all(a.module is b.module for a, b in zip(stages, pg.stages)) \
         else dataclasses.replace(pg, mux=run_mux, stages=stages)
     return run_mux, run_pg
+
+
+def _virtual_tokens(mux: MuxGraph) -> dict[str, int]:
+    """Task -> tokens its adapter kinds put in front of each row (`AdapterKindSpec.prepends`)."""
+    out = {t: sum(spec_of(r.kind).prepends(r) for r in recs) for t, recs in mux.adapters.items()}
+    return {t: n for t, n in out.items() if n}
 
 
 def _no_clipping_across_stages(tasks: list[Task]) -> None:

@@ -297,12 +297,11 @@ def test_modules_to_save_off_the_head_is_refused(bases):
 
 
 @pytest.mark.parametrize("config", ["LoHaConfig", "LoKrConfig", "VeraConfig", "AdaLoraConfig",
-                                    "OFTConfig", "BOFTConfig", "PromptTuningConfig"])
+                                    "OFTConfig", "BOFTConfig"])
 def test_unsupported_kinds_are_named_with_what_is_supported(bases, config):
     import peft
 
-    kwargs = {"PromptTuningConfig": dict(task_type="CAUSAL_LM", num_virtual_tokens=4),
-              "AdaLoraConfig": dict(target_modules=["q_proj"], total_step=10),
+    kwargs = {"AdaLoraConfig": dict(target_modules=["q_proj"], total_step=10),
               "OFTConfig": dict(target_modules=["q_proj"], r=4, oft_block_size=0),
               "BOFTConfig": dict(target_modules=["q_proj"], boft_block_size=4)}.get(
         config, dict(target_modules=["q_proj"]))

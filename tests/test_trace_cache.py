@@ -163,8 +163,8 @@ def test_export_with_a_tensor_it_cannot_find_again_is_not_shared(bases, monkeypa
     base = bases("llama")
     real = cache_module.lifted_tensors
 
-    def losing_one(hf, targets):  # as if the trace had made a constant (no FQN in the model)
-        found = real(hf, targets)
+    def losing_one(hf, targets, *rest):  # as if the trace had made a constant (no FQN in the model)
+        found = real(hf, targets, *rest)
         found[next(iter(found))] = None
         return found
 

@@ -6,8 +6,9 @@ Layout of a checkpoint directory (data only: safetensors and JSON, never pickle)
     rng.safetensors                    torch CPU generator state (+ one per CUDA device)
     tasks/<task>/adapter_config.json   PEFT format: PeftModel.from_pretrained(base, this dir)
     tasks/<task>/adapter_model.safetensors
-    tasks/<task>/prefix_encoder.safetensors  prefix tuning only: the prompt encoder's own
-                                       parameters (PEFT's format holds just their output)
+    tasks/<task>/prompt_encoder.safetensors  prompt learning only (prefix tuning, prompt tuning,
+                                       P-tuning): the encoder's own parameters (PEFT's format
+                                       holds only its output)
     tasks/<task>/training.json         optimizer / LR-scheduler state_dict trees (`codec`)
     tasks/<task>/training.safetensors  their tensors
 
@@ -36,7 +37,6 @@ from muxc.checkpoint.atomic import atomic_directory, previous, sha256
 from muxc.checkpoint.codec import decode, encode
 from muxc.errors import CheckpointError
 from muxc.frontends.peft import adapter_name_of
-from muxc.kinds.prefix import is_prefix
 from muxc.names import safe_child
 from muxc.save import save_task_adapter
 from muxc.version import __version__
@@ -57,7 +57,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 TRAINING = "training.json"
 TRAINING_TENSORS = "training.safetensors"
 RNG = "rng.safetensors"
-PREFIX_ENCODER = "prefix_encoder.safetensors"
+PROMPT_ENCODER = "prompt_encoder.safetensors"
 
 
 # ---------------------------------------------------------------------------------- saving
@@ -82,9 +82,9 @@ def save_checkpoint(program: Any, path: str | Path) -> Path:
             task, state = program.tasks[name], program.states[name]
             where = safe_child(tasks_dir, name)
             save_task_adapter(task, where)
-            if _is_prefix(task):
-                state_now = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(task).items()}
-                _write_file(safe_child(where, PREFIX_ENCODER), dump_tensors(state_now, {"format": "pt"}))
+            if _adapter_file(task) != ADAPTER:
+                own = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(task).items()}
+                _write_file(safe_child(where, PROMPT_ENCODER), dump_tensors(own, {"format": "pt"}))
             tensors: dict[str, torch.Tensor] = {}
             sched = state.lr_scheduler
             tree = {
@@ -171,17 +171,24 @@ def _peft_config(task: Task) -> dict:
 
 
 def _adapter_state(task: Task) -> dict[str, torch.Tensor]:
-    """The task's adapter tensors under their PEFT names (views of its parameters). For prefix
-    tuning, the prompt encoder's own parameters (PEFT's state dict holds only their output)."""
+    """The task's adapter tensors under their PEFT names (views of its parameters); for prompt
+    learning (prefix tuning, prompt tuning, P-tuning), its prompt encoder's own parameters (PEFT
+    saves the encoder's output instead)."""
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
-    if is_prefix(task.model, adapter):
-        enc = task.model.prompt_encoder[adapter]
-        return {f"prompt_encoder.{adapter}.{n}": p for n, p in enc.named_parameters()}
+    if _prompt_learning(task):
+        return dict(task.model.prompt_encoder[adapter].named_parameters())
     return get_peft_model_state_dict(task.model, adapter_name=adapter)
 
 
-def _is_prefix(task: Task) -> bool:
-    return is_prefix(task.model, adapter_name_of(task.name, task.model, task.adapter_name))
+def _prompt_learning(task: Task) -> bool:
+    adapter = adapter_name_of(task.name, task.model, task.adapter_name)
+    cfg = task.model.peft_config[adapter]
+    return bool(getattr(cfg, "is_prompt_learning", False))
+
+
+def _adapter_file(task: Task) -> str:
+    """The file of a task's checkpoint directory holding what `_adapter_state` lists."""
+    return PROMPT_ENCODER if _prompt_learning(task) else ADAPTER
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -323,7 +330,7 @@ def _read_task(program: Any, root: Path, name: str, entry: dict) -> _TaskLoad:
     where = f"task {name!r}"
     base = f"tasks/{name}"
     # adapter: names, shapes, dtypes, PEFT config
-    source = f"{base}/{PREFIX_ENCODER if _is_prefix(task) else ADAPTER}"
+    source = f"{base}/{_adapter_file(task)}"
     saved = _read_tensors(root, source)
     current = _adapter_state(task)
     _check_specs(program, name, {k: _spec(v) for k, v in saved.items()}, source)

@@ -43,7 +43,13 @@ import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
 from muxc.frontends.export import Export, bind_and_tag, export_task, lifted_tensors
-from muxc.frontends.peft import adapter_name_of, adapter_records, bias_mode, hf_model
+from muxc.frontends.peft import (
+    adapter_name_of,
+    adapter_records,
+    bias_mode,
+    hf_model,
+    prompt_encoder_of,
+)
 from muxc.frontends.signature import TraceSignature, trace_signature
 from muxc.ir import Binding, BindingKind, TaskGraph
 from muxc.kinds import spec_for_trace_op
@@ -141,9 +147,9 @@ def rebind(source: Export, task: Task) -> TaskGraph:
     t0 = time.perf_counter()
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
-    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), task.model)
+    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), model=task.model)
     old = source.graph
-    tensors = lifted_tensors(hf, source.targets.values())
+    tensors = lifted_tensors(hf, source.targets.values(), _encoder(task))
     graph, env = _copy_graph(old.gm.graph)
     lifted = {}
     for ph, b in old.bindings.items():
@@ -170,11 +176,8 @@ def rebind(source: Export, task: Task) -> TaskGraph:
                 f"task {task.name!r}: adapter node {node.format_node()} of {old.task!r}'s export has "
                 "no matching adapter parameters in this task's model"
             )
-        lo, hi = spec.param_args
-        params = iter([placeholder_of[id(t)] for t in rec.params.values()])
-        # an absent optional parameter (a head without bias) stays None in its slot
-        slots = tuple(None if a is None else next(params) for a in node.args[lo:hi])
-        node.args = (*node.args[:lo], *slots, *node.args[hi:])
+        params = tuple(placeholder_of[id(t)] for t in rec.params.values())
+        node.args = spec.with_params(node.args, params)
     graph.lint()
     gm = _GraphModule(old.gm, graph)
     gm.meta.update(old.gm.meta)
@@ -182,6 +185,13 @@ def rebind(source: Export, task: Task) -> TaskGraph:
     tg.trace_seconds = time.perf_counter() - t0
     tg.reused_from = old.task if old.task != task.name else None  # a kept template of itself
     return tg
+
+
+def _encoder(task: Task) -> torch.nn.Module | None:
+    """The task's prompt encoder (prompt tuning, P-tuning), whose parameters an export lifts."""
+    adapter = adapter_name_of(task.name, task.model, task.adapter_name)
+    prompt = prompt_encoder_of(task.name, task.model, adapter)
+    return None if prompt is None else prompt[1]
 
 
 def _copy_graph(old: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
@@ -197,7 +207,7 @@ def _copy_graph(old: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
 def _unshareable(exp: Export, task: Task) -> str | None:
     """Why ``exp`` cannot be re-bound to another task (None: it can)."""
     hf = hf_model(task.name, task.model)
-    found = lifted_tensors(hf, exp.targets.values())
+    found = lifted_tensors(hf, exp.targets.values(), _encoder(task))
     for ph, target in exp.targets.items():
         if found[target] is not exp.graph.bindings[ph].tensor:
             return f"{target} is not a tensor of the model (a constant made while tracing)"

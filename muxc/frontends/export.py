@@ -30,6 +30,7 @@ from muxc.frontends.peft import (
     hf_model,
     is_seq_cls,
     normalize_fqn,
+    prompt_encoder_of,
     routed_adapters,
     seq_cls_head_attr,
 )
@@ -43,14 +44,17 @@ __all__ = ["trace_task", "export_task", "bind_and_tag", "Export", "EXAMPLE_SHAPE
 
 EXAMPLE_SHAPE = (2, 8)  # (batch, seq) of the example input; >1 so export keeps dims dynamic
 _PREFIX = "m."  # attribute name of the HF model inside _Logits
+_PROMPT_PREFIX = "p."  # ... and of a prompt-learning task's prompt encoder
 
 
 class _Logits(torch.nn.Module):
     """``(input_ids, attention_mask) -> logits``: the part of an HF causal LM muxc traces."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, prompt: torch.nn.Module | None = None):
         super().__init__()
         self.m = model
+        if prompt is not None:  # a prompt encoder: its parameters lift as parameters, not constants
+            self.p = prompt
 
     def forward(self, input_ids, attention_mask):
         return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -113,7 +117,9 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     """`trace_task`, keeping each placeholder's source FQN (`Export`). Does not mutate the model."""
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
-    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), task.model)
+    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), model=task.model)
+    prompt = prompt_encoder_of(task.name, task.model, adapter)
+    encoder = prompt[1] if prompt is not None else None
     check_quantized(task.name, hf)
     device = next(hf.parameters()).device
     ids = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device=device)
@@ -124,7 +130,8 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     try:
         hf.train()
         routing = (contextlib.nullcontext() if is_prefix(task.model, adapter)  # no layer to route
-                   else routed_adapters(task.name, hf, adapter, bias_mode(task.model, adapter)))
+                   else routed_adapters(task.name, hf, adapter, bias_mode(task.model, adapter),
+                                        model=task.model))
         with routing, \
                 checkpointing_off(hf), \
                 routed_quantized(task.name, hf):
@@ -136,11 +143,11 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
             elif with_positions:
                 pos = torch.arange(EXAMPLE_SHAPE[1], device=device).expand(EXAMPLE_SHAPE).clone()
                 ep = torch.export.export(
-                    _LogitsAt(hf), (ids, mask, pos), dynamic_shapes=(dims, dims, dims), strict=False
+                    _LogitsAt(hf, encoder), (ids, mask, pos), dynamic_shapes=(dims, dims, dims), strict=False
                 )
             else:
                 ep = torch.export.export(
-                    _Logits(hf), (ids, mask), dynamic_shapes=(dims, dims), strict=False
+                    _Logits(hf, encoder), (ids, mask), dynamic_shapes=(dims, dims), strict=False
                 )
     except Exception as e:  # torch.export raises many types; keep the cause attached
         raise TraceError(
@@ -220,13 +227,20 @@ def _trunk_names(hf: torch.nn.Module) -> dict[int, str]:
     return out
 
 
-def lifted_tensors(hf: torch.nn.Module, targets: Iterable[str]) -> dict[str, torch.Tensor | None]:
+def lifted_tensors(
+    hf: torch.nn.Module, targets: Iterable[str], prompt: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor | None]:
     """The tensor each export target (an `Export.targets` value) names in ``hf`` now: a
-    parameter, buffer or tensor attribute; None where it names none (a constant the trace made)."""
+    parameter, buffer or tensor attribute; None where it names none (a constant the trace made).
+    Targets of a prompt encoder (``"p."``) name parameters of ``prompt``."""
     named = dict(hf.named_parameters(remove_duplicate=False))
     named.update(hf.named_buffers(remove_duplicate=False))
     out = {}
     for target in targets:
+        if target.startswith(_PROMPT_PREFIX):
+            found = dict(prompt.named_parameters()) if prompt is not None else {}
+            out[target] = found.get(target.removeprefix(_PROMPT_PREFIX))
+            continue
         fqn = target.removeprefix(_PREFIX)
         tensor = named.get(fqn)
         if tensor is None and target.startswith(_PREFIX):

@@ -4,13 +4,16 @@ route adapter layers through muxc's opaque ops for the duration of a trace.
 Supported now: prefix tuning (`muxc.kinds.prefix`: no layer to route, the base model is
 traced as is), LoRA and DoRA on ``nn.Linear`` and GPT-2 ``Conv1D`` base layers (any targets,
 ranks, alpha, rslora, rank/alpha patterns, dropout, ``bias="none"``, ``"all"`` or
-``"lora_only"``: `muxc.kinds.bias`) and IA3 (attention and
-feed-forward). Everything else raises `UnsupportedPeftError` naming it.
+``"lora_only"``: `muxc.kinds.bias`), IA3 (attention and
+feed-forward), and prompt tuning / P-tuning (`muxc.kinds.prompt`: the PeftModel's prompt encoder,
+applied at the word embedding; functions that read it take the PeftModel as ``model=``).
+Everything else raises `UnsupportedPeftError` naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from collections.abc import Iterator
 
@@ -41,6 +44,7 @@ __all__ = [
     "is_seq_cls",
     "seq_cls_head_attr",
     "output_head_paths",
+    "prompt_encoder_of",
 ]
 
 # Model FQNs relative to the HF model: PEFT prefixes and wrappers removed.
@@ -211,10 +215,16 @@ def adapter_records(
     task_name: str, hf: torch.nn.Module, adapter: str, bias: str = "none", model=None
 ) -> list[AdapterRecord]:
     """The task's adapters in unified form, holding the user's own parameter tensors (with
-    ``bias`` other than "none", its trained base biases too, `bias_mode`). Given the PeftModel
-    ``model``, a prefix-tuning adapter is read from its prompt encoder (`muxc.kinds.prefix`)."""
+    ``bias`` other than "none", its trained base biases too, `bias_mode`). Prompt-learning
+    adapters live on the PeftModel, not in ``hf``: pass it as ``model``; a prefix-tuning adapter
+    is read from its prompt encoder (`muxc.kinds.prefix`), a prompt-tuning or P-tuning one from
+    its encoder at the word embedding (`muxc.kinds.prompt`)."""
     if model is not None and is_prefix(model, adapter):
         return prefix_records(task_name, model, adapter)
+    prompt = prompt_encoder_of(task_name, model, adapter) if model is not None else None
+    if prompt is not None:
+        site, encoder = prompt
+        return [spec_for_config(model.peft_config[adapter]).records(task_name, site, encoder, adapter)]
     recs = [spec_for_layer(mod, adapter).records(task_name, path, mod, adapter)
             for path, mod in adapter_layers(task_name, hf, adapter).items()]
     recs += [BIAS.records(task_name, path, mod, adapter)
@@ -225,6 +235,8 @@ def adapter_records(
 def adapter_param_ids(model: PeftModel) -> set[int]:
     """ids of every adapter parameter of every adapter in ``model`` (not base weights)."""
     ids = set()
+    for encoder in getattr(model, "prompt_encoder", {}).values():  # prompt learning, all kinds
+        ids.update(id(p) for p in encoder.parameters())
     for mod in model.modules():
         if isinstance(mod, ModulesToSaveWrapper):
             ids.update(id(p) for p in mod.modules_to_save.parameters())
@@ -233,22 +245,51 @@ def adapter_param_ids(model: PeftModel) -> set[int]:
                 container = getattr(mod, attr, None)
                 if container is not None:
                     ids.update(id(p) for p in container.parameters())
-    for enc in getattr(model, "prompt_encoder", {}).values():  # prompt learning (prefix tuning)
-        ids.update(id(p) for p in enc.parameters())
     return ids
+
+
+def prompt_encoder_of(task_name: str, model, adapter: str) -> tuple[str, torch.nn.Module] | None:
+    """``(word-embedding path in the HF model, prompt encoder)`` of a prompt-learning adapter
+    (prompt tuning, P-tuning); None for other adapters (prefix tuning included: it has no
+    virtual tokens). The embedding PEFT prepends to must be the model's input embedding (else
+    `UnsupportedPeftError`)."""
+    cfg = model.peft_config[adapter]
+    if not getattr(cfg, "is_prompt_learning", False) or is_prefix(model, adapter):
+        return None
+    hf = hf_model(task_name, model)
+    emb = getattr(model, "word_embeddings", None)
+    paths = [p for p, m in hf.named_modules() if m is emb and m is hf.get_input_embeddings()]
+    if not paths:
+        raise UnsupportedPeftError(
+            f"task {task_name!r}: PEFT found word embeddings {type(emb).__name__} that are not the "
+            f"model's input embedding; muxc applies virtual tokens at the input embedding only"
+        )
+    return paths[0], model.prompt_encoder[adapter]
 
 
 @contextlib.contextmanager
 def routed_adapters(
-    task_name: str, hf: torch.nn.Module, adapter: str, bias: str = "none"
+    task_name: str, hf: torch.nn.Module, adapter: str, bias: str = "none", model=None
 ) -> Iterator[None]:
     """Route ``adapter``'s layers through muxc's opaque ops, only inside the ``with`` block.
 
     Patches are per instance (``module.forward``), never on PEFT's classes, and are removed on
     exit even if tracing fails. Layers of other adapters of the same model run their base op
     only while tracing (an inactive adapter has no effect on this task). Modules whose bias the
-    task trains (``bias``) add a `muxc.kinds.bias` node after their output.
+    task trains (``bias``) add a `muxc.kinds.bias` node after their output. A prompt-learning
+    adapter of ``model`` adds its `muxc.kinds.prompt` node after the word embedding.
     """
+    prompt = prompt_encoder_of(task_name, model, adapter) if model is not None else None
+    if prompt is not None:
+        site, encoder = prompt
+        emb = hf.get_submodule(site)
+        fwd = spec_for_config(model.peft_config[adapter]).traced_forward(site, adapter)
+        emb.forward = types.MethodType(functools.partial(fwd, encoder=encoder), emb)
+        try:
+            yield
+        finally:
+            del emb.forward
+        return
     layers = {p: m for p, m in hf.named_modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))}
     mine = adapter_layers(task_name, hf, adapter)
     patched = []

@@ -75,7 +75,7 @@ def trace_signature(task: Task, with_positions: bool) -> TraceSignature:
     """The `TraceSignature` of ``task`` traced with or without ``position_ids``; reads only."""
     hf = hf_model(task.name, task.model)
     adapter = adapter_name_of(task.name, task.model, task.adapter_name)
-    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), task.model)
+    records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), model=task.model)
     plain = _Plain()
     adapters = adapter_param_ids(task.model)
     return TraceSignature(

@@ -58,6 +58,8 @@ class AdapterKind(str, Enum):
     HEAD = "head"  # a task's own trainable head (modules_to_save of the output Linear)
     BIAS = "bias"  # a task's own trained copy of a base op's bias (LoRA bias="all"/"lora_only")
     PREFIX = "prefix"  # prefix tuning: trained K/V prepended at every attention (`muxc.ir.prefix`)
+    PROMPT = "prompt"  # prompt tuning: learned virtual tokens in front of each row
+    P_TUNING = "p_tuning"  # P-tuning: virtual tokens from an MLP/LSTM prompt encoder
 
 
 class Dispatch(str, Enum):
@@ -79,6 +81,7 @@ class Aggregate(str, Enum):
     ADD_BIAS = "base + (b_task - b_shared)"
     REPLACE = "copy(x)"  # the task's own copy of the module replaces it (modules_to_save)
     PREFIX_KV = "attn(q, [P_k; K], [P_v; V])"  # prefix tuning
+    VIRTUAL_TOKENS = "h[pos < n] = encoder()[pos]"  # virtual tokens' embeddings (prompt tuning)
 
 
 class Position(str, Enum):

@@ -1,7 +1,7 @@
 """The adapter-kind table: one `AdapterKindSpec` per PEFT method muxc runs.
 
 >>> [k.value for k in KINDS], spec_of(AdapterKind.LORA).kernel_op
-(['bias', 'lora', 'ia3', 'dora', 'head', 'prefix'], 'multi_lora')
+(['bias', 'lora', 'ia3', 'dora', 'head', 'prefix', 'prompt', 'p_tuning'], 'multi_lora')
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from muxc.kinds.head import HEAD
 from muxc.kinds.ia3 import IA3
 from muxc.kinds.lora import LORA
 from muxc.kinds.prefix import PREFIX
+from muxc.kinds.prompt import P_TUNING, PROMPT
 from muxc.kinds.spec import AdapterKindSpec
 
 __all__ = [
@@ -30,7 +31,7 @@ __all__ = [
 # table order is the order a site applies kinds: a task's trained bias first (it is part of
 # the base output that LoRA adds to and IA3 scales)
 KINDS: dict[AdapterKind, AdapterKindSpec] = {
-    s.kind: s for s in (BIAS, LORA, IA3, DORA, HEAD, PREFIX)
+    s.kind: s for s in (BIAS, LORA, IA3, DORA, HEAD, PREFIX, PROMPT, P_TUNING)
 }
 _BY_TRACE_OP = {s.trace_op: s for s in KINDS.values() if s.traces}
 
@@ -40,6 +41,7 @@ SUPPORTED = (
     "targets) and IA3 (Linear targets), with modules_to_save only on the output head (a "
     "SEQ_CLS model's score/classifier, a causal LM's lm_head); prefix tuning (causal LM, with or "
     "without prefix_projection) on GPT-2, Llama and OPT, with stages in one process"
+    "; prompt tuning and P-tuning (MLP or LSTM encoder) on causal LMs"
 )
 
 

@@ -70,11 +70,32 @@ class AdapterKindSpec:
     # it leaves a node in the task's trace (False: prefix tuning, which no base layer holds;
     # its parameters reach the merged graph through `muxc.passes.rewrite_attention`)
     traces: bool = True
+    # tokens the kind puts in front of each of its task's rows before batches are laid out
+    # (prompt tuning: its virtual tokens); 0 for kinds that leave batches as they are
+    prepends: Callable[[AdapterRecord], int] = lambda rec: 0
 
     def param_tensors(self, args: tuple) -> tuple:
-        """The adapter-parameter arguments of a trace-op call."""
+        """The adapter-parameter arguments of a trace-op call (a list argument, as a prompt
+        encoder's parameters, flattened)."""
         lo, hi = self.param_args
-        return tuple(args[lo:hi])
+        out = []
+        for a in args[lo:hi]:
+            out.extend(a) if isinstance(a, (list, tuple)) else out.append(a)
+        return tuple(out)
+
+    def with_params(self, args: tuple, params: tuple) -> tuple:
+        """``args`` of a trace-op call with its adapter parameters replaced by ``params`` (in
+        `param_tensors` order without the absent ones; list arguments kept lists, an absent
+        parameter (None, a head without bias) kept None)."""
+        lo, hi = self.param_args
+        it = iter(params)
+
+        def put(a):
+            if isinstance(a, (list, tuple)):
+                return [next(it) for _ in a]
+            return None if a is None else next(it)
+
+        return (*args[:lo], *(put(a) for a in args[lo:hi]), *args[hi:])
 
     def frozen_tensors(self, args: tuple) -> tuple:
         """The frozen-backbone arguments of a trace-op call (None where absent)."""

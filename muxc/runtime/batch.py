@@ -16,7 +16,9 @@ from muxc.errors import BatchError
 from muxc.ir import IGNORE_INDEX, HeadInfo, MuxBatch
 from muxc.kernels.registry import Impl
 
-__all__ = ["BatchSpec", "check_batches", "unlabeled", "build_batch", "pooled_positions"]
+__all__ = [
+    "BatchSpec", "check_batches", "unlabeled", "build_batch", "pooled_positions", "with_virtual_tokens",
+]
 
 _KEYS = {"input_ids", "attention_mask", "labels"}
 # torch's embedding also takes int32 ids, but the exported graphs are specialised to int64
@@ -39,6 +41,8 @@ class BatchSpec:
     label_classes: int
     right_padded: bool = False
     heads: Mapping = field(default_factory=dict)  # task -> HeadInfo of tasks with their own head
+    # task -> virtual tokens put in front of each of its rows (prompt tuning, `with_virtual_tokens`)
+    virtual: Mapping = field(default_factory=dict)
 
 
 def check_batches(
@@ -263,3 +267,30 @@ def build_batch(
         pooled=tuple(pooled) if any(p is not None for p in pooled) else None,
     )
     return torch.cat(ids), torch.cat(masks), mux
+
+
+def with_virtual_tokens(batches: Mapping[str, Mapping], virtual: Mapping[str, int]) -> dict:
+    """``batches`` with ``virtual[task]`` placeholder tokens in front of each row of each such
+    task (id 0, ``attention_mask`` 1, label -100), as PEFT prepends a prompt-learning task's
+    virtual tokens (`muxc.kinds.prompt` replaces their embeddings); other batches as they are.
+
+    >>> b = {"input_ids": torch.tensor([[5, 6]]), "labels": torch.tensor([[5, 6]])}
+    >>> {k: v.tolist() for k, v in with_virtual_tokens({"t": b}, {"t": 2})["t"].items()}
+    {'input_ids': [[0, 0, 5, 6]], 'labels': [[-100, -100, 5, 6]]}
+    """
+    out = {}
+    for name, b in batches.items():
+        n = virtual.get(name, 0)
+        if not n:
+            out[name] = b
+            continue
+        ids = b["input_ids"]
+        new = dict(b)
+        new["input_ids"] = torch.cat([ids.new_zeros(ids.shape[0], n), ids], 1)
+        labels = b["labels"]
+        new["labels"] = torch.cat([labels.new_full((ids.shape[0], n), IGNORE_INDEX), labels], 1)
+        mask = b.get("attention_mask")
+        if mask is not None:
+            new["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], 1)
+        out[name] = new
+    return out
