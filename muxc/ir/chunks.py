@@ -59,6 +59,8 @@ class ChunkStep:
     labels: torch.Tensor  # (B, C), shifted
     mask: torch.Tensor  # (B, 1, C, (index + 1) * C) bool: may query i attend key j
     gather: torch.Tensor | None  # (B,) row of each stream in the previous step
+    # (B, (index + 1) * C) position in its sample of every key column (ALiBi's bias reads it)
+    key_positions: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ def build_layout(
                 labels=torch.stack([s.labels[sl] for s in picked]).to(device),
                 mask=mask[:, None].to(device),
                 gather=None if c == 0 else torch.tensor(gather, device=device),
+                key_positions=torch.stack([s.positions[: (c + 1) * C] for s in picked]).to(device),
             )
         )
     streams_all = [s for ss in per_task.values() for s in ss]

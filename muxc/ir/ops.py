@@ -307,9 +307,14 @@ class ChunkAttention:
     (each token sees only earlier tokens of its own sample). ``mux.kv[index]`` holds
     ``(K, V)``; how gradients cross chunks is the runtime's business (it may replace the stored
     tensors by detached leaves between steps).
+
+    ``alibi`` (per-head slopes, from an ALiBi model's rewritten attention) makes a chunk step
+    add ALiBi's bias ``slope_h * key position`` (positions within the sample, over the kept
+    columns too) under the document mask, as the model adds it within a row.
     """
 
     index: int
+    alibi: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "__name__", f"chunk_attention_{self.index}")
@@ -333,7 +338,12 @@ class ChunkAttention:
             k = torch.cat([pk.index_select(0, step.gather), k], dim=-2)
             v = torch.cat([pv.index_select(0, step.gather), v], dim=-2)
         mux.kv[self.index] = (k, v)
-        return SDPA(q, k, v, attn_mask=step.mask, **kw)
+        mask = step.mask
+        if self.alibi is not None:
+            slopes = torch.tensor(self.alibi, dtype=torch.float32, device=q.device)
+            bias = slopes[None, :, None, None] * step.key_positions[:, None, None, :].float()
+            mask = torch.where(mask, bias.to(q.dtype), float("-inf"))
+        return SDPA(q, k, v, attn_mask=mask, **kw)
 
     def __repr__(self) -> str:
-        return f"ChunkAttention({self.index})"
+        return f"ChunkAttention({self.index}{', alibi' if self.alibi is not None else ''})"
