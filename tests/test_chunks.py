@@ -133,7 +133,8 @@ def test_alibi_attention_becomes_chunk_attention_with_the_model_slopes(case):
 @pytest.mark.slow
 def test_alibi_chunk_alignment_two_stages(bases):
     """Bloom with chunk alignment cut into two pipeline stages (run in one process)."""
-    spec = [("lora", make_peft(bases("bloom"), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 1)),
+    lora = LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0)
+    spec = [("lora", make_peft(bases("bloom"), lora, 1)),
             ("ia3", make_peft(bases("bloom"), IA3Config(), 3))]
     c = separate(spec, {"lora": _batch([12, 4, 9], 1), "ia3": _batch([2, 3, 11, 5], 3)},
                  alignment="chunk", stages=2)

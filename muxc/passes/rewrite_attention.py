@@ -68,7 +68,8 @@ def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph
     for i, node in enumerate(targets):
         with g.inserting_before(node):
             new = g.create_node(
-                "call_function", ChunkAttention(i, alibi.get(node)), (mux_input, *node.args), dict(node.kwargs),
+                "call_function", ChunkAttention(i, alibi.get(node)), (mux_input, *node.args),
+                dict(node.kwargs),
                 name=f"chunk_attention_{i}",
             )
         new.meta.update(node.meta)
