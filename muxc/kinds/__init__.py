@@ -27,13 +27,13 @@ __all__ = [
 ]
 
 # table order is the order a site applies kinds: a task's trained bias first (it is part of
-# the base output that LoRA adds to and IA3 scales)
+# the base output that LoRA adds to, IA3 scales and DoRA renormalises, subtracting it again)
 KINDS: dict[AdapterKind, AdapterKindSpec] = {s.kind: s for s in (BIAS, LORA, IA3, DORA, HEAD)}
 _BY_TRACE_OP = {s.trace_op: s for s in KINDS.values()}
 
 SUPPORTED = (
     "LoRA (Linear/Conv1D targets, bias='none'/'all'/'lora_only' on Linear/Conv1D/LayerNorm "
-    "biases), DoRA (LoraConfig(use_dora=True), bias='none', Linear/Conv1D "
+    "biases), DoRA (LoraConfig(use_dora=True), the same bias modes, Linear/Conv1D "
     "targets) and IA3 (Linear targets), with modules_to_save only on the output head (a "
     "SEQ_CLS model's score/classifier, a causal LM's lm_head)"
 )
