@@ -194,7 +194,7 @@ def _cls_batch(rows: int, seq: int, seed: int, labels: torch.Tensor) -> dict:
     return {**b, "labels": labels}
 
 
-def cls_mixed(base, family: str) -> Case:
+def cls_mixed(base, family: str, alignment: str = "pad") -> Case:
     """Five kinds on one backbone: single-label (DoRA), multi-label and regression SEQ_CLS tasks
     with their heads, a causal LoRA task, a causal IA3 task and a causal task training its own
     lm_head copy."""
@@ -213,17 +213,17 @@ def cls_mixed(base, family: str) -> Case:
                "multi": _cls_batch(2, 9, 2, (torch.rand(2, 3, generator=g) > 0.5).float()),
                "reg": _cls_batch(2, 5, 3, torch.randn(2, generator=g)),
                "lora": make_batch(2, 7, 3), "ia3": make_batch(1, 6, 4), "lm_head": make_batch(2, 8, 6)}
-    return separate(spec, batches)
+    return separate(spec, batches, alignment=alignment)
 
 
 @pytest.fixture(scope="module")
 def cls_case(bases):
-    cache: dict[str, Case] = {}
+    cache: dict[tuple[str, str], Case] = {}
 
-    def get(family: str) -> Case:
-        if family not in cache:
-            cache[family] = cls_mixed(bases(family), family)
-        return cache[family]
+    def get(family: str, alignment: str = "pad") -> Case:
+        if (family, alignment) not in cache:
+            cache[family, alignment] = cls_mixed(bases(family), family, alignment)
+        return cache[family, alignment]
 
     return get
 
@@ -281,11 +281,30 @@ def test_seq_cls_head_saves_loadable_by_peft(bases, cls_case, tmp_path):
         assert rel_err(got, want) <= 1e-6, task
 
 
-def test_seq_cls_with_chunk_alignment_says_why(bases):
+@pytest.mark.parametrize("family", ("llama", pytest.param("gpt2", marks=SLOW), pytest.param("opt", marks=SLOW)))
+def test_seq_cls_heads_with_chunk_alignment(cls_case, family):
+    """Each sample's pooled (last) token is taken in the chunk step that holds it; the head and
+    HF's mean loss are summed over those steps. Chunk 3 puts samples' last tokens in several
+    steps (and streams hold several samples); 16 holds every sample in one chunk."""
+    c = cls_case(family, "chunk")
+    for fusion, chunk in (("spatial", 3), ("temporal", 4), ("auto", 16), ("auto", None)):
+        c.check(fusion=fusion, chunk_size=chunk)
+
+
+def test_seq_cls_chunk_pools_where_hf_does(bases):
+    """A pad token id inside a sample: HF pools the rightmost non-pad id, not the last attended
+    token; chunk alignment pools the same token. A pooled token on padding is refused."""
     model = _cls_model(bases("llama"), "llama", 2, 3)
-    with pytest.raises(muxc.UnsupportedPeftError, match=r"\['a'\]: sequence classification with "
-                       r"alignment='chunk' is not supported yet: the head pools"):
-        muxc.compile([muxc.Task(name="a", model=model)], muxc.Options(alignment="chunk"))
+    b = _cls_batch(3, 8, 4, torch.tensor([1, 0, 1]))
+    b["input_ids"][2, 7] = 0  # attended, but the pad id: HF pools column 6 of row 2
+    assert b["attention_mask"][2, 7] == 1
+    case = separate([("a", model)], {"a": b}, alignment="chunk")
+    case.check(chunk_size=3)
+    bad = {**b, "attention_mask": b["attention_mask"].clone()}
+    bad["attention_mask"][2, 5:] = 0  # pooled column 6 now lies on padding
+    bad["input_ids"] = b["input_ids"].clone()
+    with pytest.raises(muxc.BatchError, match=r"'a': row 2's last non-padding token \(column 6"):
+        case.program.forward_backward({"a": bad})
 
 
 def test_modules_to_save_off_the_head_is_refused(bases):

@@ -34,15 +34,6 @@ def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph
     """New MuxGraph, SDPA swapped for ChunkAttention (chunk alignment); does not mutate ``mux``."""
     if ctx.options.alignment is not Alignment.CHUNK:
         return PassResult(mux, "alignment='pad': attention left as exported")
-    seq_cls = sorted(t for t, h in mux.heads.items() if h.problem == "seq_cls")
-    if seq_cls:
-        raise UnsupportedPeftError(
-            f"task(s) {seq_cls}: sequence classification with alignment='chunk' is not supported "
-            "yet: the head pools each sample's last non-padding token, which chunk packing moves "
-            "into another chunk step than the rest of its sample, and the per-chunk loss has no "
-            "place for a per-sample label; use alignment='pad' (spatial, temporal and auto "
-            "fusion all work there)"
-        )
     gm = fx.GraphModule(mux.gm, copy.deepcopy(mux.gm.graph), class_name=type(mux.gm).__name__)
     g = gm.graph
     eager = sdpa_from_eager(g)
