@@ -57,6 +57,7 @@ class AdapterKind(str, Enum):
     DORA = "dora"
     HEAD = "head"  # a task's own trainable head (modules_to_save of the output Linear)
     BIAS = "bias"  # a task's own trained copy of a base op's bias (LoRA bias="all"/"lora_only")
+    COPY = "copy"  # a task's own trainable copy of a backbone module (modules_to_save off the head)
 
 
 class Dispatch(str, Enum):
