@@ -17,6 +17,7 @@ from peft import IA3Config, LoraConfig, PeftModel
 from peft.tuners.lora.dora import DoraLinearLayer
 
 import muxc
+from muxc.ir import AdapterKind
 from muxc.kinds import dora as dora_kind
 from muxc.plan.summary import summarize_graph
 
@@ -307,11 +308,70 @@ def test_seq_cls_chunk_pools_where_hf_does(bases):
         case.program.forward_backward({"a": bad})
 
 
-def test_modules_to_save_off_the_head_is_refused(bases):
+# ------------------------------------------------------------- modules_to_save off the head
+
+_COPIED = {  # (LoRA task's copies, IA3 task's copies): Linear/Conv1D and LayerNorm modules
+    "llama": (["model.layers.0.mlp.up_proj"], ["model.layers.1.self_attn.o_proj"]),
+    "gpt2": (["transformer.h.0.ln_1", "transformer.h.1.mlp.c_fc"], ["transformer.h.0.ln_2"]),
+    "opt": (["model.decoder.layers.0.fc1", "model.decoder.layers.1.self_attn_layer_norm"],
+            ["model.decoder.layers.0.final_layer_norm"]),
+}
+
+
+def _perturb_copies(model, seed: int) -> None:
+    """Move the task's module copies off the frozen originals (as training would)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def copies_mixed(base, family: str, alignment: str) -> Case:
+    lora_mods, ia3_mods = _COPIED[family]
+    qv = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"]}[family]
+    a = make_peft(base, LoraConfig(r=4, target_modules=qv, lora_dropout=0.0, modules_to_save=lora_mods), 1)
+    b = make_peft(base, IA3Config(modules_to_save=ia3_mods), 2)
+    for model, seed in ((a, 11), (b, 12)):
+        _perturb_copies(model, seed)
+    spec = [("copy", a), ("ia3copy", b),
+            ("lora", make_peft(base, LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.0), 3))]
+    batches = {"copy": make_batch(2, 7, 1), "ia3copy": make_batch(3, 5, 2), "lora": make_batch(2, 6, 3)}
+    return separate(spec, batches, alignment=alignment)
+
+
+@pytest.mark.parametrize("family,alignment", [
+    ("llama", "pad"), ("gpt2", "chunk"),
+    pytest.param("llama", "chunk", marks=SLOW), pytest.param("gpt2", "pad", marks=SLOW),
+    pytest.param("opt", "pad", marks=SLOW), pytest.param("opt", "chunk", marks=SLOW),
+])
+def test_modules_to_save_on_backbone_modules(bases, family, alignment):
+    """A LoRA and an IA3 task each train their own copy of backbone Linear/Conv1D/LayerNorm
+    modules (replacing the shared frozen op on their rows) beside a plain LoRA task."""
+    c = copies_mixed(bases(family), family, alignment)
+    copies = [n for n in c.refs["copy"][1] if ".modules_to_save." in n]
+    assert copies and (family == "llama" or any(n.endswith(".bias") for n in copies))  # Llama's have none
+    kinds = {r.kind for recs in c.program.mux.sites.values() for r in recs}
+    assert AdapterKind.COPY in kinds
+    for fusion in FUSIONS:
+        c.check(fusion=fusion, **({"chunk_size": 4} if alignment == "chunk" else {}))
+
+
+def test_module_copies_save_loadable_by_peft(bases, tmp_path):
+    c = copies_mixed(bases("gpt2"), "gpt2", "chunk")
+    c.program.save_adapters(tmp_path)
+    for task, model in (("copy", c.models[0]), ("ia3copy", c.models[1])):
+        loaded = PeftModel.from_pretrained(copy.deepcopy(bases("gpt2")), str(tmp_path / task))
+        mine = {n: p for n, p in model.named_parameters() if ".modules_to_save." in n}
+        theirs = dict(loaded.named_parameters())
+        assert mine and all(torch.equal(theirs[n], p) for n, p in mine.items()), task
+
+
+def test_modules_to_save_of_an_unsupported_module_is_refused(bases):
     model = make_peft(bases("llama"), LoraConfig(r=2, target_modules=["q_proj"],
-                                                 modules_to_save=["model.layers.0.mlp.up_proj"]), 1)
-    with pytest.raises(muxc.UnsupportedPeftError, match=r"modules_to_save module .*up_proj.* is not the "
-                       r"model's output head"):
+                                                 modules_to_save=["model.layers.0.input_layernorm"]), 1)
+    with pytest.raises(muxc.UnsupportedPeftError, match=r"modules_to_save module .*input_layernorm.* "
+                       r"\(LlamaRMSNorm\) is not the model's output head and not a module muxc copies"):
         muxc.compile([muxc.Task(name="a", model=model)])
 
 
