@@ -158,7 +158,8 @@ def copied_modules(task_name: str, hf: torch.nn.Module, adapter: str) -> dict:
     heads = output_head_paths(hf)
     found = {}
     for path, mod in hf.named_modules():
-        if isinstance(mod, ModulesToSaveWrapper) and adapter in mod.modules_to_save and path not in heads:
+        wrapped = isinstance(mod, ModulesToSaveWrapper) and adapter in mod.modules_to_save
+        if wrapped and path not in heads:
             check_copyable(task_name, path, mod, adapter, SUPPORTED)
             found[path] = mod
     return found

@@ -238,7 +238,8 @@ class HeadInfo:
         """Each row's last non-padding token, computed as HF's sequence classifiers do (the
         rightmost id that is not ``pad_token_id``; the last column without a pad token id)."""
         if self.pad_token_id is None:
-            return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+            rows = ids.shape[0]
+            return torch.full((rows,), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
         non_pad = (ids != self.pad_token_id).to(torch.int32)
         cols = torch.arange(ids.shape[-1], device=ids.device, dtype=torch.int32)
         return (cols * non_pad).argmax(-1)

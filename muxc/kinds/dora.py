@@ -11,7 +11,9 @@ PEFT (``peft/tuners/lora/dora.py``, ``DoraLinearLayer.forward``) computes, for b
 (with LoRA dropout active, ``h - b`` is replaced by ``dropout(x) W^T`` and ``x`` by
 ``dropout(x)`` in the LoRA term). With bias training (``bias="all"``/``"lora_only"``) ``b`` is
 the task's own trained bias: the bias kind runs first at the site and moves ``h`` onto it, and
-``h - b`` subtracts that same tensor, so the bias gets PEFT's gradient (the sum of ``dy``). A site serves every DoRA task at once: the weight norms of all
+``h - b`` subtracts that same tensor, so the bias gets PEFT's gradient (the sum of ``dy``).
+
+A site serves every DoRA task at once: the weight norms of all
 its DoRA tasks come from one batched GEMM (ranks zero-padded to the largest, which adds exact
 zeros), the LoRA terms from ONE `multi_lora` call over all segments (the other tasks get a
 rank-0 adapter), and the renormalisation is elementwise over per-segment scale rows.

@@ -15,10 +15,10 @@ the copy only, exactly as alone. Supported module types: ``nn.Linear``, GPT-2 ``
 `UnsupportedPeftError` naming the module. A module cannot be both copied and a LoRA target
 (PEFT refuses that itself).
 
-Record fields: ``rank`` is a linear copy's output width (0 for a LayerNorm), ``scaling`` a LayerNorm's ``eps`` (0 for a
-linear), ``fan_in_fan_out`` marks a Conv1D (weight stored ``(in, out)``). Priced as one GEMM of
-the op's shape per task token (a Linear copy's backward also computes dW, which that omits; a
-LayerNorm copy costs less than that).
+Record fields: ``rank`` is a linear copy's output width (0 for a LayerNorm), ``scaling`` a
+LayerNorm's ``eps`` (0 for a linear), ``fan_in_fan_out`` marks a Conv1D (weight stored ``(in,
+out)``). Priced as one GEMM of the op's shape per task token (a Linear copy's backward also
+computes dW, which that omits; a LayerNorm copy costs less than that).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _records(task: str, path: str, mod, adapter: str) -> AdapterRecord:
     return AdapterRecord(
         task=task, site=path, kind=AdapterKind.COPY, dispatch=Dispatch.PARALLEL,
         aggregate=Aggregate.REPLACE, params=params, param_names=names,
-        rank=0 if norm else int(copy.weight.shape[1] if isinstance(copy, Conv1D) else copy.weight.shape[0]),
+        rank=0 if norm else int(copy.weight.shape[1 if isinstance(copy, Conv1D) else 0]),
         scaling=float(copy.eps) if norm else 0.0,
         fan_in_fan_out=isinstance(copy, Conv1D),
     )

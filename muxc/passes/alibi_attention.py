@@ -103,7 +103,9 @@ def _match(softmax: fx.Node) -> AlibiAttention | None:
     shape = _shape(x)
     heads = shape[1] if shape is not None else None
     bad = x.args[0]
-    if not isinstance(heads, int) or not _call(bad, (aten.baddbmm.default,)) or len(_users(bad)) != 1:
+    if not isinstance(heads, int) or not _call(bad, (aten.baddbmm.default,)):
+        return None
+    if len(_users(bad)) != 1:
         return None
     nodes += [x, bad]
     alibi, q3, kt = bad.args[:3]
@@ -138,7 +140,8 @@ def _match(softmax: fx.Node) -> AlibiAttention | None:
             if len(_users(user.args[1])) == 1:
                 nodes.append(user.args[1])
             nodes += [user, out]
-            return AlibiAttention(q, k, v, alibi, beta, mask, heads, alpha, dropout_p, out, tuple(nodes))
+            return AlibiAttention(q, k, v, alibi, beta, mask, heads, alpha, dropout_p, out,
+                                  tuple(nodes))
         else:
             return None
         nodes.append(user)
@@ -179,7 +182,8 @@ def alibi_slopes(graph: fx.Graph, alibi: fx.Node, heads: int) -> tuple[float, ..
     mask_val = mask.meta.get("val")
     device = mask_val.device if isinstance(mask_val, torch.Tensor) else torch.device("cpu")
     with torch.no_grad():
-        bias = fx.GraphModule(torch.nn.Module(), sub)(torch.ones(1, _PROBE, dtype=torch.long, device=device))
+        ones = torch.ones(1, _PROBE, dtype=torch.long, device=device)
+        bias = fx.GraphModule(torch.nn.Module(), sub)(ones)
     bias = bias.reshape(heads, _PROBE).float().cpu()
     slopes = bias[:, 1].clone()
     expected = slopes[:, None] * torch.arange(_PROBE, dtype=torch.float32)[None, :]

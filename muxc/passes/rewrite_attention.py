@@ -45,8 +45,8 @@ def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph
             f"does not recognise (softmax node {left[0].format_node()} feeds a matmul; "
             f"{len(left)} such nodes), so it cannot attend across chunks exactly; recognised are "
             "scaled_dot_product_attention and HF's eager attention "
-            "(softmax(q @ k^T * scale + mask) @ v) and ALiBi's (Bloom: baddbmm(alibi, q, k^T)); use "
-            "alignment='pad'"
+            "(softmax(q @ k^T * scale + mask) @ v) and ALiBi's (Bloom: baddbmm(alibi, q, k^T)); "
+            "use alignment='pad'"
         )
     if not any(n.op == "call_function" and n.target is SDPA for n in g.nodes):
         raise UnsupportedPeftError(
