@@ -340,15 +340,27 @@ def copies_mixed(base, family: str, alignment: str) -> Case:
     return separate(spec, batches, alignment=alignment)
 
 
+@pytest.fixture(scope="module")
+def copy_case(bases):
+    cache: dict[tuple[str, str], Case] = {}
+
+    def get(family: str, alignment: str) -> Case:
+        if (family, alignment) not in cache:
+            cache[family, alignment] = copies_mixed(bases(family), family, alignment)
+        return cache[family, alignment]
+
+    return get
+
+
 @pytest.mark.parametrize("family,alignment", [
     ("llama", "pad"), ("gpt2", "chunk"),
     pytest.param("llama", "chunk", marks=SLOW), pytest.param("gpt2", "pad", marks=SLOW),
     pytest.param("opt", "pad", marks=SLOW), pytest.param("opt", "chunk", marks=SLOW),
 ])
-def test_modules_to_save_on_backbone_modules(bases, family, alignment):
+def test_modules_to_save_on_backbone_modules(copy_case, family, alignment):
     """A LoRA and an IA3 task each train their own copy of backbone Linear/Conv1D/LayerNorm
     modules (replacing the shared frozen op on their rows) beside a plain LoRA task."""
-    c = copies_mixed(bases(family), family, alignment)
+    c = copy_case(family, alignment)
     copies = [n for n in c.refs["copy"][1] if ".modules_to_save." in n]
     assert copies and (family == "llama" or any(n.endswith(".bias") for n in copies))  # Llama's have none
     kinds = {r.kind for recs in c.program.mux.sites.values() for r in recs}
@@ -357,8 +369,8 @@ def test_modules_to_save_on_backbone_modules(bases, family, alignment):
         c.check(fusion=fusion, **({"chunk_size": 4} if alignment == "chunk" else {}))
 
 
-def test_module_copies_save_loadable_by_peft(bases, tmp_path):
-    c = copies_mixed(bases("gpt2"), "gpt2", "chunk")
+def test_module_copies_save_loadable_by_peft(bases, copy_case, tmp_path):
+    c = copy_case("gpt2", "chunk")
     c.program.save_adapters(tmp_path)
     for task, model in (("copy", c.models[0]), ("ia3copy", c.models[1])):
         loaded = PeftModel.from_pretrained(copy.deepcopy(bases("gpt2")), str(tmp_path / task))
