@@ -282,14 +282,23 @@ def test_seq_cls_head_saves_loadable_by_peft(bases, cls_case, tmp_path):
         assert rel_err(got, want) <= 1e-6, task
 
 
-@pytest.mark.parametrize("family", ("llama", pytest.param("gpt2", marks=SLOW), pytest.param("opt", marks=SLOW)))
-def test_seq_cls_heads_with_chunk_alignment(cls_case, family):
+def _cls_chunk_cells():
+    """Llama: spatial chunk 3 and auto chunk 16 by default; the rest and GPT-2/OPT: slow."""
+    cells = []
+    for family in ("llama", "gpt2", "opt"):
+        for fusion, chunk in (("spatial", 3), ("temporal", 4), ("auto", 16), ("auto", None)):
+            fast = family == "llama" and (fusion, chunk) in (("spatial", 3), ("auto", 16))
+            cells.append(pytest.param(family, fusion, chunk, marks=() if fast else SLOW,
+                                      id=f"{family}-{fusion}-c{chunk}"))
+    return cells
+
+
+@pytest.mark.parametrize("family,fusion,chunk", _cls_chunk_cells())
+def test_seq_cls_heads_with_chunk_alignment(cls_case, family, fusion, chunk):
     """Each sample's pooled (last) token is taken in the chunk step that holds it; the head and
     HF's mean loss are summed over those steps. Chunk 3 puts samples' last tokens in several
     steps (and streams hold several samples); 16 holds every sample in one chunk."""
-    c = cls_case(family, "chunk")
-    for fusion, chunk in (("spatial", 3), ("temporal", 4), ("auto", 16), ("auto", None)):
-        c.check(fusion=fusion, chunk_size=chunk)
+    cls_case(family, "chunk").check(fusion=fusion, chunk_size=chunk)
 
 
 def test_seq_cls_chunk_pools_where_hf_does(bases):
