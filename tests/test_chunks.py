@@ -87,11 +87,11 @@ def case(bases):
 
 
 def _matrix():
-    """Full fusion x chunk-size matrix on Llama; a diagonal on GPT-2 and OPT (the rest of their
-    matrix repeats what Llama's and the diagonal cover: marked slow)."""
+    """Full fusion x chunk-size matrix on Llama; a diagonal on GPT-2, OPT and Bloom (ALiBi) (the
+    rest of their matrix repeats what Llama's and the diagonal cover: marked slow)."""
     cases = []
     diagonal = {("spatial", 3), ("temporal", 8), ("auto", 64)}
-    for family in ("llama", "gpt2", "opt"):
+    for family in ("llama", "gpt2", "opt", "bloom"):
         for fusion in ("spatial", "temporal", "auto"):
             for chunk in (3, 8, 64):  # 3 and 8 are shorter than the longest sample (12)
                 fast = family == "llama" or (fusion, chunk) in diagonal
@@ -113,7 +113,46 @@ def test_chunk_alignment_rejects_left_padding(case):
         program.forward_backward({"lora": b})
 
 
-def test_chunk_alignment_needs_sdpa(bases):
-    model = make_peft(bases("bloom"), LoraConfig(r=4, target_modules=["query_key_value"], lora_dropout=0.0), 1)
-    with pytest.raises(muxc.UnsupportedPeftError, match="bloom model computes attention in a form .*ALiBi"):
-        muxc.compile([muxc.Task(name="t", model=model)], muxc.Options(alignment="chunk"))
+def test_alibi_attention_becomes_chunk_attention_with_the_model_slopes(case):
+    """Bloom's ALiBi attention (baddbmm) is rewritten to SDPA with the bias as its mask, and each
+    layer's chunk node carries the slopes HF's own ALiBi tensor uses."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    from muxc.ir import ChunkAttention
+
+    program = case("bloom").program
+    nodes = [n for n in program.mux.gm.graph.nodes if n.op == "call_function"]
+    chunk = [n.target for n in nodes if isinstance(n.target, ChunkAttention)]
+    assert len(chunk) == 2 and not any(n.target is torch.ops.aten.baddbmm.default for n in nodes)
+    hf = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), 4, torch.float32)[:, 0, 1]
+    assert all(c.alibi == tuple(hf.tolist()) for c in chunk)
+    (rec,) = [r for r in program.history if r.name == "rewrite_attention"]
+    assert "(2 from ALiBi attention, rewritten to SDPA with the bias as its mask)" in rec.summary
+
+
+@pytest.mark.slow
+def test_alibi_chunk_alignment_two_stages(bases):
+    """Bloom with chunk alignment cut into two pipeline stages (run in one process)."""
+    lora = LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0)
+    spec = [("lora", make_peft(bases("bloom"), lora, 1)),
+            ("ia3", make_peft(bases("bloom"), IA3Config(), 3))]
+    c = separate(spec, {"lora": _batch([12, 4, 9], 1), "ia3": _batch([2, 3, 11, 5], 3)},
+                 alignment="chunk", stages=2)
+    for fusion in ("spatial", "temporal", "auto"):
+        c.check(fusion=fusion, chunk_size=4)
+
+
+def test_alibi_that_is_not_slope_times_position_is_refused():
+    """`alibi_slopes` checks the bias it reads is slope * key position before chunks rebuild it."""
+    import torch.fx as fx
+
+    from muxc.passes.alibi_attention import alibi_slopes
+
+    g = fx.Graph()
+    am = g.placeholder("attention_mask")
+    x = g.call_function(torch.ops.aten._to_copy.default, (am,), {"dtype": torch.float32})
+    sq = g.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))  # 2 everywhere: not slope * position
+    bias = g.call_function(torch.ops.aten.unsqueeze.default, (sq, 1))
+    g.output(bias)
+    with pytest.raises(muxc.UnsupportedPeftError, match="is not slope \\* key position"):
+        alibi_slopes(g, bias, heads=1)

@@ -16,8 +16,8 @@ import muxc
 from muxc.ir import SDPA, ChunkAttention
 from muxc.passes.eager_attention import match_eager_attention, sdpa_from_eager, unmatched_attention
 
-# families whose eager attention muxc cannot make chunk-aware, and why (asserted below)
-UNSUPPORTED = {"bloom": "ALiBi's baddbmm"}
+# what each family's attention is rewritten from (Bloom's ALiBi baddbmm; the others' eager form)
+REWRITTEN_FROM = {"bloom": "ALiBi attention, rewritten to SDPA with the bias as its mask"}
 
 
 def eager_base(family: str) -> torch.nn.Module:
@@ -64,7 +64,7 @@ def _params(families, fast):
     return [pytest.param(f, marks=() if f in fast else (pytest.mark.slow,), id=f) for f in families]
 
 
-SUPPORTED = [f for f in CORE_FAMILIES + OTHER_FAMILIES if f not in UNSUPPORTED]
+SUPPORTED = list(CORE_FAMILIES + OTHER_FAMILIES)
 
 
 @pytest.mark.parametrize("family", _params(SUPPORTED, ("llama",)))  # gpt2, opt, ...: -m slow
@@ -83,7 +83,8 @@ def test_eager_attention_becomes_chunk_attention_per_layer(family):
     assert sum(isinstance(n.target, ChunkAttention) for n in nodes) == layers
     assert not any(n.target is SDPA or n.target in softmax for n in nodes)
     (rec,) = [r for r in program.history if r.name == "rewrite_attention"]
-    assert f"({layers} from eager attention, rewritten to SDPA first)" in rec.summary
+    why = REWRITTEN_FROM.get(family, "eager attention, rewritten to SDPA first")
+    assert f"({layers} from {why})" in rec.summary
 
 
 def test_match_reads_scale_mask_and_dropout():
@@ -101,10 +102,3 @@ def test_match_reads_scale_mask_and_dropout():
     copy = fx.GraphModule(program.mux.gm, deepcopy(graph)).graph
     assert sdpa_from_eager(copy) == 2 and unmatched_attention(copy) == []
     assert len(match_eager_attention(graph)) == 2  # the original is left as it was
-
-
-@pytest.mark.parametrize("family,why", sorted(UNSUPPORTED.items()))
-def test_eager_alibi_family_is_refused_with_chunk_alignment(family, why):
-    model = make_peft(eager_base(family), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 1)
-    with pytest.raises(muxc.UnsupportedPeftError, match=f"{family} model computes attention.*{why}"):
-        muxc.compile([muxc.Task(name="t", model=model)], muxc.Options(alignment="chunk"))

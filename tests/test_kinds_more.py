@@ -17,6 +17,7 @@ from peft import IA3Config, LoraConfig, PeftModel
 from peft.tuners.lora.dora import DoraLinearLayer
 
 import muxc
+from muxc.ir import AdapterKind
 from muxc.kinds import dora as dora_kind
 from muxc.plan.summary import summarize_graph
 
@@ -194,7 +195,7 @@ def _cls_batch(rows: int, seq: int, seed: int, labels: torch.Tensor) -> dict:
     return {**b, "labels": labels}
 
 
-def cls_mixed(base, family: str) -> Case:
+def cls_mixed(base, family: str, alignment: str = "pad") -> Case:
     """Five kinds on one backbone: single-label (DoRA), multi-label and regression SEQ_CLS tasks
     with their heads, a causal LoRA task, a causal IA3 task and a causal task training its own
     lm_head copy."""
@@ -213,17 +214,17 @@ def cls_mixed(base, family: str) -> Case:
                "multi": _cls_batch(2, 9, 2, (torch.rand(2, 3, generator=g) > 0.5).float()),
                "reg": _cls_batch(2, 5, 3, torch.randn(2, generator=g)),
                "lora": make_batch(2, 7, 3), "ia3": make_batch(1, 6, 4), "lm_head": make_batch(2, 8, 6)}
-    return separate(spec, batches)
+    return separate(spec, batches, alignment=alignment)
 
 
 @pytest.fixture(scope="module")
 def cls_case(bases):
-    cache: dict[str, Case] = {}
+    cache: dict[tuple[str, str], Case] = {}
 
-    def get(family: str) -> Case:
-        if family not in cache:
-            cache[family] = cls_mixed(bases(family), family)
-        return cache[family]
+    def get(family: str, alignment: str = "pad") -> Case:
+        if (family, alignment) not in cache:
+            cache[family, alignment] = cls_mixed(bases(family), family, alignment)
+        return cache[family, alignment]
 
     return get
 
@@ -281,18 +282,117 @@ def test_seq_cls_head_saves_loadable_by_peft(bases, cls_case, tmp_path):
         assert rel_err(got, want) <= 1e-6, task
 
 
-def test_seq_cls_with_chunk_alignment_says_why(bases):
+def _cls_chunk_cells():
+    """Llama: spatial chunk 3 and auto chunk 16 by default; the rest and GPT-2/OPT: slow."""
+    cells = []
+    for family in ("llama", "gpt2", "opt"):
+        for fusion, chunk in (("spatial", 3), ("temporal", 4), ("auto", 16), ("auto", None)):
+            fast = family == "llama" and (fusion, chunk) in (("spatial", 3), ("auto", 16))
+            cells.append(pytest.param(family, fusion, chunk, marks=() if fast else SLOW,
+                                      id=f"{family}-{fusion}-c{chunk}"))
+    return cells
+
+
+@pytest.mark.parametrize("family,fusion,chunk", _cls_chunk_cells())
+def test_seq_cls_heads_with_chunk_alignment(cls_case, family, fusion, chunk):
+    """Each sample's pooled (last) token is taken in the chunk step that holds it; the head and
+    HF's mean loss are summed over those steps. Chunk 3 puts samples' last tokens in several
+    steps (and streams hold several samples); 16 holds every sample in one chunk."""
+    cls_case(family, "chunk").check(fusion=fusion, chunk_size=chunk)
+
+
+def test_seq_cls_chunk_pools_where_hf_does(bases):
+    """A pad token id inside a sample: HF pools the rightmost non-pad id, not the last attended
+    token; chunk alignment pools the same token. A pooled token on padding is refused."""
     model = _cls_model(bases("llama"), "llama", 2, 3)
-    with pytest.raises(muxc.UnsupportedPeftError, match=r"\['a'\]: sequence classification with "
-                       r"alignment='chunk' is not supported yet: the head pools"):
-        muxc.compile([muxc.Task(name="a", model=model)], muxc.Options(alignment="chunk"))
+    b = _cls_batch(3, 8, 4, torch.tensor([1, 0, 1]))
+    b["input_ids"][2, 7] = 0  # attended, but the pad id: HF pools column 6 of row 2
+    assert b["attention_mask"][2, 7] == 1
+    case = separate([("a", model)], {"a": b}, alignment="chunk")
+    case.check(chunk_size=3)
+    bad = {**b, "attention_mask": b["attention_mask"].clone()}
+    bad["attention_mask"][2, 5:] = 0  # pooled column 6 now lies on padding
+    bad["input_ids"] = b["input_ids"].clone()
+    with pytest.raises(muxc.BatchError, match=r"'a': row 2's last non-padding token \(column 6"):
+        case.program.forward_backward({"a": bad})
 
 
-def test_modules_to_save_off_the_head_is_refused(bases):
+# ------------------------------------------------------------- modules_to_save off the head
+
+_COPIED = {  # (LoRA task's copies, IA3 task's copies): Linear/Conv1D and LayerNorm modules
+    "llama": (["model.layers.0.mlp.up_proj"], ["model.layers.1.self_attn.o_proj"]),
+    "gpt2": (["transformer.h.0.ln_1", "transformer.h.1.mlp.c_fc"], ["transformer.h.0.ln_2"]),
+    "opt": (["model.decoder.layers.0.fc1", "model.decoder.layers.1.self_attn_layer_norm"],
+            ["model.decoder.layers.0.final_layer_norm"]),
+}
+
+
+def _perturb_copies(model, seed: int) -> None:
+    """Move the task's module copies off the frozen originals (as training would)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def copies_mixed(base, family: str, alignment: str) -> Case:
+    lora_mods, ia3_mods = _COPIED[family]
+    qv = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"]}[family]
+    a = make_peft(base, LoraConfig(r=4, target_modules=qv, lora_dropout=0.0, modules_to_save=lora_mods), 1)
+    b = make_peft(base, IA3Config(modules_to_save=ia3_mods), 2)
+    for model, seed in ((a, 11), (b, 12)):
+        _perturb_copies(model, seed)
+    spec = [("copy", a), ("ia3copy", b),
+            ("lora", make_peft(base, LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.0), 3))]
+    batches = {"copy": make_batch(2, 7, 1), "ia3copy": make_batch(3, 5, 2), "lora": make_batch(2, 6, 3)}
+    return separate(spec, batches, alignment=alignment)
+
+
+@pytest.fixture(scope="module")
+def copy_case(bases):
+    cache: dict[tuple[str, str], Case] = {}
+
+    def get(family: str, alignment: str) -> Case:
+        if (family, alignment) not in cache:
+            cache[family, alignment] = copies_mixed(bases(family), family, alignment)
+        return cache[family, alignment]
+
+    return get
+
+
+@pytest.mark.parametrize("family,alignment", [
+    ("llama", "pad"), ("gpt2", "chunk"),
+    pytest.param("llama", "chunk", marks=SLOW), pytest.param("gpt2", "pad", marks=SLOW),
+    pytest.param("opt", "pad", marks=SLOW), pytest.param("opt", "chunk", marks=SLOW),
+])
+def test_modules_to_save_on_backbone_modules(copy_case, family, alignment):
+    """A LoRA and an IA3 task each train their own copy of backbone Linear/Conv1D/LayerNorm
+    modules (replacing the shared frozen op on their rows) beside a plain LoRA task."""
+    c = copy_case(family, alignment)
+    copies = [n for n in c.refs["copy"][1] if ".modules_to_save." in n]
+    assert copies and (family == "llama" or any(n.endswith(".bias") for n in copies))  # Llama's have none
+    kinds = {r.kind for recs in c.program.mux.sites.values() for r in recs}
+    assert AdapterKind.COPY in kinds
+    for fusion in FUSIONS:
+        c.check(fusion=fusion, **({"chunk_size": 4} if alignment == "chunk" else {}))
+
+
+def test_module_copies_save_loadable_by_peft(bases, copy_case, tmp_path):
+    c = copy_case("gpt2", "chunk")
+    c.program.save_adapters(tmp_path)
+    for task, model in (("copy", c.models[0]), ("ia3copy", c.models[1])):
+        loaded = PeftModel.from_pretrained(copy.deepcopy(bases("gpt2")), str(tmp_path / task))
+        mine = {n: p for n, p in model.named_parameters() if ".modules_to_save." in n}
+        theirs = dict(loaded.named_parameters())
+        assert mine and all(torch.equal(theirs[n], p) for n, p in mine.items()), task
+
+
+def test_modules_to_save_of_an_unsupported_module_is_refused(bases):
     model = make_peft(bases("llama"), LoraConfig(r=2, target_modules=["q_proj"],
-                                                 modules_to_save=["model.layers.0.mlp.up_proj"]), 1)
-    with pytest.raises(muxc.UnsupportedPeftError, match=r"modules_to_save module .*up_proj.* is not the "
-                       r"model's output head"):
+                                                 modules_to_save=["model.layers.0.input_layernorm"]), 1)
+    with pytest.raises(muxc.UnsupportedPeftError, match=r"modules_to_save module .*input_layernorm.* "
+                       r"\(LlamaRMSNorm\) is not the model's output head and not a module muxc copies"):
         muxc.compile([muxc.Task(name="a", model=model)])
 
 

@@ -26,6 +26,7 @@ from muxc.errors import TaskSpecError, UnsupportedPeftError
 from muxc.ir import CAUSAL_LM, AdapterKind, AdapterRecord, HeadInfo
 from muxc.kinds import KINDS, SUPPORTED, spec_for_config, spec_for_layer
 from muxc.kinds.bias import BIAS, bias_site, trained_bias_modules
+from muxc.kinds.module_copy import MODULE_COPY, check_copyable
 from muxc.kinds.prefix import is_prefix, prefix_records
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "adapter_name_of",
     "normalize_fqn",
     "adapter_layers",
+    "copied_modules",
     "adapter_records",
     "bias_mode",
     "trained_biases",
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 # Model FQNs relative to the HF model: PEFT prefixes and wrappers removed.
-_WRAPPER_PARTS = ("base_layer",)
+_WRAPPER_PARTS = ("base_layer", "original_module")
 
 
 def hf_model(task_name: str, model) -> torch.nn.Module:
@@ -118,7 +120,10 @@ def adapter_layers(task_name: str, hf: torch.nn.Module, adapter: str) -> dict[st
     heads = output_head_paths(hf)
     for path, mod in hf.named_modules():
         if isinstance(mod, ModulesToSaveWrapper) and adapter in mod.modules_to_save:
-            if path not in heads or not isinstance(mod.modules_to_save[adapter], torch.nn.Linear):
+            if path not in heads:  # a backbone module's copy (`copied_modules`)
+                check_copyable(task_name, path, mod, adapter, SUPPORTED)
+                continue
+            if not isinstance(mod.modules_to_save[adapter], torch.nn.Linear):
                 raise UnsupportedPeftError(
                     f"task {task_name!r}: modules_to_save module {path!r} "
                     f"({type(mod.original_module).__name__}) is not the model's output head; "
@@ -150,6 +155,19 @@ def adapter_layers(task_name: str, hf: torch.nn.Module, adapter: str) -> dict[st
         found[path] = mod
     if not found:
         raise UnsupportedPeftError(f"task {task_name!r}: adapter {adapter!r} targets no supported layer")
+    return found
+
+
+def copied_modules(task_name: str, hf: torch.nn.Module, adapter: str) -> dict:
+    """Module path -> ModulesToSaveWrapper whose ``adapter`` copy of a backbone module (not the
+    output head) the task trains (`muxc.kinds.module_copy`); unsupported module types raise."""
+    heads = output_head_paths(hf)
+    found = {}
+    for path, mod in hf.named_modules():
+        wrapped = isinstance(mod, ModulesToSaveWrapper) and adapter in mod.modules_to_save
+        if wrapped and path not in heads:
+            check_copyable(task_name, path, mod, adapter, SUPPORTED)
+            found[path] = mod
     return found
 
 
@@ -229,6 +247,8 @@ def adapter_records(
             for path, mod in adapter_layers(task_name, hf, adapter).items()]
     recs += [BIAS.records(task_name, path, mod, adapter)
              for path, mod in trained_biases(task_name, hf, adapter, bias).items()]
+    recs += [MODULE_COPY.records(task_name, path, mod, adapter)
+             for path, mod in copied_modules(task_name, hf, adapter).items()]
     return recs
 
 
@@ -292,10 +312,13 @@ def routed_adapters(
         return
     layers = {p: m for p, m in hf.named_modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))}
     mine = adapter_layers(task_name, hf, adapter)
+    copied = copied_modules(task_name, hf, adapter)
     patched = []
     try:
         for path, mod in layers.items():
-            if path in mine:
+            if path in copied:
+                fwd = MODULE_COPY.traced_forward(path, adapter)
+            elif path in mine:
                 fwd = spec_for_layer(mod, adapter).traced_forward(path, adapter)
             else:
                 fwd = _base_only_forward

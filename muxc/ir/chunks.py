@@ -9,7 +9,11 @@ task after task, so tasks share every kernel with no inter-task padding.
 Exactness: positions restart at 0 for each sample; a token attends only to earlier tokens of
 its own sample (document mask over the stream); a chunk attends to the K/V of its stream's
 earlier chunks, which the runtime keeps (with autograd) until the stream completes; labels
-are shifted within each sample exactly as HF shifts them within a row.
+are shifted within each sample exactly as HF shifts them within a row. A sequence-
+classification task (``heads``) has no token labels: each sample's pooled token (HF's last
+non-padding one) is found in the chunk step that holds it, and that step's `ChunkStep.pooled`
+gives its (row, column) there and the sample's label, so the task's loss is summed over the
+steps that hold its samples' last tokens (times 1 / the batch's label count: HF's mean).
 
 >>> ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
 >>> b = {"input_ids": ids, "attention_mask": (ids > 0).long(), "labels": ids.masked_fill(ids == 0, -100)}
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from muxc.errors import BatchError
-from muxc.ir.ops import IGNORE_INDEX
+from muxc.ir.ops import IGNORE_INDEX, HeadInfo
 
 __all__ = ["Stream", "ChunkStep", "ChunkLayout", "build_layout"]
 
@@ -41,6 +45,8 @@ class Stream:
     docs: torch.Tensor  # (L,) sample index; padding gets unique negative ids
     labels: torch.Tensor  # (L,) already shifted within each sample
     real: int
+    # sequence classification: (batch row, offset in the stream of its pooled token) per sample
+    heads: tuple[tuple[int, int], ...] = ()
 
     @property
     def chunks(self) -> int:
@@ -59,6 +65,11 @@ class ChunkStep:
     labels: torch.Tensor  # (B, C), shifted
     mask: torch.Tensor  # (B, 1, C, (index + 1) * C) bool: may query i attend key j
     gather: torch.Tensor | None  # (B,) row of each stream in the previous step
+    # (B, (index + 1) * C) position in its sample of every key column (ALiBi's bias reads it)
+    key_positions: torch.Tensor | None = None
+    # sequence-classification task -> ((k, 2) (row among the task's rows, column) of the pooled
+    # tokens this step holds, (k, ...) those samples' labels)
+    pooled: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,29 +86,42 @@ class ChunkLayout:
         return 1 - self.real_tokens / max(self.tokens_computed, 1)
 
 
-def _samples(name: str, batch: Mapping) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(ids, shifted labels) of each row's real tokens, checking right padding."""
+def _samples(name: str, batch: Mapping, head: HeadInfo | None = None) -> list[tuple]:
+    """(ids, shifted labels, batch row, pooled offset or -1) of each row's real tokens,
+    checking right padding; ``head``: a sequence-classification task (no token labels)."""
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
     labels = batch["labels"]
+    pooled = None if head is None else head.pooled_positions(ids)
     out = []
     for r in range(ids.shape[0]):
         n = int(mask[r].sum())
-        if n == 0:
+        if n == 0 and pooled is None:
             continue
         if not bool(mask[r, :n].all()):
             raise BatchError(
                 f"task {name!r}: row {r} is not right-padded (attention_mask {mask[r].tolist()}); "
                 "alignment='chunk' packs samples and needs right padding (padding_side='right')"
             )
+        if pooled is not None:
+            p = int(pooled[r])
+            if p >= n:
+                raise BatchError(
+                    f"task {name!r}: row {r}'s last non-padding token (column {p}, the rightmost "
+                    f"id that is not pad_token_id) lies outside its {n} attended tokens; "
+                    "alignment='chunk' drops padding: give padding pad_token_id and "
+                    "attention_mask 0, or use alignment='pad'"
+                )
+            out.append((ids[r, :n], torch.full((n,), IGNORE_INDEX, dtype=torch.long), r, p))
+            continue
         if bool((labels[r, n:] != IGNORE_INDEX).any()):
             raise BatchError(
                 f"task {name!r}: row {r} has labels on padding; set labels to -100 where "
                 "attention_mask is 0 (alignment='chunk' drops padding)"
             )
         shifted = torch.nn.functional.pad(labels[r], (0, 1), value=IGNORE_INDEX)[1 : n + 1]
-        out.append((ids[r, :n], shifted))
+        out.append((ids[r, :n], shifted, r, -1))
     return out
 
 
@@ -124,6 +148,9 @@ def _pack(name: str, samples, chunk: int) -> list[Stream]:
         labels = torch.cat([samples[i][1] for i in members])
         pos = torch.cat([torch.arange(samples[i][0].numel()) for i in members])
         docs = torch.cat([torch.full((samples[i][0].numel(),), k) for k, i in enumerate(members)])
+        starts = torch.tensor([0] + [samples[i][0].numel() for i in members]).cumsum(0).tolist()
+        heads = tuple((samples[i][2], starts[k] + samples[i][3])
+                      for k, i in enumerate(members) if samples[i][3] >= 0)
         real = ids.numel()
         pad = -real % chunk
         if pad:
@@ -131,29 +158,35 @@ def _pack(name: str, samples, chunk: int) -> list[Stream]:
             labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
             pos = torch.cat([pos, torch.arange(pad)])
             docs = torch.cat([docs, -1 - torch.arange(real, real + pad)])
-        streams.append(Stream(name, ids, pos, docs, labels, real))
+        streams.append(Stream(name, ids, pos, docs, labels, real, heads))
     return streams
 
 
 def build_layout(
-    batches: Mapping[str, Mapping], order: tuple[str, ...], chunk_size: int, device: torch.device
+    batches: Mapping[str, Mapping], order: tuple[str, ...], chunk_size: int, device: torch.device,
+    heads: Mapping[str, HeadInfo] | None = None,
 ) -> ChunkLayout:
-    """Lay out the batches of the tasks in ``order`` (absent ones skipped) as chunk steps."""
+    """Lay out the batches of the tasks in ``order`` (absent ones skipped) as chunk steps;
+    ``heads``: the tasks' heads (sequence-classification ones are pooled per sample)."""
     C = chunk_size
     per_task = {}
     counts = {}
+    cls = {t: h for t, h in (heads or {}).items() if h.problem == "seq_cls"}
     for t in order:
         if t not in batches:
             continue
-        samples = _samples(t, batches[t])
+        samples = _samples(t, batches[t], cls.get(t))
         streams = sorted(_pack(t, samples, C), key=lambda s: -s.chunks)
         per_task[t] = streams
-        counts[t] = int(sum(int((lab != IGNORE_INDEX).sum()) for _, lab in samples))
+        if t in cls:
+            counts[t] = cls[t].label_count(batches[t]["labels"])
+        else:
+            counts[t] = int(sum(int((s[1] != IGNORE_INDEX).sum()) for s in samples))
     n_steps = max((s.chunks // C for ss in per_task.values() for s in ss), default=0)
     steps = []
     prev_rows: dict[str, int] = {}
     for c in range(n_steps):
-        tasks, rows, picked, gather = [], [], [], []
+        tasks, rows, picked, gather, pooled = [], [], [], [], {}
         offset_prev = 0
         for t, streams in per_task.items():
             active = [s for s in streams if s.chunks > c * C]
@@ -162,6 +195,13 @@ def build_layout(
                 rows.append(len(active))
                 picked += active
                 gather += [offset_prev + k for k in range(len(active))]
+                if t in cls:
+                    here = [(k, off - c * C, r) for k, s in enumerate(active) for r, off in s.heads
+                            if c * C <= off < (c + 1) * C]
+                    at = torch.tensor([h[:2] for h in here], dtype=torch.long).reshape(-1, 2)
+                    which = torch.tensor([h[2] for h in here], dtype=torch.long)
+                    labels = batches[t]["labels"]
+                    pooled[t] = (at.to(device), labels[which.to(labels.device)].to(device))
             offset_prev += prev_rows.get(t, 0)
         prev_rows = dict(zip(tasks, rows))
         sl = slice(c * C, (c + 1) * C)
@@ -179,6 +219,8 @@ def build_layout(
                 labels=torch.stack([s.labels[sl] for s in picked]).to(device),
                 mask=mask[:, None].to(device),
                 gather=None if c == 0 else torch.tensor(gather, device=device),
+                key_positions=torch.stack([s.positions[: (c + 1) * C] for s in picked]).to(device),
+                pooled=pooled,
             )
         )
     streams_all = [s for ss in per_task.values() for s in ss]

@@ -60,6 +60,7 @@ class AdapterKind(str, Enum):
     PREFIX = "prefix"  # prefix tuning: trained K/V prepended at every attention (`muxc.ir.prefix`)
     PROMPT = "prompt"  # prompt tuning: learned virtual tokens in front of each row
     P_TUNING = "p_tuning"  # P-tuning: virtual tokens from an MLP/LSTM prompt encoder
+    COPY = "copy"  # a task's own trainable copy of a backbone module (modules_to_save off the head)
 
 
 class Dispatch(str, Enum):

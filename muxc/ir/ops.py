@@ -234,6 +234,16 @@ class HeadInfo:
             return SINGLE_LABEL
         return MULTI_LABEL
 
+    def pooled_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each row's last non-padding token, computed as HF's sequence classifiers do (the
+        rightmost id that is not ``pad_token_id``; the last column without a pad token id)."""
+        if self.pad_token_id is None:
+            rows = ids.shape[0]
+            return torch.full((rows,), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+        non_pad = (ids != self.pad_token_id).to(torch.int32)
+        cols = torch.arange(ids.shape[-1], device=ids.device, dtype=torch.int32)
+        return (cols * non_pad).argmax(-1)
+
     def label_count(self, labels: torch.Tensor) -> int:
         """How many terms HF's mean loss over ``labels`` averages."""
         kind = self.resolved_problem_type(labels)
@@ -260,8 +270,10 @@ def seq_cls_loss(pooled: torch.Tensor, labels: torch.Tensor, head: HeadInfo, red
 class HeadLoss:
     """The loss of a task with its own head, called as ``(hidden, mux, weight[, bias])``: its
     rows of the shared last hidden state through its head copy, then HF's loss for its
-    `HeadInfo` (causal LM, or sequence classification pooled at ``mux.pooled``). With
-    ``mux.loss_scale`` it is this part's share (summed terms times the scale)."""
+    `HeadInfo` (causal LM, or sequence classification pooled at ``mux.pooled``: a column per
+    row, or in a chunk step ``(k, 2)`` (row, column) pairs of the samples whose last token it
+    holds, ``mux.labels`` then being those samples' labels). With ``mux.loss_scale`` it is
+    this part's share (summed terms times the scale)."""
 
     task: str
     head: HeadInfo
@@ -284,7 +296,10 @@ class HeadLoss:
                 tasks=(self.task,), rows=(end - start,), seq_len=mux.seq_len, labels=(labels,),
                 shifted=mux.shifted, loss_scale=None if mux.loss_scale is None else (mux.loss_scale[i],)))
         pos = mux.pooled[i].to(rows.device)
-        picked = rows[torch.arange(rows.shape[0], device=rows.device), pos]
+        if pos.dim() == 2:  # chunk step: (row, column) of each sample pooled here
+            picked = rows[pos[:, 0], pos[:, 1]]
+        else:
+            picked = rows[torch.arange(rows.shape[0], device=rows.device), pos]
         pooled = F.linear(picked.to(weight.dtype), weight, bias)
         if mux.loss_scale is None:
             return seq_cls_loss(pooled, labels, self.head, "mean")
@@ -307,9 +322,14 @@ class ChunkAttention:
     (each token sees only earlier tokens of its own sample). ``mux.kv[index]`` holds
     ``(K, V)``; how gradients cross chunks is the runtime's business (it may replace the stored
     tensors by detached leaves between steps).
+
+    ``alibi`` (per-head slopes, from an ALiBi model's rewritten attention) makes a chunk step
+    add ALiBi's bias ``slope_h * key position`` (positions within the sample, over the kept
+    columns too) under the document mask, as the model adds it within a row.
     """
 
     index: int
+    alibi: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "__name__", f"chunk_attention_{self.index}")
@@ -333,7 +353,12 @@ class ChunkAttention:
             k = torch.cat([pk.index_select(0, step.gather), k], dim=-2)
             v = torch.cat([pv.index_select(0, step.gather), v], dim=-2)
         mux.kv[self.index] = (k, v)
-        return SDPA(q, k, v, attn_mask=step.mask, **kw)
+        mask = step.mask
+        if self.alibi is not None:
+            slopes = torch.tensor(self.alibi, dtype=torch.float32, device=q.device)
+            bias = slopes[None, :, None, None] * step.key_positions[:, None, None, :].float()
+            mask = torch.where(mask, bias.to(q.dtype), float("-inf"))
+        return SDPA(q, k, v, attn_mask=mask, **kw)
 
     def __repr__(self) -> str:
-        return f"ChunkAttention({self.index})"
+        return f"ChunkAttention({self.index}{', alibi' if self.alibi is not None else ''})"

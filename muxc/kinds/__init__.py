@@ -1,7 +1,7 @@
 """The adapter-kind table: one `AdapterKindSpec` per PEFT method muxc runs.
 
 >>> [k.value for k in KINDS], spec_of(AdapterKind.LORA).kernel_op
-(['bias', 'lora', 'ia3', 'dora', 'head', 'prefix', 'prompt', 'p_tuning'], 'multi_lora')
+(['copy', 'bias', 'lora', 'ia3', 'dora', 'head', 'prefix', 'prompt', 'p_tuning'], 'multi_lora')
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from muxc.ir import AdapterKind
 from muxc.kinds.bias import BIAS
 from muxc.kinds.dora import DORA
 from muxc.kinds.head import HEAD
+from muxc.kinds.module_copy import MODULE_COPY
 from muxc.kinds.ia3 import IA3
 from muxc.kinds.lora import LORA
 from muxc.kinds.prefix import PREFIX
@@ -29,18 +30,19 @@ __all__ = [
 ]
 
 # table order is the order a site applies kinds: a task's trained bias first (it is part of
-# the base output that LoRA adds to and IA3 scales)
+# the base output that LoRA adds to, IA3 scales and DoRA renormalises, subtracting it again)
+# (a module copy replaces the task's segment outright: first)
 KINDS: dict[AdapterKind, AdapterKindSpec] = {
-    s.kind: s for s in (BIAS, LORA, IA3, DORA, HEAD, PREFIX, PROMPT, P_TUNING)
-}
+    s.kind: s for s in (MODULE_COPY, BIAS, LORA, IA3, DORA, HEAD, PREFIX, PROMPT, P_TUNING)}
 _BY_TRACE_OP = {s.trace_op: s for s in KINDS.values() if s.traces}
 
 SUPPORTED = (
     "LoRA (Linear/Conv1D targets, bias='none'/'all'/'lora_only' on Linear/Conv1D/LayerNorm "
-    "biases), DoRA (LoraConfig(use_dora=True), bias='none', Linear/Conv1D "
-    "targets) and IA3 (Linear targets), with modules_to_save only on the output head (a "
-    "SEQ_CLS model's score/classifier, a causal LM's lm_head); prefix tuning (causal LM, with or "
-    "without prefix_projection) on GPT-2, Llama and OPT, with stages in one process"
+    "biases), DoRA (LoraConfig(use_dora=True), the same bias modes, Linear/Conv1D "
+    "targets) and IA3 (Linear targets), with modules_to_save on the output head (a "
+    "SEQ_CLS model's score/classifier, a causal LM's lm_head) or on nn.Linear/Conv1D/"
+    "nn.LayerNorm modules of the backbone; prefix tuning (causal LM, with or without "
+    "prefix_projection) on GPT-2, Llama and OPT, with stages in one process"
     "; prompt tuning and P-tuning (MLP or LSTM encoder) on causal LMs"
 )
 

@@ -9,7 +9,11 @@ PEFT (``peft/tuners/lora/dora.py``, ``DoraLinearLayer.forward``) computes, for b
     y      = h + (scale - 1) * (h - b) + scale * s * B(A(x))
 
 (with LoRA dropout active, ``h - b`` is replaced by ``dropout(x) W^T`` and ``x`` by
-``dropout(x)`` in the LoRA term). A site serves every DoRA task at once: the weight norms of all
+``dropout(x)`` in the LoRA term). With bias training (``bias="all"``/``"lora_only"``) ``b`` is
+the task's own trained bias: the bias kind runs first at the site and moves ``h`` onto it, and
+``h - b`` subtracts that same tensor, so the bias gets PEFT's gradient (the sum of ``dy``).
+
+A site serves every DoRA task at once: the weight norms of all
 its DoRA tasks come from one batched GEMM (ranks zero-padded to the largest, which adds exact
 zeros), the LoRA terms from ONE `multi_lora` call over all segments (the other tasks get a
 rank-0 adapter), and the renormalisation is elementwise over per-segment scale rows.
@@ -115,13 +119,8 @@ def weight_norms(w: torch.Tensor, fan_in_fan_out: bool, a_list, b_list, scaling)
 
 
 def config_problems(cfg) -> list[str]:
-    """LoRA's, and bias training (DoRA's norm reads the base bias, which would then differ
-    per task)."""
-    out = _lora_problems(cfg)
-    bias = getattr(cfg, "bias", "none")
-    if bias not in (None, "none") and f"bias={bias!r}" not in out:
-        out.append(f"bias={bias!r} with use_dora=True")
-    return out
+    """LoRA's (bias training is supported: `_apply` subtracts the task's own bias)."""
+    return _lora_problems(cfg)
 
 
 def _for_config(cfg) -> bool:
@@ -198,7 +197,16 @@ def _apply(site, x: torch.Tensor, h: torch.Tensor, mux, params, recs, frozen=Non
             scales.append(ones)
     lens = torch.tensor(mux.seg_lens, device=flat_x.device)
     scale = torch.repeat_interleave(torch.stack(scales), lens, dim=0)
-    base = flat_h.to(dtype) if bias is None else flat_h.to(dtype) - bias.to(dtype)
+    base = flat_h.to(dtype)
+    if bias is not None:
+        # ``h`` carries each task's own bias where it trains one (the bias kind ran first at
+        # this site), the shared snapshot elsewhere: subtract that one, as PEFT subtracts
+        # ``base_layer.bias``
+        own = [params[t]["bias"] if "bias" in params.get(t, {}) else bias for t in mux.tasks]
+        if all(b is bias for b in own):
+            base = base - bias.to(dtype)
+        else:
+            base = base - torch.repeat_interleave(torch.stack(own).to(dtype), lens, dim=0)
     if any(p > 0 for p in drops):
         flat_x = segment_dropout(flat_x, mux.seg_lens, drops)
         dropped = F.linear(flat_x, _oriented(w, first.fan_in_fan_out).to(dtype))

@@ -12,8 +12,8 @@ exports as::
 which equals ``scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop,
 scale=scale)``. `sdpa_from_eager` rewrites every such subgraph into that call in place, so
 chunk alignment's `ChunkAttention` (which replaces SDPA nodes) serves eager models too.
-Patterns this module does not recognise (Bloom's ALiBi ``baddbmm``) are left as they are;
-`rewrite_attention` then refuses the model, naming it.
+Patterns this module does not recognise are left as they are (Bloom's ALiBi ``baddbmm`` is
+`muxc.passes.alibi_attention`'s); `rewrite_attention` refuses what no rewrite recognised.
 
 >>> n = sdpa_from_eager(gm.graph)      # doctest: +SKIP
 >>> n                                  # doctest: +SKIP

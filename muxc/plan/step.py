@@ -132,7 +132,7 @@ def plan_step(planner: Planner, batches: Mapping[str, Mapping],
     computed = real = 0
     for g in groups:
         if chunk is not None:
-            layout = build_layout(present, g, chunk, planner.device)
+            layout = build_layout(present, g, chunk, planner.device, heads=planner.mux.heads)
             m = len(layout.steps)
             computed += layout.tokens_computed
             real += layout.real_tokens

@@ -218,13 +218,9 @@ def unlabeled(batches: Mapping[str, Mapping], heads: Mapping | None = None) -> l
 
 
 def pooled_positions(ids: torch.Tensor, head: HeadInfo) -> torch.Tensor:
-    """Each row's last non-padding token, computed as HF's sequence classifiers do (the
-    rightmost id that is not ``pad_token_id``; the last column without a pad token id)."""
-    if head.pad_token_id is None:
-        return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
-    non_pad = (ids != head.pad_token_id).to(torch.int32)
-    cols = torch.arange(ids.shape[-1], device=ids.device, dtype=torch.int32)
-    return (cols * non_pad).argmax(-1)
+    """Each row's last non-padding token, as HF's sequence classifiers pick it
+    (`HeadInfo.pooled_positions`)."""
+    return head.pooled_positions(ids)
 
 
 def build_batch(

@@ -128,12 +128,17 @@ class LocalExecutor:
         kv: dict = {}
         out = []
         for step in layout.steps:
-            labels = torch.split(step.labels, list(step.rows))
+            labels = list(torch.split(step.labels, list(step.rows)))
             scale = tuple(1.0 / layout.label_counts[t] if layout.label_counts[t] else float("nan")
                           for t in step.tasks)
+            pooled = [None] * len(step.tasks)
+            for i, t in enumerate(step.tasks):  # sequence classification: the samples pooled here
+                if t in step.pooled:
+                    pooled[i], labels[i] = step.pooled[t]
             mux = MuxBatch(tasks=step.tasks, rows=step.rows, seq_len=layout.chunk_size,
                            labels=tuple(labels), impl=self.impl, training=training, shifted=True,
-                           loss_scale=scale, chunk=step, kv=kv)
+                           loss_scale=scale, chunk=step, kv=kv,
+                           pooled=tuple(pooled) if step.pooled else None)
             inputs = {"input_ids": step.ids, "attention_mask": torch.ones_like(step.ids),
                       "position_ids": chunk_positions(self.mux, step)}
             out.append(_MicroBatch(inputs, mux))
