@@ -138,11 +138,22 @@ class AutoFusion:
             c *= 2
         candidates.add(c)
 
-        def total(c: int) -> float:
-            h = self._price_runs(chunk_runs(lengths, c))
-            return h.micro_batches * (h.forward + h.backward)
+        # a candidate with no more chunk steps, tokens and kept K/V than another is no slower:
+        # price only the others (pure-int packing is cheap, pricing is not)
+        shape = {}
+        for c in sorted(candidates):
+            streams = [stream_chunks(v, c) for v in lengths.values()]
+            steps = max((s[0] for s in streams if s), default=0)
+            shape[c] = (steps, c * sum(sum(s) for s in streams))
+        kept = [c for c in shape
+                if not any(d < c and shape[d][0] <= shape[c][0] and shape[d][1] <= shape[c][1]
+                           for d in shape)]
 
-        return min(sorted(candidates), key=lambda c: (total(c), c))
+        def total(c: int) -> float:
+            return sum(estimate_step(self.summary, run, cost=self.cost, micro_batches=n).total
+                       for run, n in chunk_runs(lengths, c))
+
+        return min(kept, key=lambda c: (total(c), c))
 
     def price(
         self, loads: Mapping[str, TaskLoad], group: tuple[str, ...], chunk: int | None,
