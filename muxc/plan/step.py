@@ -2,7 +2,8 @@
 runtime executes.
 
 hTasks (spatial: all tasks; temporal: one per task; auto: the fusion DP's choice), each
-hTask's micro-batches (its chunk steps with ``alignment="chunk"``, laid out here once; else
+hTask's micro-batches (its chunk steps with ``alignment="chunk"``, at the hTask's own chunk size
+unless ``chunk_size`` is set (`AutoFusion.group_chunks`), laid out here once; else
 ``micro_batches`` row splits), per-stage times from the cost model, and the pipeline schedule
 that interleaves hTasks (`muxc.plan.simulate.best_schedule`), simulated for makespan, bubble
 fraction and peak activations.
