@@ -390,8 +390,11 @@ class Muxc:
         """What the executor runs for ``batches``: hTask sizes and chunk size (the StepPlan)."""
         plan = self.program.plan(batches)
         text = "hTasks " + "+".join(str(len(h)) for h in plan.htasks)
-        if plan.chunk_size is not None:
-            text += f", chunk {plan.chunk_size}"
+        own = getattr(plan, "chunk_sizes", (plan.chunk_size,))
+        if len(set(own)) > 1:  # hTasks run their own chunk sizes
+            text += ", chunks " + "/".join(str(c) for c in own)
+        elif plan.chunk_size is not None:
+            text += f", chunk {own[0]}"
         return text
 
 

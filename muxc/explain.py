@@ -103,6 +103,7 @@ class Explanation:
                 ["hTasks (spatial groups, interleaved in time)", p.htasks],
                 ["stages", p.stages],
                 ["chunk_size", p.chunk_size if p.chunk_size else "- (pad)"],
+                ["chunk size per hTask", list(p.chunk_sizes)],
                 ["micro-batches per hTask", [c.micro_batches for c in p.costs]],
                 ["schedule policy", p.schedule.policy],
                 ["tokens computed / real", f"{p.tokens_computed} / {p.real_tokens}"],

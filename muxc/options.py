@@ -37,7 +37,8 @@ class Options:
     fusion: "auto" | "spatial" | "temporal".
     alignment: "pad" | "chunk" (pack each task's samples into streams cut into equal chunks of
       ``chunk_size`` tokens; exact attention through document masks and kept K/V).
-    chunk_size: tokens per chunk (>= 1); None picks a default from the batches.
+    chunk_size: tokens per chunk (>= 1); None: the planner picks one per hTask and step (the
+      cost model's fastest on the packed samples, up to the hTask's longest sample).
     stages: pipeline stages the backbone is cut into (1..number of subgraphs). In a
       torch.distributed group of ``stages`` processes (e.g. torchrun), rank r runs stage r;
       otherwise every stage runs in this process, in the plan's order.

@@ -44,6 +44,23 @@ def test_layout_packs_without_inter_task_padding():
     assert lay.label_counts == {"short": 16 - 4, "long": 38 - 3}
 
 
+@pytest.mark.parametrize("chunk", [4, 7, 16, 33])
+def test_planner_runs_match_the_built_layout(chunk):
+    """The planner prices chunk sizes from sample lengths alone (`chunk_runs`): it must see
+    exactly the steps, rows and kept-K/V lengths `build_layout` will make."""
+    from muxc.plan.fusion import _layout_runs, chunk_runs, sample_lengths
+
+    g = torch.Generator().manual_seed(chunk)
+    batches = {f"t{i}": _batch(torch.randint(1, 40, (int(torch.randint(1, 6, (1,), generator=g)),),
+                                             generator=g).tolist(), seed=i) for i in range(4)}
+    lay = build_layout(batches, tuple(batches), chunk_size=chunk, device=CPU)
+    planned = chunk_runs(sample_lengths(batches), chunk)
+    built = _layout_runs(lay)
+    assert [(dict(s.rows), s.seq_len, s.kv_len, n) for s, n in planned] == \
+        [(dict(s.rows), s.seq_len, s.kv_len, n) for s, n in built]
+    assert sum(s.padded_tokens for s, _ in planned) == lay.tokens_computed
+
+
 def test_layout_positions_restart_and_mask_separates_samples():
     lay = build_layout({"t": _batch([3, 2])}, ("t",), chunk_size=8, device=CPU)
     (step,) = lay.steps

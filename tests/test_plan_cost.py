@@ -450,3 +450,44 @@ def test_adapter_probes_call_like_a_site():
     bm = next(v[0] for v in lists if isinstance(v[0], torch.Tensor) and v[0].shape == (6, 2))
     torch.testing.assert_close(out, base + 2.0 * (x @ a.T) @ bm.T)
     assert torch.equal(base.grad, torch.ones(5, 6))  # the base output is an input of the call
+
+
+def test_each_htask_gets_its_own_chunk_size(program):
+    """Without a fixed chunk_size every hTask runs its own: with dear calls the one chunk
+    step of its longest sample (packing, no per-chunk-step cost); with free calls the small
+    chunks that leave the least padding. The plan runs what was priced."""
+    from muxc.ir.chunks import stream_chunks
+    from muxc.plan.fusion import AutoFusion, sample_lengths
+    from muxc.plan.step import Planner
+
+    short, long = _batch_lengths([20, 9, 17, 5]), _batch_lengths([90, 40, 77])
+    batches = {"t0": short, "t1": long}
+    roof = Roofline(1e11, 2e10, 0.0)
+    options = muxc.Options(alignment="chunk")
+    dear = AutoFusion(program.mux, options, CostModel(roofline=roof, call_overhead=1e-3))
+    free = AutoFusion(program.mux, options, CostModel(roofline=roof))
+    groups = (("t0",), ("t1",))
+    lengths = sample_lengths(batches)
+    one_step = dear.group_chunks(batches, groups, 64)
+    # one chunk step each: t0 its longest sample (3 rows of 20); t1 two streams of 128
+    # (90 | 77+40) beat three rows of its longest sample, 90
+    assert one_step == (20, 128)
+    assert [stream_chunks(lengths[t], c) for (t,), c in zip(groups, one_step)] == [[1] * 3, [1] * 2]
+    small = free.group_chunks(batches, groups, 64)
+    steps = [max(stream_chunks(lengths[t], c)) for (t,), c in zip(groups, small)]
+    assert steps[1] > 1  # free calls: the long task runs several smaller chunks ...
+    padded = [sum(stream_chunks(lengths[t], c)) * c for (t,), c in zip(groups, small)]
+    assert padded[1] < 3 * 90  # ... and computes less padding than the one-step layout
+    plan = Planner(program.mux, muxc.Options(fusion="temporal", alignment="chunk")).plan(batches)
+    assert plan.chunk_sizes == tuple(h.layout.chunk_size for h in plan.htask_plans)
+    fixed = Planner(program.mux, muxc.Options(fusion="temporal", alignment="chunk", chunk_size=32))
+    assert fixed.plan(batches).chunk_sizes == (32, 32)
+
+
+def _batch_lengths(lengths):
+    batch = make_batch(len(lengths), max(lengths), sum(lengths))
+    mask = torch.zeros_like(batch["input_ids"])
+    for r, n in enumerate(lengths):
+        mask[r, :n] = 1
+    return {"input_ids": batch["input_ids"] * mask, "attention_mask": mask,
+            "labels": batch["input_ids"].masked_fill(mask == 0, -100)}

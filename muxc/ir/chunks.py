@@ -32,7 +32,7 @@ import torch
 from muxc.errors import BatchError
 from muxc.ir.ops import IGNORE_INDEX, HeadInfo
 
-__all__ = ["Stream", "ChunkStep", "ChunkLayout", "build_layout"]
+__all__ = ["Stream", "ChunkStep", "ChunkLayout", "build_layout", "stream_chunks"]
 
 
 @dataclass(frozen=True)
@@ -125,15 +125,14 @@ def _samples(name: str, batch: Mapping, head: HeadInfo | None = None) -> list[tu
     return out
 
 
-def _pack(name: str, samples, chunk: int) -> list[Stream]:
-    if not samples:
-        return []
-    longest = max(s[0].numel() for s in samples)
-    capacity = -(-max(longest, chunk) // chunk) * chunk
+def _bins(lengths: list[int], chunk: int) -> list[list[int]]:
+    """Sample indices per stream: first-fit, longest first, capacity = the longest sample
+    rounded up to a multiple of ``chunk``."""
+    capacity = -(-max(max(lengths), chunk) // chunk) * chunk
     bins: list[list[int]] = []
     fill: list[int] = []
-    for i in sorted(range(len(samples)), key=lambda i: -samples[i][0].numel()):
-        n = samples[i][0].numel()
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
         for b, used in enumerate(fill):
             if used + n <= capacity:
                 bins[b].append(i)
@@ -142,6 +141,29 @@ def _pack(name: str, samples, chunk: int) -> list[Stream]:
         else:
             bins.append([i])
             fill.append(n)
+    return bins
+
+
+def stream_chunks(lengths: list[int] | tuple[int, ...], chunk: int) -> list[int]:
+    """Chunks per stream (longest first) of one task whose samples have ``lengths`` real
+    tokens, packed as `build_layout` packs them; no tensors, for the planner.
+
+    >>> stream_chunks([50, 49, 60, 54], 64), stream_chunks([50, 49, 60, 54], 60)
+    ([1, 1, 1, 1], [1, 1, 1, 1])
+    >>> stream_chunks([23, 59, 11, 37], 59), stream_chunks([162, 196, 231, 90], 32)
+    ([1, 1, 1], [8, 8, 7])
+    """
+    lengths = [n for n in lengths if n > 0]
+    if not lengths:
+        return []
+    return sorted((-(-sum(lengths[i] for i in b) // chunk) for b in _bins(lengths, chunk)),
+                  reverse=True)
+
+
+def _pack(name: str, samples, chunk: int) -> list[Stream]:
+    if not samples:
+        return []
+    bins = _bins([s[0].numel() for s in samples], chunk)
     streams = []
     for members in bins:
         ids = torch.cat([samples[i][0] for i in members])

@@ -64,6 +64,11 @@ class HTask:
     micro_batches: int
     layout: ChunkLayout | None = field(default=None, repr=False)
 
+    @property
+    def chunk_size(self) -> int | None:
+        """This hTask's chunk size (None: pad alignment)."""
+        return None if self.layout is None else self.layout.chunk_size
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -71,13 +76,19 @@ class StepPlan:
 
     htask_plans: tuple[HTask, ...]
     costs: tuple[HTaskCost, ...]
-    chunk_size: int | None
+    chunk_size: int | None  # the step's chunk size; hTasks may run their own (`chunk_sizes`)
     stages: int
     schedule: Schedule
     sim: SimResult
     fusion: FusionPlan | None  # the DP's choice and alternatives (fusion="auto")
     tokens_computed: int
     real_tokens: int
+
+    @property
+    def chunk_sizes(self) -> tuple[int | None, ...]:
+        """Each hTask's own chunk size (``chunk_size`` is the step's default; without a fixed
+        ``chunk_size`` option the planner picks one per hTask)."""
+        return tuple(h.chunk_size for h in self.htask_plans)
 
     @property
     def htasks(self) -> list[list[str]]:

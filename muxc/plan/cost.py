@@ -72,6 +72,7 @@ class CostModel:
                 if any(s.backward > 0 for s in rows):
                     fits[(key, True)] = fit_latency(bw, [s.backward for s in rows])
         self._fits = fits
+        self._memo: dict[tuple[OpKey, float, bool], float] = {}
 
     @staticmethod
     def load(path: str | Path) -> CostModel:
@@ -99,10 +100,15 @@ class CostModel:
 
     def latency(self, key: OpKey, work: float, backward: bool = False) -> float:
         """Seconds for ``work`` units of ``key`` (its backward when ``backward``)."""
-        m = self._fits.get((key, backward))
-        if m is not None:
-            return m.predict(work)
-        return roofline_latency(self.roofline, key, work, backward)
+        memo = (key, work, backward)
+        t = self._memo.get(memo)
+        if t is None:
+            m = self._fits.get((key, backward))
+            t = m.predict(work) if m is not None else roofline_latency(self.roofline, key, work, backward)
+            if len(self._memo) > 1 << 16:  # the planner prices the same shapes step after step
+                self._memo.clear()
+            self._memo[memo] = t
+        return t
 
     def saturation(self, key: OpKey) -> float | None:
         """Work (in the key's unit) past which the forward grows linearly; None if unfitted."""

@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from muxc.ir import MuxGraph
-from muxc.ir.chunks import ChunkLayout
+from muxc.ir.chunks import ChunkLayout, stream_chunks
 from muxc.options import Alignment, Options
 from muxc.ir.step import FusionPlan, GroupCost, HTaskCost
 from muxc.plan.fusion_dp import plan_fusion
@@ -25,7 +25,7 @@ from muxc.plan.memory import estimate_memory
 from muxc.plan.profile import Clock, load_or_profile
 from muxc.plan.summary import ModelSummary, summarize_graph
 
-__all__ = ["AutoFusion", "HTaskCost", "TaskLoad", "loads_of"]
+__all__ = ["AutoFusion", "HTaskCost", "TaskLoad", "loads_of", "sample_lengths", "chunk_runs"]
 
 
 def loads_of(batches: Mapping[str, Mapping]) -> dict[str, tuple[int, int, int]]:
@@ -62,6 +62,7 @@ class AutoFusion:
         self.options = options
         self._plan = lru_cache(maxsize=64)(self._plan_uncached)
         self._best_chunk = lru_cache(maxsize=64)(self._best_chunk_uncached)
+        self._group_chunk = lru_cache(maxsize=512)(self._group_chunk_uncached)
 
     def best_chunk(self, batches: Mapping[str, Mapping]) -> int:
         """The chunk size (a power of two from 16 up to the longest sample) with the lowest
@@ -114,6 +115,46 @@ class AutoFusion:
             start = end
         return runs
 
+    def group_chunks(self, batches: Mapping[str, Mapping], groups, default: int) -> tuple[int, ...]:
+        """Each hTask's own chunk size: the candidate with the lowest predicted time for that
+        hTask's samples, packed exactly as the executor will pack them (`stream_chunks`).
+
+        Candidates: ``default`` (the step's chunk size), powers of two from 16 up to the
+        first at or past the hTask's longest sample, and that longest sample itself (one chunk
+        step: every stream is one row, samples packed with a document mask, no padding beyond
+        the longest stream and no per-chunk-step cost). More chunk steps cost every op call
+        and re-read every frozen weight once more per step; larger chunks leave more padding.
+        """
+        lengths = sample_lengths(batches)
+        return tuple(self._group_chunk(tuple((t, lengths[t]) for t in g), default) for g in groups)
+
+    def _group_chunk_uncached(self, items: tuple, default: int) -> int:
+        lengths = dict(items)
+        longest = max((max(v) for v in lengths.values() if v), default=1)
+        candidates = {default, longest}
+        c = 16
+        while c < longest:
+            candidates.add(c)
+            c *= 2
+        candidates.add(c)
+
+        # a candidate with no more chunk steps, tokens and kept K/V than another is no slower:
+        # price only the others (pure-int packing is cheap, pricing is not)
+        shape = {}
+        for c in sorted(candidates):
+            streams = [stream_chunks(v, c) for v in lengths.values()]
+            steps = max((s[0] for s in streams if s), default=0)
+            shape[c] = (steps, c * sum(sum(s) for s in streams))
+        kept = [c for c in shape
+                if not any(d < c and shape[d][0] <= shape[c][0] and shape[d][1] <= shape[c][1]
+                           for d in shape)]
+
+        def total(c: int) -> float:
+            return sum(estimate_step(self.summary, run, cost=self.cost, micro_batches=n).total
+                       for run, n in chunk_runs(lengths, c))
+
+        return min(kept, key=lambda c: (total(c), c))
+
     def price(
         self, loads: Mapping[str, TaskLoad], group: tuple[str, ...], chunk: int | None,
         micro_batches: int | None = None, layout: ChunkLayout | None = None,
@@ -126,9 +167,13 @@ class AutoFusion:
         are; else they are estimated from ``loads``: chunk steps of the tasks still active,
         attending to the mean kept K/V length; pad mode ``micro_batches`` equal row splits.
         """
+        return self._price_runs(self._shapes(loads, group, chunk, micro_batches, layout))
+
+    def _price_runs(self, runs: list[tuple[StepShape, int]]) -> HTaskCost:
+        """`price` of an hTask run as ``runs``: (shape of n like micro-batches together, n)."""
         fwd = bwd = act = 0.0
         m = tokens = 0
-        for shape, n in self._shapes(loads, group, chunk, micro_batches, layout):
+        for shape, n in runs:
             est = estimate_step(self.summary, shape, cost=self.cost, micro_batches=n)
             fwd, bwd, m = fwd + est.forward, bwd + est.backward, m + n
             per_mb = StepShape({t: r / n for t, r in shape.rows.items()}, shape.seq_len,
@@ -170,6 +215,42 @@ class AutoFusion:
             fixed = estimate_memory(self.summary, {}, seq_len=max(seq, 1)).total
             budget = (self.options.memory_budget - fixed) / stages
         return plan_fusion({t: v[0] for t, v in loads.items()}, cost, stages, sat, budget, max_tasks)
+
+
+def sample_lengths(batches: Mapping[str, Mapping]) -> dict[str, tuple[int, ...]]:
+    """task -> real tokens of each of its samples (rows)."""
+    out = {}
+    for t, b in batches.items():
+        ids = b["input_ids"]
+        m = b.get("attention_mask")
+        lens = m.sum(1).tolist() if m is not None else [ids.shape[1]] * ids.shape[0]
+        out[t] = tuple(int(n) for n in lens)
+    return out
+
+
+def chunk_runs(lengths: Mapping[str, tuple[int, ...]], chunk: int) -> list[tuple[StepShape, int]]:
+    """The chunk steps `build_layout` makes of samples of ``lengths`` (task -> real tokens
+    per sample) at ``chunk``, as `_layout_runs` prices them, without building tensors.
+
+    >>> [(dict(s.rows), s.seq_len, s.kv_len, n) for s, n in chunk_runs({"a": (60, 20), "b": (100,)}, 64)]
+    [({'a': 2, 'b': 1}, 64, 64, 1), ({'b': 1}, 64, 128, 1)]
+    """
+    streams = {t: stream_chunks(v, chunk) for t, v in lengths.items()}
+    steps = max((s[0] for s in streams.values() if s), default=0)
+    runs: list[tuple[StepShape, int]] = []
+    key, first, n = None, 0, 0
+    for c in (*range(steps), None):
+        k = None if c is None else tuple((t, r) for t, s in streams.items()
+                                         if (r := sum(1 for x in s if x > c)))
+        if k != key and n:
+            kv = round(chunk * (2 * first + n + 1) / 2)
+            runs.append((StepShape({t: r * n for t, r in key}, chunk, kv), n))
+            n = 0
+        if c is not None:
+            if n == 0:
+                key, first = k, c
+            n += 1
+    return runs
 
 
 def _layout_runs(layout: ChunkLayout) -> list[tuple[StepShape, int]]:

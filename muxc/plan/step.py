@@ -2,7 +2,8 @@
 runtime executes.
 
 hTasks (spatial: all tasks; temporal: one per task; auto: the fusion DP's choice), each
-hTask's micro-batches (its chunk steps with ``alignment="chunk"``, laid out here once; else
+hTask's micro-batches (its chunk steps with ``alignment="chunk"``, at the hTask's own chunk size
+unless ``chunk_size`` is set (`AutoFusion.group_chunks`), laid out here once; else
 ``micro_batches`` row splits), per-stage times from the cost model, and the pipeline schedule
 that interleaves hTasks (`muxc.plan.simulate.best_schedule`), simulated for makespan, bubble
 fraction and peak activations.
@@ -90,8 +91,10 @@ class Planner:
             return None
         order = {t: i for i, t in enumerate(self.mux.tasks)}
         parts = [tuple(sorted(p, key=order.get))
-                 for p in self.fusion.split(batches, plan.chunk_size, groups[htask])]
-        return plan_step(self, batches, (*groups[:htask], *parts, *groups[htask + 1:]), plan.chunk_size)
+                 for p in self.fusion.split(batches, plan.htask_plans[htask].chunk_size, groups[htask])]
+        own = tuple(h.chunk_size for h in plan.htask_plans)
+        return plan_step(self, batches, (*groups[:htask], *parts, *groups[htask + 1:]), plan.chunk_size,
+                         (*own[:htask], *(own[htask],) * len(parts), *own[htask + 1:]))
 
 
 def _groups(planner: Planner, present: Mapping[str, Mapping], chunk: int | None):
@@ -115,11 +118,14 @@ def _pad_tokens(present: Mapping[str, Mapping], group: tuple[str, ...], loads) -
 
 def plan_step(planner: Planner, batches: Mapping[str, Mapping],
               groups: tuple[tuple[str, ...], ...] | None = None,
-              chunk_size: int | None = None) -> StepPlan:
+              chunk_size: int | None = None,
+              chunks: tuple[int | None, ...] | None = None) -> StepPlan:
     """Plan one step of ``batches`` (tasks absent from ``batches`` are not run).
 
     ``groups``: the hTasks to run, with ``chunk_size`` as given (`Planner.split`); the plan's
     ``fusion`` is then None. Without it the options (and the fusion DP) choose both.
+    ``chunks``: each group's chunk size (default: ``chunk_size`` for all when set in the
+    options, else each hTask's best, `AutoFusion.group_chunks`).
     """
     present = {t: b for t, b in batches.items() if t in planner.mux.tasks}
     if groups is None:
@@ -130,9 +136,13 @@ def plan_step(planner: Planner, batches: Mapping[str, Mapping],
     loads = loads_of(present)
     htasks, costs = [], []
     computed = real = 0
-    for g in groups:
-        if chunk is not None:
-            layout = build_layout(present, g, chunk, planner.device, heads=planner.mux.heads)
+    if chunks is None:
+        chunks = (chunk,) * len(groups)
+        if chunk is not None and planner.options.chunk_size is None:
+            chunks = planner.fusion.group_chunks(present, groups, chunk)
+    for g, c_g in zip(groups, chunks):
+        if c_g is not None:
+            layout = build_layout(present, g, c_g, planner.device, heads=planner.mux.heads)
             m = len(layout.steps)
             computed += layout.tokens_computed
             real += layout.real_tokens
@@ -143,7 +153,7 @@ def plan_step(planner: Planner, batches: Mapping[str, Mapping],
             computed += c
             real += r
         htasks.append(HTask(tasks=g, micro_batches=m, layout=layout))
-        costs.append(planner.fusion.price(loads, g, chunk, micro_batches=m, layout=layout))
+        costs.append(planner.fusion.price(loads, g, c_g, micro_batches=m, layout=layout))
     stages = planner.options.stages
     fwd = time_table([[c.forward for c in costs]] * stages)
     bwd = time_table([[c.backward for c in costs]] * stages)
