@@ -62,3 +62,40 @@ def test_executed_actions_are_the_plan(tasks_and_refs, alignment, stages, fusion
     assert_matches(losses, lambda n: adapter_grads(models[n], "default"), refs)
     for m in models.values():
         m.zero_grad(set_to_none=True)
+
+
+
+def test_chunk_step_keeps_no_kv_after_its_backward(tasks_and_refs, monkeypatch):
+    """The K/V a chunk step hands to later chunks (stand-ins and their gradients) are freed
+    once the hTask's backward ran, not held to the end of the step; the losses stay exact."""
+    import gc
+    import weakref
+
+    from helpers import rel_err
+
+    from muxc.runtime.local import LocalExecutor
+
+    spec, batches, refs = tasks_and_refs
+    program = muxc.compile([muxc.Task(name=n, model=m) for n, m in spec],
+                           muxc.Options(alignment="chunk", fusion="temporal", chunk_size=4))
+    kept: dict[int, list[weakref.ref]] = {}  # per hTask (its shared K/V dict): the stand-ins
+    alive_after: list[int] = []
+    cut_kv, backward = LocalExecutor._cut_kept_kv, LocalExecutor._backward
+
+    def spy_cut(mb, before, cut):
+        cut_kv(mb, before, cut)
+        kept.setdefault(id(mb.mux.kv), []).extend(weakref.ref(leaf) for _, leaf in cut.pairs)
+
+    def spy_backward(self, mb, stage):
+        backward(self, mb, stage)
+        if mb.mux.chunk is not None and mb.mux.chunk.index == 0:  # the hTask's last backward
+            gc.collect()
+            alive_after.append(sum(r() is not None for r in kept.get(id(mb.mux.kv), [])))
+
+    monkeypatch.setattr(LocalExecutor, "_cut_kept_kv", staticmethod(spy_cut))
+    monkeypatch.setattr(LocalExecutor, "_backward", spy_backward)
+    losses = program.forward_backward(batches)
+    assert sum(map(len, kept.values())) > 0, "no chunk step kept K/V for a later one"
+    assert alive_after and all(n == 0 for n in alive_after), alive_after
+    for name, _ in spec:
+        assert rel_err(losses[name], refs[name][0]) < 1e-5, name

@@ -306,6 +306,8 @@ class StageExecutor(LocalExecutor):
         with self.timeline.record(step):  # compute only: waiting for the gradients is a bubble
             if outs:
                 torch.autograd.backward(outs, grads)
+        if me == world - 1:
+            self._release_graph(mb)
         if me > 0:
             back = [v.grad if v.grad is not None else torch.zeros_like(v) for v in mb.received]
             self._send(back, me - 1, _tag(h, m, True), flight)

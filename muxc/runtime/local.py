@@ -69,6 +69,7 @@ class _MicroBatch:
     sent: dict[int, Boundary] = field(default_factory=dict)  # stage -> what it handed on
     received: list = field(default_factory=list)  # values another rank sent this stage
     sent_values: list = field(default_factory=list)  # values this stage sent another rank
+    last_chunk: bool = False  # the hTask's last chunk step: no later chunk reads its K/V
 
 
 class LocalExecutor:
@@ -141,7 +142,7 @@ class LocalExecutor:
                            pooled=tuple(pooled) if step.pooled else None)
             inputs = {"input_ids": step.ids, "attention_mask": torch.ones_like(step.ids),
                       "position_ids": chunk_positions(self.mux, step)}
-            out.append(_MicroBatch(inputs, mux))
+            out.append(_MicroBatch(inputs, mux, last_chunk=step is layout.steps[-1]))
         return out
 
     # ------------------------------------------------------------------ actions
@@ -157,12 +158,23 @@ class LocalExecutor:
     @staticmethod
     def _cut_kept_kv(mb: _MicroBatch, before: dict | None, cut: Boundary) -> None:
         """Hand the K/V an action kept for later chunks (entries changed since ``before``) to
-        them through ``cut``, so their backwards send its gradient back to this action."""
+        them through ``cut``, so their backwards send its gradient back to this action. The
+        last chunk's entries are dropped instead: no chunk reads them, and kept they would hold
+        that chunk's whole K/V until the step ends."""
         if before is None:
             return
-        for key, kv in mb.mux.kv.items():
+        for key, kv in list(mb.mux.kv.items()):
             if before.get(key) is not kv:
-                mb.mux.kv[key] = tuple(cut.cut(x) for x in kv)
+                if mb.last_chunk:
+                    del mb.mux.kv[key]
+                else:
+                    mb.mux.kv[key] = tuple(cut.cut(x) for x in kv)
+
+    @staticmethod
+    def _release_graph(mb: _MicroBatch) -> None:
+        """After the last stage's backward of ``mb``: keep its losses' values, not their graph
+        (through it the K/V stand-ins and their gradients would live until the step ends)."""
+        mb.losses = {t: l.detach() for t, l in mb.losses.items()}
 
     def _forward(self, mb: _MicroBatch, stage: int, grad: bool) -> None:
         cut = Boundary()
@@ -193,10 +205,13 @@ class LocalExecutor:
 
     def _backward(self, mb: _MicroBatch, stage: int) -> None:
         outs, grads = mb.sent.pop(stage).grads()
-        if self.partitioned is None or stage == len(self.partitioned.stages) - 1:
+        last = self.partitioned is None or stage == len(self.partitioned.stages) - 1
+        if last:
             self._add_losses(mb, outs, grads)
         if outs:
             torch.autograd.backward(outs, grads)
+        if last:
+            self._release_graph(mb)
 
     def agree(self, flags: torch.Tensor) -> torch.Tensor:
         """Per-task flags as every process sees them (one process: as they are)."""
