@@ -76,9 +76,10 @@ def case(bases):
 
 # llama by default; gpt2/opt with -m slow (test_lora_qv_lora_all_ia3 runs all three by default)
 LLAMA_FIRST = ("llama", pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("opt", marks=pytest.mark.slow))
-# llama-like attention/MLP families (and gemma, phi) under -m slow; the others (parallel
-# blocks, ALiBi, multi-query, LayerNorm MLPs) by default
-OTHER = [pytest.param(f, marks=pytest.mark.slow) if f in ("qwen2", "qwen3", "mistral", "stablelm", "gemma", "phi") else f
+# llama-like attention/MLP families (and gemma, phi), GPT-NeoX and Bloom (ALiBi: in
+# test_chunks.py by default) under -m slow; Falcon (parallel blocks) and GPTBigCode
+# (multi-query) by default
+OTHER = [f if f in ("falcon", "gpt_bigcode") else pytest.param(f, marks=pytest.mark.slow)
          for f in OTHER_FAMILIES]
 
 

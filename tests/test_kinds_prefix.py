@@ -58,7 +58,8 @@ def case(bases):
 
 # by default llama under every fusion and OPT (positions from the mask's cumsum) under one; the
 # rest, GPT-2 included, under -m slow (tracing dominates the cost)
-CELLS = [("llama", "spatial"), ("llama", "temporal"), ("llama", "auto"), ("opt", "auto"),
+CELLS = [pytest.param("llama", "spatial", marks=SLOW), pytest.param("llama", "temporal", marks=SLOW),
+         ("llama", "auto"), ("opt", "auto"),  # llama spatial/temporal also in test_kinds_mixed.py
          pytest.param("gpt2", "temporal", marks=SLOW),
          pytest.param("gpt2", "spatial", marks=SLOW), pytest.param("gpt2", "auto", marks=SLOW),
          pytest.param("opt", "spatial", marks=SLOW), pytest.param("opt", "temporal", marks=SLOW)]
@@ -71,7 +72,7 @@ def test_prefix_mixed_with_lora_and_ia3_pad(case, family, fusion):
 
 # chunk alignment: samples packed several to a stream, each seeing its task's prefix; chunk
 # sizes 4 (a 9-token sample spans three chunks) and 8
-CHUNK_CELLS = [("llama", "auto", 4),
+CHUNK_CELLS = [pytest.param("llama", "auto", 4, marks=SLOW),  # by default in test_kinds_mixed.py
                pytest.param("llama", "spatial", 8, marks=SLOW),
                pytest.param("llama", "temporal", 4, marks=SLOW),
                pytest.param("gpt2", "auto", 4, marks=SLOW), pytest.param("gpt2", "spatial", 8, marks=SLOW),

@@ -89,7 +89,8 @@ PAD = [("gpt2", "spatial"), pytest.param("gpt2", "temporal", marks=SLOW),
        pytest.param("llama", "temporal", marks=SLOW), pytest.param("llama", "auto", marks=SLOW),
        pytest.param("opt", "spatial", marks=SLOW), ("opt", "temporal"),
        pytest.param("opt", "auto", marks=SLOW)]
-CHUNK = [pytest.param("gpt2", marks=SLOW), "llama", pytest.param("opt", marks=SLOW)]
+# llama's prompt and P-tuning tasks run in auto/chunk in tests/test_kinds_mixed.py by default
+CHUNK = [pytest.param(f, marks=SLOW) for f in ("gpt2", "llama", "opt")]
 
 
 @pytest.mark.parametrize(("family", "fusion"), PAD)
