@@ -193,9 +193,24 @@ def test_prefix_refuses_stages_on_several_processes(bases, monkeypatch):
 
 def test_prefix_refuses_unknown_position_rules(bases):
     """A family whose positions after a prefix muxc does not know is refused, naming it."""
-    model = _prefix(bases("qwen2"), 8, 2, False)
-    with pytest.raises(UnsupportedPeftError, match=r"prefix tuning on 'qwen2' models is not supported yet"):
+    model = _prefix(bases("bloom"), 8, 2, False)
+    with pytest.raises(UnsupportedPeftError, match=r"prefix tuning on 'bloom' models is not supported yet"):
         muxc.compile([muxc.Task(name="p", model=model)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma", "gpt_neox", "phi", "stablelm",
+                                    "gpt_bigcode"])
+def test_prefix_on_other_families(bases, family):
+    """The "arange" families: a prefix task (projection MLP) beside a LoRA task, pad and chunk."""
+    base = bases(family)
+    spec = [("pre", _prefix(base, 1, 3, True)),
+            ("lora", make_peft(base, LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.0), 2))]
+    batches = {"pre": make_batch(2, 7, 1), "lora": make_batch(2, 5, 2)}
+    for alignment in ("pad", "chunk"):
+        c = separate(spec, batches, alignment=alignment)
+        for fusion in ("spatial", "temporal"):
+            c.check(fusion=fusion)
 
 
 def test_prefix_refuses_other_task_types(bases):

@@ -162,8 +162,11 @@ def _rows(mask: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
 # ``n`` tokens is in the cache (transformers 5): "arange" (Llama, GPT-2: ``arange(S) + n``
 # whatever the mask) or "cumsum" (OPT: ``cumsum`` of the ``[ones(n); mask]`` mask, times it,
 # minus one, cut to the new tokens: ``(cumsum(mask) + n) * mask - 1``). With ``n = 0`` each is
-# what HF computes without a prefix. Families not listed are refused for prefix tuning.
-POSITION_RULES = {"gpt2": "arange", "llama": "arange", "opt": "cumsum"}
+# what HF computes without a prefix. Families not listed are refused for prefix tuning: Bloom
+# (ALiBi: its bias would have to span the prefix columns) and Falcon (PEFT's prefix K/V do not
+# fit its multi-query attention: HF itself fails on them).
+POSITION_RULES = {"gpt2": "arange", "llama": "arange", "opt": "cumsum", **dict.fromkeys(
+    ("qwen2", "qwen3", "mistral", "gemma", "gpt_neox", "phi", "stablelm", "gpt_bigcode"), "arange")}
 
 
 def task_positions(model_type: str, mask: torch.Tensor, offset: int) -> torch.Tensor:

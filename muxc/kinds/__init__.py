@@ -42,7 +42,7 @@ SUPPORTED = (
     "targets) and IA3 (Linear targets), with modules_to_save on the output head (a "
     "SEQ_CLS model's score/classifier, a causal LM's lm_head) or on nn.Linear/Conv1D/"
     "nn.LayerNorm modules of the backbone; prefix tuning (causal LM, with or without "
-    "prefix_projection) on GPT-2, Llama and OPT, with stages in one process"
+    "prefix_projection) on all tested families but Bloom and Falcon, with stages in one process"
     "; prompt tuning and P-tuning (MLP or LSTM encoder) on causal LMs"
 )
 

@@ -56,8 +56,9 @@ def with_prefix_attention(mux: MuxGraph, recs: tuple[AdapterRecord, ...], chunke
     if mux.model_type not in POSITION_RULES:
         raise UnsupportedPeftError(
             f"task(s) {sorted({r.task for r in recs})}: prefix tuning on {mux.model_type!r} models is "
-            f"not supported yet (supported: {sorted(POSITION_RULES)}): muxc must number the "
-            "tokens after the prefix exactly as HF does, and knows how only for those families"
+            f"not supported yet (supported: {sorted(POSITION_RULES)}): muxc must give the prefix "
+            "K/V and number the tokens after it exactly as HF does, and is tested to do so only "
+            "for those families"
         )
     gm = fx.GraphModule(mux.gm, copy.deepcopy(mux.gm.graph), class_name=type(mux.gm).__name__)
     g = gm.graph
