@@ -104,14 +104,15 @@ def case(bases):
 
 
 def _matrix():
-    """Full fusion x chunk-size matrix on Llama; a diagonal on GPT-2, OPT and Bloom (ALiBi) (the
-    rest of their matrix repeats what Llama's and the diagonal cover: marked slow)."""
+    """A diagonal of the fusion x chunk-size matrix on Llama, GPT-2 (Conv1D) and Bloom (ALiBi) by
+    default; the rest, and OPT, under -m slow (chunk alignment on Llama and OPT also runs in
+    test_kinds_mixed.py, test_kinds_prefix.py, test_executor.py and test_recompute.py)."""
     cases = []
     diagonal = {("spatial", 3), ("temporal", 8), ("auto", 64)}
     for family in ("llama", "gpt2", "opt", "bloom"):
         for fusion in ("spatial", "temporal", "auto"):
             for chunk in (3, 8, 64):  # 3 and 8 are shorter than the longest sample (12)
-                fast = family == "llama" or (fusion, chunk) in diagonal
+                fast = family != "opt" and (fusion, chunk) in diagonal
                 marks = () if fast else (pytest.mark.slow,)
                 cases.append(pytest.param(family, fusion, chunk, marks=marks, id=f"{family}-{fusion}-c{chunk}"))
     return cases

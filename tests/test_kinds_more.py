@@ -284,12 +284,12 @@ def test_seq_cls_head_saves_loadable_by_peft(bases, cls_case, tmp_path):
 
 
 def _cls_chunk_cells():
-    """Llama: spatial chunk 3 by default (SEQ_CLS in auto/chunk 4 also runs in
-    tests/test_kinds_mixed.py); the rest and GPT-2/OPT: slow."""
+    """All under -m slow: SEQ_CLS in auto/chunk 4 runs by default in tests/test_kinds_mixed.py,
+    the pooling rule in test_seq_cls_chunk_pools_where_hf_does."""
     cells = []
     for family in ("llama", "gpt2", "opt"):
         for fusion, chunk in (("spatial", 3), ("temporal", 4), ("auto", 16), ("auto", None)):
-            fast = family == "llama" and (fusion, chunk) == ("spatial", 3)
+            fast = False  # SEQ_CLS with auto/chunk 4 runs by default in test_kinds_mixed.py
             cells.append(pytest.param(family, fusion, chunk, marks=() if fast else SLOW,
                                       id=f"{family}-{fusion}-c{chunk}"))
     return cells

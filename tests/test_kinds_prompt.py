@@ -83,11 +83,12 @@ def _check(c: Case, batches: dict, **options) -> None:
     c.zero_grad()
 
 
-# the diagonal runs by default: spatial on GPT-2, temporal on OPT (pad), auto on Llama (chunk)
+# by default spatial on GPT-2 (pad, with the LSTM encoder); Llama's prompt and P-tuning tasks run in
+# test_kinds_mixed.py (spatial/temporal pad, auto chunk); the rest under -m slow
 PAD = [("gpt2", "spatial"), pytest.param("gpt2", "temporal", marks=SLOW),
        pytest.param("gpt2", "auto", marks=SLOW), pytest.param("llama", "spatial", marks=SLOW),
        pytest.param("llama", "temporal", marks=SLOW), pytest.param("llama", "auto", marks=SLOW),
-       pytest.param("opt", "spatial", marks=SLOW), ("opt", "temporal"),
+       pytest.param("opt", "spatial", marks=SLOW), pytest.param("opt", "temporal", marks=SLOW),
        pytest.param("opt", "auto", marks=SLOW)]
 # llama's prompt and P-tuning tasks run in auto/chunk in tests/test_kinds_mixed.py by default
 CHUNK = [pytest.param(f, marks=SLOW) for f in ("gpt2", "llama", "opt")]
@@ -127,6 +128,7 @@ def test_alone(case, task):
     _check(c, {task: c.batches[task]}, fusion="spatial")
 
 
+@SLOW  # the llama chunk compile; prompt tasks in chunk steps run in test_kinds_mixed.py
 def test_prompt_tasks_alone_in_chunk_steps(case):
     c = case("llama", "chunk")
     _check(c, {"prompt": c.batches["prompt"], "mlp": c.batches["mlp"]}, fusion="spatial", chunk_size=8)

@@ -142,7 +142,8 @@ def programs() -> _Programs:
     return _Programs()
 
 
-@pytest.mark.parametrize("mode,alignment", [("layers", "pad"), ("layers", "chunk"), ("auto", "pad"),
+@pytest.mark.parametrize("mode,alignment", [pytest.param("layers", "pad", marks=pytest.mark.slow),
+                                            ("layers", "chunk"), ("auto", "pad"),
                                             pytest.param("auto", "chunk", marks=pytest.mark.slow)])
 def test_each_mode_is_exact(programs, mode, alignment):
     """Loss and adapter grads of two fused tasks equal isolated HF PEFT under each recompute

@@ -63,7 +63,7 @@ def _second_structure(family: str):
     return IA3Config() if family == "llama" else _lora(family, r=8)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_four_tasks_two_structures_export_twice_and_match_isolated(bases, family, exports):
     base = bases(family)
     spec = [

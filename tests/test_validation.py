@@ -309,7 +309,7 @@ def _huge_b(program):
                 p.copy_(v)
 
 
-@pytest.mark.parametrize("fusion", ["temporal", "spatial"])
+@pytest.mark.parametrize("fusion", [pytest.param("temporal", marks=pytest.mark.slow), "spatial"])
 def test_nonfinite_task_is_skipped_and_others_train_as_without_it(request, fusion):
     program, _ = request.getfixturevalue(fusion)
     program.resume_task("b")
