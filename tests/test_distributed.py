@@ -83,6 +83,7 @@ def test_four_stage_processes_equal_isolated_training(tmp_path, families):
     _check(results, refs, tmp_path, 4)
 
 
+@pytest.mark.slow  # ~20 s of process start-up and compile on the suite's 2 cores; `make test-all`
 def test_dead_rank_fails_the_others_naming_it(tmp_path):
     results = run_group(2, [("llama", "spatial-pad")], str(tmp_path), die_at=1, timeout=300)
     status, payload = results[0]

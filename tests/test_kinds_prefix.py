@@ -4,7 +4,8 @@ Two prefix tasks (one with ``prefix_projection``, its MLP encoder; one a plain e
 another length) run beside a LoRA and an IA3 task on one backbone. Each (family, alignment) is
 compiled once per module and run under every fusion through `Program.with_options`; every task
 must match isolated HF PEFT (loss and every trainable parameter's grad, `helpers.REL_TOL`).
-Default runs keep llama (every fusion, pad and chunk) and OPT; the rest is ``-m slow``.
+Default runs keep OPT (auto fusion, micro-batches, pricing; Llama runs in test_kinds_mixed.py);
+the rest is ``-m slow``.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def case(bases):
     return get
 
 
-# by default llama under every fusion and OPT (positions from the mask's cumsum) under one; the
-# rest, GPT-2 included, under -m slow (tracing dominates the cost)
+# by default OPT (positions from the mask's cumsum) under auto fusion (Llama's prefix task runs
+# in test_kinds_mixed.py: spatial/temporal pad, auto chunk); the rest under -m slow (tracing
+# dominates the cost)
 CELLS = [pytest.param("llama", "spatial", marks=SLOW), pytest.param("llama", "temporal", marks=SLOW),
-         ("llama", "auto"), ("opt", "auto"),  # llama spatial/temporal also in test_kinds_mixed.py
+         pytest.param("llama", "auto", marks=SLOW),  # llama: by default in test_kinds_mixed.py
+         ("opt", "auto"),
          pytest.param("gpt2", "temporal", marks=SLOW),
          pytest.param("gpt2", "spatial", marks=SLOW), pytest.param("gpt2", "auto", marks=SLOW),
          pytest.param("opt", "spatial", marks=SLOW), pytest.param("opt", "temporal", marks=SLOW)]
@@ -97,11 +100,11 @@ def test_prefix_on_eager_attention(alignment):
 
 
 def test_prefix_micro_batches(case):
-    case("llama").check(fusion="spatial", micro_batches=2)
+    case("opt").check(fusion="spatial", micro_batches=2)
 
 
 def test_every_attention_node_serves_both_prefix_tasks(case):
-    mux = case("llama").program.mux
+    mux = case("opt").program.mux
     nodes = [n for n in mux.gm.graph.nodes if isinstance(n.target, PrefixAttention)]
     assert [n.target.index for n in nodes] == [0, 1]  # the tiny models have 2 layers
     assert all([r.task for r in n.target.records] == ["proj", "plain"] for n in nodes)
@@ -134,7 +137,7 @@ def test_positions_follow_the_prefix():
 def test_prefix_is_priced(case):
     """Each prefix task pays n more key columns per attention call and, with
     prefix_projection, its encoder slice per layer; the plain embedding pays no GEMM."""
-    ops = summarize_graph(case("llama").program.mux).ops
+    ops = summarize_graph(case("opt").program.mux).ops
     extra = {o.task: o.forward.amount for o in ops if o.node == f"prefix_attention_0[{o.task}]"}
     assert extra["proj"](1, 1) == 4 * 3 and extra["plain"](1, 1) == 4 * 5  # heads * n per token
     enc = [o.task for o in ops if ":enc" in o.node]
