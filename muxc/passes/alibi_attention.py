@@ -35,7 +35,7 @@ from torch._guards import detect_fake_mode
 
 from muxc.errors import UnsupportedPeftError
 from muxc.ir import SDPA, info, set_info
-from muxc.passes.eager_attention import _ASSERT, _CASTS, _SOFTMAX, _rank, _users
+from muxc.passes.eager_attention import _CASTS, _SOFTMAX, _rank, _users, erase_matched
 
 __all__ = ["AlibiAttention", "alibi_slopes", "match_alibi_attention", "sdpa_from_alibi"]
 
@@ -240,10 +240,6 @@ def sdpa_from_alibi(graph: fx.Graph) -> list[tuple[fx.Node, tuple[float, ...]]]:
         new.meta.update(m.out.meta)
         set_info(new, rec)
         m.out.replace_all_uses_with(new)
-        for node in sorted(m.nodes, key=order.__getitem__, reverse=True):  # users before producers
-            for a in [u for u in node.users if u.target is _ASSERT]:
-                graph.erase_node(a)
-            if not node.users:
-                graph.erase_node(node)
+        erase_matched(graph, m.nodes, order)
         found.append((new, slopes))
     return found

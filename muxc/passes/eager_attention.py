@@ -28,7 +28,7 @@ from numbers import Number
 import torch
 import torch.fx as fx
 
-from muxc.ir import SDPA, info, set_info
+from muxc.ir import SDPA, NodeInfo, Role, info, set_info
 
 __all__ = ["EagerAttention", "match_eager_attention", "sdpa_from_eager", "unmatched_attention"]
 
@@ -53,6 +53,26 @@ class EagerAttention:
     dropout_p: float
     out: fx.Node  # the final matmul with V, replaced by the SDPA call
     nodes: tuple[fx.Node, ...]  # the matched nodes from the scores' matmul to ``out``
+
+
+def put_in_place(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
+    """``new`` (an attention node of the backbone) takes ``old``'s place: its meta, a backbone
+    record with ``old``'s tasks and sources, and its users; ``old`` is erased."""
+    new.meta.update(old.meta)
+    rec = info(old)
+    set_info(new, NodeInfo(Role.BACKBONE, rec.tasks, sources=rec.sources))
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+
+
+def erase_matched(graph: fx.Graph, nodes, order: dict[fx.Node, int]) -> None:
+    """Erase the replaced pattern ``nodes`` that nothing uses any more, users before producers
+    (``order``: the graph's node order), with the metadata asserts hanging off them."""
+    for node in sorted(nodes, key=order.__getitem__, reverse=True):
+        for a in [u for u in node.users if u.target is _ASSERT]:
+            graph.erase_node(a)
+        if not node.users:
+            graph.erase_node(node)
 
 
 def _users(node: fx.Node) -> list[fx.Node]:
@@ -164,11 +184,7 @@ def sdpa_from_eager(graph: fx.Graph) -> int:
         new.meta.update(m.out.meta)
         set_info(new, info(m.out))
         m.out.replace_all_uses_with(new)
-        for node in sorted(m.nodes, key=order.__getitem__, reverse=True):  # users before producers
-            for a in [u for u in node.users if u.target is _ASSERT]:
-                graph.erase_node(a)
-            if not node.users:
-                graph.erase_node(node)
+        erase_matched(graph, m.nodes, order)
     return len(matches)
 
 

@@ -21,14 +21,12 @@ from muxc.ir import (
     AdapterKind,
     AdapterRecord,
     MuxGraph,
-    NodeInfo,
     PrefixAttention,
     Role,
     info,
-    set_info,
 )
 from muxc.ir.prefix import POSITION_RULES
-from muxc.passes.eager_attention import sdpa_from_eager, unmatched_attention
+from muxc.passes.eager_attention import put_in_place, sdpa_from_eager, unmatched_attention
 
 __all__ = ["prefix_records", "with_prefix_attention", "refuse_prefix"]
 
@@ -98,11 +96,7 @@ def with_prefix_attention(mux: MuxGraph, recs: tuple[AdapterRecord, ...], chunke
         with g.inserting_before(node):
             new = g.create_node("call_function", PrefixAttention(i, layers, recs, chunked),
                                 (mux_input, *params), dict(norm.kwargs), name=f"prefix_attention_{i}")
-        new.meta.update(node.meta)
-        rec = info(node)
-        set_info(new, NodeInfo(Role.BACKBONE, rec.tasks, sources=rec.sources))
-        node.replace_all_uses_with(new)
-        g.erase_node(node)
+        put_in_place(g, node, new)
     g.lint()
     gm.recompile()
     note = (f"{layers} attention nodes{' (chunk-aware)' if chunked else ''} give "

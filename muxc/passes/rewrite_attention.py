@@ -23,10 +23,10 @@ from dataclasses import replace
 import torch.fx as fx
 
 from muxc.errors import UnsupportedPeftError
-from muxc.ir import SDPA, ChunkAttention, MuxGraph, NodeInfo, Role, info, set_info
+from muxc.ir import SDPA, ChunkAttention, MuxGraph
 from muxc.options import Alignment
 from muxc.passes.alibi_attention import sdpa_from_alibi
-from muxc.passes.eager_attention import sdpa_from_eager, unmatched_attention
+from muxc.passes.eager_attention import put_in_place, sdpa_from_eager, unmatched_attention
 from muxc.passes.pass_base import CompileContext, PassResult
 from muxc.passes.prefix_attention import prefix_records, with_prefix_attention
 
@@ -71,11 +71,7 @@ def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph
                 dict(node.kwargs),
                 name=f"chunk_attention_{i}",
             )
-        new.meta.update(node.meta)
-        rec = info(node)
-        set_info(new, NodeInfo(Role.BACKBONE, rec.tasks, sources=rec.sources))
-        node.replace_all_uses_with(new)
-        g.erase_node(node)
+        put_in_place(g, node, new)
     g.lint()
     gm.recompile()
     note = f"{len(targets)} attention nodes made chunk-aware"
