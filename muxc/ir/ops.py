@@ -73,11 +73,17 @@ class MuxBatch:
 
     def row_range(self, task: str) -> tuple[int, int] | None:
         """``(start, end)`` rows of ``task``, or None when it is not in this batch."""
+        part = self.task_part(task)
+        return None if part is None else part[1:]
+
+    def task_part(self, task: str) -> tuple[int, int, int] | None:
+        """``(index in tasks, start row, end row)`` of ``task``, or None when it is not in
+        this batch."""
         if task not in self.tasks:
             return None
         i = self.tasks.index(task)
         start = sum(self.rows[:i])
-        return start, start + self.rows[i]
+        return i, start, start + self.rows[i]
 
     def tokens(self) -> int:
         return sum(self.rows) * self.seq_len
@@ -183,11 +189,10 @@ class TaskLoss:
         object.__setattr__(self, "__name__", f"loss_{self.task}")
 
     def __call__(self, logits: torch.Tensor, mux: MuxBatch) -> torch.Tensor | None:
-        rng = mux.row_range(self.task)
-        if rng is None:
+        part = mux.task_part(self.task)
+        if part is None:
             return None
-        start, end = rng
-        i = mux.tasks.index(self.task)
+        i, start, end = part
         labels = mux.labels[i]
         if mux.loss_scale is None:
             return causal_lm_loss(logits[start:end], labels)
@@ -283,11 +288,10 @@ class HeadLoss:
 
     def __call__(self, hidden: torch.Tensor, mux: MuxBatch, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        rng = mux.row_range(self.task)
-        if rng is None:
+        part = mux.task_part(self.task)
+        if part is None:
             return None
-        start, end = rng
-        i = mux.tasks.index(self.task)
+        i, start, end = part
         labels = mux.labels[i]
         rows = hidden[start:end]
         if self.head.problem == CAUSAL_LM:
