@@ -137,7 +137,11 @@ def _config(tmp_path: Path, text: str) -> Path:
      r"\[task 'prose'\] lr: expected a number > 0, got -1"),
     (('schedule = "linear"', 'schedule = "exp"'), r"schedule: expected one of \['constant', 'linear', 'cosine'\]"),
     (("steps = 5\n", ""), r"\[task 'prose'\] steps/epochs: give exactly one"),
-    (('type = "lora", r = 4', 'type = "lorra", r = 4'), r"type: 'lorra' is not a PEFT method"),
+    (('type = "lora", r = 4', 'type = "lorra", r = 4'),
+     r"type: 'lorra' is not a PEFT method peft knows; muxc trains \"lora\", \"ia3\", "
+     r"\"prompt_tuning\", \"p_tuning\", \"prefix_tuning\""),
+    (('type = "lora", r = 4', 'type = "loha", r = 4'),
+     r"type: peft's 'loha' is not one muxc compiles; muxc trains \"lora\""),
     (('template = "{a} plus {b} is "', 'template = 3'), r"template: expected a str.format template, got 3"),
 ])
 def test_config_errors_name_file_table_key(tmp_path, change, match):
@@ -264,6 +268,9 @@ builtin = "tiny-llama"
 hidden = 32
 layers = 1
 
+[options]  # the demo test runs a classifier with pad alignment; this one packs into chunks
+alignment = "chunk"
+
 [[task]]
 name = "mood"
 task_type = "seq_cls"
@@ -298,7 +305,7 @@ def _cls_workdir(d: Path, text: str = CLS_CONFIG) -> Path:
 
 def test_seq_cls_task_trains_next_to_a_causal_one_and_reports_accuracy(tmp_path):
     """A classification tenant and a causal one joining later (`Program.add_task` next to a
-    head): the final eval loss and accuracy are what HF computes with the saved adapter."""
+    head), chunk alignment: the final eval loss and accuracy are what HF computes with the saved adapter."""
     from peft import PeftModel
 
     from muxc.train.loop import accuracy_of, classifier_over

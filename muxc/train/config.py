@@ -43,6 +43,7 @@ from muxc.options import Options
 __all__ = [
     "ConfigError", "Schedule", "BaseConfig", "PeftSpec", "DataConfig", "EvalConfig",
     "TaskConfig", "RunConfig", "load_config", "parse_config", "BUILTIN_BASES", "BUILTIN_DATA",
+    "METHODS",
 ]
 
 BUILTIN_BASES = ("tiny-llama",)
@@ -372,6 +373,12 @@ def _task(t: _Table, root: Path) -> TaskConfig:
     return TaskConfig(**kw)
 
 
+METHODS = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
+"""The PEFT ``type`` names a task may use (DoRA is ``lora`` with ``use_dora = true``); what
+each supports is `muxc.kinds.SUPPORTED`."""
+_METHODS_TEXT = ", ".join(f'"{m}"' for m in METHODS) + ' (DoRA: "lora" with use_dora = true)'
+
+
 def _peft_class(kind: str):
     from peft import PeftType
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -388,7 +395,10 @@ def _peft(t: _Table) -> PeftSpec:
         cls = _peft_class(kind)
     except ValueError:
         raise t.fail("type", f"{kind!r} is not a PEFT method peft knows; muxc trains "
-                             '"lora" and "ia3"') from None
+                             f"{_METHODS_TEXT}") from None
+    if kind.lower() not in METHODS:
+        raise t.fail("type", f"peft's {kind!r} is not one muxc compiles; muxc trains "
+                             f"{_METHODS_TEXT}")
     known = sorted(f.name for f in dataclasses.fields(cls) if f.name not in _PEFT_INTERNAL)
     fields = {k: v for k, v in t.data.items() if k != "type"}
     t.seen |= set(fields)
