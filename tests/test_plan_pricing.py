@@ -11,7 +11,9 @@ from models import make_batch, make_peft
 from peft import IA3Config, LoraConfig
 
 import muxc
-from muxc.plan import CostModel, CostModelError, Roofline, StepShape, estimate_step
+from muxc.plan import (
+    CostModel, CostModelError, Roofline, StepShape, estimate_memory, estimate_step,
+)
 from muxc.plan import summarize_graph
 from muxc.plan.pricing import StepPricer
 
@@ -47,6 +49,7 @@ def test_pricer_equals_estimate_step(program, overhead):
             fwd, bwd = pricer(shape, m)
             assert fwd == pytest.approx(want.forward, rel=1e-12, abs=1e-15)
             assert bwd == pytest.approx(want.backward, rel=1e-12, abs=1e-15)
+            assert pricer.activation_bytes(shape) == estimate_memory(summary, shape).activations
     assert pricer(StepShape({}, 8), 1) == (0.0, 0.0)
     with pytest.raises(CostModelError, match="not in the summary"):
         pricer(StepShape({"nope": 1}, 8), 1)
@@ -67,19 +70,28 @@ def test_auto_fusion_prices_with_the_pricer(program):
 
 
 def test_plans_are_memoised_on_the_lengths(program):
-    """Batches with the same per-task sample lengths (other tokens) get the same plan object;
-    other lengths are planned again."""
+    """Batches with the same per-task sample lengths (other tokens) reuse the plan's choices
+    (the same cost and schedule objects) with their own tokens laid out; other lengths are
+    planned again; a planner without the memo makes the same plan."""
     planner = program.planner.with_options(program.options)
     a = {f"t{i}": make_batch(3, 24, i) for i in range(3)}
     same = {t: {k: v.clone() for k, v in b.items()} for t, b in a.items()}
     same["t0"]["input_ids"] = (same["t0"]["input_ids"] + 1) % 50 + 3  # other tokens
     other = {f"t{i}": make_batch(3, 40, i) for i in range(3)}
     first = planner.plan(a)
-    assert planner.plan(same) is first
-    again = planner.plan(other)
-    assert again is not first and again.tokens_computed != first.tokens_computed
-    assert planner.plan(a) is first
-    fresh = program.planner.with_options(program.options).plan(a)  # no memo: same plan
-    assert fresh.htasks == first.htasks and fresh.chunk_sizes == first.chunk_sizes
-    assert torch.equal(fresh.htask_plans[0].layout.steps[0].ids,
-                       first.htask_plans[0].layout.steps[0].ids)
+    again = planner.plan(same)
+    assert again.costs is first.costs and again.schedule is first.schedule
+    assert again.htasks == first.htasks and again.chunk_sizes == first.chunk_sizes
+    t0 = next(i for i, h in enumerate(first.htask_plans) if "t0" in h.tasks)
+    ids = [h.htask_plans[t0].layout.steps[0].ids for h in (first, again)]
+    assert ids[0].shape == ids[1].shape and not torch.equal(ids[0], ids[1])
+    new = planner.plan(other)
+    assert new.costs is not first.costs and new.tokens_computed != first.tokens_computed
+    fresh = program.planner.with_options(program.options)  # no memo: the same plan
+    for batches, plan in ((same, again), (other, new)):
+        made = fresh.plan(batches)
+        assert made.htasks == plan.htasks and made.chunk_sizes == plan.chunk_sizes
+        assert made.costs == plan.costs and made.tokens_computed == plan.tokens_computed
+        for h, g in zip(made.htask_plans, plan.htask_plans):
+            for x, y in zip(h.layout.steps, g.layout.steps):
+                assert torch.equal(x.ids, y.ids) and torch.equal(x.mask, y.mask)

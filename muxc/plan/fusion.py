@@ -62,7 +62,6 @@ class AutoFusion:
         self.cost = cost
         self.options = options
         self.pricer = StepPricer(self.summary, cost)  # estimate_step's totals, memoised by part
-        self._activations: dict[tuple, float] = {}
         self._saturation: dict[int, int] = {}
         self._plan = lru_cache(maxsize=64)(self._plan_uncached)
         self._best_chunk = lru_cache(maxsize=64)(self._best_chunk_uncached)
@@ -181,7 +180,7 @@ class AutoFusion:
             fwd, bwd, m = fwd + f, bwd + b, m + n
             per_mb = StepShape({t: r / n for t, r in shape.rows.items()}, shape.seq_len,
                                shape.kv_len)
-            act = max(act, self._activation_bytes(per_mb))
+            act = max(act, self.pricer.activation_bytes(per_mb))
             tokens = max(tokens, round(per_mb.padded_tokens))
         stages = self.options.stages
         return HTaskCost(
@@ -191,16 +190,6 @@ class AutoFusion:
             activation_bytes=act / stages,
             tokens=tokens,
         )
-
-    def _activation_bytes(self, shape: StepShape) -> float:
-        """`estimate_memory`'s activations of one micro-batch of ``shape`` (memoised)."""
-        key = (tuple(sorted(shape.rows.items())), shape.seq_len)
-        act = self._activations.get(key)
-        if act is None:
-            if len(self._activations) > 1 << 15:
-                self._activations.clear()
-            act = self._activations[key] = estimate_memory(self.summary, shape).activations
-        return act
 
     def saturation(self, seq_len: int) -> int:
         """`saturation_tokens` at ``seq_len`` (it depends only on the program: memoised)."""

@@ -22,6 +22,8 @@ Per micro-batch (``m`` of them, each with ``rows / m`` of every task's rows), as
 
 from __future__ import annotations
 
+from collections import Counter
+
 from muxc.plan.cost import CostModel, StepShape
 from muxc.plan.ops import CostModelError
 from muxc.plan.summary import KV, ModelSummary, Work
@@ -37,11 +39,19 @@ class StepPricer:
     def __init__(self, summary: ModelSummary, cost: CostModel):
         self.summary = summary
         self.cost = cost
-        # ops without a task, and each task's own ops: (kv, count, fwd op, bwd op), where an op
-        # is (terms of its work polynomial, its key, {work: latency}) or None
-        self._own: dict[str | None, list] = {None: [], **{t: [] for t in summary.tasks}}
+        # ops without a task (None) and each task's own ops, forward and backward apart, equal
+        # work merged: owner -> ([(kv, count, op)] forward, [...] backward), where an op is
+        # (terms of its work polynomial, its key, {work: latency})
+        merged: dict[str | None, tuple[Counter, Counter]] = {
+            t: (Counter(), Counter()) for t in (None, *summary.tasks)}
         for f, g, task, kv, count in summary.grouped:
-            self._own.setdefault(task, []).append((kv, count, self._op(f), self._op(g)))
+            fwd, bwd = merged.setdefault(task, (Counter(), Counter()))
+            if f is not None:
+                fwd[(kv, f)] += count
+            if g is not None:
+                bwd[(kv, g)] += count
+        self._own = {t: tuple([(kv, n, self._op(w)) for (kv, w), n in c.items()] for c in fb)
+                     for t, fb in merged.items()}
         # adapter sites: (count, ((task, fwd op, bwd op or None, fwd and bwd latency at one
         # token (the fixed cost of a call)), ...))
         self._sites = tuple(
@@ -52,6 +62,34 @@ class StepPricer:
         self._memo: dict[tuple, tuple[float, float]] = {}
         self._parts: dict[tuple, tuple[float, float, int, int]] = {}
         self._site_memo: dict[tuple, tuple[float, float, int, int]] = {}
+        self._saved: dict[tuple, float] = {}  # (task or None, rows, seq_len) -> saved bytes
+
+    def activation_bytes(self, shape: StepShape) -> int:
+        """`estimate_memory` ``(summary, shape).activations``: bytes one micro-batch of
+        ``shape`` saves for backward, with its saves memoised per (task, rows, length)."""
+        total = shape.total_rows
+        if not total:
+            return 0
+        s = shape.seq_len
+        acts = self._saved_bytes(None, total, s)
+        for task, rows in shape.rows.items():
+            if rows:
+                acts += self._saved_bytes(task, rows, s)
+        return int(round(acts + self._saved_bytes("", total, s)))
+
+    def _saved_bytes(self, task: str | None, rows: float, s: int) -> float:
+        """Saved bytes of the shared ops (``task`` None), of ``task``'s own ops, or the
+        recomputed layers' peak (``task`` "")."""
+        key = (task, rows, s)
+        v = self._saved.get(key)
+        if v is None:
+            summary = self.summary
+            poly = (summary.saved if task is None else summary.recompute_peak if task == ""
+                    else summary.saved_per_task[task])
+            if len(self._saved) > _LIMIT:
+                self._saved.clear()
+            v = self._saved[key] = poly(rows, s)
+        return v
 
     @staticmethod
     def _op(w: Work | None):
@@ -116,15 +154,16 @@ class StepPricer:
         sf = float(s)
         fwd = bwd = 0.0
         cf = cb = 0
-        for k, count, f, g in self._own[task]:
+        forward, backward = self._own[task]
+        for k, count, op in forward:
             scale = scales[k]
-            if scale <= 0:
-                continue
-            if f is not None:
-                fwd += count * latency(f, b, sf, scale, False)
+            if scale > 0:
+                fwd += count * latency(op, b, sf, scale, False)
                 cf += count
-            if g is not None:
-                bwd += count * latency(g, b, sf, scale, True)
+        for k, count, op in backward:
+            scale = scales[k]
+            if scale > 0:
+                bwd += count * latency(op, b, sf, scale, True)
                 cb += count
         out = (fwd, bwd, cf, cb)
         if len(self._parts) > _LIMIT:
