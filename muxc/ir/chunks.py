@@ -127,7 +127,8 @@ def _samples(name: str, batch: Mapping, head: HeadInfo | None = None) -> list[tu
     return out
 
 
-def _lm_samples(name: str, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> list[tuple]:
+def _lm_samples(name: str, ids: torch.Tensor, mask: torch.Tensor,
+                labels: torch.Tensor) -> list[tuple]:
     """`_samples` of a causal-LM batch: the checks and the label shift done for all rows at
     once (a few tensor ops per batch, not per row), the rows then sliced."""
     lengths = mask.sum(1)
