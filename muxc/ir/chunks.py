@@ -93,7 +93,9 @@ def _samples(name: str, batch: Mapping, head: HeadInfo | None = None) -> list[tu
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
     labels = batch["labels"]
-    pooled = None if head is None else head.pooled_positions(ids)
+    if head is None:
+        return _lm_samples(name, ids, mask, labels)
+    pooled = head.pooled_positions(ids)
     out = []
     for r in range(ids.shape[0]):
         n = int(mask[r].sum())
@@ -123,6 +125,30 @@ def _samples(name: str, batch: Mapping, head: HeadInfo | None = None) -> list[tu
         shifted = torch.nn.functional.pad(labels[r], (0, 1), value=IGNORE_INDEX)[1 : n + 1]
         out.append((ids[r, :n], shifted, r, -1))
     return out
+
+
+def _lm_samples(name: str, ids: torch.Tensor, mask: torch.Tensor,
+                labels: torch.Tensor) -> list[tuple]:
+    """`_samples` of a causal-LM batch: the checks and the label shift done for all rows at
+    once (a few tensor ops per batch, not per row), the rows then sliced."""
+    lengths = mask.sum(1)
+    after = torch.arange(ids.shape[1], device=ids.device)[None, :] >= lengths[:, None]
+    holes = ((mask == 0) & ~after).any(1)  # a 0 among a row's first n: not right-padded
+    padded_labels = ((labels != IGNORE_INDEX) & after.to(labels.device)).any(1).to(ids.device)
+    bad = (holes | padded_labels) & (lengths > 0)  # rows without tokens are skipped unchecked
+    for r in torch.nonzero(bad).flatten().tolist()[:1]:  # the first bad row, as a loop finds it
+        if holes[r]:
+            raise BatchError(
+                f"task {name!r}: row {r} is not right-padded (attention_mask {mask[r].tolist()}); "
+                "alignment='chunk' packs samples and needs right padding (padding_side='right')"
+            )
+        raise BatchError(
+            f"task {name!r}: row {r} has labels on padding; set labels to -100 where "
+            "attention_mask is 0 (alignment='chunk' drops padding)"
+        )
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return [(ids[r, :n], shifted[r, :n], r, -1)
+            for r, n in enumerate(int(n) for n in lengths.tolist()) if n > 0]
 
 
 def _bins(lengths: list[int], chunk: int) -> list[list[int]]:

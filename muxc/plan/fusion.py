@@ -20,8 +20,9 @@ from muxc.ir.chunks import ChunkLayout, stream_chunks
 from muxc.options import Alignment, Options
 from muxc.ir.step import FusionPlan, GroupCost, HTaskCost
 from muxc.plan.fusion_dp import plan_fusion
-from muxc.plan.cost import CostModel, StepShape, estimate_step, saturation_tokens
+from muxc.plan.cost import CostModel, StepShape, saturation_tokens
 from muxc.plan.memory import estimate_memory
+from muxc.plan.pricing import StepPricer
 from muxc.plan.profile import Clock, load_or_profile
 from muxc.plan.summary import ModelSummary, summarize_graph
 
@@ -60,6 +61,8 @@ class AutoFusion:
                 cost = CostModel.for_device(device)  # analytic roofline of this device
         self.cost = cost
         self.options = options
+        self.pricer = StepPricer(self.summary, cost)  # estimate_step's totals, memoised by part
+        self._saturation: dict[int, int] = {}
         self._plan = lru_cache(maxsize=64)(self._plan_uncached)
         self._best_chunk = lru_cache(maxsize=64)(self._best_chunk_uncached)
         self._group_chunk = lru_cache(maxsize=512)(self._group_chunk_uncached)
@@ -150,8 +153,7 @@ class AutoFusion:
                            for d in shape)]
 
         def total(c: int) -> float:
-            return sum(estimate_step(self.summary, run, cost=self.cost, micro_batches=n).total
-                       for run, n in chunk_runs(lengths, c))
+            return sum(sum(self.pricer(run, n)) for run, n in chunk_runs(lengths, c))
 
         return min(kept, key=lambda c: (total(c), c))
 
@@ -174,11 +176,11 @@ class AutoFusion:
         fwd = bwd = act = 0.0
         m = tokens = 0
         for shape, n in runs:
-            est = estimate_step(self.summary, shape, cost=self.cost, micro_batches=n)
-            fwd, bwd, m = fwd + est.forward, bwd + est.backward, m + n
+            f, b = self.pricer(shape, n)
+            fwd, bwd, m = fwd + f, bwd + b, m + n
             per_mb = StepShape({t: r / n for t, r in shape.rows.items()}, shape.seq_len,
                                shape.kv_len)
-            act = max(act, estimate_memory(self.summary, per_mb).activations)
+            act = max(act, self.pricer.activation_bytes(per_mb))
             tokens = max(tokens, round(per_mb.padded_tokens))
         stages = self.options.stages
         return HTaskCost(
@@ -188,6 +190,14 @@ class AutoFusion:
             activation_bytes=act / stages,
             tokens=tokens,
         )
+
+    def saturation(self, seq_len: int) -> int:
+        """`saturation_tokens` at ``seq_len`` (it depends only on the program: memoised)."""
+        sat = self._saturation.get(seq_len)
+        if sat is None:
+            sat = self._saturation[seq_len] = saturation_tokens(self.summary, cost=self.cost,
+                                                                seq_len=seq_len)
+        return sat
 
     def split(self, batches: Mapping[str, Mapping], chunk: int | None,
               tasks: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
@@ -202,14 +212,20 @@ class AutoFusion:
         loads = dict(items)
         stages = self.options.stages
 
+        priced: dict[tuple[str, ...], GroupCost] = {}  # the DP's candidates, asked again at its end
+
         def cost(group: tuple[str, ...]) -> GroupCost:
-            h = self.price(loads, group, chunk)
-            slot = h.forward + h.backward
-            return GroupCost(work=slot * h.micro_batches, slot=slot,
-                             activation_bytes=h.activation_bytes, tokens=h.tokens)
+            c = priced.get(group)
+            if c is None:
+                h = self.price(loads, group, chunk)
+                slot = h.forward + h.backward
+                c = priced[group] = GroupCost(work=slot * h.micro_batches, slot=slot,
+                                              activation_bytes=h.activation_bytes,
+                                              tokens=h.tokens)
+            return c
 
         seq = chunk or max(v[1] for v in loads.values())
-        sat = saturation_tokens(self.summary, cost=self.cost, seq_len=max(seq, 1))
+        sat = self.saturation(max(seq, 1))
         budget = None
         if self.options.memory_budget is not None:
             fixed = estimate_memory(self.summary, {}, seq_len=max(seq, 1)).total

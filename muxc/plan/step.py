@@ -37,6 +37,9 @@ class Planner:
         self.device = next(iter(mux.tensors.values())).device
         self._summary = summary
         self._fusion: AutoFusion | None = None
+        # per-task sample lengths (and batch shapes) -> the plan made for them: a later step
+        # with the same lengths reuses its choices and lays out only its own tokens
+        self._memo: dict[tuple, StepPlan] = {}
 
     @property
     def summary(self) -> ModelSummary:
@@ -128,6 +131,12 @@ def plan_step(planner: Planner, batches: Mapping[str, Mapping],
     options, else each hTask's best, `AutoFusion.group_chunks`).
     """
     present = {t: b for t, b in batches.items() if t in planner.mux.tasks}
+    key = None
+    if groups is None and chunks is None:
+        key = _lengths_key(planner, present)
+        seen = planner._memo.get(key)
+        if seen is not None:
+            return _lay_out_again(planner, seen, present)
     if groups is None:
         chunk = planner.chunk_size(present)
         groups, chosen = _groups(planner, present, chunk)
@@ -163,7 +172,7 @@ def plan_step(planner: Planner, batches: Mapping[str, Mapping],
         [h.micro_batches for h in htasks], stages, chunk is not None, fwd, bwd, act_bytes=act,
         policies=("interleaved", "1f1b") if fixed is None else (fixed,),
     )
-    return StepPlan(
+    plan = StepPlan(
         htask_plans=tuple(htasks),
         costs=tuple(costs),
         chunk_size=chunk,
@@ -174,3 +183,36 @@ def plan_step(planner: Planner, batches: Mapping[str, Mapping],
         tokens_computed=computed,
         real_tokens=real,
     )
+    if key is not None:
+        if len(planner._memo) >= _MEMO_SIZE:
+            planner._memo.clear()
+        planner._memo[key] = plan
+    return plan
+
+
+_MEMO_SIZE = 256  # plans remembered per planner (cleared when full)
+
+
+def _lengths_key(planner: Planner, present: Mapping[str, Mapping]) -> tuple:
+    """What a step's plan depends on: each present task's rows, padded width and the real
+    tokens of each sample (not the tokens themselves)."""
+    key = []
+    for t in planner.mux.tasks:
+        b = present.get(t)
+        if b is None:
+            continue
+        ids = b["input_ids"]
+        mask = b.get("attention_mask")
+        lengths = None if mask is None else tuple(mask.sum(1).tolist())
+        key.append((t, tuple(ids.shape), lengths))
+    return tuple(key)
+
+
+def _lay_out_again(planner: Planner, plan: StepPlan, present: Mapping[str, Mapping]) -> StepPlan:
+    """``plan`` (made for batches of the same lengths) with ``present``'s own tokens laid out
+    (same chunk sizes, so the same chunk steps, costs and schedule)."""
+    htasks = tuple(
+        h if h.layout is None else replace(h, layout=build_layout(
+            present, h.tasks, h.layout.chunk_size, planner.device, heads=planner.mux.heads))
+        for h in plan.htask_plans)
+    return replace(plan, htask_plans=htasks)

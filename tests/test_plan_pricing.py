@@ -1,0 +1,97 @@
+"""`StepPricer` (the planner's fast step pricing) against `estimate_step`, and the planner's
+memoisation: same lengths, same plan; other lengths, a new one."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from models import make_batch, make_peft
+from peft import IA3Config, LoraConfig
+
+import muxc
+from muxc.plan import (
+    CostModel, CostModelError, Roofline, StepShape, estimate_memory, estimate_step,
+)
+from muxc.plan import summarize_graph
+from muxc.plan.pricing import StepPricer
+
+
+@pytest.fixture(scope="module")
+def program(llama):
+    """LoRA (two ranks, different targets) and IA3 on one tiny Llama, chunk-aligned."""
+    configs = [LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+               LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0),
+               IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                         feedforward_modules=["down_proj"])]
+    tasks = [muxc.Task(name=f"t{i}", model=make_peft(llama, c, i + 1))
+             for i, c in enumerate(configs)]
+    return muxc.compile(tasks, muxc.Options(fusion="auto", alignment="chunk"))
+
+
+@pytest.mark.parametrize("overhead", [0.0, 2e-5])
+def test_pricer_equals_estimate_step(program, overhead):
+    """Random shapes (fractional rows, some tasks idle, kept K/V, micro-batches): the same
+    forward and backward seconds as `estimate_step`, to rounding."""
+    summary = summarize_graph(program.mux)
+    cost = CostModel(roofline=Roofline(1e11, 2e10, 3e-6), call_overhead=overhead)
+    pricer = StepPricer(summary, cost)
+    rng = random.Random(0)
+    for _ in range(300):
+        rows = {t: rng.choice([0, 0, 1, 2, 3, 1.5, 7 / 3]) for t in summary.tasks}
+        seq = rng.choice([1, 8, 16, 33, 64])
+        kv = rng.choice([None, seq, seq * 3, seq * 2 + 5])
+        m = rng.choice([1, 1, 2, 5])
+        shape = StepShape(rows, seq, kv)
+        want = estimate_step(summary, shape, cost=cost, micro_batches=m)
+        for _ in range(2):  # priced, then memoised
+            fwd, bwd = pricer(shape, m)
+            assert fwd == pytest.approx(want.forward, rel=1e-12, abs=1e-15)
+            assert bwd == pytest.approx(want.backward, rel=1e-12, abs=1e-15)
+            assert pricer.activation_bytes(shape) == estimate_memory(summary, shape).activations
+    assert pricer(StepShape({}, 8), 1) == (0.0, 0.0)
+    with pytest.raises(CostModelError, match="not in the summary"):
+        pricer(StepShape({"nope": 1}, 8), 1)
+
+
+def test_auto_fusion_prices_with_the_pricer(program):
+    """An hTask's price is the sum of `estimate_step` over its chunk runs."""
+    from muxc.plan.fusion import chunk_runs, sample_lengths
+
+    fusion = program.planner.fusion
+    batches = {f"t{i}": make_batch(3, 20 + 9 * i, i) for i in range(3)}
+    lengths = sample_lengths(batches)
+    runs = chunk_runs(lengths, 16)
+    want = sum(estimate_step(fusion.summary, run, cost=fusion.cost, micro_batches=n).total
+               for run, n in runs)
+    got = sum(sum(fusion.pricer(run, n)) for run, n in runs)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_plans_are_memoised_on_the_lengths(program):
+    """Batches with the same per-task sample lengths (other tokens) reuse the plan's choices
+    (the same cost and schedule objects) with their own tokens laid out; other lengths are
+    planned again; a planner without the memo makes the same plan."""
+    planner = program.planner.with_options(program.options)
+    a = {f"t{i}": make_batch(3, 24, i) for i in range(3)}
+    same = {t: {k: v.clone() for k, v in b.items()} for t, b in a.items()}
+    same["t0"]["input_ids"] = (same["t0"]["input_ids"] + 1) % 50 + 3  # other tokens
+    other = {f"t{i}": make_batch(3, 40, i) for i in range(3)}
+    first = planner.plan(a)
+    again = planner.plan(same)
+    assert again.costs is first.costs and again.schedule is first.schedule
+    assert again.htasks == first.htasks and again.chunk_sizes == first.chunk_sizes
+    t0 = next(i for i, h in enumerate(first.htask_plans) if "t0" in h.tasks)
+    ids = [h.htask_plans[t0].layout.steps[0].ids for h in (first, again)]
+    assert ids[0].shape == ids[1].shape and not torch.equal(ids[0], ids[1])
+    new = planner.plan(other)
+    assert new.costs is not first.costs and new.tokens_computed != first.tokens_computed
+    fresh = program.planner.with_options(program.options)  # no memo: the same plan
+    for batches, plan in ((same, again), (other, new)):
+        made = fresh.plan(batches)
+        assert made.htasks == plan.htasks and made.chunk_sizes == plan.chunk_sizes
+        assert made.costs == plan.costs and made.tokens_computed == plan.tokens_computed
+        for h, g in zip(made.htask_plans, plan.htask_plans):
+            for x, y in zip(h.layout.steps, g.layout.steps):
+                assert torch.equal(x.ids, y.ids) and torch.equal(x.mask, y.mask)
