@@ -25,6 +25,7 @@ from muxc.frontends import TraceTemplates
 from muxc.ir import MuxGraph, PartitionedGraph, TaskGraph
 from muxc.ir.recompute import RecomputePlan
 from muxc.passes import (
+    fuse_lm_head_loss,
     merge_backbones,
     partition,
     plan_recompute,
@@ -95,6 +96,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass(share_frozen_weights, "task_graphs", ("task_graphs", "sharing"), "one copy of the base"),
     Pass(merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
     Pass(rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),
+    Pass(fuse_lm_head_loss, "mux_graph", "mux_graph", "no tokens x vocab logits kept for backward"),
     Pass(partition, "mux_graph", "partitioned", "subgraphs + cost-balanced pipeline stages"),
     Pass(select_kernels, "mux_graph", "kernel_plan", "pick adapter kernels, say why"),
     Pass(plan_recompute, "tasks", "recompute", "checkpointing the models ask for is kept"),

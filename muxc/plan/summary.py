@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
-from muxc.ir import CAUSAL_LM, HeadLoss, MuxGraph, Position, PrefixAttention, Role, info
+from muxc.ir import CAUSAL_LM, HeadLoss, LMHeadLoss, MuxGraph, Position, PrefixAttention, Role, info
 from muxc.ir.optable import (
     MATMULS,
     WEIGHT_GEMMS,
@@ -421,6 +421,16 @@ class _Walker:
         logits = node.args[0]
         v = _val(logits)
         vocab = int(v.shape[-1])
+        if isinstance(node.target, LMHeadLoss):  # the shared frozen head fused with the loss
+            weight = _val(node.args[2])
+            hidden, vocab = int(weight.shape[1]), int(weight.shape[0])
+            # forward: the logits and the gradient w.r.t. the hidden rows; backward: a scale
+            gemm = Work(OpKey(OpKind.GEMM, (hidden, vocab), _dt(weight.dtype)), Poly.tokens())
+            self.add(node, gemm, gemm, task=task, suffix="[head]")
+            w = Work(OpKey(OpKind.LOSS, (vocab,), _dt(weight.dtype)), Poly.tokens())
+            self.add(node, w, w, task=task)
+            self.saved_per_task[task] = self.saved_per_task[task] + Poly.tokens(4.0 * hidden)
+            return
         if isinstance(node.target, HeadLoss):  # the task's own head, then its loss
             weight = _val(node.args[2])
             hidden, vocab = int(weight.shape[1]), int(weight.shape[0])
