@@ -57,7 +57,7 @@ def test_no_grad_keeps_nothing():
 
 
 def test_block_size_and_input_checks():
-    assert block_tokens(32000) == 65 and block_tokens(10**9) == 1
+    assert block_tokens(32000) == 32 and block_tokens(10**9) == 1
     h, w, _, y = _case(2, 5, 8, 20, seed=5, ignored=0.0)
     with pytest.raises(KernelInputError, match="disagree on the token dimensions"):
         lm_head_loss(h, w, None, y[:, :4], None)
