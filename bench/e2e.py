@@ -23,7 +23,8 @@ Parts (``--parts``, default all four):
   ``auto_vs_best_fixed`` compares muxc full's automatic choice with;
 - ``memory-large`` (alone: ``--memory-large``): peak memory on a weights-dominant model
   (``llama-large``: Llama 12 x 768, vocab 32k, ~125M parameters) at 1/2/4/8/16 tasks for all
-  five systems (``--quick``: 8 tasks; hf-separate, hf-multi-adapter, muxc), one step each,
+  five systems (``--quick``: 8 tasks; hf-separate, hf-multi-adapter, muxc), the peak of one
+  step after a warm-up step on the same batches (steady state: optimizer state allocated),
   one case at a time, RSS made to follow live memory (`e2e_systems.strict_malloc`);
 - ``compile``: muxc compile seconds for 1 and 16 equal-structure tasks (``llama-tiny``).
 
@@ -438,7 +439,7 @@ def _cases(args, device: torch.device) -> list[dict[str, Any]]:
         model = args.memory_model or MEMORY_MODEL[device.type]
         cases += [dict(model=model, workload=MEMORY_WORKLOAD, tasks=n,
                        system=system, part="memory-large", rows=2 if cpu else 4, steps=1,
-                       warmup=0, strict_malloc=cpu, **common)
+                       warmup=1, steady_peak=True, strict_malloc=cpu, **common)
                   for n in MEMORY_TASKS[args.quick] for system in systems]
     if "compile" in args.parts:
         cases += [dict(model=COMPILE_MODEL, workload="uniform", tasks=n, system="muxc",

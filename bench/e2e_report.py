@@ -416,8 +416,11 @@ def _memory_section(rows: Sequence[Row], models: dict[str, str]) -> list[str]:
     for model, workload in _groups(rows):
         group = _result_rows(_pick(rows, model=model, workload=workload))
         strict = all(r.get("strict_malloc") for r in group)
+        steady = all(r.get("steady_peak") for r in group)
         out += [f"## Memory, weights-dominant model: {model} ({models[model]}), {workload}", "",
-                f"One step per case (optimizer state created in it), one case at a time"
+                ("Steady state: the peak of one step after a warm-up step on the same batches "
+                 "(every system's optimizer state already allocated)" if steady else
+                 "One step per case (optimizer state created in it)") + ", one case at a time"
                 + ("; RSS made to follow live memory (`mallopt`: mmap threshold 64 KiB, trim "
                    "threshold 0, as `MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`)"
                    if strict else "") + ". Step times here include first-step set-up: they "

@@ -500,6 +500,9 @@ class Case:
     part: str = "main"  # which part of the benchmark: main | sweep | memory | compile
     strict_malloc: bool = False  # CPU: `strict_malloc()` before anything is built
     cost_model: str = ""  # muxc full's on-device profile (`muxc_options`); "": roofline
+    # memory peak of the timed steps only (reset after the warm-up, which runs the first timed
+    # step's batches): steady state, every system's optimizer state already allocated
+    steady_peak: bool = False
 
     def key(self) -> tuple:
         return (self.model, self.workload, self.tasks, self.system)
@@ -527,8 +530,12 @@ class CaseRun:
                               and strict_malloc())
         self.spec = MODELS[case.model]
         tasks = workload_tasks(case.workload, case.tasks, self.spec.family)
-        self.batches = make_batches(tasks, case.warmup + case.steps, case.rows, self.spec.vocab,
-                                    case.seed)
+        if case.steady_peak:  # the warm-up repeats the first timed step's batches
+            timed = make_batches(tasks, case.steps, case.rows, self.spec.vocab, case.seed)
+            self.batches = timed[:1] * case.warmup + timed
+        else:
+            self.batches = make_batches(tasks, case.warmup + case.steps, case.rows,
+                                        self.spec.vocab, case.seed)
         self.memory = Memory(self.device)
         t0 = time.perf_counter()
         self.system = build_system(case.system, self.spec, tasks, self.device, case.seed,
@@ -559,6 +566,8 @@ class CaseRun:
         _sync(self.device)
         self.times.append(time.perf_counter() - t0)
         self.cpu_times.append(time.process_time() - c0)
+        if self.case.steady_peak and i + 1 == self.case.warmup:
+            self.memory.reset()  # the peak of the timed steps: optimizer state included
         return self.times[-1]
 
     def finish(self) -> dict[str, Any]:

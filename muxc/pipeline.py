@@ -15,6 +15,7 @@ checks of `muxc.verify` after it.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -25,6 +26,7 @@ from muxc.frontends import TraceTemplates
 from muxc.ir import MuxGraph, PartitionedGraph, TaskGraph
 from muxc.ir.recompute import RecomputePlan
 from muxc.passes import (
+    fuse_lm_head_loss,
     merge_backbones,
     partition,
     plan_recompute,
@@ -95,6 +97,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass(share_frozen_weights, "task_graphs", ("task_graphs", "sharing"), "one copy of the base"),
     Pass(merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
     Pass(rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),
+    Pass(fuse_lm_head_loss, "mux_graph", "mux_graph", "no tokens x vocab logits kept for backward"),
     Pass(partition, "mux_graph", "partitioned", "subgraphs + cost-balanced pipeline stages"),
     Pass(select_kernels, "mux_graph", "kernel_plan", "pick adapter kernels, say why"),
     Pass(plan_recompute, "tasks", "recompute", "checkpointing the models ask for is kept"),
@@ -105,14 +108,27 @@ PIPELINE: tuple[Pass, ...] = (
 class PassRecord:
     """What one pass did: ``summary`` is its notes and output's short form, ``text`` the long one.
 
-    ``text`` is rendered when the pass finishes, so it shows exactly that pass's output.
+    ``text`` is rendered when the pass finishes, so it shows exactly that pass's output. It is
+    kept zlib-compressed (``packed``): the graph tables of a 12-layer model's passes are ~9 MiB
+    of text a program would otherwise hold for its whole life, for dumps only.
+
+    >>> PassRecord.of(0, "p", 0.1, "did p", "a long table").text
+    'a long table'
     """
 
     index: int
     name: str
     seconds: float
     summary: str
-    text: str = field(repr=False, compare=False)
+    packed: bytes = field(default=b"", repr=False, compare=False)
+
+    @staticmethod
+    def of(index: int, name: str, seconds: float, summary: str, text: str) -> PassRecord:
+        return PassRecord(index, name, seconds, summary, zlib.compress(text.encode(), 1))
+
+    @property
+    def text(self) -> str:
+        return zlib.decompress(self.packed).decode() if self.packed else ""
 
 
 def _short(value) -> str:
@@ -154,5 +170,5 @@ def run_pipeline(tasks, ctx: CompileContext) -> tuple[CompileState, list[PassRec
             verify_state(p.name, state.task_graphs, state.mux_graph, shared=shared)
         summary = "; ".join([*filter(None, [result.notes]), *(_short(v) for v in values)])
         text = "\n\n".join(render(v) for v in values)
-        history.append(PassRecord(i, p.name, seconds, summary, text))
+        history.append(PassRecord.of(i, p.name, seconds, summary, text))
     return state, history

@@ -110,7 +110,9 @@ def test_auto_and_temporal_fit_where_spatial_is_refused(program):
     for fusion in ("auto", "temporal"):
         p = program.with_options(fusion=fusion, memory_budget=both - 1)
         p.forward_backward(_batches())  # one task's activations at a time: b's peak
-        assert p.last_plan.htasks == [["a"], ["b"]], fusion
+        assert sorted(p.last_plan.htasks) == [["a"], ["b"]], fusion
+        if fusion == "auto":  # the planner's own hTasks: the one holding more activations first
+            assert p.last_plan.htasks[0] == ["b"]
         assert plan_peak_bytes(p.planner.summary, p.last_plan) == b
         for st in program.states.values():
             st.optimizer.zero_grad(set_to_none=True)

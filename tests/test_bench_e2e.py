@@ -145,6 +145,8 @@ def test_quick_cases_have_every_part():
         [(8, "hf-separate"), (8, "hf-multi-adapter"), (8, "muxc")]
     assert all(c["strict_malloc"] and c["steps"] == 1 and c["model"] == "llama-large"
                for c in by_part["memory-large"])
+    # steady state: one warm-up step (optimizer state allocated) before the measured one
+    assert all(c["warmup"] == 1 and c["steady_peak"] for c in by_part["memory-large"])
     assert sorted(c["tasks"] for c in by_part["compile"]) == [1, 16]
     assert e2e._parse(["--memory-large"]).parts == ("memory-large",)
     # sweep cases run side by side with the main systems of the same tasks, compile ones alone

@@ -6,6 +6,7 @@
   (one multi-task kernel call per adapter kind). They are immutable records; HOW a site runs is
   supplied by the runtime (`bind_site_impl`), so this module needs no kernels.
 - `TaskLoss`: one task's loss on its own rows of the shared logits.
+- `LMHeadLoss`: a frozen LM head and one task's loss fused (`muxc.passes.fuse_lm_head_loss`).
 - `ChunkAttention`: the backbone's attention, able to attend to K/V kept by earlier chunks.
 
 >>> TaskLoss("sst2"), ChunkAttention(3)
@@ -24,6 +25,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from muxc.errors import MuxcInternalError, UnsupportedPeftError
 from muxc.ir.graph import AdapterRecord, Position
+from muxc.kernels.lm_head_loss import lm_head_loss
 
 __all__ = [
     "IGNORE_INDEX",
@@ -32,6 +34,7 @@ __all__ = [
     "OutputSite",
     "InputSite",
     "TaskLoss",
+    "LMHeadLoss",
     "HeadInfo",
     "HeadLoss",
     "seq_cls_loss",
@@ -209,6 +212,35 @@ class TaskLoss:
 
     def __repr__(self) -> str:
         return f"TaskLoss({self.task})"
+
+
+@dataclass(frozen=True)
+class LMHeadLoss:
+    """`TaskLoss` of the shared frozen LM head's logits, fused with the head: called as
+    ``(hidden, mux, weight[, bias])``, it computes the task's rows of the logits and their
+    loss in token blocks (`muxc.kernels.lm_head_loss`), keeping only the gradient w.r.t. its
+    hidden rows for backward, never the rows' ``tokens x vocab`` logits. Same value and
+    gradients as ``TaskLoss(task)(linear(hidden, weight, bias), mux)``."""
+
+    task: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "__name__", f"lm_head_loss_{self.task}")
+
+    def __call__(self, hidden: torch.Tensor, mux: MuxBatch, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        part = mux.task_part(self.task)
+        if part is None:
+            return None
+        i, start, end = part
+        labels = mux.labels[i]
+        if mux.loss_scale is None or not mux.shifted:
+            labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        scale = None if mux.loss_scale is None else mux.loss_scale[i]
+        return lm_head_loss(hidden[start:end], weight, bias, labels.to(hidden.device), scale)
+
+    def __repr__(self) -> str:
+        return f"LMHeadLoss({self.task})"
 
 
 SINGLE_LABEL = "single_label_classification"

@@ -267,7 +267,9 @@ def summarize_config(
         adapter_bytes={t: n * OpKey(OpKind.LORA, dtype=adapters[t].dtype).itemsize
                        for t, n in numel.items()},
         saved=b.saved,
-        saved_per_task={t: Poly.tokens(4.0 * vocab) for t in tasks},
+        # the frozen head is fused with each loss (`fuse_lm_head_loss`): it keeps the gradient
+        # w.r.t. the task's hidden rows, not its logits
+        saved_per_task={t: Poly.tokens(float(e * h)) for t in tasks},
         source="config",
     )
 

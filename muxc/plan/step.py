@@ -164,6 +164,16 @@ def plan_step(planner: Planner, batches: Mapping[str, Mapping],
         htasks.append(HTask(tasks=g, micro_batches=m, layout=layout))
         costs.append(planner.fusion.price(loads, g, c_g, micro_batches=m, layout=layout))
     stages = planner.options.stages
+    if chosen is not None and stages == 1 and len(htasks) > 1:
+        # run the hTask with the most activations first: at the end of its forward (a step's
+        # memory peak) no other hTask's adapter gradients exist yet (they live until the
+        # optimizer step); the DP's groups come smallest first
+        def held(i: int) -> float:  # a chunked hTask holds all its chunk steps at once
+            h = htasks[i]
+            return costs[i].activation_bytes * (h.micro_batches if h.layout is not None else 1)
+
+        first = sorted(range(len(htasks)), key=lambda i: -held(i))
+        htasks, costs = [htasks[i] for i in first], [costs[i] for i in first]
     fwd = time_table([[c.forward for c in costs]] * stages)
     bwd = time_table([[c.backward for c in costs]] * stages)
     act = time_table([[c.activation_bytes for c in costs]] * stages)

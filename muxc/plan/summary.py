@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
-from muxc.ir import CAUSAL_LM, HeadLoss, MuxGraph, Position, PrefixAttention, Role, info
+from muxc.ir import CAUSAL_LM, HeadLoss, LMHeadLoss, MuxGraph, Position, PrefixAttention, Role, info
 from muxc.ir.optable import (
     MATMULS,
     WEIGHT_GEMMS,
@@ -308,6 +308,7 @@ class _Walker:
         self.saved: dict[fx.Node, Poly] = {}  # storage-owning node -> bytes
         self.saved_extra = Poly()
         self.saved_per_task: dict[str, Poly] = {t: Poly() for t in mux.tasks}
+        self.fused_heads: set[fx.Node] = set()  # LM-head weights of fused losses, priced
         self.ew = OpKey(OpKind.ELEMENTWISE)
         self.math = OpKey(OpKind.ELEMENTWISE, variant=MATH)
         self.view = OpKey(OpKind.VIEW)
@@ -421,6 +422,20 @@ class _Walker:
         logits = node.args[0]
         v = _val(logits)
         vocab = int(v.shape[-1])
+        if isinstance(node.target, LMHeadLoss):  # the shared frozen head fused with the loss
+            x, weight = node.args[0], node.args[2]
+            wv = _val(weight)
+            hidden, vocab = int(wv.shape[1]), int(wv.shape[0])
+            if weight not in self.fused_heads:  # priced once, as the linear it replaced
+                self.fused_heads.add(weight)
+                gemm = Work(OpKey(OpKind.GEMM, (hidden, vocab), _dt(wv.dtype)), self.tokens(x, hidden))
+                self.add(node, gemm, gemm if self.needs_grad(x) else None, suffix="[lm_head]")
+            w = Work(OpKey(OpKind.LOSS, (vocab,), _dt(wv.dtype)), Poly.tokens())
+            self.add(node, w, w, task=task)
+            # kept for backward: the gradient w.r.t. the task's hidden rows, not its logits
+            itemsize = _val(x).element_size() if _val(x) is not None else 4
+            self.saved_per_task[task] = self.saved_per_task[task] + Poly.tokens(float(itemsize * hidden))
+            return
         if isinstance(node.target, HeadLoss):  # the task's own head, then its loss
             weight = _val(node.args[2])
             hidden, vocab = int(weight.shape[1]), int(weight.shape[0])
