@@ -432,24 +432,30 @@ def test_summary_is_fast_and_cheap_to_evaluate(summary):
 
 
 def test_adapter_probes_call_like_a_site():
-    """The LoRA probe adds into a base output (fused accumulate, as the LoRA site calls it) and
-    reuses its arguments, so its samples are what the executor pays per site call."""
+    """The LoRA and IA3 probes call a real adapter site (`OutputSite` through the runtime's
+    site implementation, arguments built once), so their samples include what the executor
+    pays per site call besides the kernel: h + s*B(A(x)) and h * v, differentiable in h."""
+    from muxc.ir import OutputSite
     from muxc.plan.profile import PROBES
 
     torch.manual_seed(0)
     fwd, _ = PROBES[OpKind.LORA](OpKey(OpKind.LORA, (8, 6, 2)), 5, torch.device("cpu"))
+    cells = [c.cell_contents for c in fwd.__closure__]
+    site = next(c for c in cells if isinstance(c, OutputSite))
+    x = next(c for c in cells if isinstance(c, torch.Tensor) and c.shape == (1, 5, 8))
+    h = next(c for c in cells if isinstance(c, torch.Tensor) and c.shape == (1, 5, 6))
+    (rec,) = site.records
+    a, bm = rec.params["A"], rec.params["B"]
     out = fwd()
-    lists = [c.cell_contents for c in fwd.__closure__ if isinstance(c.cell_contents, list)]
-    assert len(lists) == 4  # seg_lens, A, B, scaling: built once, not per call
+    torch.testing.assert_close(out, h + 2.0 * (x @ a.T) @ bm.T)
     out.sum().backward()
-    tensors = [c.cell_contents for c in fwd.__closure__
-               if isinstance(c.cell_contents, torch.Tensor)]
-    base = next(t for t in tensors if t.shape == (5, 6))
-    x = next(t for t in tensors if t.shape == (5, 8))
-    a = next(v[0] for v in lists if isinstance(v[0], torch.Tensor) and v[0].shape == (2, 8))
-    bm = next(v[0] for v in lists if isinstance(v[0], torch.Tensor) and v[0].shape == (6, 2))
-    torch.testing.assert_close(out, base + 2.0 * (x @ a.T) @ bm.T)
-    assert torch.equal(base.grad, torch.ones(5, 6))  # the base output is an input of the call
+    assert torch.equal(h.grad, torch.ones(1, 5, 6))  # the base output is an input of the call
+    assert a.grad is not None and bm.grad is not None
+    ia3, _ = PROBES[OpKind.IA3](OpKey(OpKind.IA3, (6,)), 5, torch.device("cpu"))
+    cells = [c.cell_contents for c in ia3.__closure__]
+    (rec,) = next(c for c in cells if isinstance(c, OutputSite)).records
+    h = next(c for c in cells if isinstance(c, torch.Tensor) and c.shape == (1, 5, 6))
+    torch.testing.assert_close(ia3(), h * rec.params["v"])
 
 
 def test_each_htask_gets_its_own_chunk_size(program):

@@ -41,9 +41,12 @@ __all__ = [
     "profile_device",
     "load_or_profile",
     "measure_call_overhead",
+    "measure_run_overhead",
+    "measure_site_task_overhead",
 ]
 
-FORMAT = 3  # 2: call_overhead; 3: adapter probes call like a site (base=, arguments built once)
+FORMAT = 4  # 2: call_overhead; 3: adapter probes call like a site (base=, arguments built once);
+# 4: adapter probes call a real site, run_overhead and site_task overheads
 aten = torch.ops.aten  # probes call the same OpOverloads exported graphs call
 DEFAULT_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_ATTENTION_SHAPES = ((1, 32), (1, 64), (1, 128), (2, 128), (1, 256), (2, 256), (4, 256),
@@ -51,6 +54,8 @@ DEFAULT_ATTENTION_SHAPES = ((1, 32), (1, 64), (1, 128), (2, 128), (1, 256), (2, 
 DEFAULT_ELEMENTWISE_NUMELS = (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22)
 _VIEW_CHAIN = 16  # views per VIEW sample; the sample is the time per view
 _CALL_CHAIN = 128  # tiny ops in the graph timed for the per-call overhead
+_SHORT_CHAIN = 8  # ... and in the short graph whose time, less its ops, is the per-run cost
+_SITE_TASKS = 4  # tasks at the site timed for the per-task site overhead
 
 
 class Clock(str, Enum):
@@ -141,6 +146,13 @@ class DeviceProfile:
     and smallest per-op time; they parametrise the roofline for ops without samples.
     ``call_overhead``: seconds each op call costs in a graph beyond its own latency
     (`measure_call_overhead`); the cost model charges it per op per micro-batch.
+    ``run_overhead``: seconds one forward+backward run of a graph costs whatever its ops
+    (calling the graph, starting the autograd engine; `measure_run_overhead`), paid once per
+    micro-batch; ``backward_start``: the engine start alone, which every probe's backward
+    sample also paid (`CostModel` takes it out of them).
+    ``site_task_forward``/``site_task_backward``: seconds each task beyond the first adds to
+    one adapter site call at almost no work (its arguments, segment bookkeeping;
+    `measure_site_task_overhead`).
     """
 
     identity: Mapping[str, str | int]
@@ -150,6 +162,10 @@ class DeviceProfile:
     overhead: float
     samples: Mapping[str, tuple[Sample, ...]] = field(default_factory=dict)
     call_overhead: float = 0.0
+    run_overhead: float = 0.0
+    backward_start: float = 0.0
+    site_task_forward: float = 0.0
+    site_task_backward: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clock", Clock(self.clock))
@@ -194,7 +210,7 @@ class DeviceProfile:
             max(self.peak_bandwidth, other.peak_bandwidth),
             min(self.overhead, other.overhead),
             {k: tuple(v) for k, v in samples.items()},
-            statistics.median([self.call_overhead, other.call_overhead]),
+            **{f: statistics.median([getattr(self, f), getattr(other, f)]) for f in _SCALARS},
         )
 
     def to_json(self) -> dict:
@@ -205,7 +221,7 @@ class DeviceProfile:
             "peak_flops": self.peak_flops,
             "peak_bandwidth": self.peak_bandwidth,
             "overhead": self.overhead,
-            "call_overhead": self.call_overhead,
+            **{f: getattr(self, f) for f in _SCALARS},
             "samples": {k: [s.to_json() for s in v] for k, v in self.samples.items()},
         }
 
@@ -229,7 +245,7 @@ class DeviceProfile:
                 peak_bandwidth=float(data["peak_bandwidth"]),
                 overhead=float(data["overhead"]),
                 samples=samples,
-                call_overhead=float(data["call_overhead"]),
+                **{f: float(data[f]) for f in _SCALARS},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CostModelError(
@@ -254,6 +270,11 @@ class DeviceProfile:
             raise CostModelError(f"device profile {str(path)!r} is not JSON ({e}); delete it to "
                                  "re-profile") from None
         return DeviceProfile.from_json(data)
+
+
+_SCALARS = ("call_overhead", "run_overhead", "backward_start", "site_task_forward",
+            "site_task_backward")
+"""`DeviceProfile`'s measured overheads (seconds), saved and merged (median) alike."""
 
 
 # ------------------------------------------------------------------------------- probes
@@ -304,27 +325,48 @@ def _probe_attention(key: OpKey, shape: tuple[int, int], device):
     return fwd, None
 
 
-def _probe_lora(key: OpKey, tokens: int, device):
-    from muxc.kernels import multi_lora
+def _site_call(kind: str, key: OpKey, tokens: int, device, tasks: int = 1):
+    """A one-layer adapter site of ``tasks`` tasks (``tokens`` each) of ``kind`` on a
+    ``(K, N[, rank])`` base op, called as the merged graph calls it (`muxc.ir.OutputSite`
+    through the runtime's site implementation: parameters by task, the kind's ``apply``, one
+    multi-task kernel call), with its arguments built once. Returns the forward."""
+    import muxc.runtime.sites  # noqa: F401  (binds how sites run)
+    from muxc.ir import AdapterRecord, Aggregate, AdapterKind, Dispatch, MuxBatch, OutputSite
 
-    k, n, r = key.shape
     dt = _dtype(key)
-    x = _leaf(tokens, k, device=device, dtype=dt)
-    h = _leaf(tokens, n, device=device, dtype=dt)  # the base op's output the site adds to
-    # built once, as a site's arguments are: the call is what the executor pays per site
-    lens, a, bm, scaling = [tokens], [_leaf(r, k, device=device, dtype=dt)], \
-        [_leaf(n, r, device=device, dtype=dt)], [2.0]
-    return (lambda: multi_lora(x, lens, a, bm, scaling, base=h)), None
+    names = tuple(f"t{i}" for i in range(tasks))
+    if kind == "lora":
+        k, n, r = key.shape
+        make = lambda: {"A": _leaf(r, k, device=device, dtype=dt),  # noqa: E731
+                        "B": _leaf(n, r, device=device, dtype=dt)}
+        extra = dict(kind=AdapterKind.LORA, dispatch=Dispatch.PARALLEL,
+                     aggregate=Aggregate.ADD_SCALED, rank=r, scaling=2.0)
+    else:
+        (n,) = key.shape
+        k = n
+        make = lambda: {"v": _leaf(n, device=device, dtype=dt)}  # noqa: E731
+        extra = dict(kind=AdapterKind.IA3, dispatch=Dispatch.OUTPUT,
+                     aggregate=Aggregate.SCALE_OUTPUT)
+    records = []
+    for t in names:
+        params = make()
+        records.append(AdapterRecord(task=t, site="probe", params=params,
+                                     param_names={p: f"{t}.{p}" for p in params}, **extra))
+    site = OutputSite("probe", tuple(records))
+    x = _leaf(tasks, tokens, k, device=device, dtype=dt)
+    h = _leaf(tasks, tokens, n, device=device, dtype=dt)  # the base op's output
+    labels = tuple(torch.zeros(1, tokens, dtype=torch.long, device=device) for _ in names)
+    mux = MuxBatch(tasks=names, rows=(1,) * tasks, seq_len=tokens, labels=labels)
+    flat = [p for r in records for p in r.params.values()]
+    return lambda: site(x, h, mux, *flat)
+
+
+def _probe_lora(key: OpKey, tokens: int, device):
+    return _site_call("lora", key, tokens, device), None
 
 
 def _probe_ia3(key: OpKey, tokens: int, device):
-    from muxc.kernels import multi_ia3
-
-    (n,) = key.shape
-    dt = _dtype(key)
-    h = _leaf(tokens, n, device=device, dtype=dt)
-    lens, v = [tokens], [_leaf(n, device=device, dtype=dt)]
-    return (lambda: multi_ia3(h, lens, v)), None
+    return _site_call("ia3", key, tokens, device), None
 
 
 def _probe_loss(key: OpKey, tokens: int, device):
@@ -485,7 +527,46 @@ def profile_device(
         overhead=min(s.forward for s in samples[str(OpKey(OpKind.ELEMENTWISE))]),
         samples=samples,
         call_overhead=measure_call_overhead(device, clock, repeats=max(repeats, 5)),
+        **_run_and_site(device, clock, max(repeats, 5)),
     )
+
+
+def _run_and_site(device, clock: Clock, repeats: int) -> dict[str, float]:
+    run, start = measure_run_overhead(device, clock, repeats=repeats)
+    f, b = measure_site_task_overhead(device, clock, repeats=repeats)
+    return {"run_overhead": run, "backward_start": start, "site_task_forward": f,
+            "site_task_backward": b}
+
+
+def _chain(ops: int) -> fx.GraphModule:
+    """A traced graph of ``ops`` tiny multiplies and adds on ``(x, w)``."""
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.placeholder("w")
+    y = x
+    for i in range(ops):
+        y = g.call_function(aten.mul.Tensor if i % 2 == 0 else aten.add.Tensor, (y, w))
+    g.output(y)
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _time_chain(ops: int, device, clock: Clock, repeats: int) -> tuple[float, float]:
+    """Median seconds of the forward and of the backward of `_chain` (``ops`` ops), as the
+    runtime runs a micro-batch: the graph called, then one ``backward()``."""
+    gm = _chain(ops)
+    xs = torch.randn(4, 8, device=device)
+    ws = torch.randn(4, 8, device=device, requires_grad=True)
+    fs, bs = [], []
+    for i in range(repeats + 1):
+        ws.grad = None
+        t0 = clock.now(device)
+        y = gm(xs, ws)
+        t1 = clock.now(device)
+        y.backward(torch.ones_like(xs))
+        t2 = clock.now(device)
+        if i:  # the first run warms up
+            fs.append(t1 - t0)
+            bs.append(t2 - t1)
+    return statistics.median(fs), statistics.median(bs)
 
 
 def measure_call_overhead(device: torch.device | str, clock: Clock | str = Clock.WALL, *,
@@ -499,24 +580,54 @@ def measure_call_overhead(device: torch.device | str, clock: Clock | str = Clock
     True
     """
     device = torch.device(device)
-    clock = Clock(clock)
-    g = fx.Graph()
-    x, w = g.placeholder("x"), g.placeholder("w")
-    y = x
-    for i in range(ops):
-        y = g.call_function(aten.mul.Tensor if i % 2 == 0 else aten.add.Tensor, (y, w))
-    g.output(y)
-    gm = fx.GraphModule(torch.nn.Module(), g)
-    xs = torch.randn(4, 8, device=device)
-    ws = torch.randn(4, 8, device=device, requires_grad=True)
-    times = []
-    for i in range(repeats + 1):
-        ws.grad = None
-        t0 = clock.now(device)
-        gm(xs, ws).backward(torch.ones_like(xs))
-        if i:  # the first run warms up
-            times.append(clock.now(device) - t0)
-    return statistics.median(times) / (2 * ops)
+    f, b = _time_chain(ops, device, Clock(clock), repeats)
+    return (f + b) / (2 * ops)
+
+
+def measure_run_overhead(device: torch.device | str, clock: Clock | str = Clock.WALL, *,
+                         repeats: int = 5) -> tuple[float, float]:
+    """``(per run, backward start)``: seconds a forward+backward run of a traced graph costs
+    beyond its ops, and the part of it its ``backward()`` pays before any op's backward
+    (engine start, seed gradient).
+
+    Two chains of tiny ops (`_CALL_CHAIN` and `_SHORT_CHAIN` long) are timed; the time per op
+    is their difference over the difference in ops, the per-run cost what is left of the
+    short one's time. Never negative.
+
+    >>> run, start = measure_run_overhead("cpu", repeats=2)
+    >>> 0 <= start <= run < 1e-2
+    True
+    """
+    device, clock = torch.device(device), Clock(clock)
+    long_f, long_b = _time_chain(_CALL_CHAIN, device, clock, repeats)
+    short_f, short_b = _time_chain(_SHORT_CHAIN, device, clock, repeats)
+    span = _CALL_CHAIN - _SHORT_CHAIN
+    per_f = max(long_f - short_f, 0.0) / span
+    per_b = max(long_b - short_b, 0.0) / span
+    run_f = max(short_f - _SHORT_CHAIN * per_f, 0.0)
+    start = max(short_b - _SHORT_CHAIN * per_b, 0.0)
+    return run_f + start, start
+
+
+def measure_site_task_overhead(device: torch.device | str, clock: Clock | str = Clock.WALL, *,
+                               repeats: int = 5, tasks: int = _SITE_TASKS) -> tuple[float, float]:
+    """``(forward, backward)`` seconds each task beyond the first adds to one LoRA site call
+    at 16 tokens per task: a site of ``tasks`` tasks less a site of one task holding all their
+    tokens, over ``tasks - 1`` (never negative).
+
+    >>> f, b = measure_site_task_overhead("cpu", repeats=2, tasks=2)
+    >>> 0 <= f < 1e-2 and 0 <= b < 1e-2
+    True
+    """
+    device, clock = torch.device(device), Clock(clock)
+    key = OpKey(OpKind.LORA, (64, 64, 8))
+    tokens = 16
+    many = _time_one(_site_call("lora", key, tokens, device, tasks), device, clock, repeats, 1,
+                     1, None)
+    one_big = _time_one(_site_call("lora", key, tokens * tasks, device), device, clock,
+                        repeats, 1, 1, None)
+    # many tasks = one task of all the tokens + a per-task cost for each task beyond the first
+    return tuple(max(m - o, 0.0) / (tasks - 1) for m, o in zip(many, one_big))  # type: ignore
 
 
 def _peak_flops(samples: Mapping[str, Sequence[Sample]]) -> float:
