@@ -24,6 +24,7 @@ from muxc.plan import (
     OpKey,
     OpKind,
     Roofline,
+    Sample,
     StepShape,
     bubble_fraction,
     estimate_memory,
@@ -386,11 +387,64 @@ def test_roofline_fallback_charges_its_overhead_per_call(summary):
     assert two.total - one.total == pytest.approx(one.calls * 1e-3, rel=0.02)
 
 
+def test_every_micro_batch_pays_one_run_of_the_graph(summary):
+    """Each micro-batch (chunk step) calls the graph and starts the autograd engine once:
+    m micro-batches cost exactly m x run_overhead more, split into the forward's part and
+    the backward's engine start."""
+    roof = Roofline(1e11, 2e10, 0.0)
+    for m in (1, 3):
+        free = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, micro_batches=m,
+                             cost=CostModel(roofline=roof))
+        paid = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, micro_batches=m,
+                             cost=CostModel(roofline=roof, run_overhead=2e-3))
+        assert paid.total - free.total == pytest.approx(m * 2e-3, rel=1e-9)
+        assert paid.by_kind["overhead"] == pytest.approx(m * 2e-3, rel=1e-9)
+    with pytest.raises(CostModelError, match="run_overhead"):
+        CostModel(roofline=roof, run_overhead=-1.0)
+
+
+def test_every_extra_task_at_a_site_pays_the_site_task_cost(summary):
+    """One kernel call per kind serves every task at a site, but each task beyond the first
+    adds its own measured cost to it (forward, and backward where it has one): exactly
+    (tasks - 1) x site_task per site and micro-batch; a task alone pays none."""
+    roof = Roofline(1e11, 2e10, 0.0)
+    shared = sum(count * (len(members) - 1) for members, count in summary.sites)
+    assert shared > 0  # t1's all-linear LoRA shares q and v with t0
+    for m in (1, 2):
+        def total(site_task, tokens):
+            return estimate_step(summary, tokens, seq_len=128, micro_batches=m,
+                                 cost=CostModel(roofline=roof, site_task=site_task)).total
+
+        both = {"t0": 512, "t1": 512}
+        assert total((1e-3, 2e-3), both) - total((0.0, 0.0), both) == pytest.approx(
+            m * shared * 3e-3, rel=1e-9)
+        alone = {"t1": 512}
+        assert total((1e-3, 2e-3), alone) == pytest.approx(total((0.0, 0.0), alone), rel=1e-12)
+
+
+def test_engine_start_is_taken_out_of_backward_samples():
+    """Every probe's backward started the autograd engine; a graph's backward does that once
+    per micro-batch (inside run_overhead), so the fitted backward latencies leave it out."""
+    samples = {"gemm:float32:64x64": (Sample(16, 1e-4, 3e-4), Sample(64, 2e-4, 5e-4))}
+    prof = DeviceProfile({"device_kind": "cpu"}, Clock.THREAD, 1e11, 1e10, 1e-6, samples,
+                         call_overhead=1e-6, run_overhead=1.5e-4, backward_start=1e-4)
+    cost = CostModel(prof)
+    key = OpKey(OpKind.GEMM, (64, 64))
+    assert cost.latency(key, 16, backward=True) == pytest.approx(2e-4)
+    assert cost.latency(key, 64, backward=True) == pytest.approx(4e-4)
+    assert cost.latency(key, 64) == pytest.approx(2e-4)  # forward samples as measured
+    assert cost.run_overhead == 1.5e-4 and cost.backward_start == 1e-4
+
+
 def test_profile_measures_the_call_overhead(tmp_path, one_thread):
     prof = profile_device("cpu", [], elementwise_numels=(1024,), repeats=2, clock="thread")
     assert 0 < prof.call_overhead < 1e-3
-    assert CostModel(prof).call_overhead == prof.call_overhead
-    assert DeviceProfile.load(prof.save(tmp_path / "p.json")).call_overhead == prof.call_overhead
+    assert 0 <= prof.backward_start <= prof.run_overhead < 1e-2
+    assert 0 <= prof.site_task_forward < 1e-2 and 0 <= prof.site_task_backward < 1e-2
+    cost = CostModel(prof)
+    assert cost.call_overhead == prof.call_overhead and cost.run_overhead == prof.run_overhead
+    assert cost.site_task == (prof.site_task_forward, prof.site_task_backward)
+    assert DeviceProfile.load(prof.save(tmp_path / "p.json")) == prof
     old = tmp_path / "old.json"  # a format-1 profile has no call overhead: profiled afresh
     old.write_text(json.dumps({**prof.to_json(), "format": 1}))
     again = load_or_profile(old, "cpu", [], elementwise_numels=(1024,), repeats=1,

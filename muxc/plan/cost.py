@@ -12,8 +12,15 @@ kernel launch). A step run as ``micro_batches`` calls of the graph (chunk steps,
 splits) calls every op that many times on a share of the work, so the fitted latencies (flat
 below saturation) are paid per call, plus ``CostModel.call_overhead`` per op call: what an op
 costs inside a traced graph beyond its own latency (`muxc.plan.profile.measure_call_overhead`;
-0 for a roofline-only model, whose per-op ``overhead`` is in every latency). On CPU this, not
-FLOPs, is what makes small chunks slow.
+0 for a roofline-only model, whose per-op ``overhead`` is in every latency), and once per
+micro-batch ``CostModel.run_overhead``: calling the graph and starting the autograd engine
+(`muxc.plan.profile.measure_run_overhead`; the engine start is taken out of the profiled
+backward samples, each of which paid it). On CPU these, not FLOPs, make small chunks slow.
+
+Adapters are profiled as a real site calls them (the site's Python, the kind's ``apply``, one
+multi-task kernel call); at a site shared by several tasks one call per kind serves them all,
+so the fixed cost of all but the dearest is taken off, and each task beyond the first adds
+``CostModel.site_task`` (measured: `muxc.plan.profile.measure_site_task_overhead`).
 
 With ``summary = summarize_graph(program.mux)`` of a compiled program and a measured profile
 (not run here: it needs a compiled program and times the machine):
@@ -63,9 +70,9 @@ class CostModel:
             call_overhead = profile.call_overhead if profile is not None else 0.0
         if run_overhead is None:
             run_overhead = profile.run_overhead if profile is not None else 0.0
-        if site_task is None:  # roofline: another task at a site is another kernel's launch
+        if site_task is None:  # roofline: one launch serves every task at a site
             site_task = ((profile.site_task_forward, profile.site_task_backward)
-                         if profile is not None else (self.roofline.overhead,) * 2)
+                         if profile is not None else (0.0, 0.0))
         for name, v in (("call_overhead", call_overhead), ("run_overhead", run_overhead),
                         ("site_task", min(site_task))):
             if not v >= 0:
