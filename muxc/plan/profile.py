@@ -425,10 +425,11 @@ def _work(key: OpKey, size) -> float:
     return float(size)
 
 
-def _time_one(fwd: Callable[[], torch.Tensor], device, clock: Clock, repeats: int, warmup: int,
-              per: int, flush: torch.Tensor | None) -> tuple[float, float]:
-    """Median forward and backward seconds; with ``flush``, caches are evicted (by writing
-    ``flush``) before each, outside the timed region."""
+def _times(fwd: Callable[[], torch.Tensor], device, clock: Clock, repeats: int, warmup: int,
+              per: int, flush: torch.Tensor | None) -> tuple[list[float], list[float]]:
+    """Forward and backward seconds of each of ``repeats`` runs after ``warmup``; with
+    ``flush``, caches are evicted (by writing ``flush``) before each, outside the timed
+    region."""
     leaves: list[torch.Tensor] = []
     f_times, b_times = [], []
     for i in range(warmup + repeats):
@@ -450,7 +451,14 @@ def _time_one(fwd: Callable[[], torch.Tensor], device, clock: Clock, repeats: in
             b_times.append((t3 - t2) / per)
         if not leaves:
             leaves = _leaves_of(out)
-    return statistics.median(f_times), statistics.median(b_times)
+    return f_times, b_times
+
+
+def _time_one(fwd: Callable[[], torch.Tensor], device, clock: Clock, repeats: int, warmup: int,
+              per: int, flush: torch.Tensor | None) -> tuple[float, float]:
+    """Median forward and backward seconds of `_times`."""
+    f, b = _times(fwd, device, clock, repeats, warmup, per, flush)
+    return statistics.median(f), statistics.median(b)
 
 
 def _leaves_of(out: torch.Tensor) -> list[torch.Tensor]:
@@ -477,13 +485,14 @@ def profile_device(
     warmup: int = 1,
     clock: Clock | str = Clock.WALL,
     cold_bytes: int | None = None,
+    rounds: int = 3,
 ) -> DeviceProfile:
     """Time every profilable key in ``keys`` (plus the elementwise and view probes) on ``device``.
 
     Each key is timed at each work size (``tokens`` for GEMM/LoRA/IA3/loss, ``(rows, seq)``
     ``attention_shapes`` for attention, ``elementwise_numels`` elements for the elementwise
-    probe): ``warmup`` untimed runs, then the median of ``repeats``. MATMUL keys are not
-    profiled (roofline). Takes a few seconds for a small model on a 2-core CPU.
+    probe): the median of ``repeats`` runs, taken in ``rounds`` passes over all keys and sizes
+    (each pass ``warmup`` untimed runs first). MATMUL keys are not profiled (roofline). Takes a few seconds for a small model on a 2-core CPU.
 
     ``cold_bytes``: when set, elementwise probes run cache-cold (that many bytes written
     between runs, untimed), as in a step whose activations overflow the last-level cache; on
@@ -500,9 +509,8 @@ def profile_device(
     flush = None
     if cold_bytes:
         flush = torch.zeros(cold_bytes // 4, dtype=torch.float32, device=device)
-    samples: dict[str, tuple[Sample, ...]] = {}
+    jobs = []  # (key, size, work), in a fixed order
     for key in sorted(k for k in wanted if k.kind in PROBES):
-        probe = PROBES[key.kind]
         if key.kind is OpKind.ATTENTION:
             sizes: Sequence = attention_shapes
         elif key.kind is OpKind.ELEMENTWISE:
@@ -511,14 +519,27 @@ def profile_device(
             sizes = (1,)
         else:
             sizes = tokens
-        rows = []
-        for size in sizes:
-            fwd, bwd_work = probe(key, size, device)
+        jobs += [(key, size) for size in sizes]
+    # the repeats are spread over `rounds` passes over every job, so a spell of load from
+    # other processes lands on many keys a little instead of on one key entirely
+    rounds = max(1, min(rounds, repeats))
+    per_round = -(-repeats // rounds)
+    times: dict[int, tuple[list[float], list[float], float | None]] = {}
+    for _ in range(rounds):
+        for i, (key, size) in enumerate(jobs):
+            fwd, bwd_work = PROBES[key.kind](key, size, device)
             per = _VIEW_CHAIN if key.kind is OpKind.VIEW else 1
             cold = flush if key.kind is OpKind.ELEMENTWISE else None
-            f, b = _time_one(fwd, device, clock, repeats, warmup, per, cold)
-            rows.append(Sample(_work(key, size), f, b, bwd_work))
-        samples[str(key)] = tuple(rows)
+            f, b = _times(fwd, device, clock, per_round, warmup, per, cold)
+            fs, bs, _ = times.setdefault(i, ([], [], bwd_work))
+            fs += f
+            bs += b
+            del fwd
+    samples: dict[str, tuple[Sample, ...]] = {}
+    for i, (key, size) in enumerate(jobs):
+        fs, bs, bwd_work = times[i]
+        row = Sample(_work(key, size), statistics.median(fs), statistics.median(bs), bwd_work)
+        samples[str(key)] = (*samples.get(str(key), ()), row)
     return DeviceProfile(
         identity=device_identity(device),
         clock=clock,
