@@ -54,7 +54,8 @@ DEFAULT_ATTENTION_SHAPES = ((1, 32), (1, 64), (1, 128), (2, 128), (1, 256), (2, 
 DEFAULT_ELEMENTWISE_NUMELS = (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22)
 _VIEW_CHAIN = 16  # views per VIEW sample; the sample is the time per view
 _CALL_CHAIN = 128  # tiny ops in the graph timed for the per-call overhead
-_SHORT_CHAIN = 8  # ... and in the short graph whose time, less its ops, is the per-run cost
+_SHORT_CHAIN = 1  # ... and in the one-op graph whose time, less its op, is the per-run cost
+# (one op, then backward(): the very shape of every probe, whose backward paid the same start)
 _SITE_TASKS = 4  # tasks at the site timed for the per-task site overhead
 
 
@@ -611,9 +612,9 @@ def measure_run_overhead(device: torch.device | str, clock: Clock | str = Clock.
     beyond its ops, and the part of it its ``backward()`` pays before any op's backward
     (engine start, seed gradient).
 
-    Two chains of tiny ops (`_CALL_CHAIN` and `_SHORT_CHAIN` long) are timed; the time per op
-    is their difference over the difference in ops, the per-run cost what is left of the
-    short one's time. Never negative.
+    Two chains of tiny ops (`_CALL_CHAIN` long and one op, as a probe runs) are timed; the
+    time per op is their difference over the difference in ops, the per-run cost what is left
+    of the one-op graph's time. Never negative.
 
     >>> run, start = measure_run_overhead("cpu", repeats=2)
     >>> 0 <= start <= run < 1e-2
