@@ -422,6 +422,30 @@ def test_every_extra_task_at_a_site_pays_the_site_task_cost(summary):
         assert total((1e-3, 2e-3), alone) == pytest.approx(total((0.0, 0.0), alone), rel=1e-12)
 
 
+def test_a_kinds_site_call_also_runs_over_the_other_tasks_tokens(summary):
+    """A kind's multi-task call covers every active task's tokens, giving tasks without that
+    kind a neutral adapter: LoRA copies their segment of the base output (and zeroes their
+    input gradient), IA3 scales them by ones. t1 alone at a site, t0 active too: that call
+    costs t0's copy more; with t0 inactive, nothing."""
+    from muxc.plan.cost import _neutral
+
+    cost = CostModel(roofline=Roofline(1e11, 1e10, 0.0))
+    lora, ia3 = OpKey(OpKind.LORA, (64, 32, 8)), OpKey(OpKind.IA3, (32,))
+    f, b = _neutral(cost, lora, lora, 50.0, 100.0)
+    assert f == pytest.approx(2 * 100 * 32 * 4 / 1e10) and b == pytest.approx(100 * 64 * 4 / 1e10)
+    f, b = _neutral(cost, ia3, ia3, 50.0, 100.0)
+    assert f == pytest.approx(cost.latency(ia3, 150.0) - cost.latency(ia3, 50.0)) and f > 0
+    assert _neutral(cost, lora, lora, 50.0, 0.0) == (0.0, 0.0)
+    # in a step: sites holding only t1's LoRA pay for t0's tokens when t0 runs alongside
+    only_t1 = sum(count for members, count in summary.sites if {t for t, _, _ in members} == {"t1"})
+    assert only_t1 > 0
+    both = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, cost=cost)
+    alone = [estimate_step(summary, {t: 512}, seq_len=128, cost=cost) for t in ("t0", "t1")]
+    assert not [m for m, _ in summary.sites if {t for t, _, _ in m} == {"t0"}]
+    # t1 alone, plus per t1-only site a copy and its backward, plus t0's loss and its backward
+    assert both.calls == alone[1].calls + 2 * only_t1 + 2
+
+
 def test_engine_start_is_taken_out_of_backward_samples():
     """Every probe's backward started the autograd engine; a graph's backward does that once
     per micro-batch (inside run_overhead), so the fitted backward latencies leave it out."""

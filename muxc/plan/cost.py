@@ -277,12 +277,12 @@ def estimate_step(
                 by_kind[w.key.kind.value] = by_kind.get(w.key.kind.value, 0.0) + t
     per_task = {t: r / m for t, r in shape.rows.items()}
     for members, count in summary.sites:
-        tf, tb, kind = _site(cost, members, per_task, s)
+        tf, tb, kind, extra = _site(cost, members, per_task, s)
         fwd += count * m * tf
         bwd += count * m * tb
         if kind is not None:
-            calls_f += count
-            calls_b += count * (tb > 0)
+            calls_f += count * (1 + extra[0])
+            calls_b += count * ((tb > 0) + extra[1])
             by_kind[kind] = by_kind.get(kind, 0.0) + count * m * (tf + tb)
     # every op call's fixed cost, and every run of the graph's (calling it, starting the
     # autograd engine): m micro-batches pay them m times
@@ -300,10 +300,15 @@ def _site(cost: CostModel, members, rows: Mapping[str, float], s: float):
     (latency at one token) of all but the dearest of each kind, since one kernel call per
     kind serves all its tasks, plus what each task beyond the first adds to that call
     (`CostModel.site_task`: its arguments and segment bookkeeping). Per-call work (DoRA's
-    weight norm, a P-tuning encoder) is each task's own."""
+    weight norm, a P-tuning encoder) is each task's own.
+
+    A kind's call runs over every active task's tokens, giving the tasks without that kind a
+    neutral adapter (`_neutral`): IA3 scales their tokens by ones, LoRA copies their segment
+    of the base output (and zeroes its input gradient)."""
     fwd = bwd = 0.0
     over_f: dict[OpKind, list[float]] = {}
     over_b: dict[OpKind, list[float]] = {}
+    own: dict[OpKind, list] = {}  # kind -> [forward key, backward key, rows with that kind]
     kind = None
     for task, f, g in members:
         r = rows.get(task, 0)
@@ -313,6 +318,8 @@ def _site(cost: CostModel, members, rows: Mapping[str, float], s: float):
         fwd += cost.latency(f.key, f.amount(r, s))
         if all(i == 0 and j == 0 for i, j, _ in f.amount.terms):
             continue  # per-call work, not the kind's kernel call
+        entry = own.setdefault(f.key.kind, [f.key, None if g is None else g.key, 0.0])
+        entry[2] += r
         over_f.setdefault(f.key.kind, []).append(cost.latency(f.key, 1.0))
         if g is not None:
             bwd += cost.latency(g.key, g.amount(r, s), True)
@@ -324,7 +331,38 @@ def _site(cost: CostModel, members, rows: Mapping[str, float], s: float):
             bwd += added - saved
         else:
             fwd += added - saved
-    return fwd, bwd, kind
+    total = sum(rows.values())
+    calls = [0, 0]  # extra op calls: LoRA's copy of the neutral tokens, and its backward
+    for key, gkey, mine in own.values():
+        nf, nb = _neutral(cost, key, gkey, mine * s, (total - mine) * s)
+        fwd += nf
+        bwd += nb
+        if key.kind is OpKind.LORA and total > mine:
+            calls[0] += 1
+            calls[1] += gkey is not None
+    return fwd, bwd, kind, calls
+
+
+def _neutral(cost: CostModel, key: OpKey, gkey: OpKey | None, mine: float,
+             others: float) -> tuple[float, float]:
+    """Forward and backward seconds a kind's site call spends on ``others`` tokens of tasks
+    without that kind (``mine``: its own tasks' tokens): IA3 scales them by ones (its work on
+    all the tokens less its work on its own); LoRA copies them from the base output and zeroes
+    their input gradient (memory-bound; `muxc.kernels.grouped`)."""
+    if others <= 0:
+        return 0.0, 0.0
+    if key.kind is OpKind.IA3:
+        f = cost.latency(key, mine + others) - cost.latency(key, mine)
+        b = 0.0 if gkey is None else (cost.latency(gkey, mine + others, True)
+                                      - cost.latency(gkey, mine, True))
+        return max(f, 0.0), max(b, 0.0)
+    if key.kind is OpKind.LORA:
+        k, n, _ = key.shape
+        ew = OpKey(OpKind.ELEMENTWISE, dtype=key.dtype)
+        f = cost.latency(ew, 2.0 * others * n * key.itemsize)
+        b = 0.0 if gkey is None else cost.latency(ew, others * k * key.itemsize, True)
+        return f, b
+    return 0.0, 0.0
 
 
 def saturation_tokens(

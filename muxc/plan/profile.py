@@ -326,11 +326,12 @@ def _probe_attention(key: OpKey, shape: tuple[int, int], device):
     return fwd, None
 
 
-def _site_call(kind: str, key: OpKey, tokens: int, device, tasks: int = 1):
+def _site_call(kind: str, key: OpKey, tokens: int, device, tasks: int = 1, mixed: bool = False):
     """A one-layer adapter site of ``tasks`` tasks (``tokens`` each) of ``kind`` on a
     ``(K, N[, rank])`` base op, called as the merged graph calls it (`muxc.ir.OutputSite`
     through the runtime's site implementation: parameters by task, the kind's ``apply``, one
-    multi-task kernel call), with its arguments built once. Returns the forward."""
+    multi-task kernel call), with its arguments built once; ``mixed``: LoRA task ``i`` has
+    rank ``4 * 2**i`` instead of the key's. Returns the forward."""
     import muxc.runtime.sites  # noqa: F401  (binds how sites run)
     from muxc.ir import AdapterRecord, Aggregate, AdapterKind, Dispatch, MuxBatch, OutputSite
 
@@ -338,20 +339,22 @@ def _site_call(kind: str, key: OpKey, tokens: int, device, tasks: int = 1):
     names = tuple(f"t{i}" for i in range(tasks))
     if kind == "lora":
         k, n, r = key.shape
-        make = lambda: {"A": _leaf(r, k, device=device, dtype=dt),  # noqa: E731
-                        "B": _leaf(n, r, device=device, dtype=dt)}
+        ranks = [4 << i if mixed else r for i in range(tasks)]
+        make = lambda i: {"A": _leaf(ranks[i], k, device=device, dtype=dt),  # noqa: E731
+                          "B": _leaf(n, ranks[i], device=device, dtype=dt)}
         extra = dict(kind=AdapterKind.LORA, dispatch=Dispatch.PARALLEL,
-                     aggregate=Aggregate.ADD_SCALED, rank=r, scaling=2.0)
+                     aggregate=Aggregate.ADD_SCALED, scaling=2.0)
     else:
         (n,) = key.shape
         k = n
-        make = lambda: {"v": _leaf(n, device=device, dtype=dt)}  # noqa: E731
+        ranks = [0] * tasks
+        make = lambda i: {"v": _leaf(n, device=device, dtype=dt)}  # noqa: E731
         extra = dict(kind=AdapterKind.IA3, dispatch=Dispatch.OUTPUT,
                      aggregate=Aggregate.SCALE_OUTPUT)
     records = []
-    for t in names:
-        params = make()
-        records.append(AdapterRecord(task=t, site="probe", params=params,
+    for i, t in enumerate(names):
+        params = make(i)
+        records.append(AdapterRecord(task=t, site="probe", params=params, rank=ranks[i],
                                      param_names={p: f"{t}.{p}" for p in params}, **extra))
     site = OutputSite("probe", tuple(records))
     x = _leaf(tasks, tokens, k, device=device, dtype=dt)
@@ -644,8 +647,10 @@ def measure_site_task_overhead(device: torch.device | str, clock: Clock | str = 
     device, clock = torch.device(device), Clock(clock)
     key = OpKey(OpKind.LORA, (64, 64, 8))
     tokens = 16
-    many = _time_one(_site_call("lora", key, tokens, device, tasks), device, clock, repeats, 1,
-                     1, None)
+    # tasks of different ranks (4, 8, 16, ...), as tenants' adapters are: the multi-task
+    # kernel stacks and masks them, which costs more per task than equal ranks
+    many = _time_one(_site_call("lora", key, tokens, device, tasks, mixed=True), device, clock,
+                     repeats, 1, 1, None)
     one_big = _time_one(_site_call("lora", key, tokens * tasks, device), device, clock,
                         repeats, 1, 1, None)
     # many tasks = one task of all the tokens + a per-task cost for each task beyond the first
