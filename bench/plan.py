@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     JSON summary to stdout."""
     ap = argparse.ArgumentParser(prog="muxc bench plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="5 timed repeats per configuration instead of 9 (about 3 minutes on 2 cores)")
+                    help="7 timed repeats per configuration instead of 11 (about 3 minutes on 2 shared cores)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="timed repeats per configuration (median reported; default 5 quick, 9 full)")
+                    help="timed repeats per configuration (median reported; default 7 quick, 11 full)")
     ap.add_argument("--tasks-per-kind", type=int, default=2, help="tasks per length profile (x3)")
     ap.add_argument("--rows", type=int, default=4, help="samples per task per step")
     ap.add_argument("--hidden", type=int, default=128)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     slug = harness.device_slug(device)
     info = harness.machine(device)
-    reps = args.repeats or (5 if args.quick else 9)
+    reps = args.repeats or (7 if args.quick else 11)
     load_before = _load()
     profile = out / f"cost-profile-{slug}.json"
     models, batches = _workload(args.tasks_per_kind, args.rows, 0, args.hidden)
@@ -198,8 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     # alignment is fixed when compiling; the planner chooses hTasks (and chunk sizes) within it
     best_same = {a: min((r for r in fixed if r["alignment"] == a), key=lambda r: r["measured_ms"])
                  for a in ("pad", "chunk")}
+    def same_layout(r) -> str:
+        """A fixed configuration that ran exactly the auto choice's hTasks and chunks: their
+        difference is measurement noise."""
+        twin = [f for f in fixed if (f["alignment"], f["htasks"], f["htask_chunks"],
+                                     f["tokens_computed"]) == (r["alignment"], r["htasks"],
+                                                              r["htask_chunks"], r["tokens_computed"])]
+        return (f", the same layout as {twin[0]['fusion']}/{twin[0]['alignment']} "
+                f"{twin[0]['chunk_size'] or ''}".rstrip() if twin else "")
+
     auto_text = "; ".join(
-        f"auto/{r['alignment']} (hTasks {r['htasks']}, chunks {r['htask_chunks']}) measured "
+        f"auto/{r['alignment']} (hTasks {r['htasks']}, chunks {r['htask_chunks']}{same_layout(r)}) measured "
         f"{r['measured_ms'] / best_fixed['measured_ms'] - 1:+.1%} vs the fastest fixed, "
         f"{r['measured_ms'] / best_same[r['alignment']]['measured_ms'] - 1:+.1%} vs the fastest "
         f"fixed {r['alignment']} configuration ({best_same[r['alignment']]['fusion']})"
