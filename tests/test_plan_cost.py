@@ -385,6 +385,10 @@ def test_roofline_fallback_charges_its_overhead_per_call(summary):
     two = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, cost=cost,
                         micro_batches=2)
     assert two.total - one.total == pytest.approx(one.calls * 1e-3, rel=0.02)
+    # and each device's datasheet roofline charges every micro-batch one run of the graph
+    for name in ("cpu", "NVIDIA H100 80GB HBM3"):
+        roof = Roofline.for_device(name)
+        assert roof.run_overhead > 0 and CostModel(roofline=roof).run_overhead == roof.run_overhead
 
 
 def test_every_micro_batch_pays_one_run_of_the_graph(summary):

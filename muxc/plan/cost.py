@@ -69,7 +69,8 @@ class CostModel:
         if call_overhead is None:
             call_overhead = profile.call_overhead if profile is not None else 0.0
         if run_overhead is None:
-            run_overhead = profile.run_overhead if profile is not None else 0.0
+            run_overhead = (profile.run_overhead if profile is not None
+                            else self.roofline.run_overhead)
         if site_task is None:  # roofline: one launch serves every task at a site
             site_task = ((profile.site_task_forward, profile.site_task_backward)
                          if profile is not None else (0.0, 0.0))
