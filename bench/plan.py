@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -58,23 +59,22 @@ def _workload(tasks_per_kind: int, rows: int, seed: int, hidden: int):
     return models, batches
 
 
-def _thread_ms(fn, *, reps: int, warmup: int) -> float:
-    """Median thread CPU milliseconds of ``fn()`` (one CPU thread: what this process ran)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        t0 = time.thread_time()
-        fn()
-        samples.append((time.thread_time() - t0) * 1e3)
-    return statistics.median(samples)
+def _load() -> str:
+    """The 1-minute load average ("?" where the OS does not say)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m bench.plan`` and ``muxc bench plan``; progress to stderr, the
     JSON summary to stdout."""
     ap = argparse.ArgumentParser(prog="muxc bench plan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (about a minute on 2 cores)")
+    ap.add_argument("--quick", action="store_true",
+                    help="7 timed repeats per configuration instead of 11 (about 3 minutes on 2 shared cores)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed repeats per configuration (median reported; default 7 quick, 11 full)")
     ap.add_argument("--tasks-per-kind", type=int, default=2, help="tasks per length profile (x3)")
     ap.add_argument("--rows", type=int, default=4, help="samples per task per step")
     ap.add_argument("--hidden", type=int, default=128)
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     slug = harness.device_slug(device)
     info = harness.machine(device)
-    reps = 2 if args.quick else 5
+    reps = args.repeats or (7 if args.quick else 11)
+    load_before = _load()
     profile = out / f"cost-profile-{slug}.json"
     models, batches = _workload(args.tasks_per_kind, args.rows, 0, args.hidden)
     tasks = [muxc.Task(name=n, model=m) for n, m in models.items()]
@@ -103,39 +104,61 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    def measure(fn) -> float:
-        if device.type == "cpu" and torch.get_num_threads() == 1:  # immune to other processes
-            return _thread_ms(fn, reps=reps, warmup=1)
-        return harness.time_ms(fn, device, reps=reps, warmup=1)
+    thread = device.type == "cpu" and torch.get_num_threads() == 1  # immune to other processes
 
+    def once(fn) -> float:
+        """Milliseconds of one call: thread CPU time on one thread, else wall."""
+        if thread:
+            t0 = time.thread_time()
+            fn()
+            return (time.thread_time() - t0) * 1e3
+        return harness.time_ms(fn, device, reps=1, warmup=0)
+
+    # alignment acts while compiling: one program per alignment, the rest are run-time options
+    compiled = {}
     grid = [("pad", None), ("chunk", 16), ("chunk", 32), ("chunk", 64), ("chunk", 128)]
     configs = [("spatial", "chunk", 8)] + [(f, a, c) for f in ("spatial", "temporal") for a, c in grid]
     configs += [("auto", "pad", None), ("auto", "chunk", None)]
+    runs = []
     for fusion, alignment, chunk in configs:
-        opts = muxc.Options(fusion=fusion, alignment=alignment, chunk_size=chunk, cost_model=str(profile))
-        program = muxc.compile(tasks, opts)
-        plan = program.plan(batches)
+        if alignment not in compiled:
+            compiled[alignment] = muxc.compile(tasks, muxc.Options(alignment=alignment,
+                                                                   cost_model=str(profile)))
+        program = compiled[alignment].with_options(fusion=fusion, chunk_size=chunk)
 
-        def step():
+        def step(program=program):
             program.forward_backward(batches)
             for m in models.values():
                 m.zero_grad(set_to_none=True)
 
-        measured = measure(step)
+        step()  # warm-up (and the plan the step runs)
+        runs.append((program, step, []))
+    # the repeats go round-robin over the configurations, so a spell of load on the shared
+    # machine slows every configuration alike instead of whichever ran then
+    for _ in range(reps):
+        for _, step, times in runs:
+            times.append(once(step))
+    for (fusion, alignment, chunk), (program, _, times) in zip(configs, runs):
+        plan = program.plan(batches)
+        measured = statistics.median(times)
         predicted = sum(c.micro_batches * (c.forward + c.backward) for c in plan.costs) * 1e3
         htasks = "+".join(str(len(h.tasks)) for h in plan.htask_plans)
+        # the chunk size each hTask ran (its own unless chunk_size is fixed); "-": padded
+        chunks = "/".join(str(h.chunk_size) if h.layout is not None else "-"
+                          for h in plan.htask_plans)
         rows.append({
             **info, "section": "alignment", "fusion": fusion, "alignment": alignment,
-            "chunk_size": plan.chunk_size or "", "htasks": htasks,
+            "chunk_size": plan.chunk_size or "", "htask_chunks": chunks, "htasks": htasks,
             "micro_batches": sum(h.micro_batches for h in plan.htask_plans),
             "tasks": len(tasks), "tokens_computed": plan.tokens_computed, "real_tokens": plan.real_tokens,
             "ineffective_token_fraction": plan.ineffective_token_fraction,
             "predicted_ms": predicted, "simulated_ms": plan.predicted_step_ms, "measured_ms": measured,
-            "pred_error": predicted / measured - 1,
+            "measured_min_ms": min(times), "pred_error": predicted / measured - 1,
+            "pred_error_min": predicted / min(times) - 1,
         })
-        log(f"{fusion} {alignment} chunk={plan.chunk_size} hTasks {htasks}: ineffective "
+        log(f"{fusion} {alignment} chunk={plan.chunk_size} (ran {chunks}) hTasks {htasks}: ineffective "
             f"{plan.ineffective_token_fraction:.3f}, predicted {predicted:.1f} ms, simulated "
-            f"{plan.predicted_step_ms:.1f} ms, measured {measured:.1f} ms")
+            f"{plan.predicted_step_ms:.1f} ms, measured {measured:.1f} ms (min {min(times):.1f})")
 
     # bubbles at 4 stages: one hTask per task (temporal), chunked, cost-model times per stage
     stages = 4
@@ -169,11 +192,27 @@ def main(argv: list[str] | None = None) -> int:
                      key=lambda r: r["ineffective_token_fraction"])
     fixed = [r for r in align if r["fusion"] != "auto" and r["chunk_size"] != 8]
     worst_error = max(abs(r["pred_error"]) for r in fixed)
+    worst_error_min = max(abs(r["pred_error_min"]) for r in fixed)
     best_fixed = min(fixed, key=lambda r: r["measured_ms"])
     autos = [r for r in align if r["fusion"] == "auto"]
+    # alignment is fixed when compiling; the planner chooses hTasks (and chunk sizes) within it
+    best_same = {a: min((r for r in fixed if r["alignment"] == a), key=lambda r: r["measured_ms"])
+                 for a in ("pad", "chunk")}
+    def same_layout(r) -> str:
+        """A fixed configuration that ran exactly the auto choice's hTasks and chunks: their
+        difference is measurement noise."""
+        twin = [f for f in fixed if (f["alignment"], f["htasks"], f["htask_chunks"],
+                                     f["tokens_computed"]) == (r["alignment"], r["htasks"],
+                                                              r["htask_chunks"], r["tokens_computed"])]
+        return (f", the same layout as {twin[0]['fusion']}/{twin[0]['alignment']} "
+                f"{twin[0]['chunk_size'] or ''}".rstrip() if twin else "")
+
     auto_text = "; ".join(
-        f"auto/{r['alignment']} (hTasks {r['htasks']}, chunk {r['chunk_size'] or '-'}) measured "
-        f"{r['measured_ms'] / best_fixed['measured_ms'] - 1:+.1%}" for r in autos)
+        f"auto/{r['alignment']} (hTasks {r['htasks']}, chunks {r['htask_chunks']}{same_layout(r)}) measured "
+        f"{r['measured_ms'] / best_fixed['measured_ms'] - 1:+.1%} vs the fastest fixed, "
+        f"{r['measured_ms'] / best_same[r['alignment']]['measured_ms'] - 1:+.1%} vs the fastest "
+        f"fixed {r['alignment']} configuration ({best_same[r['alignment']]['fusion']})"
+        for r in autos)
     md = [
         f"# muxc planner benchmark: {info['device']}",
         "",
@@ -185,24 +224,33 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Ineffective tokens, predicted and measured step time (1 stage)",
         "",
-        harness.markdown_table(align, ["fusion", "alignment", "chunk_size", "htasks", "micro_batches",
+        harness.markdown_table(align, ["fusion", "alignment", "chunk_size", "htask_chunks", "htasks",
+                                       "micro_batches",
                                        "tokens_computed", "ineffective_token_fraction", "predicted_ms",
-                                       "simulated_ms", "measured_ms", "pred_error"]),
+                                       "simulated_ms", "measured_ms", "measured_min_ms", "pred_error",
+                                       "pred_error_min"]),
         "",
         f"Fixed configurations (spatial/temporal × pad / chunk 16–128): largest prediction error "
-        f"{worst_error:.1%} (goal ≤ 25%: {'met' if worst_error <= 0.25 else 'NOT met'}). Fastest fixed: "
+        f"{worst_error:.1%} against the median (goal ≤ 25%: {'met' if worst_error <= 0.25 else 'NOT met'}), "
+        f"{worst_error_min:.1%} against the fastest repeat. Fastest fixed: "
         f"{best_fixed['fusion']}/{best_fixed['alignment']} chunk {best_fixed['chunk_size'] or '-'} "
         f"({best_fixed['measured_ms']:.0f} ms); the planner's own choices against it: {auto_text} "
-        f"(goal ≤ +5%). The cost model charges every op call a fixed overhead, once per "
-        "micro-batch (chunk step), so more chunk steps cost more.",
+        f"(goal ≤ +5%). The cost model charges every micro-batch (chunk step) each graph op's "
+        "measured per-call overhead, forward and backward, and one run of the graph (call and "
+        "autograd engine start); adapters are priced as a real site calls them (profiled "
+        "through the site, plus each extra task's measured cost at a site).",
         "",
         f"Padding every task to the step's longest sample computes {pad_frac:.1%} padding; chunk "
         f"alignment gets it to {best_chunk['ineffective_token_fraction']:.1%} (chunk "
         f"{best_chunk['chunk_size']}). Goal: under 5% — "
         f"{'met' if best_chunk['ineffective_token_fraction'] < 0.05 else 'NOT met'}. `predicted` sums the cost "
         "model over each hTask's micro-batches; `simulated` runs the same times through the schedule "
-        "simulator (equal at one stage); `measured` is the median time of `forward_backward` (thread "
-        "CPU time with one CPU thread, so other processes on the machine do not count; else wall).",
+        "simulator (equal at one stage); `measured` is the median time of `forward_backward` over "
+        f"{reps} repeats taken round-robin over the configurations (thread CPU time with one CPU "
+        "thread, so other processes on the machine do not count, though they still slow it "
+        f"through shared caches; else wall); `measured_min_ms` the fastest. Load average at the "
+        f"start: {load_before}, at the end: {_load()}. `htask_chunks`: the chunk size each hTask "
+        "ran (`-`: padded).",
         "",
         f"## Pipeline bubbles at {stages} stages (simulated; one hTask per task, chunk 32)",
         "",
@@ -223,8 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     print(json.dumps({"worst_pred_error_fixed": round(worst_error, 3),
+                      "worst_pred_error_fixed_vs_min": round(worst_error_min, 3), "repeats": reps,
+                      "load_start": load_before, "load_end": _load(),
                       "auto_vs_best_fixed": {r["alignment"]: round(r["measured_ms"] / best_fixed["measured_ms"] - 1, 3)
                                              for r in autos},
+                      "auto_vs_best_fixed_same_alignment": {
+                          r["alignment"]: round(r["measured_ms"] / best_same[r["alignment"]]["measured_ms"] - 1, 3)
+                          for r in autos},
                       "ineffective_pad": round(pad_frac, 4),
                       "ineffective_chunk_best": round(best_chunk["ineffective_token_fraction"], 4),
                       "bubble_ratio_interleaved_vs_1f1b": round(ratio, 3)}))

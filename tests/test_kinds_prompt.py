@@ -195,6 +195,15 @@ def test_cost_model_prices_the_encoder(case):
     assert per_token == {"prompt", "mlp", "lstm"} and gemms == {"mlp", "lstm"}
     assert summary.adapter_numel["prompt"] == 3 * 32
     assert summary.adapter_numel["mlp"] == sum(p.numel() for p in c.models[1].parameters() if p.requires_grad)
+    # the encoder's GEMMs at its own widths (every weight matrix after the embedding, over
+    # the virtual rows, forward, dX and dW), and no DoRA-style weight-norm pass
+    (rec,) = [r for r in c.program.mux.sites["transformer.wte"] if r.task == "mlp"]
+    mats = [w for w in list(rec.params.values())[1:] if w.dim() == 2]
+    got = sorted((op.forward.key.shape, op.forward.amount(1, 1)) for op in at
+                 if op.task == "mlp" and op.forward.key.kind is OpKind.GEMM)
+    assert got == sorted(((w.shape[1], w.shape[0]), 3.0 * rec.rank) for w in mats)
+    assert all(":call_gemm" in op.node for op in at if op.forward.key.kind is OpKind.GEMM)
+    assert not [op for op in at if op.forward.key.kind is OpKind.ELEMENTWISE]
 
 
 def test_save_round_trip_loads_in_peft(case, tmp_path):

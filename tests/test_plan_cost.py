@@ -24,6 +24,7 @@ from muxc.plan import (
     OpKey,
     OpKind,
     Roofline,
+    Sample,
     StepShape,
     bubble_fraction,
     estimate_memory,
@@ -384,13 +385,94 @@ def test_roofline_fallback_charges_its_overhead_per_call(summary):
     two = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, cost=cost,
                         micro_batches=2)
     assert two.total - one.total == pytest.approx(one.calls * 1e-3, rel=0.02)
+    # and each device's datasheet roofline charges every micro-batch one run of the graph
+    for name in ("cpu", "NVIDIA H100 80GB HBM3"):
+        roof = Roofline.for_device(name)
+        assert roof.run_overhead > 0 and CostModel(roofline=roof).run_overhead == roof.run_overhead
+
+
+def test_every_micro_batch_pays_one_run_of_the_graph(summary):
+    """Each micro-batch (chunk step) calls the graph and starts the autograd engine once:
+    m micro-batches cost exactly m x run_overhead more, split into the forward's part and
+    the backward's engine start."""
+    roof = Roofline(1e11, 2e10, 0.0)
+    for m in (1, 3):
+        free = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, micro_batches=m,
+                             cost=CostModel(roofline=roof))
+        paid = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, micro_batches=m,
+                             cost=CostModel(roofline=roof, run_overhead=2e-3))
+        assert paid.total - free.total == pytest.approx(m * 2e-3, rel=1e-9)
+        assert paid.by_kind["overhead"] == pytest.approx(m * 2e-3, rel=1e-9)
+    with pytest.raises(CostModelError, match="run_overhead"):
+        CostModel(roofline=roof, run_overhead=-1.0)
+
+
+def test_every_extra_task_at_a_site_pays_the_site_task_cost(summary):
+    """One kernel call per kind serves every task at a site, but each task beyond the first
+    adds its own measured cost to it (forward, and backward where it has one): exactly
+    (tasks - 1) x site_task per site and micro-batch; a task alone pays none."""
+    roof = Roofline(1e11, 2e10, 0.0)
+    shared = sum(count * (len(members) - 1) for members, count in summary.sites)
+    assert shared > 0  # t1's all-linear LoRA shares q and v with t0
+    for m in (1, 2):
+        def total(site_task, tokens):
+            return estimate_step(summary, tokens, seq_len=128, micro_batches=m,
+                                 cost=CostModel(roofline=roof, site_task=site_task)).total
+
+        both = {"t0": 512, "t1": 512}
+        assert total((1e-3, 2e-3), both) - total((0.0, 0.0), both) == pytest.approx(
+            m * shared * 3e-3, rel=1e-9)
+        alone = {"t1": 512}
+        assert total((1e-3, 2e-3), alone) == pytest.approx(total((0.0, 0.0), alone), rel=1e-12)
+
+
+def test_a_kinds_site_call_also_runs_over_the_other_tasks_tokens(summary):
+    """A kind's multi-task call covers every active task's tokens, giving tasks without that
+    kind a neutral adapter: LoRA copies their segment of the base output (and zeroes their
+    input gradient), IA3 scales them by ones. t1 alone at a site, t0 active too: that call
+    costs t0's copy more; with t0 inactive, nothing."""
+    from muxc.plan.cost import _neutral
+
+    cost = CostModel(roofline=Roofline(1e11, 1e10, 0.0))
+    lora, ia3 = OpKey(OpKind.LORA, (64, 32, 8)), OpKey(OpKind.IA3, (32,))
+    f, b = _neutral(cost, lora, lora, 50.0, 100.0)
+    assert f == pytest.approx(2 * 100 * 32 * 4 / 1e10) and b == pytest.approx(100 * 64 * 4 / 1e10)
+    f, b = _neutral(cost, ia3, ia3, 50.0, 100.0)
+    assert f == pytest.approx(cost.latency(ia3, 150.0) - cost.latency(ia3, 50.0)) and f > 0
+    assert _neutral(cost, lora, lora, 50.0, 0.0) == (0.0, 0.0)
+    # in a step: sites holding only t1's LoRA pay for t0's tokens when t0 runs alongside
+    only_t1 = sum(count for members, count in summary.sites if {t for t, _, _ in members} == {"t1"})
+    assert only_t1 > 0
+    both = estimate_step(summary, {"t0": 512, "t1": 512}, seq_len=128, cost=cost)
+    alone = [estimate_step(summary, {t: 512}, seq_len=128, cost=cost) for t in ("t0", "t1")]
+    assert not [m for m, _ in summary.sites if {t for t, _, _ in m} == {"t0"}]
+    # t1 alone, plus per t1-only site a copy and its backward, plus t0's loss and its backward
+    assert both.calls == alone[1].calls + 2 * only_t1 + 2
+
+
+def test_engine_start_is_taken_out_of_backward_samples():
+    """Every probe's backward started the autograd engine; a graph's backward does that once
+    per micro-batch (inside run_overhead), so the fitted backward latencies leave it out."""
+    samples = {"gemm:float32:64x64": (Sample(16, 1e-4, 3e-4), Sample(64, 2e-4, 5e-4))}
+    prof = DeviceProfile({"device_kind": "cpu"}, Clock.THREAD, 1e11, 1e10, 1e-6, samples,
+                         call_overhead=1e-6, run_overhead=1.5e-4, backward_start=1e-4)
+    cost = CostModel(prof)
+    key = OpKey(OpKind.GEMM, (64, 64))
+    assert cost.latency(key, 16, backward=True) == pytest.approx(2e-4)
+    assert cost.latency(key, 64, backward=True) == pytest.approx(4e-4)
+    assert cost.latency(key, 64) == pytest.approx(2e-4)  # forward samples as measured
+    assert cost.run_overhead == 1.5e-4 and cost.backward_start == 1e-4
 
 
 def test_profile_measures_the_call_overhead(tmp_path, one_thread):
     prof = profile_device("cpu", [], elementwise_numels=(1024,), repeats=2, clock="thread")
     assert 0 < prof.call_overhead < 1e-3
-    assert CostModel(prof).call_overhead == prof.call_overhead
-    assert DeviceProfile.load(prof.save(tmp_path / "p.json")).call_overhead == prof.call_overhead
+    assert 0 <= prof.backward_start <= prof.run_overhead < 1e-2
+    assert 0 <= prof.site_task_forward < 1e-2 and 0 <= prof.site_task_backward < 1e-2
+    cost = CostModel(prof)
+    assert cost.call_overhead == prof.call_overhead and cost.run_overhead == prof.run_overhead
+    assert cost.site_task == (prof.site_task_forward, prof.site_task_backward)
+    assert DeviceProfile.load(prof.save(tmp_path / "p.json")) == prof
     old = tmp_path / "old.json"  # a format-1 profile has no call overhead: profiled afresh
     old.write_text(json.dumps({**prof.to_json(), "format": 1}))
     again = load_or_profile(old, "cpu", [], elementwise_numels=(1024,), repeats=1,
@@ -432,24 +514,30 @@ def test_summary_is_fast_and_cheap_to_evaluate(summary):
 
 
 def test_adapter_probes_call_like_a_site():
-    """The LoRA probe adds into a base output (fused accumulate, as the LoRA site calls it) and
-    reuses its arguments, so its samples are what the executor pays per site call."""
+    """The LoRA and IA3 probes call a real adapter site (`OutputSite` through the runtime's
+    site implementation, arguments built once), so their samples include what the executor
+    pays per site call besides the kernel: h + s*B(A(x)) and h * v, differentiable in h."""
+    from muxc.ir import OutputSite
     from muxc.plan.profile import PROBES
 
     torch.manual_seed(0)
     fwd, _ = PROBES[OpKind.LORA](OpKey(OpKind.LORA, (8, 6, 2)), 5, torch.device("cpu"))
+    cells = [c.cell_contents for c in fwd.__closure__]
+    site = next(c for c in cells if isinstance(c, OutputSite))
+    x = next(c for c in cells if isinstance(c, torch.Tensor) and c.shape == (1, 5, 8))
+    h = next(c for c in cells if isinstance(c, torch.Tensor) and c.shape == (1, 5, 6))
+    (rec,) = site.records
+    a, bm = rec.params["A"], rec.params["B"]
     out = fwd()
-    lists = [c.cell_contents for c in fwd.__closure__ if isinstance(c.cell_contents, list)]
-    assert len(lists) == 4  # seg_lens, A, B, scaling: built once, not per call
+    torch.testing.assert_close(out, h + 2.0 * (x @ a.T) @ bm.T)
     out.sum().backward()
-    tensors = [c.cell_contents for c in fwd.__closure__
-               if isinstance(c.cell_contents, torch.Tensor)]
-    base = next(t for t in tensors if t.shape == (5, 6))
-    x = next(t for t in tensors if t.shape == (5, 8))
-    a = next(v[0] for v in lists if isinstance(v[0], torch.Tensor) and v[0].shape == (2, 8))
-    bm = next(v[0] for v in lists if isinstance(v[0], torch.Tensor) and v[0].shape == (6, 2))
-    torch.testing.assert_close(out, base + 2.0 * (x @ a.T) @ bm.T)
-    assert torch.equal(base.grad, torch.ones(5, 6))  # the base output is an input of the call
+    assert torch.equal(h.grad, torch.ones(1, 5, 6))  # the base output is an input of the call
+    assert a.grad is not None and bm.grad is not None
+    ia3, _ = PROBES[OpKind.IA3](OpKey(OpKind.IA3, (6,)), 5, torch.device("cpu"))
+    cells = [c.cell_contents for c in ia3.__closure__]
+    (rec,) = next(c for c in cells if isinstance(c, OutputSite)).records
+    h = next(c for c in cells if isinstance(c, torch.Tensor) and c.shape == (1, 5, 6))
+    torch.testing.assert_close(ia3(), h * rec.params["v"])
 
 
 def test_each_htask_gets_its_own_chunk_size(program):

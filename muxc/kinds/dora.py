@@ -245,4 +245,5 @@ DORA = AdapterKindSpec(
     frozen_names=("weight", "bias"),
     per_call_gemm=lambda k, n, r, pre: ((r, k), n),
     flops_per_call=_flops_per_call,
+    per_call_passes=3.0,  # the norm: read the (N, K) product, square, sum
 )

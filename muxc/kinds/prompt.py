@@ -181,6 +181,14 @@ def _ptuning_gemm(k: int, n: int, r: int, pre: bool):
     return (n, n), 9 * r
 
 
+def _encoder_gemms(rec: AdapterRecord) -> list[tuple[tuple[int, int], int]]:
+    """A P-tuning encoder's GEMMs at its own widths: every weight matrix after the embedding
+    (the MLP's Linear layers, the LSTM's input and recurrent weights) over the ``n`` virtual
+    rows, forward, dX and dW (three times the rows)."""
+    mats = [p for p in list(rec.params.values())[1:] if p.dim() == 2]
+    return [((int(w.shape[1]), int(w.shape[0])), 3 * rec.rank) for w in mats]
+
+
 def _spec(
     kind: AdapterKind, peft_type: str, op, op_name: str, per_call_gemm, flops_per_call, numel
 ) -> AdapterKindSpec:
@@ -203,14 +211,15 @@ def _spec(
         flops_per_token=lambda k, n, r, pre: float(n),
         numel=numel,
         adds_to_output=False,
-        per_call_gemm=per_call_gemm,
+        per_call_gemm=per_call_gemm or (lambda k, n, r, pre: None),
         flops_per_call=flops_per_call,
+        call_gemms=_encoder_gemms if per_call_gemm is not None else None,
         prepends=lambda rec: rec.rank,
     )
 
 
 PROMPT = _spec(AdapterKind.PROMPT, "PROMPT_TUNING", prompt_replace, "prompt_replace",
-               per_call_gemm=lambda k, n, r, pre: None,
+               per_call_gemm=None,
                flops_per_call=lambda k, n, r, pre: 0.0,
                numel=lambda k, n, r, pre: r * n)
 P_TUNING = _spec(AdapterKind.P_TUNING, "P_TUNING", ptuning_replace, "ptuning_replace",

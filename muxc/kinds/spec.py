@@ -62,6 +62,12 @@ class AdapterKindSpec:
         lambda k, n, r, pre: None
     )
     flops_per_call: Callable[[int, int, int, bool], float] = lambda k, n, r, pre: 0.0
+    # passes of one elementwise op over the per-call GEMM's (rows, N) result, in tensors of that
+    # size read or written (DoRA's weight norm squares and sums it: 3); 0: no such op
+    per_call_passes: float = 0.0
+    # the per-call GEMMs read off a record's own parameters, ``[((K, N), rows), ...]``, when
+    # the site's sizes do not give them (a P-tuning encoder's widths); None: `per_call_gemm`
+    call_gemms: Callable[[AdapterRecord], list[tuple[tuple[int, int], int]]] | None = None
     # a task head: its node feeds the task's loss (`muxc.ir.HeadLoss`) instead of a site
     is_head: bool = False
     # its parameters are the base model's own tensors (a trained bias), which the frozen op

@@ -12,8 +12,15 @@ kernel launch). A step run as ``micro_batches`` calls of the graph (chunk steps,
 splits) calls every op that many times on a share of the work, so the fitted latencies (flat
 below saturation) are paid per call, plus ``CostModel.call_overhead`` per op call: what an op
 costs inside a traced graph beyond its own latency (`muxc.plan.profile.measure_call_overhead`;
-0 for a roofline-only model, whose per-op ``overhead`` is in every latency). On CPU this, not
-FLOPs, is what makes small chunks slow.
+0 for a roofline-only model, whose per-op ``overhead`` is in every latency), and once per
+micro-batch ``CostModel.run_overhead``: calling the graph and starting the autograd engine
+(`muxc.plan.profile.measure_run_overhead`; the engine start is taken out of the profiled
+backward samples, each of which paid it). On CPU these, not FLOPs, make small chunks slow.
+
+Adapters are profiled as a real site calls them (the site's Python, the kind's ``apply``, one
+multi-task kernel call); at a site shared by several tasks one call per kind serves them all,
+so the fixed cost of all but the dearest is taken off, and each task beyond the first adds
+``CostModel.site_task`` (measured: `muxc.plan.profile.measure_site_task_overhead`).
 
 With ``summary = summarize_graph(program.mux)`` of a compiled program and a measured profile
 (not run here: it needs a compiled program and times the machine):
@@ -53,16 +60,31 @@ class CostModel:
     """
 
     def __init__(self, profile: DeviceProfile | None = None, roofline: Roofline | None = None,
-                 call_overhead: float | None = None):
+                 call_overhead: float | None = None, run_overhead: float | None = None,
+                 site_task: tuple[float, float] | None = None):
         if profile is None and roofline is None:
             roofline = Roofline.for_device("cpu")
         self.profile = profile
         self.roofline = roofline if roofline is not None else profile.roofline()
         if call_overhead is None:
             call_overhead = profile.call_overhead if profile is not None else 0.0
-        if not call_overhead >= 0:
-            raise CostModelError(f"call_overhead must be >= 0 seconds, got {call_overhead}")
+        if run_overhead is None:
+            run_overhead = (profile.run_overhead if profile is not None
+                            else self.roofline.run_overhead)
+        if site_task is None:  # roofline: one launch serves every task at a site
+            site_task = ((profile.site_task_forward, profile.site_task_backward)
+                         if profile is not None else (0.0, 0.0))
+        for name, v in (("call_overhead", call_overhead), ("run_overhead", run_overhead),
+                        ("site_task", min(site_task))):
+            if not v >= 0:
+                raise CostModelError(f"{name} must be >= 0 seconds, got {v}")
         self.call_overhead = float(call_overhead)
+        self.run_overhead = float(run_overhead)
+        self.site_task = (float(site_task[0]), float(site_task[1]))
+        # every probe's backward sample also started the autograd engine, which a graph's
+        # backward does once per micro-batch (`run_overhead`): fit the ops without it
+        start = min(profile.backward_start, self.run_overhead) if profile is not None else 0.0
+        self.backward_start = start
         fits: dict[tuple[OpKey, bool], LatencyModel] = {}
         if profile is not None:
             for k, rows in profile.samples.items():
@@ -70,7 +92,8 @@ class CostModel:
                 fits[(key, False)] = fit_latency([s.work for s in rows], [s.forward for s in rows])
                 bw = [s.work if s.backward_work is None else s.backward_work for s in rows]
                 if any(s.backward > 0 for s in rows):
-                    fits[(key, True)] = fit_latency(bw, [s.backward for s in rows])
+                    fits[(key, True)] = fit_latency(
+                        bw, [max(s.backward - start, s.backward / 4) for s in rows])
         self._fits = fits
         self._memo: dict[tuple[OpKey, float, bool], float] = {}
 
@@ -255,14 +278,18 @@ def estimate_step(
                 by_kind[w.key.kind.value] = by_kind.get(w.key.kind.value, 0.0) + t
     per_task = {t: r / m for t, r in shape.rows.items()}
     for members, count in summary.sites:
-        tf, tb, kind = _site(cost, members, per_task, s)
+        tf, tb, kind, extra = _site(cost, members, per_task, s)
         fwd += count * m * tf
         bwd += count * m * tb
         if kind is not None:
-            calls_f += count
-            calls_b += count * (tb > 0)
+            calls_f += count * (1 + extra[0])
+            calls_b += count * ((tb > 0) + extra[1])
             by_kind[kind] = by_kind.get(kind, 0.0) + count * m * (tf + tb)
-    over_f, over_b = m * calls_f * cost.call_overhead, m * calls_b * cost.call_overhead
+    # every op call's fixed cost, and every run of the graph's (calling it, starting the
+    # autograd engine): m micro-batches pay them m times
+    run_b = cost.backward_start if calls_b else 0.0
+    over_f = m * (calls_f * cost.call_overhead + cost.run_overhead - cost.backward_start)
+    over_b = m * (calls_b * cost.call_overhead + run_b)
     if over_f + over_b > 0:
         by_kind["overhead"] = over_f + over_b
     return StepEstimate(fwd + over_f, bwd + over_b, tokens, shape.padded_tokens, by_kind,
@@ -270,26 +297,73 @@ def estimate_step(
 
 
 def _site(cost: CostModel, members, rows: Mapping[str, float], s: float):
-    """One adapter site: each active task's adapter latency, less the fixed call overhead
-    (latency at one token) of all but one of them, since one kernel call serves them all."""
+    """One adapter site: each active task's adapter latency, less the fixed call cost
+    (latency at one token) of all but the dearest of each kind, since one kernel call per
+    kind serves all its tasks, plus what each task beyond the first adds to that call
+    (`CostModel.site_task`: its arguments and segment bookkeeping). Per-call work (DoRA's
+    weight norm, a P-tuning encoder) is each task's own.
+
+    A kind's call runs over every active task's tokens, giving the tasks without that kind a
+    neutral adapter (`_neutral`): IA3 scales their tokens by ones, LoRA copies their segment
+    of the base output (and zeroes its input gradient)."""
     fwd = bwd = 0.0
-    over_f, over_b = [], []
+    over_f: dict[OpKind, list[float]] = {}
+    over_b: dict[OpKind, list[float]] = {}
+    own: dict[OpKind, list] = {}  # kind -> [forward key, backward key, rows with that kind]
     kind = None
     for task, f, g in members:
         r = rows.get(task, 0)
         if not r:
             continue
-        kind = f.key.kind.value
+        kind = kind or f.key.kind.value
         fwd += cost.latency(f.key, f.amount(r, s))
-        over_f.append(cost.latency(f.key, 1.0))
+        if all(i == 0 and j == 0 for i, j, _ in f.amount.terms):
+            continue  # per-call work, not the kind's kernel call
+        entry = own.setdefault(f.key.kind, [f.key, None if g is None else g.key, 0.0])
+        entry[2] += r
+        over_f.setdefault(f.key.kind, []).append(cost.latency(f.key, 1.0))
         if g is not None:
             bwd += cost.latency(g.key, g.amount(r, s), True)
-            over_b.append(cost.latency(g.key, 1.0, True))
-    if len(over_f) > 1:
-        fwd -= sum(over_f) - max(over_f)
-    if len(over_b) > 1:
-        bwd -= sum(over_b) - max(over_b)
-    return fwd, bwd, kind
+            over_b.setdefault(g.key.kind, []).append(cost.latency(g.key, 1.0, True))
+    for over, task_cost, sign in ((over_f, cost.site_task[0], 0), (over_b, cost.site_task[1], 1)):
+        saved = sum(sum(v) - max(v) for v in over.values())
+        added = task_cost * sum(len(v) - 1 for v in over.values())
+        if sign:
+            bwd += added - saved
+        else:
+            fwd += added - saved
+    total = sum(rows.values())
+    calls = [0, 0]  # extra op calls: LoRA's copy of the neutral tokens, and its backward
+    for key, gkey, mine in own.values():
+        nf, nb = _neutral(cost, key, gkey, mine * s, (total - mine) * s)
+        fwd += nf
+        bwd += nb
+        if key.kind is OpKind.LORA and total > mine:
+            calls[0] += 1
+            calls[1] += gkey is not None
+    return fwd, bwd, kind, calls
+
+
+def _neutral(cost: CostModel, key: OpKey, gkey: OpKey | None, mine: float,
+             others: float) -> tuple[float, float]:
+    """Forward and backward seconds a kind's site call spends on ``others`` tokens of tasks
+    without that kind (``mine``: its own tasks' tokens): IA3 scales them by ones (its work on
+    all the tokens less its work on its own); LoRA copies them from the base output and zeroes
+    their input gradient (memory-bound; `muxc.kernels.grouped`)."""
+    if others <= 0:
+        return 0.0, 0.0
+    if key.kind is OpKind.IA3:
+        f = cost.latency(key, mine + others) - cost.latency(key, mine)
+        b = 0.0 if gkey is None else (cost.latency(gkey, mine + others, True)
+                                      - cost.latency(gkey, mine, True))
+        return max(f, 0.0), max(b, 0.0)
+    if key.kind is OpKind.LORA:
+        k, n, _ = key.shape
+        ew = OpKey(OpKind.ELEMENTWISE, dtype=key.dtype)
+        f = cost.latency(ew, 2.0 * others * n * key.itemsize)
+        b = 0.0 if gkey is None else cost.latency(ew, others * k * key.itemsize, True)
+        return f, b
+    return 0.0, 0.0
 
 
 def saturation_tokens(

@@ -175,12 +175,17 @@ class Roofline:
     peak_flops: float
     peak_bandwidth: float
     overhead: float = 1e-5  # seconds per op call (launch or dispatch), paid per micro-batch
+    # seconds per run of the graph beyond its ops (calling it, starting the autograd engine:
+    # host work on CPU and GPU alike), paid once per micro-batch; `CostModel.run_overhead`
+    run_overhead: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (self.peak_flops > 0 and self.peak_bandwidth > 0 and self.overhead >= 0):
+        if not (self.peak_flops > 0 and self.peak_bandwidth > 0 and self.overhead >= 0
+                and self.run_overhead >= 0):
             raise CostModelError(
-                f"roofline needs peak_flops > 0, peak_bandwidth > 0, overhead >= 0; got "
-                f"{self.peak_flops}, {self.peak_bandwidth}, {self.overhead}"
+                f"roofline needs peak_flops > 0, peak_bandwidth > 0, overhead >= 0, "
+                f"run_overhead >= 0; got {self.peak_flops}, {self.peak_bandwidth}, "
+                f"{self.overhead}, {self.run_overhead}"
             )
 
     def latency(self, flops: float, nbytes: float) -> float:
@@ -194,12 +199,14 @@ class Roofline:
         989000000000000.0
         """
         half = dtype in ("float16", "bfloat16")
+        # run_overhead: one forward+backward run of a traced graph beyond its ops, host-side
+        # (`measure_run_overhead`: 30-110 us on the 2-vCPU Xeon VM, 1 thread)
         for tag, (f32, f16, bw) in _DATASHEETS.items():
             if tag in name:
-                return Roofline(f16 if half else f32, bw, 5e-6)
+                return Roofline(f16 if half else f32, bw, 5e-6, 5e-5)
         # a few cores of a server CPU, fp32; overhead: one aten op call through a traced graph,
         # forward or backward (`measure_call_overhead`: 4-7 us on a 2-core EPYC, 1 thread)
-        return Roofline(1e11, 1e10, 5e-6)
+        return Roofline(1e11, 1e10, 5e-6, 5e-5)
 
 
 # name substring -> (fp32 FLOP/s without TF32, fp16/bf16 tensor-core FLOP/s, bytes/s)

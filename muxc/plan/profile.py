@@ -41,9 +41,12 @@ __all__ = [
     "profile_device",
     "load_or_profile",
     "measure_call_overhead",
+    "measure_run_overhead",
+    "measure_site_task_overhead",
 ]
 
-FORMAT = 3  # 2: call_overhead; 3: adapter probes call like a site (base=, arguments built once)
+FORMAT = 4  # 2: call_overhead; 3: adapter probes call like a site (base=, arguments built once);
+# 4: adapter probes call a real site, run_overhead and site_task overheads
 aten = torch.ops.aten  # probes call the same OpOverloads exported graphs call
 DEFAULT_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_ATTENTION_SHAPES = ((1, 32), (1, 64), (1, 128), (2, 128), (1, 256), (2, 256), (4, 256),
@@ -51,6 +54,9 @@ DEFAULT_ATTENTION_SHAPES = ((1, 32), (1, 64), (1, 128), (2, 128), (1, 256), (2, 
 DEFAULT_ELEMENTWISE_NUMELS = (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22)
 _VIEW_CHAIN = 16  # views per VIEW sample; the sample is the time per view
 _CALL_CHAIN = 128  # tiny ops in the graph timed for the per-call overhead
+_SHORT_CHAIN = 1  # ... and in the one-op graph whose time, less its op, is the per-run cost
+# (one op, then backward(): the very shape of every probe, whose backward paid the same start)
+_SITE_TASKS = 4  # tasks at the site timed for the per-task site overhead
 
 
 class Clock(str, Enum):
@@ -141,6 +147,13 @@ class DeviceProfile:
     and smallest per-op time; they parametrise the roofline for ops without samples.
     ``call_overhead``: seconds each op call costs in a graph beyond its own latency
     (`measure_call_overhead`); the cost model charges it per op per micro-batch.
+    ``run_overhead``: seconds one forward+backward run of a graph costs whatever its ops
+    (calling the graph, starting the autograd engine; `measure_run_overhead`), paid once per
+    micro-batch; ``backward_start``: the engine start alone, which every probe's backward
+    sample also paid (`CostModel` takes it out of them).
+    ``site_task_forward``/``site_task_backward``: seconds each task beyond the first adds to
+    one adapter site call at almost no work (its arguments, segment bookkeeping;
+    `measure_site_task_overhead`).
     """
 
     identity: Mapping[str, str | int]
@@ -150,6 +163,10 @@ class DeviceProfile:
     overhead: float
     samples: Mapping[str, tuple[Sample, ...]] = field(default_factory=dict)
     call_overhead: float = 0.0
+    run_overhead: float = 0.0
+    backward_start: float = 0.0
+    site_task_forward: float = 0.0
+    site_task_backward: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clock", Clock(self.clock))
@@ -194,7 +211,7 @@ class DeviceProfile:
             max(self.peak_bandwidth, other.peak_bandwidth),
             min(self.overhead, other.overhead),
             {k: tuple(v) for k, v in samples.items()},
-            statistics.median([self.call_overhead, other.call_overhead]),
+            **{f: statistics.median([getattr(self, f), getattr(other, f)]) for f in _SCALARS},
         )
 
     def to_json(self) -> dict:
@@ -205,7 +222,7 @@ class DeviceProfile:
             "peak_flops": self.peak_flops,
             "peak_bandwidth": self.peak_bandwidth,
             "overhead": self.overhead,
-            "call_overhead": self.call_overhead,
+            **{f: getattr(self, f) for f in _SCALARS},
             "samples": {k: [s.to_json() for s in v] for k, v in self.samples.items()},
         }
 
@@ -229,7 +246,7 @@ class DeviceProfile:
                 peak_bandwidth=float(data["peak_bandwidth"]),
                 overhead=float(data["overhead"]),
                 samples=samples,
-                call_overhead=float(data["call_overhead"]),
+                **{f: float(data[f]) for f in _SCALARS},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CostModelError(
@@ -254,6 +271,11 @@ class DeviceProfile:
             raise CostModelError(f"device profile {str(path)!r} is not JSON ({e}); delete it to "
                                  "re-profile") from None
         return DeviceProfile.from_json(data)
+
+
+_SCALARS = ("call_overhead", "run_overhead", "backward_start", "site_task_forward",
+            "site_task_backward")
+"""`DeviceProfile`'s measured overheads (seconds), saved and merged (median) alike."""
 
 
 # ------------------------------------------------------------------------------- probes
@@ -304,27 +326,51 @@ def _probe_attention(key: OpKey, shape: tuple[int, int], device):
     return fwd, None
 
 
-def _probe_lora(key: OpKey, tokens: int, device):
-    from muxc.kernels import multi_lora
+def _site_call(kind: str, key: OpKey, tokens: int, device, tasks: int = 1, mixed: bool = False):
+    """A one-layer adapter site of ``tasks`` tasks (``tokens`` each) of ``kind`` on a
+    ``(K, N[, rank])`` base op, called as the merged graph calls it (`muxc.ir.OutputSite`
+    through the runtime's site implementation: parameters by task, the kind's ``apply``, one
+    multi-task kernel call), with its arguments built once; ``mixed``: LoRA task ``i`` has
+    rank ``4 * 2**i`` instead of the key's. Returns the forward."""
+    import muxc.runtime.sites  # noqa: F401  (binds how sites run)
+    from muxc.ir import AdapterRecord, Aggregate, AdapterKind, Dispatch, MuxBatch, OutputSite
 
-    k, n, r = key.shape
     dt = _dtype(key)
-    x = _leaf(tokens, k, device=device, dtype=dt)
-    h = _leaf(tokens, n, device=device, dtype=dt)  # the base op's output the site adds to
-    # built once, as a site's arguments are: the call is what the executor pays per site
-    lens, a, bm, scaling = [tokens], [_leaf(r, k, device=device, dtype=dt)], \
-        [_leaf(n, r, device=device, dtype=dt)], [2.0]
-    return (lambda: multi_lora(x, lens, a, bm, scaling, base=h)), None
+    names = tuple(f"t{i}" for i in range(tasks))
+    if kind == "lora":
+        k, n, r = key.shape
+        ranks = [4 << i if mixed else r for i in range(tasks)]
+        make = lambda i: {"A": _leaf(ranks[i], k, device=device, dtype=dt),  # noqa: E731
+                          "B": _leaf(n, ranks[i], device=device, dtype=dt)}
+        extra = dict(kind=AdapterKind.LORA, dispatch=Dispatch.PARALLEL,
+                     aggregate=Aggregate.ADD_SCALED, scaling=2.0)
+    else:
+        (n,) = key.shape
+        k = n
+        ranks = [0] * tasks
+        make = lambda i: {"v": _leaf(n, device=device, dtype=dt)}  # noqa: E731
+        extra = dict(kind=AdapterKind.IA3, dispatch=Dispatch.OUTPUT,
+                     aggregate=Aggregate.SCALE_OUTPUT)
+    records = []
+    for i, t in enumerate(names):
+        params = make(i)
+        records.append(AdapterRecord(task=t, site="probe", params=params, rank=ranks[i],
+                                     param_names={p: f"{t}.{p}" for p in params}, **extra))
+    site = OutputSite("probe", tuple(records))
+    x = _leaf(tasks, tokens, k, device=device, dtype=dt)
+    h = _leaf(tasks, tokens, n, device=device, dtype=dt)  # the base op's output
+    labels = tuple(torch.zeros(1, tokens, dtype=torch.long, device=device) for _ in names)
+    mux = MuxBatch(tasks=names, rows=(1,) * tasks, seq_len=tokens, labels=labels)
+    flat = [p for r in records for p in r.params.values()]
+    return lambda: site(x, h, mux, *flat)
+
+
+def _probe_lora(key: OpKey, tokens: int, device):
+    return _site_call("lora", key, tokens, device), None
 
 
 def _probe_ia3(key: OpKey, tokens: int, device):
-    from muxc.kernels import multi_ia3
-
-    (n,) = key.shape
-    dt = _dtype(key)
-    h = _leaf(tokens, n, device=device, dtype=dt)
-    lens, v = [tokens], [_leaf(n, device=device, dtype=dt)]
-    return (lambda: multi_ia3(h, lens, v)), None
+    return _site_call("ia3", key, tokens, device), None
 
 
 def _probe_loss(key: OpKey, tokens: int, device):
@@ -383,10 +429,11 @@ def _work(key: OpKey, size) -> float:
     return float(size)
 
 
-def _time_one(fwd: Callable[[], torch.Tensor], device, clock: Clock, repeats: int, warmup: int,
-              per: int, flush: torch.Tensor | None) -> tuple[float, float]:
-    """Median forward and backward seconds; with ``flush``, caches are evicted (by writing
-    ``flush``) before each, outside the timed region."""
+def _times(fwd: Callable[[], torch.Tensor], device, clock: Clock, repeats: int, warmup: int,
+              per: int, flush: torch.Tensor | None) -> tuple[list[float], list[float]]:
+    """Forward and backward seconds of each of ``repeats`` runs after ``warmup``; with
+    ``flush``, caches are evicted (by writing ``flush``) before each, outside the timed
+    region."""
     leaves: list[torch.Tensor] = []
     f_times, b_times = [], []
     for i in range(warmup + repeats):
@@ -408,7 +455,14 @@ def _time_one(fwd: Callable[[], torch.Tensor], device, clock: Clock, repeats: in
             b_times.append((t3 - t2) / per)
         if not leaves:
             leaves = _leaves_of(out)
-    return statistics.median(f_times), statistics.median(b_times)
+    return f_times, b_times
+
+
+def _time_one(fwd: Callable[[], torch.Tensor], device, clock: Clock, repeats: int, warmup: int,
+              per: int, flush: torch.Tensor | None) -> tuple[float, float]:
+    """Median forward and backward seconds of `_times`."""
+    f, b = _times(fwd, device, clock, repeats, warmup, per, flush)
+    return statistics.median(f), statistics.median(b)
 
 
 def _leaves_of(out: torch.Tensor) -> list[torch.Tensor]:
@@ -435,13 +489,14 @@ def profile_device(
     warmup: int = 1,
     clock: Clock | str = Clock.WALL,
     cold_bytes: int | None = None,
+    rounds: int = 3,
 ) -> DeviceProfile:
     """Time every profilable key in ``keys`` (plus the elementwise and view probes) on ``device``.
 
     Each key is timed at each work size (``tokens`` for GEMM/LoRA/IA3/loss, ``(rows, seq)``
     ``attention_shapes`` for attention, ``elementwise_numels`` elements for the elementwise
-    probe): ``warmup`` untimed runs, then the median of ``repeats``. MATMUL keys are not
-    profiled (roofline). Takes a few seconds for a small model on a 2-core CPU.
+    probe): the median of ``repeats`` runs, taken in ``rounds`` passes over all keys and sizes
+    (each pass ``warmup`` untimed runs first). MATMUL keys are not profiled (roofline). Takes a few seconds for a small model on a 2-core CPU.
 
     ``cold_bytes``: when set, elementwise probes run cache-cold (that many bytes written
     between runs, untimed), as in a step whose activations overflow the last-level cache; on
@@ -458,9 +513,8 @@ def profile_device(
     flush = None
     if cold_bytes:
         flush = torch.zeros(cold_bytes // 4, dtype=torch.float32, device=device)
-    samples: dict[str, tuple[Sample, ...]] = {}
+    jobs = []  # (key, size, work), in a fixed order
     for key in sorted(k for k in wanted if k.kind in PROBES):
-        probe = PROBES[key.kind]
         if key.kind is OpKind.ATTENTION:
             sizes: Sequence = attention_shapes
         elif key.kind is OpKind.ELEMENTWISE:
@@ -469,14 +523,27 @@ def profile_device(
             sizes = (1,)
         else:
             sizes = tokens
-        rows = []
-        for size in sizes:
-            fwd, bwd_work = probe(key, size, device)
+        jobs += [(key, size) for size in sizes]
+    # the repeats are spread over `rounds` passes over every job, so a spell of load from
+    # other processes lands on many keys a little instead of on one key entirely
+    rounds = max(1, min(rounds, repeats))
+    per_round = -(-repeats // rounds)
+    times: dict[int, tuple[list[float], list[float], float | None]] = {}
+    for _ in range(rounds):
+        for i, (key, size) in enumerate(jobs):
+            fwd, bwd_work = PROBES[key.kind](key, size, device)
             per = _VIEW_CHAIN if key.kind is OpKind.VIEW else 1
             cold = flush if key.kind is OpKind.ELEMENTWISE else None
-            f, b = _time_one(fwd, device, clock, repeats, warmup, per, cold)
-            rows.append(Sample(_work(key, size), f, b, bwd_work))
-        samples[str(key)] = tuple(rows)
+            f, b = _times(fwd, device, clock, per_round, warmup, per, cold)
+            fs, bs, _ = times.setdefault(i, ([], [], bwd_work))
+            fs += f
+            bs += b
+            del fwd
+    samples: dict[str, tuple[Sample, ...]] = {}
+    for i, (key, size) in enumerate(jobs):
+        fs, bs, bwd_work = times[i]
+        row = Sample(_work(key, size), statistics.median(fs), statistics.median(bs), bwd_work)
+        samples[str(key)] = (*samples.get(str(key), ()), row)
     return DeviceProfile(
         identity=device_identity(device),
         clock=clock,
@@ -485,7 +552,46 @@ def profile_device(
         overhead=min(s.forward for s in samples[str(OpKey(OpKind.ELEMENTWISE))]),
         samples=samples,
         call_overhead=measure_call_overhead(device, clock, repeats=max(repeats, 5)),
+        **_run_and_site(device, clock, max(repeats, 5)),
     )
+
+
+def _run_and_site(device, clock: Clock, repeats: int) -> dict[str, float]:
+    run, start = measure_run_overhead(device, clock, repeats=repeats)
+    f, b = measure_site_task_overhead(device, clock, repeats=repeats)
+    return {"run_overhead": run, "backward_start": start, "site_task_forward": f,
+            "site_task_backward": b}
+
+
+def _chain(ops: int) -> fx.GraphModule:
+    """A traced graph of ``ops`` tiny multiplies and adds on ``(x, w)``."""
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.placeholder("w")
+    y = x
+    for i in range(ops):
+        y = g.call_function(aten.mul.Tensor if i % 2 == 0 else aten.add.Tensor, (y, w))
+    g.output(y)
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _time_chain(ops: int, device, clock: Clock, repeats: int) -> tuple[float, float]:
+    """Median seconds of the forward and of the backward of `_chain` (``ops`` ops), as the
+    runtime runs a micro-batch: the graph called, then one ``backward()``."""
+    gm = _chain(ops)
+    xs = torch.randn(4, 8, device=device)
+    ws = torch.randn(4, 8, device=device, requires_grad=True)
+    fs, bs = [], []
+    for i in range(repeats + 1):
+        ws.grad = None
+        t0 = clock.now(device)
+        y = gm(xs, ws)
+        t1 = clock.now(device)
+        y.backward(torch.ones_like(xs))
+        t2 = clock.now(device)
+        if i:  # the first run warms up
+            fs.append(t1 - t0)
+            bs.append(t2 - t1)
+    return statistics.median(fs), statistics.median(bs)
 
 
 def measure_call_overhead(device: torch.device | str, clock: Clock | str = Clock.WALL, *,
@@ -499,24 +605,56 @@ def measure_call_overhead(device: torch.device | str, clock: Clock | str = Clock
     True
     """
     device = torch.device(device)
-    clock = Clock(clock)
-    g = fx.Graph()
-    x, w = g.placeholder("x"), g.placeholder("w")
-    y = x
-    for i in range(ops):
-        y = g.call_function(aten.mul.Tensor if i % 2 == 0 else aten.add.Tensor, (y, w))
-    g.output(y)
-    gm = fx.GraphModule(torch.nn.Module(), g)
-    xs = torch.randn(4, 8, device=device)
-    ws = torch.randn(4, 8, device=device, requires_grad=True)
-    times = []
-    for i in range(repeats + 1):
-        ws.grad = None
-        t0 = clock.now(device)
-        gm(xs, ws).backward(torch.ones_like(xs))
-        if i:  # the first run warms up
-            times.append(clock.now(device) - t0)
-    return statistics.median(times) / (2 * ops)
+    f, b = _time_chain(ops, device, Clock(clock), repeats)
+    return (f + b) / (2 * ops)
+
+
+def measure_run_overhead(device: torch.device | str, clock: Clock | str = Clock.WALL, *,
+                         repeats: int = 5) -> tuple[float, float]:
+    """``(per run, backward start)``: seconds a forward+backward run of a traced graph costs
+    beyond its ops, and the part of it its ``backward()`` pays before any op's backward
+    (engine start, seed gradient).
+
+    Two chains of tiny ops (`_CALL_CHAIN` long and one op, as a probe runs) are timed; the
+    time per op is their difference over the difference in ops, the per-run cost what is left
+    of the one-op graph's time. Never negative.
+
+    >>> run, start = measure_run_overhead("cpu", repeats=2)
+    >>> 0 <= start <= run < 1e-2
+    True
+    """
+    device, clock = torch.device(device), Clock(clock)
+    long_f, long_b = _time_chain(_CALL_CHAIN, device, clock, repeats)
+    short_f, short_b = _time_chain(_SHORT_CHAIN, device, clock, repeats)
+    span = _CALL_CHAIN - _SHORT_CHAIN
+    per_f = max(long_f - short_f, 0.0) / span
+    per_b = max(long_b - short_b, 0.0) / span
+    run_f = max(short_f - _SHORT_CHAIN * per_f, 0.0)
+    start = max(short_b - _SHORT_CHAIN * per_b, 0.0)
+    return run_f + start, start
+
+
+def measure_site_task_overhead(device: torch.device | str, clock: Clock | str = Clock.WALL, *,
+                               repeats: int = 5, tasks: int = _SITE_TASKS) -> tuple[float, float]:
+    """``(forward, backward)`` seconds each task beyond the first adds to one LoRA site call
+    at 16 tokens per task: a site of ``tasks`` tasks less a site of one task holding all their
+    tokens, over ``tasks - 1`` (never negative).
+
+    >>> f, b = measure_site_task_overhead("cpu", repeats=2, tasks=2)
+    >>> 0 <= f < 1e-2 and 0 <= b < 1e-2
+    True
+    """
+    device, clock = torch.device(device), Clock(clock)
+    key = OpKey(OpKind.LORA, (64, 64, 8))
+    tokens = 16
+    # tasks of different ranks (4, 8, 16, ...), as tenants' adapters are: the multi-task
+    # kernel stacks and masks them, which costs more per task than equal ranks
+    many = _time_one(_site_call("lora", key, tokens, device, tasks, mixed=True), device, clock,
+                     repeats, 1, 1, None)
+    one_big = _time_one(_site_call("lora", key, tokens * tasks, device), device, clock,
+                        repeats, 1, 1, None)
+    # many tasks = one task of all the tokens + a per-task cost for each task beyond the first
+    return tuple(max(m - o, 0.0) / (tasks - 1) for m, o in zip(many, one_big))  # type: ignore
 
 
 def _peak_flops(samples: Mapping[str, Sequence[Sample]]) -> float:

@@ -239,18 +239,31 @@ def _val(node) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
-def per_call_work(spec, k: int, n: int, rank: int, pre: bool, dtype: str) -> list[tuple[str, Work]]:
-    """Work an adapter kind does once per site call and task, whatever its tokens (DoRA's
-    weight norm: a ``(n, r) @ (r, k)`` GEMM and a square-and-sum over the ``(n, k)`` result;
-    forward only, it has no gradient)."""
-    gemm = spec.per_call_gemm(k, n, rank, pre)
-    if gemm is None:
-        return []
-    (kk, nn), rows = gemm
-    key = OpKey(OpKind.GEMM, (kk, nn), dtype)
-    norm_bytes = 3.0 * rows * nn * key.itemsize
-    return [("norm_gemm", Work(key, Poly.const(rows))),
-            ("norm", Work(OpKey(OpKind.ELEMENTWISE, dtype=dtype), Poly.const(norm_bytes)))]
+def per_call_work(spec, k: int, n: int, rank: int, pre: bool, dtype: str,
+                  record=None) -> list[tuple[str, Work]]:
+    """Work an adapter kind does once per site call and task, whatever its tokens, by kind:
+    its per-call GEMMs (``spec.call_gemms`` of ``record`` when given and the kind reads them
+    off its parameters, e.g. a P-tuning encoder; else ``spec.per_call_gemm`` from the site's
+    sizes) and, for a kind with ``per_call_passes`` (DoRA's weight norm: a ``(n, r) @ (r, k)``
+    GEMM then a square-and-sum over its ``(n, k)`` result), that elementwise pass. Forward
+    only: whatever backward it has is folded into the GEMM's rows by the kind."""
+    if record is not None and spec.call_gemms is not None:
+        gemms = spec.call_gemms(record)
+    else:
+        one = spec.per_call_gemm(k, n, rank, pre)
+        gemms = [] if one is None else [one]
+    out = []
+    for i, ((kk, nn), rows) in enumerate(gemms):
+        key = OpKey(OpKind.GEMM, (kk, nn), dtype)
+        if spec.per_call_passes:
+            label = "norm_gemm" if len(gemms) == 1 else f"norm_gemm{i}"
+            passes = spec.per_call_passes * rows * nn * key.itemsize
+            out += [(label, Work(key, Poly.const(rows))),
+                    (label.replace("_gemm", ""), Work(OpKey(OpKind.ELEMENTWISE, dtype=dtype),
+                                                     Poly.const(passes)))]
+        else:
+            out.append((f"call_gemm{i}", Work(key, Poly.const(rows))))
+    return out
 
 
 def _floating(node: fx.Node) -> bool:
@@ -407,7 +420,7 @@ class _Walker:
             lora = lora or spec.adds_to_output
             w = Work(key, Poly.tokens())
             self.add(node, w, w, task=r.task, layer=layer, suffix=f"[{r.task}]", site=node.name)
-            for suffix, fwd in per_call_work(spec, k, n, r.rank, pre, dtype):
+            for suffix, fwd in per_call_work(spec, k, n, r.rank, pre, dtype, r):
                 self.add(node, fwd, None, task=r.task, layer=layer, suffix=f"[{r.task}:{suffix}]",
                          site=node.name)
         self.save(x)
