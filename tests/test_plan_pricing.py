@@ -30,12 +30,15 @@ def program(llama):
     return muxc.compile(tasks, muxc.Options(fusion="auto", alignment="chunk"))
 
 
-@pytest.mark.parametrize("overhead", [0.0, 2e-5])
-def test_pricer_equals_estimate_step(program, overhead):
-    """Random shapes (fractional rows, some tasks idle, kept K/V, micro-batches): the same
-    forward and backward seconds as `estimate_step`, to rounding."""
+@pytest.mark.parametrize("overhead, run, site_task", [
+    (0.0, 0.0, (0.0, 0.0)), (2e-5, 5e-5, (0.0, 0.0)), (2e-5, 7e-5, (4e-5, 9e-5))])
+def test_pricer_equals_estimate_step(program, overhead, run, site_task):
+    """Random shapes (fractional rows, some tasks idle, kept K/V, micro-batches), with and
+    without per-call, per-run and per-extra-task costs: the same forward and backward seconds
+    as `estimate_step`, to rounding."""
     summary = summarize_graph(program.mux)
-    cost = CostModel(roofline=Roofline(1e11, 2e10, 3e-6), call_overhead=overhead)
+    cost = CostModel(roofline=Roofline(1e11, 2e10, 3e-6), call_overhead=overhead,
+                     run_overhead=run, site_task=site_task)
     pricer = StepPricer(summary, cost)
     rng = random.Random(0)
     for _ in range(300):

@@ -46,7 +46,8 @@ from muxc.plan.ops import CostModelError, OpKey, OpKind, Roofline, roofline_late
 from muxc.plan.profile import DeviceProfile
 from muxc.plan.summary import KV, ModelSummary, Work, as_summary
 
-__all__ = ["CostModel", "StepEstimate", "StepShape", "estimate_step", "saturation_tokens"]
+__all__ = ["CostModel", "StepEstimate", "StepShape", "estimate_step", "saturation_tokens",
+           "site_seconds"]
 
 
 class CostModel:
@@ -278,7 +279,7 @@ def estimate_step(
                 by_kind[w.key.kind.value] = by_kind.get(w.key.kind.value, 0.0) + t
     per_task = {t: r / m for t, r in shape.rows.items()}
     for members, count in summary.sites:
-        tf, tb, kind, extra = _site(cost, members, per_task, s)
+        tf, tb, kind, extra = site_seconds(cost, members, per_task, s)
         fwd += count * m * tf
         bwd += count * m * tb
         if kind is not None:
@@ -296,7 +297,7 @@ def estimate_step(
                         calls=m * (calls_f + calls_b), micro_batches=m)
 
 
-def _site(cost: CostModel, members, rows: Mapping[str, float], s: float):
+def site_seconds(cost: CostModel, members, rows: Mapping[str, float], s: float):
     """One adapter site: each active task's adapter latency, less the fixed call cost
     (latency at one token) of all but the dearest of each kind, since one kernel call per
     kind serves all its tasks, plus what each task beyond the first adds to that call

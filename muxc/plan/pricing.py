@@ -17,14 +17,16 @@ each other, so a change to `estimate_step`'s formula has to be made here too.
 
 Per micro-batch (``m`` of them, each with ``rows / m`` of every task's rows), as there::
 
-    forward = m * (sum of op latencies + sites) + m * calls * call_overhead
+    forward = m * (sum of op latencies + sites) + m * (calls * call_overhead + run_overhead)
+
+less the autograd start (``backward_start``) on the forward side, which the backward pays.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from muxc.plan.cost import CostModel, StepShape
+from muxc.plan.cost import CostModel, StepShape, site_seconds
 from muxc.plan.ops import CostModelError
 from muxc.plan.summary import KV, ModelSummary, Work
 
@@ -52,13 +54,6 @@ class StepPricer:
                 bwd[(kv, g)] += count
         self._own = {t: tuple([(kv, n, self._op(w)) for (kv, w), n in c.items()] for c in fb)
                      for t, fb in merged.items()}
-        # adapter sites: (count, ((task, fwd op, bwd op or None, fwd and bwd latency at one
-        # token (the fixed cost of a call)), ...))
-        self._sites = tuple(
-            (count, tuple((t, self._op(f), self._op(g), cost.latency(f.key, 1.0),
-                           0.0 if g is None else cost.latency(g.key, 1.0, True))
-                          for t, f, g in members))
-            for members, count in summary.sites)
         self._memo: dict[tuple, tuple[float, float]] = {}
         self._parts: dict[tuple, tuple[float, float, int, int]] = {}
         self._site_memo: dict[tuple, tuple[float, float, int, int]] = {}
@@ -135,8 +130,13 @@ class StepPricer:
                 pf, pb, pcf, pcb = self._part(t, r / m, s, kv)
                 fwd, bwd, cf, cb = fwd + pf, bwd + pb, cf + pcf, cb + pcb
             sf, sb, scf, scb = self._site_part(tuple((t, r / m) for t, r in rows), float(s))
-            over = self.cost.call_overhead
-            out = (m * (fwd + sf) + m * (cf + scf) * over, m * (bwd + sb) + m * (cb + scb) * over)
+            cost = self.cost
+            over = cost.call_overhead
+            calls_b = cb + scb
+            run_b = cost.backward_start if calls_b else 0.0
+            out = (m * (fwd + sf) + m * ((cf + scf) * over + cost.run_overhead
+                                         - cost.backward_start),
+                   m * (bwd + sb) + m * (calls_b * over + run_b))
         if len(self._memo) > _LIMIT:
             self._memo.clear()
         self._memo[key] = out
@@ -172,39 +172,23 @@ class StepPricer:
         return out
 
     def _site_part(self, rows: tuple[tuple[str, float], ...], s: float):
-        """Seconds and calls of one micro-batch's adapter sites for per-task ``rows``: each
-        active task's adapter latency, less the fixed call overhead (latency at one token) of
-        all but one of them, since one kernel call serves them all (as `estimate_step`)."""
+        """Seconds and op calls of one micro-batch's adapter sites for per-task ``rows``:
+        `muxc.plan.cost`'s own per-site pricing (one call per kind serving its tasks, each
+        extra task's cost, the neutral work on other tasks' tokens), memoised per rows."""
         key = (rows, s)
         hit = self._site_memo.get(key)
         if hit is not None:
             return hit
         per_task = dict(rows)
-        latency = self._latency
         fwd = bwd = 0.0
         cf = cb = 0
-        for count, members in self._sites:
-            tf = tb = 0.0
-            over_f, over_b = [], []
-            for task, f, g, one_f, one_b in members:
-                r = per_task.get(task, 0)
-                if not r:
-                    continue
-                tf += latency(f, r, s, 1.0, False)
-                over_f.append(one_f)
-                if g is not None:
-                    tb += latency(g, r, s, 1.0, True)
-                    over_b.append(one_b)
-            if not over_f:
-                continue
-            if len(over_f) > 1:
-                tf -= sum(over_f) - max(over_f)
-            if len(over_b) > 1:
-                tb -= sum(over_b) - max(over_b)
+        for members, count in self.summary.sites:
+            tf, tb, kind, extra = site_seconds(self.cost, members, per_task, s)
             fwd += count * tf
             bwd += count * tb
-            cf += count
-            cb += count * (tb > 0)
+            if kind is not None:
+                cf += count * (1 + extra[0])
+                cb += count * ((tb > 0) + extra[1])
         out = (fwd, bwd, cf, cb)
         if len(self._site_memo) > _LIMIT:
             self._site_memo.clear()
