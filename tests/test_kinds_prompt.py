@@ -244,7 +244,7 @@ def test_refused_with_reasons():
         muxc.compile([muxc.Task(name="b", model=seq)])
 
 
-def test_two_prompt_adapters_of_one_model():
+def test_two_prompt_adapters_of_one_model(fresh_templates):
     """Two tasks on one model's two P-tuning adapters (one word embedding, an encoder each):
     the second re-binds the first's export to its own encoder and both match PEFT."""
     model = make_peft(build_base("gpt2"), _mlp(2))
