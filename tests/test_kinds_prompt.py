@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
-from helpers import Case, adapter_grads, assert_matches, isolated, rel_err
+from helpers import Case, adapter_grads, assert_matches, cached, isolated, rel_err
 from models import build_base, make_batch, make_peft
 from peft import IA3Config, LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig
 
@@ -62,14 +62,7 @@ def mixed(family: str, alignment: str) -> Case:
 
 @pytest.fixture(scope="module")
 def case():
-    cache: dict[tuple, Case] = {}
-
-    def get(family: str, alignment: str = "pad") -> Case:
-        if (family, alignment) not in cache:
-            cache[family, alignment] = mixed(family, alignment)
-        return cache[family, alignment]
-
-    return get
+    return cached(lambda family, alignment="pad": mixed(family, alignment))
 
 
 def _check(c: Case, batches: dict, **options) -> None:
