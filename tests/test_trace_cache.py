@@ -263,11 +263,12 @@ def test_two_compiles_of_one_structure_export_once_and_match_isolated(bases, exp
     got_grads = {n: adapter_grads(m, "default") for n, m in second.items()}
     # the same compile with the store off exports b and gives the very same numbers
     twins = {n: make_peft(base, _lora("llama"), seed) for n, seed in (("b", 2), ("c", 3))}
+    size = cache_module.shared_templates().info().max_structures
     cache_module.set_shared_templates_size(0)
     try:
         alone = muxc.compile([muxc.Task(name=n, model=m) for n, m in twins.items()])
     finally:
-        cache_module.set_shared_templates_size(cache_module.DEFAULT_SHARED_STRUCTURES)
+        cache_module.set_shared_templates_size(size)
     assert len(exports) == 2
     want = alone.forward_backward({n: batches[n] for n in twins})
     assert all(torch.equal(got[n], want[n]) for n in second)
@@ -301,7 +302,8 @@ def test_another_attention_implementation_rank_or_store_off_misses(bases, export
     got = hit.trace(muxc.Task(name="again", model=make_peft(base, _lora("llama"), 2)), False)
     assert (hit.exported, hit.from_store, hit.reused) == ([], {"again": "sdpa"}, {"again": "sdpa"})
     assert len(exports) == 3 and got.reused_from is None  # tabled as its compile's own graph
-    assert "from the process-wide store" in hit.summary() and "template store: 3/32" in hit.summary()
+    size = cache_module.shared_templates().info().max_structures
+    assert "from the process-wide store" in hit.summary() and f"template store: 3/{size} " in hit.summary()
     # shared=None ignores the store; clearing it empties it
     off = TraceCache(shared=None)
     off.trace(muxc.Task(name="off", model=make_peft(base, _lora("llama"), 3)), False)
@@ -321,6 +323,7 @@ def test_store_drops_least_recently_used_and_turns_off(bases, fresh_templates):
     (sig4, t4), (sig8, t8) = fresh_templates.items()
     assert (t4.graph.task, t8.graph.task) == ("r4", "r8")
     assert fresh_templates.get(sig4) is t4  # r4 is now the most recently used
+    size = fresh_templates.info().max_structures
     try:
         fresh_templates.resize(1)
         assert [t.graph.task for _, t in fresh_templates.items()] == ["r4"]
@@ -335,7 +338,7 @@ def test_store_drops_least_recently_used_and_turns_off(bases, fresh_templates):
         with pytest.raises(ValueError, match="max_structures"):
             fresh_templates.resize(-1)
     finally:
-        fresh_templates.resize(cache_module.DEFAULT_SHARED_STRUCTURES)
+        fresh_templates.resize(size)
 
 
 def test_a_stored_template_is_not_changed_by_compiling_and_binds_no_tensor(bases, fresh_templates):
