@@ -85,8 +85,8 @@ __all__ = [
     "set_shared_templates_size",
 ]
 
-# structures the process-wide store keeps; a template of the 2-layer test models is ~0.3 MiB,
-# one of a 32-layer Llama ~8 MiB (README, Tests)
+# structures the process-wide store keeps; a template holds ~2.5-5 KiB of Python heap per fx
+# node: 0.4-0.6 MiB for the 2-layer test models, ~6 MiB for a 12-layer Llama (README, add_task)
 DEFAULT_SHARED_STRUCTURES = 32
 
 try:  # generates the graph's Python code on first use, not at construction (half a re-bind's
