@@ -1,5 +1,6 @@
 """Shared fixtures and the ``slow`` marker. Tiny models are built once per session; tests
-deep-copy them.
+deep-copy them. Each structure is exported once per worker process (muxc's process-wide
+trace-template store); a test that counts exports asks for ``fresh_templates``.
 
 ``slow`` means the same everywhere: a test whose coverage the default run already has (the
 full kernel matrix under the Triton interpreter, the rest of a parametrized matrix whose
@@ -24,6 +25,12 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from models import CORE_FAMILIES, build_base  # noqa: E402
+
+from muxc.frontends.cache import set_shared_templates_size  # noqa: E402
+
+# A worker runs ~25 files that compile ~100 distinct tiny structures, many of them again in
+# later files: keep them all (0.4-0.6 MiB each) rather than the library's default 32 most recent.
+set_shared_templates_size(256)
 
 # Fuzz tests (tests/test_fuzz.py): "default" keeps the suite fast with a fixed (derandomized)
 # number of examples per test; HYPOTHESIS_PROFILE=long is the nightly-style run.
@@ -59,6 +66,18 @@ def bases():
 @pytest.fixture(scope="session")
 def llama(bases):
     return bases("llama")
+
+
+@pytest.fixture
+def fresh_templates():
+    """The process-wide trace-template store (`muxc.frontends.cache.shared_templates`), emptied:
+    for a test that counts exports or reads a compile's "N exported" summary. Every other test
+    runs with the store as earlier tests left it, which is what keeps the suite fast: a worker
+    exports each structure once, later files re-bind it."""
+    from muxc.frontends.cache import clear_shared_templates, shared_templates
+
+    clear_shared_templates()
+    return shared_templates()
 
 
 def pytest_report_header(config):

@@ -83,6 +83,26 @@ def separate(spec, batches, **options) -> Case:
     return Case(program, batches, refs, lambda n: adapter_grads(models[n], "default"), list(models.values()))
 
 
+def cached(build: Callable[..., Case]) -> Callable[..., Case]:
+    """``build`` memoised on its arguments, defaults filled in (``get("gpt2")`` and
+    ``get("gpt2", "pad")`` are one case): a module fixture returning it compiles each case
+    once, on first use."""
+    import inspect
+
+    made: dict[tuple, Case] = {}
+    sig = inspect.signature(build)
+
+    def get(*args, **kwargs) -> Case:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        key = tuple(bound.arguments.items())
+        if key not in made:
+            made[key] = build(*args, **kwargs)
+        return made[key]
+
+    return get
+
+
 def training_snapshot(program: muxc.Program) -> dict:
     """Every task's adapter values, grads, optimizer state and counters (cloned), for
     "nothing changed" checks: compare two with `same`."""

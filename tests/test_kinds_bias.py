@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
-from helpers import REL_TOL, Case, assert_matches, isolated, rel_err
+from helpers import REL_TOL, Case, assert_matches, cached, isolated, rel_err
 from models import _cfg, make_batch, make_peft
 from peft import LoraConfig, PeftModel
 
@@ -71,14 +71,7 @@ def bias_mixed(family: str, alignment: str) -> Case:
 
 @pytest.fixture(scope="module")
 def case():
-    cache: dict[tuple, Case] = {}
-
-    def get(family: str, alignment: str = "pad") -> Case:
-        if (family, alignment) not in cache:
-            cache[family, alignment] = bias_mixed(family, alignment)
-        return cache[family, alignment]
-
-    return get
+    return cached(lambda family, alignment="pad": bias_mixed(family, alignment))
 
 
 SLOW = pytest.mark.slow

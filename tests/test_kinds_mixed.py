@@ -16,7 +16,7 @@ import copy
 import pytest
 import torch
 import transformers
-from helpers import Case, separate
+from helpers import Case, cached, separate
 from models import make_batch, make_peft
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
@@ -80,14 +80,7 @@ def all_kinds(base, alignment: str) -> Case:
 
 @pytest.fixture(scope="module")
 def case(bases):
-    cache: dict[str, Case] = {}
-
-    def get(alignment: str) -> Case:
-        if alignment not in cache:
-            cache[alignment] = all_kinds(bases("llama"), alignment)
-        return cache[alignment]
-
-    return get
+    return cached(lambda alignment: all_kinds(bases("llama"), alignment))
 
 
 def test_all_kinds_in_one_program_pad(case):

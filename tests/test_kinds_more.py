@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers import REL_TOL, Case, rel_err, separate
+from helpers import REL_TOL, Case, cached, rel_err, separate
 from models import make_batch, make_peft
 from peft import IA3Config, LoraConfig, PeftModel
 from peft.tuners.lora.dora import DoraLinearLayer
@@ -57,14 +57,7 @@ def dora_mixed(base, family: str, alignment: str) -> Case:
 
 @pytest.fixture(scope="module")
 def case(bases):
-    cache: dict[tuple, Case] = {}
-
-    def get(family: str, alignment: str = "pad") -> Case:
-        if (family, alignment) not in cache:
-            cache[family, alignment] = dora_mixed(bases(family), family, alignment)
-        return cache[family, alignment]
-
-    return get
+    return cached(lambda family, alignment="pad": dora_mixed(bases(family), family, alignment))
 
 
 # ------------------------------------------------------------------------------------- DoRA
@@ -220,14 +213,7 @@ def cls_mixed(base, family: str, alignment: str = "pad") -> Case:
 
 @pytest.fixture(scope="module")
 def cls_case(bases):
-    cache: dict[tuple[str, str], Case] = {}
-
-    def get(family: str, alignment: str = "pad") -> Case:
-        if (family, alignment) not in cache:
-            cache[family, alignment] = cls_mixed(bases(family), family, alignment)
-        return cache[family, alignment]
-
-    return get
+    return cached(lambda family, alignment="pad": cls_mixed(bases(family), family, alignment))
 
 
 @pytest.mark.parametrize("family", ("llama", pytest.param("gpt2", marks=SLOW), pytest.param("opt", marks=SLOW)))
@@ -353,14 +339,7 @@ def copies_mixed(base, family: str, alignment: str) -> Case:
 
 @pytest.fixture(scope="module")
 def copy_case(bases):
-    cache: dict[tuple[str, str], Case] = {}
-
-    def get(family: str, alignment: str) -> Case:
-        if (family, alignment) not in cache:
-            cache[family, alignment] = copies_mixed(bases(family), family, alignment)
-        return cache[family, alignment]
-
-    return get
+    return cached(lambda family, alignment: copies_mixed(bases(family), family, alignment))
 
 
 @pytest.mark.parametrize("family,alignment", [

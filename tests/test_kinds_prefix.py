@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from helpers import Case, rel_err, separate
+from helpers import Case, cached, rel_err, separate
 from models import _cfg, make_batch, make_peft
 from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig
 
@@ -47,14 +47,7 @@ def prefix_mixed(base, alignment: str = "pad") -> Case:
 
 @pytest.fixture(scope="module")
 def case(bases):
-    cache: dict[tuple, Case] = {}
-
-    def get(family: str, alignment: str = "pad") -> Case:
-        if (family, alignment) not in cache:
-            cache[family, alignment] = prefix_mixed(bases(family), alignment)
-        return cache[family, alignment]
-
-    return get
+    return cached(lambda family, alignment="pad": prefix_mixed(bases(family), alignment))
 
 
 # by default OPT (positions from the mask's cumsum) under auto fusion (Llama's prefix task runs

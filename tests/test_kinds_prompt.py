@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
-from helpers import Case, adapter_grads, assert_matches, isolated, rel_err
+from helpers import Case, adapter_grads, assert_matches, cached, isolated, rel_err
 from models import build_base, make_batch, make_peft
 from peft import IA3Config, LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig
 
@@ -62,14 +62,7 @@ def mixed(family: str, alignment: str) -> Case:
 
 @pytest.fixture(scope="module")
 def case():
-    cache: dict[tuple, Case] = {}
-
-    def get(family: str, alignment: str = "pad") -> Case:
-        if (family, alignment) not in cache:
-            cache[family, alignment] = mixed(family, alignment)
-        return cache[family, alignment]
-
-    return get
+    return cached(lambda family, alignment="pad": mixed(family, alignment))
 
 
 def _check(c: Case, batches: dict, **options) -> None:
@@ -253,7 +246,7 @@ def test_refused_with_reasons():
         muxc.compile([muxc.Task(name="b", model=seq)])
 
 
-def test_two_prompt_adapters_of_one_model():
+def test_two_prompt_adapters_of_one_model(fresh_templates):
     """Two tasks on one model's two P-tuning adapters (one word embedding, an encoder each):
     the second re-binds the first's export to its own encoder and both match PEFT."""
     model = make_peft(build_base("gpt2"), _mlp(2))

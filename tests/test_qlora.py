@@ -10,6 +10,7 @@ Bases are tiny random checkpoints saved once per module and loaded with
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -175,7 +176,12 @@ def test_qlora_tasks_match_isolated_peft_on_one_shared_quantized_base(
             assert all(t.untyped_storage().data_ptr() in shared for t in state), name
     assert program.sharing["model.decoder.layers.0.fc2.weight" if family == "opt"
                            else "model.layers.0.mlp.down_proj.weight"] == "value"
-    assert "1 re-bound" in program.history[1].summary  # task b re-used a's export
+    # task b re-used a's export (a's and c's come from the process-wide template store when an
+    # earlier compile of this process exported their structures)
+    summary = program.history[1].summary
+    exported, rebound = map(int, re.match(r"(\d+) exported, (\d+) re-bound", summary).groups())
+    assert exported <= 2 and exported + rebound == 3
+    assert summary.count("export of 'a'") == 1  # b's graph (c has another structure)
     # compile left the models as they were: no lifted buffers, no patched forwards
     for mod in layers:
         assert "forward" not in vars(mod) and not any(k.startswith("quant_") for k in mod._buffers)

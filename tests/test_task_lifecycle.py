@@ -24,8 +24,9 @@ SHAPES = {"a": (2, 6), "b": (3, 9), "c": (1, 6), "d": (2, 8), "e": (3, 5)}
 
 
 @pytest.fixture
-def exports(monkeypatch):
-    """Counts calls of torch.export.export (every trace of a task goes through it)."""
+def exports(monkeypatch, fresh_templates):
+    """Counts calls of torch.export.export (every trace of a task goes through it), from an
+    empty process-wide template store."""
     calls = []
     real = torch.export.export
 

@@ -1,4 +1,5 @@
-"""Trace once per structure: equal-structure tasks share one export, re-bound to their tensors."""
+"""Trace once per structure: equal-structure tasks share one export, re-bound to their tensors,
+within a compile and, through the process-wide template store, across compiles."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ QV = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
 
 @pytest.fixture
-def exports(monkeypatch):
-    """Counts calls of torch.export.export (the class of each exported model, in order)."""
+def exports(monkeypatch, fresh_templates):
+    """Counts calls of torch.export.export (the class of each exported model, in order), from
+    an empty process-wide template store."""
     calls = []
     real = torch.export.export
 
@@ -176,7 +178,8 @@ def test_export_with_a_tensor_it_cannot_find_again_is_not_shared(bases, monkeypa
     assert "not a tensor of the model" in cache.summary()
 
 
-def test_compiled_program_keeps_no_task_graph_only_a_template_per_structure(bases, monkeypatch):
+def test_compiled_program_keeps_no_task_graph_only_a_template_per_structure(
+        bases, monkeypatch, fresh_templates):
     base = bases("llama")
     alive = []
     real = TraceCache.trace
@@ -192,12 +195,14 @@ def test_compiled_program_keeps_no_task_graph_only_a_template_per_structure(base
     gc.collect()
     assert len(alive) == 3
     assert all(tg() is None for tg, _ in alive)
-    # t0's export is kept as the structure's template (its graph, bound to no tensor); the
-    # re-bound graphs of t1 and t2 are gone
-    assert [gm() is not None for _, gm in alive] == [True, False, False]
+    # the structure's template is a private copy of t0's export (its graph, bound to no
+    # tensor): t0's own graph module, which the later passes received, is gone like t1's and t2's
+    assert [gm() is not None for _, gm in alive] == [False, False, False]
     (_, template), = program.exports.items()
-    assert template.graph.gm is alive[0][1]()
     assert template.graph.adapters == [] and all(b.tensor is None for b in template.graph.bindings.values())
+    # the process-wide store holds that same template (one graph per structure in memory)
+    (_, stored), = fresh_templates.items()
+    assert stored.graph.gm is template.graph.gm
     assert {t: len(recs) for t, recs in program.mux.adapters.items()} == {"t0": 4, "t1": 4, "t2": 4}
 
 
@@ -227,3 +232,192 @@ def test_rebound_head_without_bias_keeps_its_empty_bias_slot(bases, exports):
     [head] = [n for n in got.gm.graph.nodes if n.target is torch.ops.muxc.task_head.default]
     assert head.args[2] is None and isinstance(head.args[3], str)
     assert_same_graph(got, trace_task(task, True))
+
+
+# --- the process-wide template store: across compiles of one process ---
+
+
+def _batches(names):
+    return {name: make_batch(2, 5 + i, i) for i, name in enumerate(names)}
+
+
+def test_two_compiles_of_one_structure_export_once_and_match_isolated(bases, exports):
+    """A second `muxc.compile` of a known structure re-binds the stored template: no export,
+    and exactly (bit for bit) what a compile that exports gives, within 1e-4 of HF PEFT."""
+    base = bases("llama")
+    first = {"a": make_peft(base, _lora("llama"), 1)}
+    second = {"b": make_peft(base, _lora("llama"), 2), "c": make_peft(base, _lora("llama"), 3)}
+    batches = _batches(["a", "b", "c"])
+    refs = {n: isolated(m, batches[n]) for n, m in {**first, **second}.items()}
+    grads = lambda models: lambda n: adapter_grads(models[n], "default")  # noqa: E731
+    one = muxc.compile([muxc.Task(name="a", model=first["a"])], muxc.Options(verify=True))
+    assert len(exports) == 1 and len(one.exports) == 1
+    two = muxc.compile([muxc.Task(name=n, model=m) for n, m in second.items()], muxc.Options(verify=True))
+    assert len(exports) == 1  # nothing exported: b and c re-bind a's stored template
+    summary = next(r for r in two.history if r.name == "trace_tasks").summary
+    assert summary.startswith("0 exported, 2 re-bound to an equal-structure export (1 structure(s) "
+                              "from the process-wide store")
+    assert_matches(one.forward_backward({"a": batches["a"]}), grads(first), {"a": refs["a"]})
+    got = two.forward_backward({n: batches[n] for n in second})
+    assert_matches(got, grads(second), {n: refs[n] for n in second})
+    got_grads = {n: adapter_grads(m, "default") for n, m in second.items()}
+    # the same compile with the store off exports b and gives the very same numbers
+    twins = {n: make_peft(base, _lora("llama"), seed) for n, seed in (("b", 2), ("c", 3))}
+    size = cache_module.shared_templates().info().max_structures
+    cache_module.set_shared_templates_size(0)
+    try:
+        alone = muxc.compile([muxc.Task(name=n, model=m) for n, m in twins.items()])
+    finally:
+        cache_module.set_shared_templates_size(size)
+    assert len(exports) == 2
+    want = alone.forward_backward({n: batches[n] for n in twins})
+    assert all(torch.equal(got[n], want[n]) for n in second)
+    for n, m in twins.items():
+        assert same_tensors(got_grads[n], adapter_grads(m, "default")), n
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_another_attention_implementation_rank_or_store_off_misses(bases, exports, monkeypatch):
+    """Only an equal `TraceSignature` hits the store: eager attention (same weights) and another
+    rank are exported anew; an equal structure in a third compile hits; ``shared=None`` and a
+    cleared store miss."""
+    import copy
+
+    base = bases("llama")
+    eager_base = copy.deepcopy(base)
+    eager_base.config._attn_implementation = "eager"
+    cache = TraceCache()
+    cache.trace(muxc.Task(name="sdpa", model=make_peft(base, _lora("llama"), 1)), False)
+    eager = muxc.Task(name="eager", model=make_peft(eager_base, _lora("llama"), 1))
+    rank8 = muxc.Task(name="rank8", model=make_peft(base, _lora("llama", r=8), 1))
+    for task in (eager, rank8):  # each its own compile
+        later = TraceCache()
+        later.trace(task, False)
+        assert (later.exported, later.from_store) == ([task.name], {})
+    assert len(exports) == 3 and len(cache_module.shared_templates()) == 3
+    hit = TraceCache()
+    got = hit.trace(muxc.Task(name="again", model=make_peft(base, _lora("llama"), 2)), False)
+    assert (hit.exported, hit.from_store, hit.reused) == ([], {"again": "sdpa"}, {"again": "sdpa"})
+    assert len(exports) == 3 and got.reused_from is None  # tabled as its compile's own graph
+    size = cache_module.shared_templates().info().max_structures
+    assert "from the process-wide store" in hit.summary() and f"template store: 3/{size} " in hit.summary()
+    # shared=None ignores the store; clearing it empties it
+    off = TraceCache(shared=None)
+    off.trace(muxc.Task(name="off", model=make_peft(base, _lora("llama"), 3)), False)
+    assert off.exported == ["off"] and len(exports) == 4 and "template store" not in off.summary()
+    assert cache_module.clear_shared_templates() == 3 and len(cache_module.shared_templates()) == 0
+    cleared = TraceCache()
+    cleared.trace(muxc.Task(name="cleared", model=make_peft(base, _lora("llama"), 4)), False)
+    assert cleared.exported == ["cleared"] and len(exports) == 5
+
+
+def test_store_drops_least_recently_used_and_turns_off(bases, fresh_templates):
+    """The store's bound: resizing drops the least recently used structures; 0 turns it off."""
+    base = bases("llama")
+    cache = TraceCache()
+    for name, cfg in (("r4", _lora("llama")), ("r8", _lora("llama", r=8))):
+        cache.trace(muxc.Task(name=name, model=make_peft(base, cfg, 1)), False)
+    (sig4, t4), (sig8, t8) = fresh_templates.items()
+    assert (t4.graph.task, t8.graph.task) == ("r4", "r8")
+    assert fresh_templates.get(sig4) is t4  # r4 is now the most recently used
+    size = fresh_templates.info().max_structures
+    try:
+        fresh_templates.resize(1)
+        assert [t.graph.task for _, t in fresh_templates.items()] == ["r4"]
+        info = fresh_templates.info()
+        assert (info.structures, info.max_structures, info.evicted, info.hits) == (1, 1, 1, 1)
+        assert info.nodes == len(t4.graph.gm.graph.nodes) + sum(
+            len(m.graph.nodes) for n, m in t4.graph.gm.named_modules() if n and hasattr(m, "graph"))
+        fresh_templates.resize(0)
+        assert len(fresh_templates) == 0 and str(fresh_templates.info()) == "template store off"
+        fresh_templates.put(sig8, t8)
+        assert len(fresh_templates) == 0  # off: keeps nothing
+        with pytest.raises(ValueError, match="max_structures"):
+            fresh_templates.resize(-1)
+    finally:
+        fresh_templates.resize(size)
+
+
+def test_a_stored_template_is_not_changed_by_compiling_and_binds_no_tensor(bases, fresh_templates):
+    """Compiling (all passes) over graphs re-bound from a stored template leaves the template as
+    it was: its nodes, their meta entries and its bodies are the template's own."""
+    base = bases("llama")
+    muxc.compile([muxc.Task(name="a", model=make_peft(base, _lora("llama"), 1))])
+    (_, template), = fresh_templates.items()
+
+    def snapshot(gm):
+        return [(n.name, n.op, str(n.target), str(n.args), str(n.kwargs), dict(n.meta))
+                for m in gm.modules() if hasattr(m, "graph") for n in m.graph.nodes]
+
+    before = snapshot(template.graph.gm)
+    bodies = {id(m) for n, m in template.graph.gm.named_modules() if n}
+    graphs = []
+    real = TraceCache.trace
+
+    def keeping(self, task, with_positions):
+        graphs.append(real(self, task, with_positions))
+        return graphs[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TraceCache, "trace", keeping)
+        program = muxc.compile([muxc.Task(name=n, model=make_peft(base, _lora("llama"), i))
+                                for i, n in enumerate(["b", "c"], start=2)], muxc.Options(verify=True))
+    assert [g.task for g in graphs] == ["b", "c"]
+    after = snapshot(template.graph.gm)
+    assert [x[:5] for x in after] == [x[:5] for x in before]
+    assert all(x[5] == y[5] and all(x[5][k] is y[5][k] for k in x[5]) for x, y in zip(after, before))
+    for g in graphs:  # every re-bound graph owns its nodes and bodies
+        assert not {id(m) for n, m in g.gm.named_modules() if n} & bodies
+        assert not {id(n.meta) for n in g.gm.graph.nodes} & {id(n.meta) for n in template.graph.gm.graph.nodes}
+    assert all(b.tensor is None for b in template.graph.bindings.values()) and template.graph.adapters == []
+    assert program.mux is not None
+
+
+def test_signature_sees_code_and_process_state(bases, monkeypatch):
+    """What the store's key adds for cross-compile use: a module class's ``forward`` patched, a
+    closure capturing another value, the default dtype, grad mode."""
+    base = bases("llama")
+    a = muxc.Task(name="a", model=make_peft(base, _lora("llama"), 1))
+    sig = trace_signature(a, False)
+    assert trace_signature(a, False) == sig
+    mlp = type(base.model.layers[0].mlp)
+    real_forward = mlp.forward
+    monkeypatch.setattr(mlp, "forward", lambda self, x: real_forward(self, x))
+    assert trace_signature(a, False) != sig
+    monkeypatch.setattr(mlp, "forward", real_forward)
+    assert trace_signature(a, False) == sig
+
+    def scaled(k):
+        def hook(module, args, out):
+            return out * k
+        return hook
+
+    layer = a.model.get_base_model().model.layers[0].mlp
+    handle = layer.register_forward_hook(scaled(2.0))
+    with2 = trace_signature(a, False)
+    handle.remove()
+    handle = layer.register_forward_hook(scaled(3.0))
+    assert trace_signature(a, False) != with2
+    handle.remove()
+    with torch.no_grad():
+        assert trace_signature(a, False) != sig
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert trace_signature(a, False) != sig
+    finally:
+        torch.set_default_dtype(old)
+    assert trace_signature(a, False) == sig
+
+
+def test_export_reads_only_what_the_signature_keys():
+    """A tripwire: the store's key is complete for `export_task`'s inputs (a task, whether
+    positions are traced); a new input must join `TraceSignature` first."""
+    import inspect
+
+    from muxc.frontends.export import export_task
+
+    assert list(inspect.signature(export_task).parameters) == ["task", "with_positions"]

@@ -17,11 +17,27 @@ one export can serve both (`muxc.frontends.cache`). The signature holds:
 - the task's adapter in unified form, without its name: per site, the kind, rank, scaling,
   dropout and each parameter's shape and dtype (so tasks differing in rank, alpha or targets
   never share);
-- whether the graph takes ``position_ids``.
+- whether the graph takes ``position_ids``;
+- the code the trace runs, by identity: the HF model's class and, for every module class, the
+  class and its ``forward`` function (a class patched or defined anew, e.g. in a test, is another
+  key even under the same qualified name), and the functions HF's attention and mask registries
+  name (``transformers`` ``ALL_ATTENTION_FUNCTIONS``/``ALL_MASK_ATTENTION_FUNCTIONS``: registering
+  another function under ``"sdpa"`` changes the trace);
+- the process state a trace reads: the default dtype, grad mode and autocast state.
 
-Other objects a module holds count by class and attributes, functions by qualified name. The
+Other objects a module holds count by class and attributes, functions by qualified name, code
+object and captured values (two closures of one ``def`` capturing other values differ). The
 key errs on the side of tracing again: equal signatures must mean equal graphs, unequal
 signatures only cost an export.
+
+The key is complete across compiles in one process, so the process-wide template store
+(`muxc.frontends.cache.SharedTemplates`) keys on it too. It covers every input `export_task`
+reads (the task's model and adapter, ``with_positions``; compile options reach the trace only
+through ``with_positions``: alignment and prefix tasks; the attention rewrites, recompute and
+the rest act on the merged graph after tracing). Versions of torch, transformers and PEFT are
+left out (one process imports one of each). Not covered: a library *function* (not a module's
+``forward``, not a registered attention function) patched between two compiles; call
+`muxc.frontends.cache.clear_shared_templates` after patching one.
 
 >>> trace_signature(task_a, False) == trace_signature(task_b, False)   # doctest: +SKIP
 True
@@ -30,6 +46,7 @@ True
 from __future__ import annotations
 
 import functools
+import importlib
 import types
 from dataclasses import dataclass
 from enum import Enum
@@ -63,6 +80,8 @@ class TraceSignature:
     tensors: tuple
     modules: tuple
     adapters: tuple
+    code: tuple = ()
+    process: tuple = ()
 
     def __repr__(self) -> str:
         return (
@@ -97,6 +116,39 @@ def trace_signature(task: Task, with_positions: bool) -> TraceSignature:
             )
             for r in records
         ),
+        code=_code_key(hf),
+        process=_process_key(),
+    )
+
+
+def _code_key(hf: torch.nn.Module) -> tuple:
+    """The code a trace of ``hf`` runs, by identity (module doc)."""
+    classes = dict.fromkeys(type(m) for m in hf.modules())
+    return (
+        tuple((cls, getattr(cls, "forward", None)) for cls in classes),
+        _registry("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS"),
+        _registry("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS"),
+    )
+
+
+def _registry(module: str, name: str) -> tuple:
+    """``(key, function)`` of one of HF's function registries, sorted by key; () without it."""
+    try:
+        mapping = getattr(importlib.import_module(module), name)
+        return tuple(sorted(mapping.items(), key=lambda kv: str(kv[0])))
+    except (ImportError, AttributeError):  # pragma: no cover - another transformers layout
+        return ()
+
+
+def _process_key() -> tuple:
+    """Process state a trace reads: default dtype, grad mode, autocast (CPU and CUDA)."""
+    return (
+        str(torch.get_default_dtype()),
+        torch.is_grad_enabled(),
+        torch.is_autocast_enabled("cpu"),
+        str(torch.get_autocast_dtype("cpu")),
+        torch.is_autocast_enabled("cuda"),
+        str(torch.get_autocast_dtype("cuda")),
     )
 
 
@@ -153,9 +205,11 @@ class _Plain:
             return ("module", _callable_name(type(v)))
         if isinstance(v, functools.partial):
             return ("partial", _callable_name(v.func), self((v.args, v.keywords)))
-        if isinstance(v, (type, types.FunctionType, types.MethodType)) or (
-            callable(v) and not hasattr(v, "__dict__")
-        ):
+        if isinstance(v, types.MethodType):
+            return ("method", self(v.__func__))
+        if isinstance(v, types.FunctionType):
+            return self._function(v)
+        if isinstance(v, type) or (callable(v) and not hasattr(v, "__dict__")):
             return ("callable", _callable_name(v))
         key = id(v)
         if key in self._done:
@@ -170,6 +224,20 @@ class _Plain:
         self._done[key] = (v, out)
         return out
 
+    def _function(self, f: types.FunctionType):
+        """A function by name, code object (compared by value: one ``def`` is one code) and
+        what it captured (closure cells, defaults): two closures of one ``def`` capturing other
+        values are other functions."""
+        key = id(f)
+        if key in self._done:
+            return self._done[key][1]
+        self._done[key] = (f, ("cycle", _callable_name(f)))  # a closure reaching itself
+        cells = tuple(self(c.cell_contents) if _filled(c) else "<empty>" for c in f.__closure__ or ())
+        out = ("function", _callable_name(f), f.__code__, cells, self(f.__defaults__),
+               self(f.__kwdefaults__))
+        self._done[key] = (f, out)
+        return out
+
     def _walk(self, v):
         if isinstance(v, (list, tuple)):
             return (type(v).__name__, tuple(self(x) for x in v))
@@ -181,6 +249,14 @@ class _Plain:
         if hasattr(v, "__dict__"):
             return (_callable_name(type(v)), self(vars(v)))
         return ("object", _callable_name(type(v)))
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a cell not yet assigned
+        return False
+    return True
 
 
 def _callable_name(f) -> str:
