@@ -29,7 +29,7 @@ from models import CORE_FAMILIES, build_base  # noqa: E402
 from muxc.frontends.cache import set_shared_templates_size  # noqa: E402
 
 # A worker runs ~25 files that compile ~100 distinct tiny structures, many of them again in
-# later files: keep them all (0.4-0.6 MiB each) rather than the library's default 32 most recent.
+# later files: keep them all (0.4-0.6 MiB each) rather than the library's default 8 most recent.
 set_shared_templates_size(256)
 
 # Fuzz tests (tests/test_fuzz.py): "default" keeps the suite fast with a fixed (derandomized)

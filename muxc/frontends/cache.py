@@ -41,7 +41,7 @@ measured in the README (Tests).
 >>> cache = TraceCache()                                                  # doctest: +SKIP
 >>> graphs = [cache.trace(t, with_positions=False) for t in tasks]        # doctest: +SKIP
 >>> cache.summary()                                                       # doctest: +SKIP
-'2 exported, 2 re-bound to an equal-structure export; template store: 2/32 structures'
+'2 exported, 2 re-bound to an equal-structure export; template store: 2/8 structures'
 >>> later = TraceCache(cache.templates())                                 # doctest: +SKIP
 >>> clear_shared_templates()                                              # doctest: +SKIP
 2
@@ -87,7 +87,7 @@ __all__ = [
 
 # structures the process-wide store keeps; a template holds ~2.5-5 KiB of Python heap per fx
 # node: 0.4-0.6 MiB for the 2-layer test models, ~6 MiB for a 12-layer Llama (README, add_task)
-DEFAULT_SHARED_STRUCTURES = 32
+DEFAULT_SHARED_STRUCTURES = 8
 
 try:  # generates the graph's Python code on first use, not at construction (half a re-bind's
     # time; muxc only reads ``.graph`` of a task graph); public GraphModule where it is missing
