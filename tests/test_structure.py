@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import muxc
 from muxc.frontends import trace_task
-from muxc.ir import Role
+from muxc.ir import LMHeadLoss, Role
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.aten.linear.default}
@@ -35,8 +35,16 @@ class _CountFrozenMatmuls(TorchDispatchMode):
 
 
 def _count(program, batches, min_dim):
-    frozen = {program.mux.tensors[n.name] for n in program.mux.nodes_with(Role.FROZEN)}
-    ptrs = {t.untyped_storage().data_ptr() for t in frozen if t.dim() == 2 and min(t.shape) >= min_dim}
+    """Frozen-weight GEMMs of one forward/backward, the LM head's left out: fused with each
+    task's loss (`LMHeadLoss`), it runs on each task's own rows in token blocks, the same
+    FLOPs as one call over all rows (its equivalence tests are in test_fuse_lm_head_loss)."""
+    mux = program.mux
+    frozen = {mux.tensors[n.name] for n in mux.nodes_with(Role.FROZEN)}
+    head = {id(mux.tensors[n.args[2].name]) for n in mux.nodes_with(Role.LOSS)
+            if isinstance(n.target, LMHeadLoss)}
+    assert head, "the frozen LM head is fused with the losses"
+    ptrs = {t.untyped_storage().data_ptr() for t in frozen
+            if t.dim() == 2 and min(t.shape) >= min_dim and id(t) not in head}
     mode = _CountFrozenMatmuls(ptrs)
     with mode:
         program.forward_backward(batches)
@@ -87,7 +95,8 @@ def test_merged_graph_has_one_site_per_adapted_op_and_one_loss_per_task(llama):
     # the backbone ops of t0's own export: every node but placeholders, output and its adapters
     g0 = trace_task(muxc.Task(name="t0", model=models[0])).gm.graph
     n_placeholders = len(g0.find_nodes(op="placeholder"))
-    assert len(mux.nodes_with(Role.BACKBONE)) == len(g0.nodes) - n_placeholders - 1 - 2 * layers
+    # less the LM head's linear, fused into each task's loss (fuse_lm_head_loss)
+    assert len(mux.nodes_with(Role.BACKBONE)) == len(g0.nodes) - n_placeholders - 1 - 2 * layers - 1
     t1_sites = [r.site.rsplit(".", 1)[1] for r in mux.adapters["t1"]]
     assert t1_sites == ["v_proj", "o_proj"] * layers
 

@@ -25,7 +25,6 @@ from torch.fx.operator_schemas import normalize_function
 
 from muxc.errors import MuxcInternalError, UnsupportedPeftError
 from muxc.ir.graph import AdapterRecord, Position
-from muxc.kernels.lm_head_loss import lm_head_loss
 
 __all__ = [
     "IGNORE_INDEX",
@@ -98,8 +97,9 @@ _SITE_IMPLS: dict[type, Callable[..., torch.Tensor]] = {}
 
 
 def bind_site_impl(site_type: type, fn: Callable[..., torch.Tensor]) -> None:
-    """Supply how ``site_type`` nodes run: ``fn(site, *node_args)`` (the runtime does this once,
-    when `muxc.runtime` is imported)."""
+    """Supply how ``site_type`` nodes run: ``fn(site, *node_args)`` for the sites,
+    ``fn(hidden_rows, weight, bias, labels, scale)`` for `LMHeadLoss` (the runtime does this
+    once, when `muxc.runtime` is imported)."""
     _SITE_IMPLS[site_type] = fn
 
 
@@ -218,7 +218,8 @@ class TaskLoss:
 class LMHeadLoss:
     """`TaskLoss` of the shared frozen LM head's logits, fused with the head: called as
     ``(hidden, mux, weight[, bias])``, it computes the task's rows of the logits and their
-    loss in token blocks (`muxc.kernels.lm_head_loss`), keeping only the gradient w.r.t. its
+    loss in token blocks (`muxc.kernels.lm_head_loss`, bound by the runtime as sites are:
+    `bind_site_impl`), keeping only the gradient w.r.t. its
     hidden rows for backward, never the rows' ``tokens x vocab`` logits. Same value and
     gradients as ``TaskLoss(task)(linear(hidden, weight, bias), mux)``."""
 
@@ -237,7 +238,10 @@ class LMHeadLoss:
         if mux.loss_scale is None or not mux.shifted:
             labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         scale = None if mux.loss_scale is None else mux.loss_scale[i]
-        return lm_head_loss(hidden[start:end], weight, bias, labels.to(hidden.device), scale)
+        impl = _SITE_IMPLS.get(LMHeadLoss)
+        if impl is None:
+            raise MuxcInternalError("no runtime implementation bound for LMHeadLoss; import muxc.runtime")
+        return impl(hidden[start:end], weight, bias, labels.to(hidden.device), scale)
 
     def __repr__(self) -> str:
         return f"LMHeadLoss({self.task})"

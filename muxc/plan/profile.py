@@ -332,7 +332,7 @@ def _site_call(kind: str, key: OpKey, tokens: int, device, tasks: int = 1, mixed
     through the runtime's site implementation: parameters by task, the kind's ``apply``, one
     multi-task kernel call), with its arguments built once; ``mixed``: LoRA task ``i`` has
     rank ``4 * 2**i`` instead of the key's. Returns the forward."""
-    import muxc.runtime.sites  # noqa: F401  (binds how sites run)
+    # how sites run is bound when the muxc package is imported (muxc/__init__ imports runtime)
     from muxc.ir import AdapterRecord, Aggregate, AdapterKind, Dispatch, MuxBatch, OutputSite
 
     dt = _dtype(key)

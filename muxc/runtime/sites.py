@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from muxc.errors import MuxcInternalError
-from muxc.ir import InputSite, MuxBatch, OutputSite, bind_site_impl
+from muxc.ir import InputSite, LMHeadLoss, MuxBatch, OutputSite, bind_site_impl
+from muxc.kernels.lm_head_loss import lm_head_loss
 from muxc.kinds import KINDS
 
 __all__ = ["run_output_site", "run_input_site"]
@@ -49,3 +50,4 @@ def run_input_site(site: InputSite, x, mux: MuxBatch, *flat_params) -> torch.Ten
 
 bind_site_impl(OutputSite, run_output_site)
 bind_site_impl(InputSite, run_input_site)
+bind_site_impl(LMHeadLoss, lm_head_loss)  # the fused frozen LM head + loss (a kernel, no site)
