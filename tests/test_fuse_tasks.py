@@ -45,6 +45,46 @@ def test_dp_matches_brute_force(seed, stages):
     assert sorted(t for h in plan.htasks for t in h) == sorted(loads)
 
 
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("slack", [0.01, 0.05, 0.3])
+def test_memory_slack_takes_the_smallest_peak_within_the_slack(seed, slack):
+    """Of all groupings within ``slack`` of the fastest (brute force), the plan's largest hTask
+    holds the fewest activation bytes; without slack the plan is the fastest."""
+    from itertools import combinations
+
+    rng = random.Random(seed)
+    loads = {f"t{i}": rng.choice([16, 40, 90, 200]) for i in range(rng.randint(2, 6))}
+    cost = _cost_model(loads, sat=rng.choice([256, 600]))
+    stages = rng.choice([1, 2])
+    fastest = plan_fusion(loads, cost, stages)
+    plan = plan_fusion(loads, cost, stages, memory_slack=slack)
+    order = sorted(loads, key=lambda t: (loads[t], t))
+    within = []
+    for k in range(len(order)):
+        for cuts in combinations(range(1, len(order)), k):
+            bounds = (0, *cuts, len(order))
+            groups = [tuple(order[a:b]) for a, b in zip(bounds, bounds[1:])]
+            if objective(groups, cost, stages) <= fastest.predicted * (1 + slack):
+                within.append(max(cost(g).activation_bytes for g in groups))
+    peak = max(cost(h).activation_bytes for h in plan.htasks)
+    assert peak == min(within)
+    assert plan.predicted <= fastest.predicted * (1 + slack) + 1e-15
+    assert peak <= max(cost(h).activation_bytes for h in fastest.htasks)
+
+
+def test_memory_slack_prefers_unfused_when_fusing_gains_little():
+    """Fusing two tasks is 1% faster here and doubles the hTask's activations: with 2% slack
+    they run apart."""
+    def cost(group):
+        return GroupCost(work=1.0 * len(group) - 0.01 * (len(group) - 1), slot=1.0,
+                         activation_bytes=100.0 * len(group), tokens=len(group))
+
+    loads = {"a": 10, "b": 10}
+    assert plan_fusion(loads, cost).htasks == (("a", "b"),)
+    assert plan_fusion(loads, cost, memory_slack=0.02).htasks == (("a",), ("b",))
+    assert plan_fusion(loads, cost, memory_slack=0.001).htasks == (("a", "b"),)
+
+
 def test_small_tasks_fuse_and_saturation_stops_growth():
     loads = {"a": 20, "b": 30, "c": 40, "d": 5000}
     plan = plan_fusion(loads, _cost_model(loads), stages=1, saturation_tokens=1000)

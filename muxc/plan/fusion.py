@@ -26,6 +26,13 @@ from muxc.plan.pricing import StepPricer
 from muxc.plan.profile import Clock, load_or_profile
 from muxc.plan.summary import ModelSummary, summarize_graph
 
+MEMORY_SLACK = 0.02
+"""`AutoFusion` plans with this ``memory_slack`` (`plan_fusion`): of the groupings predicted
+within 2% of the fastest, the one whose largest hTask holds the fewest activations. The cost
+model's error on a step is larger than that (README, Planner), so the fastest prediction is
+not known to be faster, while the smaller peak is (an hTask's activations are alive until its
+backward): measured on the weights-dominant benchmark model (README, Benchmarks)."""
+
 __all__ = ["AutoFusion", "HTaskCost", "TaskLoad", "loads_of", "sample_lengths", "chunk_runs"]
 
 
@@ -230,7 +237,8 @@ class AutoFusion:
         if self.options.memory_budget is not None:
             fixed = estimate_memory(self.summary, {}, seq_len=max(seq, 1)).total
             budget = (self.options.memory_budget - fixed) / stages
-        return plan_fusion({t: v[0] for t, v in loads.items()}, cost, stages, sat, budget, max_tasks)
+        return plan_fusion({t: v[0] for t, v in loads.items()}, cost, stages, sat, budget, max_tasks,
+                           memory_slack=MEMORY_SLACK)
 
 
 def sample_lengths(batches: Mapping[str, Mapping]) -> dict[str, tuple[int, ...]]:

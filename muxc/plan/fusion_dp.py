@@ -43,8 +43,13 @@ def plan_fusion(
     saturation_tokens: int | None = None,
     activation_budget: float | None = None,
     max_tasks: int | None = None,
+    memory_slack: float = 0.0,
 ) -> FusionPlan:
     """Optimal hTasks for ``loads`` (task -> tokens per step) under ``cost``.
+
+    ``memory_slack``: of the plans predicted within ``(1 + memory_slack)`` of the fastest, the
+    one whose largest hTask holds the fewest activation bytes (fastest among those): with
+    predictions this close the faster one is not known to be faster, the smaller peak is.
 
     ``activation_budget``: bytes of activations allowed per in-flight micro-batch, i.e.
     ``(memory_budget - fixed) / stages``; a single task over it raises `OptionsError`.
@@ -71,24 +76,20 @@ def plan_fusion(
                     )
                 break
             cands[(i, j)] = c
-    best, best_groups = float("inf"), None
-    for m in sorted({c.slot for c in cands.values()}):
-        dp = [0.0] + [float("inf")] * n
-        back = [0] * (n + 1)
-        for j in range(1, n + 1):
-            for i in range(j):
-                c = cands.get((i, j))
-                if c is not None and c.slot <= m and dp[i] + c.work < dp[j]:
-                    dp[j], back[j] = dp[i] + c.work, i
-        if dp[n] == float("inf"):
-            continue
-        total = dp[n] + (stages - 1) * m
-        if total < best - 1e-15:
-            groups, j = [], n
-            while j > 0:
-                groups.append(tuple(order[back[j]:j]))
-                j = back[j]
-            best, best_groups = total, tuple(reversed(groups))
+    best, best_groups = _solve(order, cands, stages, None)
+    if best_groups is not None and memory_slack > 0:
+        # the least activation cap whose best plan is within the slack of the fastest; a higher
+        # cap only adds candidates, so the best time falls as the cap rises: bisect the caps
+        caps = sorted({c.activation_bytes for c in cands.values()})  # infeasible below some
+        lo, hi = 0, len(caps) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            t, _ = _solve(order, cands, stages, caps[mid])
+            if t <= best * (1 + memory_slack):
+                hi = mid
+            else:
+                lo = mid + 1
+        best, best_groups = _solve(order, cands, stages, caps[lo])
     if best_groups is None:
         raise OptionsError("no fusion plan satisfies the memory budget; raise memory_budget")
     exact = objective(best_groups, cost, stages)
@@ -100,6 +101,32 @@ def plan_fusion(
     spans = {"spatial": [(0, n)], "temporal": [(i, i + 1) for i in range(n)]}
     infeasible = tuple(name for name, runs in spans.items() if any(r not in cands for r in runs))
     return FusionPlan(htasks=best_groups, predicted=exact, alternatives=alternatives, infeasible=infeasible)
+
+
+def _solve(order, cands, stages: int, cap: float | None):
+    """The DP of the module doc over ``cands`` (those with at most ``cap`` bytes of
+    activations): ``(predicted time, hTasks)``, ``(inf, None)`` without a feasible plan."""
+    n = len(order)
+    usable = cands if cap is None else {k: c for k, c in cands.items() if c.activation_bytes <= cap}
+    best, best_groups = float("inf"), None
+    for m in sorted({c.slot for c in usable.values()}):
+        dp = [0.0] + [float("inf")] * n
+        back = [0] * (n + 1)
+        for j in range(1, n + 1):
+            for i in range(j):
+                c = usable.get((i, j))
+                if c is not None and c.slot <= m and dp[i] + c.work < dp[j]:
+                    dp[j], back[j] = dp[i] + c.work, i
+        if dp[n] == float("inf"):
+            continue
+        total = dp[n] + (stages - 1) * m
+        if total < best - 1e-15:
+            groups, j = [], n
+            while j > 0:
+                groups.append(tuple(order[back[j]:j]))
+                j = back[j]
+            best, best_groups = total, tuple(reversed(groups))
+    return best, best_groups
 
 
 def brute_force(loads: Mapping[str, int], cost, stages: int = 1, saturation_tokens=None, activation_budget=None):
