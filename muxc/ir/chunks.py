@@ -88,7 +88,8 @@ class ChunkLayout:
 
 def _samples(name: str, batch: Mapping, head: HeadInfo | None = None) -> list[tuple]:
     """(ids, shifted labels, batch row, pooled offset or -1) of each row's real tokens,
-    checking right padding; ``head``: a sequence-classification task (no token labels)."""
+    checking right padding; ``head``: a sequence-classification task (no token labels: each
+    row is one sample, pooled at its last token; causal-LM batches go to `_lm_samples`)."""
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
@@ -99,32 +100,25 @@ def _samples(name: str, batch: Mapping, head: HeadInfo | None = None) -> list[tu
     out = []
     for r in range(ids.shape[0]):
         n = int(mask[r].sum())
-        if n == 0 and pooled is None:
-            continue
         if not bool(mask[r, :n].all()):
+            raise _not_right_padded(name, r, mask[r])
+        p = int(pooled[r])
+        if p >= n:
             raise BatchError(
-                f"task {name!r}: row {r} is not right-padded (attention_mask {mask[r].tolist()}); "
-                "alignment='chunk' packs samples and needs right padding (padding_side='right')"
+                f"task {name!r}: row {r}'s last non-padding token (column {p}, the rightmost "
+                f"id that is not pad_token_id) lies outside its {n} attended tokens; "
+                "alignment='chunk' drops padding: give padding pad_token_id and "
+                "attention_mask 0, or use alignment='pad'"
             )
-        if pooled is not None:
-            p = int(pooled[r])
-            if p >= n:
-                raise BatchError(
-                    f"task {name!r}: row {r}'s last non-padding token (column {p}, the rightmost "
-                    f"id that is not pad_token_id) lies outside its {n} attended tokens; "
-                    "alignment='chunk' drops padding: give padding pad_token_id and "
-                    "attention_mask 0, or use alignment='pad'"
-                )
-            out.append((ids[r, :n], torch.full((n,), IGNORE_INDEX, dtype=torch.long), r, p))
-            continue
-        if bool((labels[r, n:] != IGNORE_INDEX).any()):
-            raise BatchError(
-                f"task {name!r}: row {r} has labels on padding; set labels to -100 where "
-                "attention_mask is 0 (alignment='chunk' drops padding)"
-            )
-        shifted = torch.nn.functional.pad(labels[r], (0, 1), value=IGNORE_INDEX)[1 : n + 1]
-        out.append((ids[r, :n], shifted, r, -1))
+        out.append((ids[r, :n], torch.full((n,), IGNORE_INDEX, dtype=torch.long), r, p))
     return out
+
+
+def _not_right_padded(name: str, r: int, mask_row: torch.Tensor) -> BatchError:
+    return BatchError(
+        f"task {name!r}: row {r} is not right-padded (attention_mask {mask_row.tolist()}); "
+        "alignment='chunk' packs samples and needs right padding (padding_side='right')"
+    )
 
 
 def _lm_samples(name: str, ids: torch.Tensor, mask: torch.Tensor,
@@ -138,10 +132,7 @@ def _lm_samples(name: str, ids: torch.Tensor, mask: torch.Tensor,
     bad = (holes | padded_labels) & (lengths > 0)  # rows without tokens are skipped unchecked
     for r in torch.nonzero(bad).flatten().tolist()[:1]:  # the first bad row, as a loop finds it
         if holes[r]:
-            raise BatchError(
-                f"task {name!r}: row {r} is not right-padded (attention_mask {mask[r].tolist()}); "
-                "alignment='chunk' packs samples and needs right padding (padding_side='right')"
-            )
+            raise _not_right_padded(name, r, mask[r])
         raise BatchError(
             f"task {name!r}: row {r} has labels on padding; set labels to -100 where "
             "attention_mask is 0 (alignment='chunk' drops padding)"

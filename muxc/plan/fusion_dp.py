@@ -27,7 +27,8 @@ from itertools import combinations
 from muxc.errors import OptionsError
 from muxc.ir.step import FusionPlan, GroupCost
 
-__all__ = ["GroupCost", "FusionPlan", "plan_fusion", "objective", "brute_force"]
+__all__ = ["GroupCost", "FusionPlan", "plan_fusion", "objective", "brute_force",
+           "contiguous_partitions"]
 
 
 def objective(groups, cost: Callable[[tuple[str, ...]], GroupCost], stages: int) -> float:
@@ -129,24 +130,29 @@ def _solve(order, cands, stages: int, cap: float | None):
     return best, best_groups
 
 
-def brute_force(loads: Mapping[str, int], cost, stages: int = 1, saturation_tokens=None, activation_budget=None):
-    """Best contiguous partition of the sorted tasks by enumeration (for tests)."""
-    order = sorted(loads, key=lambda t: (loads[t], t))
+def contiguous_partitions(order):
+    """Every split of ``order`` into contiguous runs, as lists of tuples (for tests)."""
     n = len(order)
-    best, best_groups = float("inf"), None
     for k in range(n):
         for cuts in combinations(range(1, n), k):
             bounds = (0, *cuts, n)
-            groups = [tuple(order[a:b]) for a, b in zip(bounds, bounds[1:])]
-            ok = True
-            for g in groups:
-                c = cost(g)
-                if len(g) > 1 and saturation_tokens is not None and c.tokens > saturation_tokens:
-                    ok = False
-                if activation_budget is not None and c.activation_bytes > activation_budget:
-                    ok = False
-            if ok:
-                v = objective(groups, cost, stages)
-                if v < best - 1e-15:
-                    best, best_groups = v, tuple(groups)
+            yield [tuple(order[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def brute_force(loads: Mapping[str, int], cost, stages: int = 1, saturation_tokens=None, activation_budget=None):
+    """Best contiguous partition of the sorted tasks by enumeration (for tests)."""
+    order = sorted(loads, key=lambda t: (loads[t], t))
+    best, best_groups = float("inf"), None
+    for groups in contiguous_partitions(order):
+        ok = True
+        for g in groups:
+            c = cost(g)
+            if len(g) > 1 and saturation_tokens is not None and c.tokens > saturation_tokens:
+                ok = False
+            if activation_budget is not None and c.activation_bytes > activation_budget:
+                ok = False
+        if ok:
+            v = objective(groups, cost, stages)
+            if v < best - 1e-15:
+                best, best_groups = v, tuple(groups)
     return best_groups, best

@@ -18,7 +18,7 @@ from muxc.ir import MuxGraph
 from muxc.ir.chunks import build_layout
 from muxc.ir.step import HTask, StepPlan
 from muxc.options import Alignment, Fusion, Options
-from muxc.plan.fusion import AutoFusion, loads_of
+from muxc.plan.fusion import AutoFusion, loads_of, sample_lengths
 from muxc.ir.recompute import RecomputePlan
 from muxc.plan.summary import ModelSummary, summarize_graph
 from muxc.plan.simulate import best_schedule, time_table
@@ -206,16 +206,9 @@ _MEMO_SIZE = 256  # plans remembered per planner (cleared when full)
 def _lengths_key(planner: Planner, present: Mapping[str, Mapping]) -> tuple:
     """What a step's plan depends on: each present task's rows, padded width and the real
     tokens of each sample (not the tokens themselves)."""
-    key = []
-    for t in planner.mux.tasks:
-        b = present.get(t)
-        if b is None:
-            continue
-        ids = b["input_ids"]
-        mask = b.get("attention_mask")
-        lengths = None if mask is None else tuple(mask.sum(1).tolist())
-        key.append((t, tuple(ids.shape), lengths))
-    return tuple(key)
+    lengths = sample_lengths(present)
+    return tuple((t, tuple(present[t]["input_ids"].shape), lengths[t])
+                 for t in planner.mux.tasks if t in present)
 
 
 def _lay_out_again(planner: Planner, plan: StepPlan, present: Mapping[str, Mapping]) -> StepPlan:
