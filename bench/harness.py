@@ -173,9 +173,15 @@ def add_rates(row: dict, *, bytes_moved: float, flops: float, peak: Peaks) -> No
     row that has ``ms``."""
     s = row["ms"] * 1e-3
     bound = max(bytes_moved / peak.bytes_per_s, flops / peak.flops_per_s)
-    row["GB/s"] = round(bytes_moved / s / 1e9, 3)
-    row["TFLOP/s"] = round(flops / s / 1e12, 6)
-    row["roofline_frac"] = round(bound / s, 4)
+    row["GB/s"] = _sig(bytes_moved / s / 1e9)
+    row["TFLOP/s"] = _sig(flops / s / 1e12)
+    row["roofline_frac"] = _sig(bound / s)
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits: a slow interpreted kernel's rate (1e-5 GB/s)
+    stays positive where rounding to fixed decimals made it 0."""
+    return float(f"{x:.{digits}g}")
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:

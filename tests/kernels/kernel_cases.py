@@ -78,6 +78,10 @@ def params(dtypes) -> list:
     out = []
     for case, dtype in itertools.product(all_cases(), dtypes):
         quick = (case.tokens, case.k, case.n, case.segments) in QUICK
+        if dtype == torch.float16 and case.segments == max(SEGMENTS):
+            # the interpreter's fp16 many-segment cases took ~35 s of the suite; fp16 rounding
+            # is covered by the quick 1- and 3-segment cases, many segments by fp32's
+            quick = False
         marks = [] if quick else [pytest.mark.slow]
         if dtype == torch.bfloat16:
             marks.append(pytest.mark.gpu)
