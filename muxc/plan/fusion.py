@@ -270,8 +270,14 @@ class AutoFusion:
         if self.options.memory_budget is not None:
             fixed = estimate_memory(self.summary, {}, seq_len=max(seq, 1)).total
             budget = (self.options.memory_budget - fixed) / stages
+        def shown(group: tuple[str, ...]) -> GroupCost:  # not a candidate: at the step's chunk
+            h = self.price(loads, group, chunk)
+            slot = h.forward + h.backward
+            return GroupCost(work=slot * h.micro_batches, slot=slot,
+                             activation_bytes=h.activation_bytes, tokens=h.tokens)
+
         return plan_fusion({t: v[0] for t, v in loads.items()}, cost, stages, sat, budget, max_tasks,
-                           memory_slack=MEMORY_SLACK)
+                           memory_slack=MEMORY_SLACK, shown_cost=shown if own is not None else None)
 
 
 def sample_lengths(batches: Mapping[str, Mapping]) -> dict[str, tuple[int, ...]]:
