@@ -5,6 +5,7 @@ Run from the repository root (``-m`` puts it on ``sys.path``)::
     python -m bench.kernels --quick   # multi-adapter kernels vs a per-task loop and padded bmm
     python -m bench.plan --quick      # what the planner buys: padding, predictions, bubbles
     python -m bench.e2e --quick       # muxc end to end vs the systems users would pick instead
+    python -m bench.fusion_plans --cost-model COPY.json  # the fusion plan vs forced groupings
 
 ``muxc bench kernels|plan|e2e`` is the same, through the ``muxc`` command. Modules:
 `harness` (timing, machine facts, rooflines, tidy CSV and markdown, shared by all),

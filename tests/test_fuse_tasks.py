@@ -104,3 +104,16 @@ def test_alternatives_past_saturation_are_marked():
     assert plan.htasks == (("a",), ("b",))
     assert plan.infeasible == ("spatial",)
     assert "spatial=" in str(plan) and "(not allowed)" in str(plan)
+
+
+def test_shown_cost_prices_only_the_spatial_alternative_the_dp_may_not_pick():
+    """The all-tasks alternative is priced by ``shown_cost`` only where the DP may not pick it
+    (past saturation); where it is a candidate, by ``cost`` like every plan the DP compares."""
+    loads = {"a": 600, "b": 700}
+    cost = _cost_model(loads, mb_tokens=10_000)
+    shown = lambda g: GroupCost(work=99.0, slot=99.0, activation_bytes=0, tokens=1)  # noqa: E731
+    past = plan_fusion(loads, cost, saturation_tokens=1000, shown_cost=shown)
+    assert past.alternatives["spatial"] == 99.0 and past.infeasible == ("spatial",)
+    assert past.alternatives["temporal"] == objective([("a",), ("b",)], cost, 1)
+    free = plan_fusion(loads, cost, saturation_tokens=None, shown_cost=shown)
+    assert free.alternatives["spatial"] == objective([("a", "b")], cost, 1)

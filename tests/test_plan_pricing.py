@@ -98,3 +98,63 @@ def test_plans_are_memoised_on_the_lengths(program):
         for h, g in zip(made.htask_plans, plan.htask_plans):
             for x, y in zip(h.layout.steps, g.layout.steps):
                 assert torch.equal(x.ids, y.ids) and torch.equal(x.mask, y.mask)
+
+
+def _lengths_batch(lengths, seed):
+    """A right-padded batch whose rows hold ``lengths`` real tokens."""
+    batch = make_batch(len(lengths), max(lengths), seed, pad_rows=0)
+    mask = torch.zeros_like(batch["input_ids"])
+    for r, n in enumerate(lengths):
+        mask[r, :n] = 1
+    return {"input_ids": batch["input_ids"] * mask, "attention_mask": mask,
+            "labels": batch["input_ids"].masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("call, run", [(1e-3, 1e-3), (2e-5, 5e-5), (0.0, 0.0)])
+@pytest.mark.parametrize("lengths", [
+    ((5, 9, 4), (60, 31), (12, 20, 7)),  # one long task: its own chunk is not the step's
+    ((16, 16), (17, 3), (40, 33, 2)),
+])
+def test_fusion_dp_prices_the_plan_it_runs(program, call, run, lengths):
+    """The fusion DP prices every candidate hTask at the chunk size the plan then runs it at
+    (its own, `group_chunks`), and of the groupings within `MEMORY_SLACK` of the fastest it
+    takes the one whose largest hTask holds the fewest activations (all its chunk steps'):
+    checked against every grouping laid out and priced as the executor runs it, with the
+    activations summed per chunk step from `estimate_memory`."""
+    from muxc.ir.chunks import build_layout
+    from muxc.plan.fusion import MEMORY_SLACK, AutoFusion, loads_of
+    from muxc.plan.fusion_dp import contiguous_partitions
+    from muxc.plan.step import plan_step
+
+    planner = program.planner.with_options(program.options)
+    cost = CostModel(roofline=Roofline(1e11, 2e10, 3e-6), call_overhead=call, run_overhead=run)
+    planner._fusion = fusion = AutoFusion(program.mux, program.options, cost, planner.summary)
+    batches = {f"t{i}": _lengths_batch(v, i) for i, v in enumerate(lengths)}
+    chunk = planner.chunk_size(batches)
+    loads = loads_of(batches)
+    order = sorted(loads, key=lambda t: (loads[t][0], t))
+    assert fusion.saturation(chunk) > sum(v[0] for v in loads.values())  # every group allowed
+
+    def run_of(groups):  # (seconds, largest hTask's activations) of the plan the executor runs
+        plan = plan_step(planner, batches, tuple(groups), chunk,
+                         fusion.group_chunks(batches, groups, chunk))
+        held = []
+        for h in plan.htask_plans:
+            layout = build_layout(batches, h.tasks, h.layout.chunk_size, planner.device)
+            held.append(sum(estimate_memory(planner.summary, StepShape(
+                dict(zip(s.tasks, s.rows)), layout.chunk_size)).activations
+                for s in layout.steps))
+        return sum(c.micro_batches * (c.forward + c.backward) for c in plan.costs), max(held)
+
+    every = {tuple(g): run_of(g) for g in contiguous_partitions(order)}
+    fastest = min(t for t, _ in every.values())
+    least = min(m for t, m in every.values() if t <= fastest * (1 + MEMORY_SLACK))
+    chosen = fusion.plan(batches, chunk)
+    seconds, held = every[tuple(chosen.htasks)]
+    assert chosen.predicted == pytest.approx(seconds, rel=1e-9)  # it priced what runs
+    assert chosen.alternatives["temporal"] == pytest.approx(every[tuple((t,) for t in order)][0],
+                                                            rel=1e-9)
+    assert seconds <= fastest * (1 + MEMORY_SLACK) * (1 + 1e-12)
+    assert held == pytest.approx(least, rel=1e-9)
+    made = planner.plan(batches)  # the step's plan runs the DP's groups at those chunk sizes
+    assert sorted(map(sorted, made.htasks)) == sorted(map(sorted, chosen.htasks))

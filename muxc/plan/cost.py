@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -360,11 +361,17 @@ def _neutral(cost: CostModel, key: OpKey, gkey: OpKey | None, mine: float,
         return max(f, 0.0), max(b, 0.0)
     if key.kind is OpKind.LORA:
         k, n, _ = key.shape
-        ew = OpKey(OpKind.ELEMENTWISE, dtype=key.dtype)
+        ew = _elementwise(key.dtype)
         f = cost.latency(ew, 2.0 * others * n * key.itemsize)
         b = 0.0 if gkey is None else cost.latency(ew, others * k * key.itemsize, True)
         return f, b
     return 0.0, 0.0
+
+
+@lru_cache(maxsize=None)
+def _elementwise(dtype: str) -> OpKey:
+    """The elementwise op key of ``dtype`` (built once: the planner prices sites often)."""
+    return OpKey(OpKind.ELEMENTWISE, dtype=dtype)
 
 
 def saturation_tokens(

@@ -45,6 +45,7 @@ def plan_fusion(
     activation_budget: float | None = None,
     max_tasks: int | None = None,
     memory_slack: float = 0.0,
+    shown_cost: Callable[[tuple[str, ...]], GroupCost] | None = None,
 ) -> FusionPlan:
     """Optimal hTasks for ``loads`` (task -> tokens per step) under ``cost``.
 
@@ -55,6 +56,8 @@ def plan_fusion(
     ``activation_budget``: bytes of activations allowed per in-flight micro-batch, i.e.
     ``(memory_budget - fixed) / stages``; a single task over it raises `OptionsError`.
     ``max_tasks``: at most this many tasks per hTask (a retry after running out of memory).
+    ``shown_cost``: prices the all-tasks alternative when the DP may not pick it (past
+    saturation or the budget: it is only shown), where ``cost`` would be dear (default ``cost``).
     """
     order = sorted(loads, key=lambda t: (loads[t], t))
     n = len(order)
@@ -95,7 +98,8 @@ def plan_fusion(
         raise OptionsError("no fusion plan satisfies the memory budget; raise memory_budget")
     exact = objective(best_groups, cost, stages)
     alternatives = {
-        "spatial": objective([tuple(order)], cost, stages),
+        "spatial": objective([tuple(order)], cost if (0, n) in cands or shown_cost is None
+                             else shown_cost, stages),
         "temporal": objective([(t,) for t in order], cost, stages),
         "auto": exact,
     }

@@ -123,7 +123,10 @@ class Poly:
     terms: tuple[tuple[int, int, float], ...] = ()
 
     def __call__(self, b: float, s: float) -> float:
-        return sum(c * b**i * s**j for i, j, c in self.terms)
+        total = 0  # summed in order, as ``sum`` would (a loop: the planner calls this often)
+        for i, j, c in self.terms:
+            total += c * b**i * s**j
+        return total
 
     def __add__(self, other: Poly) -> Poly:
         acc: dict[tuple[int, int], float] = {}
