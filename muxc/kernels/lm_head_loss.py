@@ -78,8 +78,8 @@ def _forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y
     masked prompts: over a quarter of a chunk-aligned step's tokens) contribute neither loss
     nor gradient, so their rows are gathered out first instead of being projected to the
     vocabulary and then zeroed. Per block of labelled rows the gradient is
-    ``(softmax - onehot) @ weight = (exp(z - top) @ weight) / norm - weight[label]``: the
-    normalisation and the one-hot move from the ``tokens x vocab`` buffer to the
+    ``(softmax - onehot) @ weight = ((e - norm * onehot) @ weight) / norm`` with
+    ``e = exp(z - top)``: the normalisation moves from the ``tokens x vocab`` buffer to the
     ``tokens x hidden`` result."""
     keep = y != IGNORE_INDEX
     rows = keep.nonzero().squeeze(1)
@@ -101,8 +101,11 @@ def _forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y
         total += (top + norm.log() - picked).sum()  # logsumexp - picked, per token
         if gk is None:
             continue
+        # (softmax - onehot) @ weight = ((e - norm * onehot) @ weight) / norm: the one-hot is
+        # taken off in fp32 before any cast (e_label ~ norm when the label is likely: in a
+        # bf16 GEMM output the difference would be lost), the division waits for the GEMM
+        z.scatter_add_(1, target, norm.neg())
         g = (z.to(weight.dtype) @ weight).float().div_(norm)
-        g.sub_(weight.index_select(0, target.squeeze(1)).float())
         gk[s : s + block] = g.to(h.dtype)
     if gk is None:
         return total, None, count
