@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
 
 IGNORE_INDEX = -100
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_SDPA_ARGS = tuple(a.name for a in SDPA._schema.arguments)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,15 @@ class _Site:
         common_dtype(self.records, self.site)
         # fx code generation names a call_function target by __name__
         object.__setattr__(self, "__name__", f"{type(self).__name__}_{self.site.replace('.', '_')}")
+
+    @cached_property
+    def by_kind(self) -> dict[Any, dict[str, AdapterRecord]]:
+        """Adapter kind -> task -> its record here (built once: a site runs per chunk step and
+        layer, and regrouping its records on every call cost more than some adapters)."""
+        out: dict[Any, dict[str, AdapterRecord]] = {}
+        for r in self.records:
+            out.setdefault(r.kind, {})[r.task] = r
+        return out
 
     def params_by_task(self, flat_params) -> dict[str, dict[str, torch.Tensor]]:
         """The flat parameter arguments of a call, as task -> name -> tensor."""
@@ -351,6 +362,20 @@ class HeadLoss:
 
 # ---------------------------------------------------------------------------- attention
 
+def _sdpa_kwargs(args: tuple, kwargs: dict, index: int) -> dict:
+    """An SDPA call's arguments by name (the schema's positional order; what
+    ``normalize_function`` gives, at a fraction of its cost per attention call)."""
+    if len(args) > len(_SDPA_ARGS) or any(k in _SDPA_ARGS[: len(args)] for k in kwargs) \
+            or any(k not in _SDPA_ARGS for k in kwargs):
+        norm = normalize_function(SDPA, args, kwargs, normalize_to_only_use_kwargs=True)
+        if norm is None:
+            raise MuxcInternalError(f"cannot normalise attention arguments of node {index}")
+        return dict(norm.kwargs)
+    kw = dict(zip(_SDPA_ARGS, args))
+    kw.update(kwargs)
+    return kw
+
+
 @dataclass(frozen=True)
 class ChunkAttention:
     """Attention node ``index`` of the backbone (one per layer), called as
@@ -378,10 +403,7 @@ class ChunkAttention:
         step = mux.chunk
         if step is None:
             return SDPA(*args, **kwargs)
-        norm = normalize_function(SDPA, args, kwargs, normalize_to_only_use_kwargs=True)
-        if norm is None:
-            raise MuxcInternalError(f"cannot normalise attention arguments of node {self.index}")
-        kw = dict(norm.kwargs)
+        kw = _sdpa_kwargs(args, kwargs, self.index)
         q, k, v = kw.pop("query"), kw.pop("key"), kw.pop("value")
         kw.pop("attn_mask", None)
         kw["is_causal"] = False

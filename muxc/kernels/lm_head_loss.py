@@ -72,36 +72,46 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def _forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
              block: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Summed token losses (fp32), the gradient of that sum w.r.t. ``h`` (flat) and the
-    number of labelled tokens."""
+    number of labelled tokens.
+
+    Only labelled tokens reach the head: unlabelled ones (padding, each sample's last token,
+    masked prompts: over a quarter of a chunk-aligned step's tokens) contribute neither loss
+    nor gradient, so their rows are gathered out first instead of being projected to the
+    vocabulary and then zeroed. Per block of labelled rows the gradient is
+    ``(softmax - onehot) @ weight = ((e - norm * onehot) @ weight) / norm`` with
+    ``e = exp(z - top)``: the normalisation moves from the ``tokens x vocab`` buffer to the
+    ``tokens x hidden`` result."""
+    keep = y != IGNORE_INDEX
+    rows = keep.nonzero().squeeze(1)
+    count = rows.numel()
+    full = count == y.numel()
+    hk = h if full else h.index_select(0, rows)
+    yk = y if full else y.index_select(0, rows)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
-    grad = torch.empty_like(h) if want_grad else None
-    count = 0
-    for s in range(0, h.shape[0], block):
-        yb = y[s : s + block]
-        keep = yb != IGNORE_INDEX
-        n = int(keep.sum())
-        if n == 0:
-            if grad is not None:
-                grad[s : s + block] = 0
-            continue
-        count += n
-        logits = F.linear(h[s : s + block].to(weight.dtype), weight, bias)
+    gk = torch.empty_like(hk) if want_grad else None
+    for s in range(0, count, block):
+        target = yk[s : s + block].unsqueeze(1)
+        logits = F.linear(hk[s : s + block].to(weight.dtype), weight, bias)
         z = logits.float()  # the block's only tokens x vocab buffer: worked on in place
         del logits
-        target = yb.clamp_min(0).unsqueeze(1)
-        picked = z.gather(1, target).squeeze(1)
+        picked = z.gather(1, target)
         top = z.amax(dim=-1, keepdim=True)
         z.sub_(top).exp_()
         norm = z.sum(dim=-1, keepdim=True)
-        lse = (top + norm.log()).squeeze(1)  # logsumexp, without a second buffer
-        total += (lse - picked).masked_fill(~keep, 0).sum()
-        if grad is None:
+        total += (top + norm.log() - picked).sum()  # logsumexp - picked, per token
+        if gk is None:
             continue
-        # d(sum of losses)/dz = softmax(z) - onehot(label) on labelled rows, 0 on the others
-        z.div_(norm)
-        z.scatter_add_(1, target, torch.full_like(target, -1, dtype=z.dtype))
-        z.masked_fill_(~keep.unsqueeze(1), 0)
-        grad[s : s + block] = (z.to(weight.dtype) @ weight).to(h.dtype)
+        # (softmax - onehot) @ weight = ((e - norm * onehot) @ weight) / norm: the one-hot is
+        # taken off in fp32 before any cast (e_label ~ norm when the label is likely: in a
+        # bf16 GEMM output the difference would be lost), the division waits for the GEMM
+        z.scatter_add_(1, target, norm.neg())
+        g = (z.to(weight.dtype) @ weight).float().div_(norm)
+        gk[s : s + block] = g.to(h.dtype)
+    if gk is None:
+        return total, None, count
+    if full:
+        return total, gk, count
+    grad = torch.zeros_like(h).index_copy_(0, rows, gk)
     return total, grad, count
 
 

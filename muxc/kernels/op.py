@@ -142,6 +142,13 @@ class SegmentedOp:
     run: Callable = field(repr=False)
     run_bwd: Callable = field(repr=False)
 
+    def __post_init__(self) -> None:
+        # argument positions, looked up once (a step calls the op at every site and layer)
+        index = self.inputs.index
+        object.__setattr__(self, "_saved_at", tuple(index(n) for n in self.bwd_inputs))
+        object.__setattr__(self, "_grads_at", tuple(index(n) for n in self.grads))
+        object.__setattr__(self, "_passed_at", tuple(index(n) for n in self.passthrough))
+
     def __call__(self, *args):
         """Run the forward op (autograd-aware) on positional arguments in schema order."""
         first = args[0]
@@ -163,7 +170,7 @@ class SegmentedOp:
 
     def save(self, args) -> tuple[list, tuple]:
         """What the backward keeps: tensors of the arguments it reads, and their layout."""
-        return _flatten([args[self.inputs.index(n)] for n in self.bwd_inputs])
+        return _flatten([args[i] for i in self._saved_at])
 
     def backward(self, bwd: Callable, grad, saved_layout, saved, given) -> list:
         """Gradients per forward argument (lists for ``Tensor[]``; None where none), from
@@ -173,11 +180,10 @@ class SegmentedOp:
         if len(self.grads) == 1:
             outs = (outs,)
         result: list = [None] * len(self.inputs)
-        for name, g in zip(self.grads, outs):
-            i = self.inputs.index(name)
+        for i, g in zip(self._grads_at, outs):
             result[i] = list(g) if i in self.lists else g
-        for name, present in zip(self.passthrough, given):
-            result[self.inputs.index(name)] = grad if present else None
+        for i, present in zip(self._passed_at, given):
+            result[i] = grad if present else None
         return result
 
 
@@ -191,7 +197,7 @@ class _Eager(torch.autograd.Function):
         saved, ctx.saved_layout = op.save(args)
         ctx.save_for_backward(*saved)
         ctx.op, ctx.layout = op, layout
-        ctx.given = [args[op.inputs.index(n)] is not None for n in op.passthrough]
+        ctx.given = [args[i] is not None for i in op._passed_at]
         with _profiled(op.name):
             return op.run(*args)
 

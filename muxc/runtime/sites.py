@@ -29,9 +29,10 @@ def _apply_kinds(site, x: torch.Tensor, t: torch.Tensor, mux: MuxBatch, flat) ->
     n = len(site.frozen)
     frozen = dict(zip(site.frozen, flat[:n]))
     params = site.params_by_task(flat[n:])
+    by_kind = site.by_kind
     for kind, spec in KINDS.items():
-        recs = {r.task: r for r in site.records if r.kind is kind}
-        if any(task in recs for task in mux.tasks):
+        recs = by_kind.get(kind)
+        if recs is not None and any(task in recs for task in mux.tasks):
             _check_tokens(t, mux, site.site)
             t = spec.apply(site, x, t, mux, params, recs, frozen=frozen)
     return t
