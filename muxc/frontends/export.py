@@ -35,6 +35,7 @@ from muxc.frontends.peft import (
     seq_cls_head_attr,
 )
 from muxc.frontends.quant import check_quantized, routed_quantized, state_tensor
+from muxc.frontends.release import release_export_state
 from muxc.kinds import spec_for_trace_op, spec_of
 from muxc.kinds.prefix import is_prefix
 from muxc.ir import Binding, BindingKind, NodeInfo, Role, TaskGraph, set_info
@@ -173,6 +174,7 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
         lifted[spec.arg.name] = (kind, ep.constants[fqn] if fqn in ep.constants else ep.state_dict[fqn])
     graph = bind_and_tag(task, gm, records, lifted, targets)
     graph.trace_seconds = seconds
+    release_export_state(gm)  # else each export's ShapeEnv and fakes stay for good (module doc)
     return Export(graph, targets)
 
 

@@ -1,0 +1,99 @@
+"""`release_export_state`: drop what torch.export keeps after an export, so it can be freed.
+
+A non-strict ``torch.export.export`` leaves, besides the graph it returns, state that nothing
+uses once it has returned, and some of it in reference cycles that Python's gc cannot collect
+because one edge of each cycle is held in C++:
+
+- its fake tensors' symbolic sizes are C++ ``SymInt``\\ s owning Python ``SymNode``\\ s, each of
+  which holds the export's ``ShapeEnv``; the ``ShapeEnv`` in turn holds fake tensors and
+  ``SymNode``\\ s (``tracked_fakes``: the inputs it fakified; ``fake_tensor_cache``: the fake
+  dispatch cache of every op run on symbolic shapes, ~1.5 MiB for a 12-layer Llama). gc sees
+  the ``SymNode``\\ s referenced from outside (C++), so the whole cycle, the ``ShapeEnv``, its
+  ``FakeTensorMode`` and every fake tensor reachable from them, stays alive for good, even
+  after the exported graph is dropped;
+- ``ShapeEnv``'s method caches (``functools.lru_cache`` on the class, unbounded) hold every
+  ``ShapeEnv`` they were called on;
+- ``torch.fx.experimental.proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT`` (export's
+  fake-tensor leak detection) holds the nodes of the last export's pre-dispatch graph, a whole
+  second graph with its fake tensors (~6 MiB for a 12-layer Llama), until the next export.
+
+`release_export_state` empties these (caches and bookkeeping only: what an exported graph means
+and what its fake tensors and shape environment answer is unchanged; a cache refills on
+demand). The graphs muxc keeps still hold their fake tensors (``meta["val"]``), their
+``FakeTensorMode`` and ``ShapeEnv``; once those graphs are dropped, all of it is freed (tested:
+tests/test_release.py). Measured in the README (Memory on the weights-dominant model).
+
+>>> ep = torch.export.export(model, args, dynamic_shapes=dims, strict=False)  # doctest: +SKIP
+>>> release_export_state(ep.graph_module)                                    # doctest: +SKIP
+1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.fx as fx
+
+__all__ = ["release_export_state", "fake_modes"]
+
+
+def release_export_state(graphs: fx.GraphModule | Iterable[fx.GraphModule] = ()) -> int:
+    """Empty what torch.export left behind (module doc) for the fake modes of ``graphs`` (their
+    nodes' ``meta["val"]``, sub-modules included) and torch's process-wide export state; returns
+    how many shape environments were emptied. Does not change what any graph computes."""
+    if isinstance(graphs, fx.GraphModule):
+        graphs = (graphs,)
+    _clear_export_leak_map()
+    envs = 0
+    for mode in fake_modes(graphs):
+        env = mode.shape_env
+        if env is None:
+            continue
+        envs += 1
+        cache = getattr(env, "fake_tensor_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
+        tracked = getattr(env, "tracked_fakes", None)
+        if isinstance(tracked, list):
+            tracked.clear()
+    _clear_shape_env_method_caches()
+    return envs
+
+
+def fake_modes(graphs: Iterable[fx.GraphModule]) -> list:
+    """The distinct ``FakeTensorMode``\\ s of the fake tensors in ``graphs``' node metadata."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    modes: dict[int, object] = {}
+    for gm in graphs:
+        for sub in gm.modules():
+            if not isinstance(sub, fx.GraphModule):
+                continue
+            for node in sub.graph.nodes:
+                val = node.meta.get("val")
+                vals = val if isinstance(val, (tuple, list)) else (val,)
+                for v in vals:
+                    if isinstance(v, FakeTensor):
+                        modes.setdefault(id(v.fake_mode), v.fake_mode)
+    return list(modes.values())
+
+
+def _clear_export_leak_map() -> None:
+    from torch.fx.experimental import proxy_tensor
+
+    leak_map = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if isinstance(leak_map, dict):
+        leak_map.clear()
+
+
+def _clear_shape_env_method_caches() -> None:
+    """``ShapeEnv``'s ``lru_cache``\\ d methods cache per class, keyed on the instance: clearing
+    them drops their hold on every ``ShapeEnv`` (each refills on its next call)."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    for name in dir(ShapeEnv):
+        method = getattr(ShapeEnv, name, None)
+        clear = getattr(method, "cache_clear", None)
+        if callable(clear):
+            clear()
+
