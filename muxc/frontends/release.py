@@ -17,6 +17,13 @@ because one edge of each cycle is held in C++:
   fake-tensor leak detection) holds the nodes of the last export's pre-dispatch graph, a whole
   second graph with its fake tensors (~6 MiB for a 12-layer Llama), until the next export.
 
+Two more things an export leaves that muxc never reads (`drop_unread_meta`,
+`forget_source_lines`): per node metadata (``stack_trace``, ``tensor_meta``, ``torch_fn``...:
+strings and records on every node, copied into every template and merged graph, and the
+stack traces also end up as comments in every GraphModule's generated code, which torch keeps
+for good), and the source lines of every file on those stack traces, which formatting them
+reads into ``linecache`` (~4.7 MiB for a 2-layer Llama).
+
 `release_export_state` empties these (caches and bookkeeping only: what an exported graph means
 and what its fake tensors and shape environment answer is unchanged; a cache refills on
 demand). The graphs muxc keeps still hold their fake tensors (``meta["val"]``), their
@@ -30,11 +37,19 @@ tests/test_release.py). Measured in the README (Memory on the weights-dominant m
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import linecache
+from collections.abc import Iterable, Iterator
 
 import torch.fx as fx
 
-__all__ = ["release_export_state", "fake_modes"]
+__all__ = ["release_export_state", "fake_modes", "drop_unread_meta", "UNREAD_META",
+           "forget_source_lines"]
+
+# node metadata torch.export records that nothing in muxc reads (muxc reads ``val``,
+# ``nn_module_stack`` and its own ``muxc``; unknown keys are kept)
+UNREAD_META = ("stack_trace", "tensor_meta", "torch_fn", "source_fn_stack", "from_node",
+               "eager_input_vals")
 
 
 def release_export_state(graphs: fx.GraphModule | Iterable[fx.GraphModule] = ()) -> int:
@@ -76,6 +91,34 @@ def fake_modes(graphs: Iterable[fx.GraphModule]) -> list:
                     if isinstance(v, FakeTensor):
                         modes.setdefault(id(v.fake_mode), v.fake_mode)
     return list(modes.values())
+
+
+def drop_unread_meta(gm: fx.GraphModule) -> int:
+    """Delete the `UNREAD_META` entries of every node of ``gm`` (sub-modules included), in
+    place; returns how many were deleted."""
+    dropped = 0
+    for sub in gm.modules():
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        for node in sub.graph.nodes:
+            for key in UNREAD_META:
+                if node.meta.pop(key, None) is not None:
+                    dropped += 1
+    return dropped
+
+
+@contextlib.contextmanager
+def forget_source_lines() -> Iterator[None]:
+    """On exit, drop the ``linecache`` entries of files read from disk inside the block (they
+    are read again when a traceback needs them); entries made otherwise are kept."""
+    before = set(linecache.cache)
+    try:
+        yield
+    finally:
+        for name in set(linecache.cache) - before:
+            entry = linecache.cache.get(name)
+            if entry is not None and len(entry) == 4 and entry[1] is not None:  # file on disk
+                linecache.cache.pop(name, None)
 
 
 def _clear_export_leak_map() -> None:
