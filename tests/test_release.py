@@ -20,7 +20,9 @@ from muxc.frontends.release import (
     UNREAD_META,
     drop_unread_meta,
     fake_modes,
+    forget_generated_code,
     forget_source_lines,
+    generated_code_keys,
     release_export_state,
 )
 
@@ -122,3 +124,25 @@ def test_forget_source_lines_drops_only_files_read_inside(tmp_path):
 def test_release_without_fake_tensors_is_a_no_op():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
     assert release_export_state(gm) == 0
+
+
+def test_forget_generated_code_keeps_the_kept_modules_source():
+    before = generated_code_keys()
+    kept = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    dropped = torch.fx.symbolic_trace(torch.nn.ReLU())
+    made = generated_code_keys() - before
+    assert len(made) == 2
+    assert forget_generated_code(before, [kept]) == 1
+    assert generated_code_keys() - before == {type(kept).forward.__code__.co_filename}
+    x = torch.randn(3, 2)
+    assert torch.equal(dropped(x), torch.relu(x))  # its compiled code runs as before
+    assert linecache.getlines(type(kept).forward.__code__.co_filename)  # source still there
+
+
+def test_compile_keeps_no_generated_source_of_modules_it_dropped(base, fresh_templates):
+    before = generated_code_keys()
+    program = muxc.compile([muxc.Task(name="a", model=_lora(7, base))])
+    made = generated_code_keys() - before
+    # an export alone makes ~35 graph modules; what stays is the program's own
+    assert 0 < len(made) <= 12, sorted(made)
+    del program
