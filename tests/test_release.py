@@ -38,7 +38,8 @@ def _lora(seed: int, base, r: int = 4):
 
 
 def _ia3(seed: int, base):
-    cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                    feedforward_modules=["down_proj"])
     return make_peft(base, cfg, seed=seed)
 
 
@@ -68,7 +69,8 @@ def test_dropped_export_frees_its_shape_env(base):
 def test_dropped_program_frees_every_export(base, fresh_templates):
     """Two structures (two exports), one re-bound task; then a task joins and one leaves: once
     the program and the template store are dropped, no shape env of any of it is alive."""
-    models = {"a": _lora(1, base), "b": _ia3(2, base), "c": _lora(3, base), "d": _lora(4, base, r=8)}
+    models = {"a": _lora(1, base), "b": _ia3(2, base), "c": _lora(3, base),
+              "d": _lora(4, base, r=8)}
     program = muxc.compile([muxc.Task(name=n, model=models[n]) for n in "abc"])
     trace = next(r for r in program.history if r.name == "trace_tasks")
     assert trace.summary.startswith("2 exported, 1 re-bound")
