@@ -23,6 +23,7 @@ from typing import Any
 from muxc.dump import render
 from muxc.errors import MuxcInternalError
 from muxc.frontends import TraceTemplates
+from muxc.frontends.release import forget_generated_code, generated_code_keys, release_export_state
 from muxc.ir import MuxGraph, PartitionedGraph, TaskGraph
 from muxc.ir.recompute import RecomputePlan
 from muxc.passes import (
@@ -159,6 +160,7 @@ def run_pipeline(tasks, ctx: CompileContext) -> tuple[CompileState, list[PassRec
     """
     state = CompileState(tasks=tasks)
     history = []
+    sources = generated_code_keys()
     for i, p in enumerate(PIPELINE):
         t0 = time.perf_counter()
         result = p.fn(getattr(state, p.reads), ctx)
@@ -171,4 +173,21 @@ def run_pipeline(tasks, ctx: CompileContext) -> tuple[CompileState, list[PassRec
         summary = "; ".join([*filter(None, [result.notes]), *(_short(v) for v in values)])
         text = "\n\n".join(render(v) for v in values)
         history.append(PassRecord.of(i, p.name, seconds, summary, text))
+    # passes that ran ops on fake tensors refilled torch's caches that tie the exports' shape
+    # environments into cycles gc cannot free (muxc.frontends.release)
+    release_export_state(_graph_modules(state))
+    kept = _graph_modules(state)
+    if state.partitioned is not None:
+        kept.append(state.partitioned.split)
+    forget_generated_code(sources, kept)  # torch.fx keeps every generated source for good
     return state, history
+
+
+def _graph_modules(state: CompileState) -> list:
+    """The fx graph modules of ``state`` whose node metadata hold the exports' fake tensors."""
+    gms = [tg.gm for tg in state.task_graphs]
+    if state.mux_graph is not None:
+        gms.append(state.mux_graph.gm)
+    if state.exports is not None:
+        gms += [e.graph.gm for _, e in state.exports.items()]
+    return gms

@@ -35,6 +35,7 @@ from muxc.frontends.peft import (
     seq_cls_head_attr,
 )
 from muxc.frontends.quant import check_quantized, routed_quantized, state_tensor
+from muxc.frontends.release import drop_unread_meta, forget_source_lines, release_export_state
 from muxc.kinds import spec_for_trace_op, spec_of
 from muxc.kinds.prefix import is_prefix
 from muxc.ir import Binding, BindingKind, NodeInfo, Role, TaskGraph, set_info
@@ -134,7 +135,8 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
                                         model=task.model))
         with routing, \
                 checkpointing_off(hf), \
-                routed_quantized(task.name, hf):
+                routed_quantized(task.name, hf), \
+                forget_source_lines():
             if is_seq_cls(hf):
                 wrapper = _SeqCls(hf, seq_cls_head_attr(task.name, hf, adapter), with_positions)
                 args = (ids, mask) + ((torch.arange(EXAMPLE_SHAPE[1], device=device)
@@ -159,6 +161,7 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
         hf.train(was_training)
     seconds = time.perf_counter() - t0
     gm = ep.graph_module
+    drop_unread_meta(gm)
     _check_dynamic(task.name, gm)
     lifted, targets = {}, {}
     for spec in ep.graph_signature.input_specs:
@@ -173,6 +176,7 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
         lifted[spec.arg.name] = (kind, ep.constants[fqn] if fqn in ep.constants else ep.state_dict[fqn])
     graph = bind_and_tag(task, gm, records, lifted, targets)
     graph.trace_seconds = seconds
+    release_export_state(gm)  # else each export's ShapeEnv and fakes stay for good (module doc)
     return Export(graph, targets)
 
 
