@@ -141,9 +141,10 @@ def test_explain_dump_history(llama, compiled, tmp_path):
                      "rewrite_attention", "fuse_lm_head_loss", "partition", "select_kernels",
                      "plan_recompute"]
     assert [r.index for r in program.history] == list(range(len(names)))
-    # each pass is timed inside the compile call, and tracing is by far the longest
+    # each pass is timed inside the compile call (which pass is longest depends on whether
+    # tracing exported or re-bound a template from the process-wide store: not asserted)
     assert 0 < sum(r.seconds for r in program.history) <= compiled.seconds
-    assert max(program.history, key=lambda r: r.seconds).name == "trace_tasks"
+    assert all(r.seconds >= 0 for r in program.history) and program.history[1].seconds > 0
     assert program.history[1].summary.count("TaskGraph(") == 3
     assert program.history[3].text.startswith(repr(program.mux).split(",")[0])  # its own rendering
     rep = program.explain(_batches(0))
