@@ -175,8 +175,8 @@ def run_pipeline(tasks, ctx: CompileContext) -> tuple[CompileState, list[PassRec
         history.append(PassRecord.of(i, p.name, seconds, summary, text))
     # passes that ran ops on fake tensors refilled torch's caches that tie the exports' shape
     # environments into cycles gc cannot free (muxc.frontends.release)
-    release_export_state(_graph_modules(state))
     kept = _graph_modules(state)
+    release_export_state(kept)
     if state.partitioned is not None:
         kept.append(state.partitioned.split)
     forget_generated_code(sources, kept)  # torch.fx keeps every generated source for good

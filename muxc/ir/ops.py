@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -190,24 +190,38 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class TaskLoss:
+class _TaskLossOp:
+    """What the per-task loss ops share: the task, a graph name ``<_PREFIX>_<task>`` and the
+    task's part of a step's batch."""
+
+    task: str
+    _PREFIX: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "__name__", f"{self._PREFIX}_{self.task}")
+
+    def _part(self, mux: MuxBatch) -> tuple[int, int, int, torch.Tensor] | None:
+        """``(index in mux.tasks, start row, end row, labels)``, None when the task is not in
+        this batch."""
+        part = mux.task_part(self.task)
+        return None if part is None else (*part, mux.labels[part[0]])
+
+
+@dataclass(frozen=True)
+class TaskLoss(_TaskLossOp):
     """One task's loss on its own rows of the shared logits (None when the task is inactive).
 
     Without ``mux.loss_scale`` it is HF's mean loss of the rows; with it (chunk steps, pad
     micro-batches) it is this part's share: the summed token losses times the task's scale.
     """
 
-    task: str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "__name__", f"loss_{self.task}")
+    _PREFIX: ClassVar[str] = "loss"
 
     def __call__(self, logits: torch.Tensor, mux: MuxBatch) -> torch.Tensor | None:
-        part = mux.task_part(self.task)
+        part = self._part(mux)
         if part is None:
             return None
-        i, start, end = part
-        labels = mux.labels[i]
+        i, start, end, labels = part
         if mux.loss_scale is None:
             return causal_lm_loss(logits[start:end], labels)
         if not mux.shifted:
@@ -226,7 +240,7 @@ class TaskLoss:
 
 
 @dataclass(frozen=True)
-class LMHeadLoss:
+class LMHeadLoss(_TaskLossOp):
     """`TaskLoss` of the shared frozen LM head's logits, fused with the head: called as
     ``(hidden, mux, weight[, bias])``, it computes the task's rows of the logits and their
     loss in token blocks (`muxc.kernels.lm_head_loss`, bound by the runtime as sites are:
@@ -234,18 +248,14 @@ class LMHeadLoss:
     hidden rows for backward, never the rows' ``tokens x vocab`` logits. Same value and
     gradients as ``TaskLoss(task)(linear(hidden, weight, bias), mux)``."""
 
-    task: str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "__name__", f"lm_head_loss_{self.task}")
+    _PREFIX: ClassVar[str] = "lm_head_loss"
 
     def __call__(self, hidden: torch.Tensor, mux: MuxBatch, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        part = mux.task_part(self.task)
+        part = self._part(mux)
         if part is None:
             return None
-        i, start, end = part
-        labels = mux.labels[i]
+        i, start, end, labels = part
         if mux.loss_scale is None or not mux.shifted:
             labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         scale = None if mux.loss_scale is None else mux.loss_scale[i]
@@ -319,7 +329,7 @@ def seq_cls_loss(pooled: torch.Tensor, labels: torch.Tensor, head: HeadInfo, red
 
 
 @dataclass(frozen=True)
-class HeadLoss:
+class HeadLoss(_TaskLossOp):
     """The loss of a task with its own head, called as ``(hidden, mux, weight[, bias])``: its
     rows of the shared last hidden state through its head copy, then HF's loss for its
     `HeadInfo` (causal LM, or sequence classification pooled at ``mux.pooled``: a column per
@@ -327,19 +337,15 @@ class HeadLoss:
     holds, ``mux.labels`` then being those samples' labels). With ``mux.loss_scale`` it is
     this part's share (summed terms times the scale)."""
 
-    task: str
     head: HeadInfo
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "__name__", f"head_loss_{self.task}")
+    _PREFIX: ClassVar[str] = "head_loss"
 
     def __call__(self, hidden: torch.Tensor, mux: MuxBatch, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        part = mux.task_part(self.task)
+        part = self._part(mux)
         if part is None:
             return None
-        i, start, end = part
-        labels = mux.labels[i]
+        i, start, end, labels = part
         rows = hidden[start:end]
         if self.head.problem == CAUSAL_LM:
             logits = F.linear(rows.to(weight.dtype), weight, bias)

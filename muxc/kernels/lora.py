@@ -523,9 +523,7 @@ def multi_lora(x, seg_lens, lora_a, lora_b, scaling, impl: Impl | str | None = N
     ``base`` (``(T, N)``, e.g. the base op's output) is given. Differentiable in x, every
     adapter and ``base``.
     """
-    # the step's shared Segments (cached per layout) when given plain counts
-    listed = isinstance(seg_lens, (tuple, list))
-    segs = segments_for(tuple(seg_lens)) if listed else Segments.of(seg_lens)
+    segs = Segments.of(seg_lens)
     _validate(x, segs, lora_a, lora_b, scaling, base)
     impl = Impl.parse(impl)
     return _OP(

@@ -258,10 +258,7 @@ class AutoFusion:
                     mine = tuple(sorted((t, own[t]) for t in group))
                     runs = chunk_runs(dict(mine), self._group_chunk(mine, chunk))
                 h = self._price_runs(runs)
-                slot = h.forward + h.backward
-                c = priced[group] = GroupCost(work=slot * h.micro_batches, slot=slot,
-                                              activation_bytes=self._held(h, runs),
-                                              tokens=h.tokens)
+                c = priced[group] = _group_cost(h, self._held(h, runs))
             return c
 
         seq = chunk or max(v[1] for v in loads.values())
@@ -270,14 +267,20 @@ class AutoFusion:
         if self.options.memory_budget is not None:
             fixed = estimate_memory(self.summary, {}, seq_len=max(seq, 1)).total
             budget = (self.options.memory_budget - fixed) / stages
+
         def shown(group: tuple[str, ...]) -> GroupCost:  # not a candidate: at the step's chunk
             h = self.price(loads, group, chunk)
-            slot = h.forward + h.backward
-            return GroupCost(work=slot * h.micro_batches, slot=slot,
-                             activation_bytes=h.activation_bytes, tokens=h.tokens)
+            return _group_cost(h, h.activation_bytes)
 
         return plan_fusion({t: v[0] for t, v in loads.items()}, cost, stages, sat, budget, max_tasks,
                            memory_slack=MEMORY_SLACK, shown_cost=shown if own is not None else None)
+
+
+def _group_cost(h: HTaskCost, activation_bytes: float) -> GroupCost:
+    """The fusion DP's view of hTask cost ``h`` holding ``activation_bytes``."""
+    slot = h.forward + h.backward
+    return GroupCost(work=slot * h.micro_batches, slot=slot, activation_bytes=activation_bytes,
+                     tokens=h.tokens)
 
 
 def sample_lengths(batches: Mapping[str, Mapping]) -> dict[str, tuple[int, ...]]:

@@ -88,15 +88,12 @@ class StepPricer:
 
     @staticmethod
     def _op(w: Work | None):
-        return None if w is None else (w.amount.terms, w.key, {})
+        return None if w is None else (w.amount, w.key, {})
 
     def _latency(self, op, b: float, s: float, scale: float, backward: bool) -> float:
         """``cost.latency`` of ``op``'s work at ``b`` rows, length ``s``, times ``scale``
-        (the polynomial summed in `Poly`'s order; latencies memoised per op)."""
-        work = 0
-        for i, j, c in op[0]:
-            work += c * b**i * s**j
-        work *= scale
+        (latencies memoised per op)."""
+        work = op[0](b, s) * scale
         memo = op[2]
         t = memo.get(work)
         if t is None:
