@@ -29,6 +29,7 @@ from muxc.ir.recompute import RecomputePlan
 from muxc.passes import (
     fuse_lm_head_loss,
     merge_backbones,
+    native_gqa,
     partition,
     plan_recompute,
     rewrite_attention,
@@ -98,6 +99,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass(share_frozen_weights, "task_graphs", ("task_graphs", "sharing"), "one copy of the base"),
     Pass(merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
     Pass(rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),
+    Pass(native_gqa, "mux_graph", "mux_graph", "grouped K/V heads read unrepeated"),
     Pass(fuse_lm_head_loss, "mux_graph", "mux_graph", "no tokens x vocab logits kept for backward"),
     Pass(partition, "mux_graph", "partitioned", "subgraphs + cost-balanced pipeline stages"),
     Pass(select_kernels, "mux_graph", "kernel_plan", "pick adapter kernels, say why"),

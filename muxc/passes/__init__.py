@@ -2,6 +2,7 @@
 
 from muxc.passes.fuse_lm_head_loss import fuse_lm_head_loss
 from muxc.passes.merge_backbones import merge_backbones
+from muxc.passes.native_gqa import native_gqa
 from muxc.passes.partition import partition
 from muxc.passes.pass_base import CompileContext, PassResult
 from muxc.passes.plan_recompute import plan_recompute
@@ -12,4 +13,4 @@ from muxc.passes.trace_tasks import trace_tasks
 from muxc.passes.validate_tasks import validate_tasks
 
 __all__ = ["validate_tasks", "trace_tasks", "share_frozen_weights", "merge_backbones",
-           "rewrite_attention", "fuse_lm_head_loss", "partition", "select_kernels", "plan_recompute", "CompileContext", "PassResult"]
+           "rewrite_attention", "native_gqa", "fuse_lm_head_loss", "partition", "select_kernels", "plan_recompute", "CompileContext", "PassResult"]

@@ -2,9 +2,10 @@
 
 The planner evaluates many candidate task groups; it needs step costs without tracing (and
 for models too large to trace here). This builds the same op list `summarize_graph` reads off a
-traced Llama (RMSNorm, q/k/v/o and gate/up/down projections, rotary embedding, grouped K/V
-repeated to all heads, masked SDPA, residual adds, lm_head, per-task loss), with the same
-work, backward and saved-activation rules. Tests check it against the traced graph.
+traced Llama (RMSNorm, q/k/v/o and gate/up/down projections, rotary embedding, masked SDPA
+on grouped K/V heads, unrepeated or repeated to all heads, residual adds, lm_head, per-task
+loss), with the same work, backward and saved-activation rules. Tests check it against the
+traced graph.
 
 >>> import transformers as T
 >>> cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -159,10 +160,13 @@ def summarize_config(
     adapters: Mapping[str, AdapterSpec],
     *,
     dtype: str = "float32",
+    native_gqa: bool = True,
 ) -> ModelSummary:
     """A `ModelSummary` of a Llama-family causal LM described by ``config`` (see module doc).
 
     ``adapters``: task -> its `AdapterSpec`. ``dtype``: the backbone's compute dtype.
+    ``native_gqa``: grouped K/V heads are read unrepeated (what pass `native_gqa` makes of a
+    CPU program); False: repeated to all heads first, as exported (a CUDA program).
     """
     model_type = getattr(config, "model_type", "")
     if model_type not in _GATED:
@@ -211,7 +215,7 @@ def summarize_config(
         b.views(f"{pre}.qkv", layer, 6, any(g.values()))
         b.rotary(f"{pre}.rope_q", layer, q, g["q_proj"])
         b.rotary(f"{pre}.rope_k", layer, kv, g["k_proj"])
-        if kv < q:  # repeat K/V heads for grouped-query attention: expand + copying reshape
+        if kv < q and not native_gqa:  # repeat K/V heads: expand + copying reshape
             for t in ("k", "v"):
                 gt = g[f"{t}_proj"]
                 b.views(f"{pre}.repeat_{t}", layer, 3, gt)
@@ -220,7 +224,9 @@ def summarize_config(
         w = Work(OpKey(OpKind.ATTENTION, (heads, d), dtype, "mask"), attn)
         b.op(f"{pre}.self_attn.sdpa", layer, w, w if g_attn else None, kv=KV.TOTAL)
         if g_attn:  # q, k, v, out, log-sum-exp; the mask as an additive mask per call
-            b.saved = b.saved + Poly.tokens(4 * q * e + 4 * heads) + Poly(((1, 2, float(e)),))
+            k_width = kv if native_gqa else q
+            b.saved = (b.saved + Poly.tokens((2 * q + 2 * k_width) * e + 4 * heads)
+                       + Poly(((1, 2, float(e)),)))
         b.views(f"{pre}.attn_out", layer, 3, g_attn)
         b.gemm(f"{pre}.self_attn.o_proj", layer, q, h, dtype, g_attn)
         o_ad = b.adapters(f"{pre}.self_attn.o_proj", layer, q, h, adapters, dtype)
