@@ -57,6 +57,11 @@ class StepPricer:
         self._memo: dict[tuple, tuple[float, float]] = {}
         self._parts: dict[tuple, tuple[float, float, int, int]] = {}
         self._site_memo: dict[tuple, tuple[float, float, int, int]] = {}
+        # each site's tasks, and its one-site prices by (site, its tasks' rows, all rows, s):
+        # the DP's groups share most sites' rows, so a site is priced once per such key
+        self._site_tasks = tuple(frozenset(t for t, _, _ in members)
+                                 for members, _ in summary.sites)
+        self._one_site: dict[tuple, tuple] = {}
         self._saved: dict[tuple, float] = {}  # (task or None, rows, seq_len) -> saved bytes
 
     def activation_bytes(self, shape: StepShape) -> int:
@@ -176,11 +181,27 @@ class StepPricer:
         hit = self._site_memo.get(key)
         if hit is not None:
             return hit
-        per_task = dict(rows)
+        total = sum(r for _, r in rows)
         fwd = bwd = 0.0
         cf = cb = 0
-        for members, count in self.summary.sites:
-            tf, tb, kind, extra = site_seconds(self.cost, members, per_task, s)
+        for i, (members, count) in enumerate(self.summary.sites):
+            tasks = self._site_tasks[i]
+            mine = tuple((t, r) for t, r in rows if r and t in tasks)
+            if not mine:
+                continue
+            one = (i, mine, total, s)
+            priced = self._one_site.get(one)
+            if priced is None:
+                if len(self._one_site) > _LIMIT:
+                    self._one_site.clear()
+                # the site's own tasks' rows, and the others' as one neutral block (what
+                # `site_seconds` reads of them: their total)
+                rows_here = dict(mine)
+                rest = total - sum(r for _, r in mine)
+                if rest > 0:
+                    rows_here[None] = rest
+                priced = self._one_site[one] = site_seconds(self.cost, members, rows_here, s)
+            tf, tb, kind, extra = priced
             fwd += count * tf
             bwd += count * tb
             if kind is not None:
