@@ -28,6 +28,7 @@ from muxc.ir import MuxGraph, PartitionedGraph, TaskGraph
 from muxc.ir.recompute import RecomputePlan
 from muxc.passes import (
     fuse_lm_head_loss,
+    fuse_swiglu,
     merge_backbones,
     native_gqa,
     partition,
@@ -100,6 +101,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass(merge_backbones, "task_graphs", "mux_graph", "each frozen op once for all tasks"),
     Pass(rewrite_attention, "mux_graph", "mux_graph", "chunks attend to kept K/V"),
     Pass(native_gqa, "mux_graph", "mux_graph", "grouped K/V heads read unrepeated"),
+    Pass(fuse_swiglu, "mux_graph", "mux_graph", "silu(gate) * up keeps two tensors, not three"),
     Pass(fuse_lm_head_loss, "mux_graph", "mux_graph", "no tokens x vocab logits kept for backward"),
     Pass(partition, "mux_graph", "partitioned", "subgraphs + cost-balanced pipeline stages"),
     Pass(select_kernels, "mux_graph", "kernel_plan", "pick adapter kernels, say why"),

@@ -57,13 +57,20 @@ def test_sizes_are_expressions_in_rows_and_seq(muxes):
     assert sizes.nbytes(None) == 0 and sizes.nbytes(3) == 8 and sizes.dim(6) == 6
 
 
-def test_broadcast_dims_count_only_when_asked(muxes):
-    mux = muxes["pad"]
+def test_broadcast_dims_count_only_when_asked(llama):
+    # the merged graph as exported: grouped K/V heads repeated with expand (pass native_gqa,
+    # later in the pipeline, removes those repeats)
+    from muxc.passes import CompileContext, merge_backbones, share_frozen_weights, trace_tasks
+
+    ctx = CompileContext(muxc.Options())
+    model = make_peft(llama, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0), 1)
+    graphs, _ = trace_tasks([muxc.Task(name="a", model=model)], ctx).value
+    mux = merge_backbones(share_frozen_weights(graphs, ctx).value[0], ctx).value
     shapes = GraphShapes(mux)
     expands = [n for n in mux.gm.graph.nodes
                if n.target is aten.expand.default and isinstance(meta_val(n), torch.Tensor)
                and 0 in meta_val(n).stride()]
-    assert expands, "the llama graph broadcasts (rotary / mask) with expand"
+    assert expands, "the exported llama graph broadcasts (K/V heads) with expand"
     v = meta_val(expands[0])
     full, effective = shapes.numel(v), shapes.numel(v, effective=True)
     assert full != effective

@@ -95,10 +95,12 @@ def test_merged_graph_has_one_site_per_adapted_op_and_one_loss_per_task(llama):
     # the backbone ops of t0's own export: every node but placeholders, output and its adapters
     g0 = trace_task(muxc.Task(name="t0", model=models[0])).gm.graph
     n_placeholders = len(g0.find_nodes(op="placeholder"))
-    # less the LM head's linear, fused into each task's loss (fuse_lm_head_loss), and each
-    # layer's two K/V head repeats (slice, unsqueeze, slice, expand, reshape; native_gqa)
-    repeats = 2 * layers * 5
-    assert len(mux.nodes_with(Role.BACKBONE)) == len(g0.nodes) - n_placeholders - 1 - 2 * layers - 1 - repeats
+    # less the LM head's linear, fused into each task's loss (fuse_lm_head_loss), each
+    # layer's two K/V head repeats (slice, unsqueeze, slice, expand, reshape; native_gqa) and
+    # its silu + mul, one swiglu node (fuse_swiglu)
+    repeats, swiglu = 2 * layers * 5, layers
+    assert len(mux.nodes_with(Role.BACKBONE)) == (len(g0.nodes) - n_placeholders - 1 - 2 * layers - 1
+                                                  - repeats - swiglu)
     t1_sites = [r.site.rsplit(".", 1)[1] for r in mux.adapters["t1"]]
     assert t1_sites == ["v_proj", "o_proj"] * layers
 

@@ -1,6 +1,7 @@
 """Compiler passes: one function per file, named by a verb, each ``(value, ctx) -> PassResult``."""
 
 from muxc.passes.fuse_lm_head_loss import fuse_lm_head_loss
+from muxc.passes.fuse_swiglu import fuse_swiglu
 from muxc.passes.merge_backbones import merge_backbones
 from muxc.passes.native_gqa import native_gqa
 from muxc.passes.partition import partition
@@ -13,4 +14,4 @@ from muxc.passes.trace_tasks import trace_tasks
 from muxc.passes.validate_tasks import validate_tasks
 
 __all__ = ["validate_tasks", "trace_tasks", "share_frozen_weights", "merge_backbones",
-           "rewrite_attention", "native_gqa", "fuse_lm_head_loss", "partition", "select_kernels", "plan_recompute", "CompileContext", "PassResult"]
+           "rewrite_attention", "native_gqa", "fuse_swiglu", "fuse_lm_head_loss", "partition", "select_kernels", "plan_recompute", "CompileContext", "PassResult"]

@@ -3,8 +3,8 @@
 The planner evaluates many candidate task groups; it needs step costs without tracing (and
 for models too large to trace here). This builds the same op list `summarize_graph` reads off a
 traced Llama (RMSNorm, q/k/v/o and gate/up/down projections, rotary embedding, masked SDPA
-on grouped K/V heads, unrepeated or repeated to all heads, residual adds, lm_head, per-task
-loss), with the same work, backward and saved-activation rules. Tests check it against the
+on grouped K/V heads, unrepeated or repeated to all heads, the fused silu(gate) * up,
+residual adds, lm_head, per-task loss), with the same work, backward and saved-activation rules. Tests check it against the
 traced graph.
 
 >>> import transformers as T
@@ -184,6 +184,7 @@ def summarize_config(
     d = int(getattr(config, "head_dim", None) or h // heads)
     vocab = int(_get(config, "vocab_size"))
     q, kv = heads * d, kv_heads * d
+    fused_act = _get(config, "hidden_act", default="silu") in ("silu", "swish")
     e = OpKey(OpKind.ELEMENTWISE, dtype=dtype).itemsize
     tasks = tuple(adapters)
     b = _Build(e, tasks)
@@ -244,8 +245,12 @@ def summarize_config(
         if x_uses > 2:
             b.saved = b.saved + Poly.tokens(h * e)
         g_mlp = g_gate or g_up
-        b.pw(f"{pre}.mlp.act", layer, 2 * inter * e, 3 * inter * e, g_gate, inter * e, math=True)
-        b.pw(f"{pre}.mlp.mul", layer, 3 * inter * e, 6 * inter * e, g_mlp, 2 * inter * e)
+        if fused_act:  # `fuse_swiglu`: one op keeping gate (and up when gate needs a gradient)
+            b.pw(f"{pre}.mlp.swiglu", layer, 5 * inter * e, (2 + 3 * g_up + 6 * g_gate) * inter * e,
+                 g_mlp, (1 + g_gate) * inter * e, math=True)
+        else:
+            b.pw(f"{pre}.mlp.act", layer, 2 * inter * e, 3 * inter * e, g_gate, inter * e, math=True)
+            b.pw(f"{pre}.mlp.mul", layer, 3 * inter * e, 6 * inter * e, g_mlp, 2 * inter * e)
         b.gemm(f"{pre}.mlp.down_proj", layer, inter, h, dtype, g_mlp)
         down_ad = b.adapters(f"{pre}.mlp.down_proj", layer, inter, h, adapters, dtype)
         if down_ad:  # the adapter keeps its input

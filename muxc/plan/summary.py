@@ -47,6 +47,7 @@ from muxc.ir.optable import (
 )
 from muxc.ir.recompute import Recompute, RecomputePlan, keepable, layer_of_nodes
 from muxc.ir.shapes import B, S, GraphShapes, meta_val
+from muxc.kernels.swiglu import swiglu
 from muxc.kinds import spec_of
 from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Poly
 
@@ -489,6 +490,9 @@ class _Walker:
         if t is aten.embedding.default:
             self.add(node, Work(self.ew, self.bytes(node).scale(2)), None)
             return
+        if t is swiglu:
+            self.swiglu(node, args, grad)
+            return
         if aliases_input(t) and not self.copies(node):
             bwd = None
             if grad:
@@ -505,6 +509,23 @@ class _Walker:
         self.add(node, Work(key, fwd_bytes), bwd)
         if grad:
             self.saves(node, args)
+
+    def swiglu(self, node: fx.Node, args: list[fx.Node], grad: bool) -> None:
+        """`muxc.kernels.swiglu`: silu then mul forward (5 passes over the output's bytes);
+        backward recomputes silu, then ``grad * silu`` for ``up`` and ``silu_backward(grad *
+        up)`` for ``gate`` (2 + 3 + 6); keeps ``gate`` (and ``up`` when ``gate`` needs a
+        gradient)."""
+        gate, up = args
+        out = self.bytes(node)
+        need_gate, need_up = self.needs_grad(gate), self.needs_grad(up)
+        bwd = None
+        if grad:
+            bwd = Work(self.math, out.scale(2 + 3 * need_up + 6 * need_gate))
+            if need_gate or need_up:
+                self.save(gate)
+            if need_gate:
+                self.save(up)
+        self.add(node, Work(self.math, out.scale(5)), bwd)
 
     def elementwise_backward(self, node: fx.Node, args: list[fx.Node], key: OpKey) -> Work:
         t = node.target
