@@ -158,3 +158,42 @@ def test_fusion_dp_prices_the_plan_it_runs(program, call, run, lengths):
     assert held == pytest.approx(least, rel=1e-9)
     made = planner.plan(batches)  # the step's plan runs the DP's groups at those chunk sizes
     assert sorted(map(sorted, made.htasks)) == sorted(map(sorted, chosen.htasks))
+
+
+@pytest.mark.parametrize("flops, call, run, lengths, fewer", [
+    (1e9, 0.0, 0.0, ((130,), (120,)), True),  # 9 chunk steps priced fastest, 1 step within 3%
+    (1e9, 0.0, 0.0, ((250, 120), (200,)), True),  # 16 steps fastest, 8 within 1%
+    (1e11, 2e-5, 5e-5, ((250, 120), (200,)), False),
+    (1e11, 1e-3, 1e-3, ((60, 31, 44), (12, 20, 7)), False),
+])
+def test_group_chunks_prefer_fewer_chunk_steps_within_the_slack(program, flops, call, run, lengths,
+                                                                fewer):
+    """Each hTask's chunk size: of the candidates priced within `CHUNK_STEP_SLACK` of its
+    fastest (on its exact packing), the one with the fewest chunk steps, then the fastest;
+    checked against every candidate priced the same way. ``fewer``: the case where that is
+    not the fastest prediction."""
+    from muxc.ir.chunks import stream_chunks
+    from muxc.plan.fusion import CHUNK_STEP_SLACK, AutoFusion, chunk_runs, sample_lengths
+
+    planner = program.planner.with_options(program.options)
+    bandwidth = 2e10 if flops > 1e10 else 2e11  # the slow-FLOPs cases: attention dominates
+    cost = CostModel(roofline=Roofline(flops, bandwidth, 3e-6), call_overhead=call, run_overhead=run)
+    fusion = AutoFusion(program.mux, program.options, cost, planner.summary)
+    batches = {"t0": _lengths_batch(lengths[0], 0), "t1": _lengths_batch(lengths[1], 1)}
+    mine = sample_lengths(batches)
+    (chosen,) = fusion.group_chunks(batches, [("t0", "t1")], 16)
+    longest = max(max(v) for v in lengths)
+    candidates = {16, longest} | {1 << k for k in range(4, longest.bit_length() + 1)}
+
+    def priced(c):
+        return sum(sum(fusion.pricer(r, n)) for r, n in chunk_runs(mine, c))
+
+    def steps(c):
+        return max(s[0] for v in mine.values() for s in [stream_chunks(v, c)])
+
+    fastest = min(candidates, key=priced)
+    near = [c for c in candidates if priced(c) <= priced(fastest) * (1 + CHUNK_STEP_SLACK)]
+    assert steps(chosen) == min(steps(c) for c in near)
+    assert priced(chosen) == pytest.approx(min(priced(c) for c in near if steps(c) == steps(chosen)),
+                                           rel=1e-9)
+    assert (steps(chosen) < steps(fastest)) is fewer

@@ -33,7 +33,8 @@ model's error on a step is larger than that (README, Planner), so the fastest pr
 not known to be faster, while the smaller peak is (an hTask's activations are alive until its
 backward): measured on the weights-dominant benchmark model (README, Benchmarks)."""
 
-__all__ = ["AutoFusion", "HTaskCost", "TaskLoad", "loads_of", "sample_lengths", "chunk_runs"]
+__all__ = ["AutoFusion", "HTaskCost", "TaskLoad", "loads_of", "sample_lengths", "chunk_runs",
+           "CHUNK_STEP_SLACK", "MEMORY_SLACK"]
 
 
 def loads_of(batches: Mapping[str, Mapping]) -> dict[str, tuple[int, int, int]]:
@@ -46,6 +47,14 @@ def loads_of(batches: Mapping[str, Mapping]) -> dict[str, tuple[int, int, int]]:
         out[t] = (int(lens.sum()), int(lens.max()), int(ids.shape[0]))
     return out
 
+
+CHUNK_STEP_SLACK = 0.10
+"""`AutoFusion.group_chunks` picks, of the chunk sizes predicted within 10% of an hTask's
+fastest, the one with the fewest chunk steps (then the fastest). The cost model prices what a
+chunk step adds (every op called again, the kept K/V re-read) below what it costs: measured
+on llama-cpu (one RTE task, 4 samples of 83-171 tokens, forward+backward, thread CPU, median of
+11): chunk 64 (4 steps) predicted 201.5 ms, ran 211.6; chunk 128 (2 steps) 212.7 vs 186.7;
+chunk 256 (1 step) 216.3 vs 190.2, so the fastest prediction was the slowest run."""
 
 TaskLoad = tuple[int, int, int]
 
@@ -136,8 +145,9 @@ class AutoFusion:
         return runs
 
     def group_chunks(self, batches: Mapping[str, Mapping], groups, default: int) -> tuple[int, ...]:
-        """Each hTask's own chunk size: the candidate with the lowest predicted time for that
-        hTask's samples, packed exactly as the executor will pack them (`stream_chunks`).
+        """Each hTask's own chunk size: of the candidates predicted within `CHUNK_STEP_SLACK`
+        of the fastest for that hTask's samples, packed exactly as the executor will pack them
+        (`stream_chunks`), the one with the fewest chunk steps (then the fastest).
 
         Candidates: ``default`` (the step's chunk size), powers of two from 16 up to the
         first at or past the hTask's longest sample, and that longest sample itself (one chunk
@@ -170,10 +180,11 @@ class AutoFusion:
                 if not any(d < c and shape[d][0] <= shape[c][0] and shape[d][1] <= shape[c][1]
                            for d in shape)]
 
-        def total(c: int) -> float:
-            return sum(sum(self.pricer(run, n)) for run, n in chunk_runs(lengths, c))
-
-        return min(kept, key=lambda c: (total(c), c))
+        totals = {c: sum(sum(self.pricer(run, n)) for run, n in chunk_runs(lengths, c))
+                  for c in kept}
+        fastest = min(totals.values())
+        near = [c for c in kept if totals[c] <= fastest * (1 + CHUNK_STEP_SLACK)]
+        return min(near, key=lambda c: (shape[c][0], totals[c], c))
 
     def price(
         self, loads: Mapping[str, TaskLoad], group: tuple[str, ...], chunk: int | None,
