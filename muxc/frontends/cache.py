@@ -69,7 +69,7 @@ from muxc.frontends.peft import (
     prompt_encoder_of,
 )
 from muxc.frontends.signature import TraceSignature, trace_signature
-from muxc.ir import Binding, BindingKind, TaskGraph
+from muxc.ir import Binding, BindingKind, TaskGraph, copy_graph
 from muxc.kinds import spec_for_trace_op
 from muxc.task import Task
 
@@ -378,10 +378,10 @@ def _encoder(task: Task) -> torch.nn.Module | None:
 
 
 def _copy_module(old: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    """A new graph module with a copy of ``old``'s graph (`_copy_graph`) and of each module a
-    ``get_attr`` names (higher-order-op bodies, tensorless: `_unshareable`), so nothing done
-    to one of them reaches the other; also the map from ``old``'s nodes to the copy's."""
-    graph, env = _copy_graph(old.graph)
+    """A new graph module with a copy of ``old``'s graph (`muxc.ir.copy_graph`) and of each
+    module a ``get_attr`` names (higher-order-op bodies, tensorless: `_unshareable`), so nothing
+    done to one of them reaches the other; also the map from ``old``'s nodes to the copy's."""
+    graph, env = copy_graph(old.graph)
     root = {}
     for node in old.graph.find_nodes(op="get_attr"):
         sub = old.get_submodule(node.target)
@@ -389,16 +389,6 @@ def _copy_module(old: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.
     gm = _GraphModule(root, graph)
     gm.meta.update(copy.copy(old.meta))
     return gm, env
-
-
-def _copy_graph(old: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
-    """A new graph with ``old``'s nodes (names kept, ``meta`` dicts shallow-copied)."""
-    new = fx.Graph(tracer_cls=old._tracer_cls, tracer_extras=old._tracer_extras)
-    new.set_codegen(copy.deepcopy(old._codegen))
-    env: dict[fx.Node, fx.Node] = {}
-    for node in old.nodes:
-        env[node] = new.node_copy(node, env.__getitem__)
-    return new, env
 
 
 def _unshareable(exp: Export, task: Task) -> str | None:

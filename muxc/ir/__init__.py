@@ -30,6 +30,7 @@ from muxc.ir.graph import (
     Position,
     Role,
     TaskGraph,
+    copy_graph,
     info,
     set_info,
 )
@@ -57,6 +58,7 @@ from muxc.ir.text import table
 
 __all__ = [
     "META_KEY",
+    "copy_graph",
     "AdapterKind",
     "AdapterRecord",
     "Aggregate",

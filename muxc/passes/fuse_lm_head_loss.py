@@ -20,14 +20,13 @@ tensors shared) in a new MuxGraph.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
 from muxc.ir import LMHeadLoss, MuxGraph, NodeInfo, Role, TaskLoss, info, set_info
-from muxc.passes.pass_base import CompileContext, PassResult
+from muxc.passes.pass_base import CompileContext, PassResult, rewritable_copy
 
 __all__ = ["fuse_lm_head_loss"]
 
@@ -42,7 +41,7 @@ def fuse_lm_head_loss(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph
         why = ("no TaskLoss reads a frozen linear head directly" if losses
                else "no task's loss reads the shared logits (every task has its own head)")
         return PassResult(mux, f"nothing fused: {why}")
-    gm = fx.GraphModule(mux.gm, copy.deepcopy(mux.gm.graph), class_name=type(mux.gm).__name__)
+    gm = rewritable_copy(mux)
     g = gm.graph
     fused = 0
     for linear in [n for n in g.nodes if _fusable(n, mux)]:

@@ -14,7 +14,6 @@ tensors shared) in a new MuxGraph.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
@@ -22,7 +21,7 @@ import torch.fx as fx
 
 from muxc.ir import MuxGraph, Role, info
 from muxc.kernels.swiglu import swiglu
-from muxc.passes.pass_base import CompileContext, PassResult
+from muxc.passes.pass_base import CompileContext, PassResult, rewritable_copy
 
 __all__ = ["fuse_swiglu"]
 
@@ -33,7 +32,7 @@ def fuse_swiglu(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph]:
     """New MuxGraph with each ``silu(gate) * up`` pair fused; does not mutate ``mux``."""
     if not any(_pair(n) for n in mux.gm.graph.nodes):
         return PassResult(mux, "no silu(gate) * up product")
-    gm = fx.GraphModule(mux.gm, copy.deepcopy(mux.gm.graph), class_name=type(mux.gm).__name__)
+    gm = rewritable_copy(mux)
     g = gm.graph
     fused = 0
     for mul in [n for n in g.nodes if _pair(n)]:

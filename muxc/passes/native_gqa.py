@@ -26,7 +26,6 @@ tensors shared) in a new MuxGraph.
 
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import replace
 
@@ -34,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from muxc.ir import SDPA, ChunkAttention, MuxGraph
-from muxc.passes.pass_base import CompileContext, PassResult
+from muxc.passes.pass_base import CompileContext, PassResult, rewritable_copy
 
 __all__ = ["native_gqa", "repeated_heads"]
 
@@ -51,7 +50,7 @@ def native_gqa(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph]:
                                "(a masked grouped SDPA call is fused on CPU only)")
     if not any(_rewritable(n) for n in mux.gm.graph.nodes):
         return PassResult(mux, "no attention repeats its K/V heads")
-    gm = fx.GraphModule(mux.gm, copy.deepcopy(mux.gm.graph), class_name=type(mux.gm).__name__)
+    gm = rewritable_copy(mux)
     g = gm.graph
     done = 0
     for node in [n for n in g.nodes if _rewritable(n)]:

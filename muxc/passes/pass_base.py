@@ -15,12 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+import torch.fx as fx
+
+from muxc.ir import MuxGraph, copy_graph
 from muxc.options import Options
 
 if TYPE_CHECKING:
     from muxc.frontends.cache import TraceTemplates
 
-__all__ = ["CompileContext", "PassResult"]
+__all__ = ["CompileContext", "PassResult", "rewritable_copy"]
+
+try:  # generates the graph's Python code when it is first called, not at every `recompile`: a
+    # pass's graph module is rewritten and handed on, and only the last one ever runs
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
+except ImportError:  # pragma: no cover - torch without lazy graph modules
+    _GraphModule = fx.GraphModule
 
 T = TypeVar("T")
 
@@ -49,3 +58,11 @@ class CompileContext:
         """Report ``done`` of ``total`` items of ``stage`` (e.g. tracing) to the callback."""
         if self.on_progress is not None:
             self.on_progress(stage, done, total, item)
+
+
+def rewritable_copy(mux: MuxGraph) -> fx.GraphModule:
+    """A graph module for a pass to rewrite in place of ``mux``'s: ``mux.gm``'s attributes
+    shared, its graph copied node for node (`muxc.ir.copy_graph`), so the pass does not mutate
+    its input."""
+    graph, _ = copy_graph(mux.gm.graph)
+    return _GraphModule(mux.gm, graph, class_name=type(mux.gm).__name__)

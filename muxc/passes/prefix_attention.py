@@ -9,7 +9,6 @@ on several processes).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch.fx as fx
@@ -27,6 +26,7 @@ from muxc.ir import (
 )
 from muxc.ir.prefix import POSITION_RULES
 from muxc.passes.eager_attention import put_in_place, sdpa_from_eager, unmatched_attention
+from muxc.passes.pass_base import rewritable_copy
 
 __all__ = ["prefix_records", "with_prefix_attention", "refuse_prefix"]
 
@@ -58,7 +58,7 @@ def with_prefix_attention(mux: MuxGraph, recs: tuple[AdapterRecord, ...], chunke
             "K/V and number the tokens after it exactly as HF does, and is tested to do so only "
             "for those families"
         )
-    gm = fx.GraphModule(mux.gm, copy.deepcopy(mux.gm.graph), class_name=type(mux.gm).__name__)
+    gm = rewritable_copy(mux)
     g = gm.graph
     eager = sdpa_from_eager(g)
     left = unmatched_attention(g)

@@ -17,7 +17,6 @@ attention is none of these raises `UnsupportedPeftError` with a remedy.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch.fx as fx
@@ -27,7 +26,7 @@ from muxc.ir import SDPA, ChunkAttention, MuxGraph
 from muxc.options import Alignment
 from muxc.passes.alibi_attention import sdpa_from_alibi
 from muxc.passes.eager_attention import put_in_place, sdpa_from_eager, unmatched_attention
-from muxc.passes.pass_base import CompileContext, PassResult
+from muxc.passes.pass_base import CompileContext, PassResult, rewritable_copy
 from muxc.passes.prefix_attention import prefix_records, with_prefix_attention
 
 __all__ = ["rewrite_attention"]
@@ -42,7 +41,7 @@ def rewrite_attention(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph
         return PassResult(mux, "alignment='pad': attention left as exported")
     if prefixes:  # chunk-aware attention that also gives prefix tasks their K/V
         return PassResult(*with_prefix_attention(mux, prefixes, chunked=True))
-    gm = fx.GraphModule(mux.gm, copy.deepcopy(mux.gm.graph), class_name=type(mux.gm).__name__)
+    gm = rewritable_copy(mux)
     g = gm.graph
     eager = sdpa_from_eager(g)
     alibi = dict(sdpa_from_alibi(g))
