@@ -27,18 +27,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def assert_matches(losses, grads_of, refs) -> None:
-    """Every task's loss and every adapter grad within REL_TOL of its isolated reference."""
+def assert_matches(losses, grads_of, refs, tol: float = REL_TOL) -> None:
+    """Every task's loss and every adapter grad within ``tol`` of its isolated reference."""
     for name, (ref_loss, ref_grads) in refs.items():
         e = rel_err(losses[name], ref_loss)
-        assert e <= REL_TOL, f"task {name}: loss {losses[name].item()} vs {ref_loss.item()} (rel {e:.2e})"
+        assert e <= tol, f"task {name}: loss {losses[name].item()} vs {ref_loss.item()} (rel {e:.2e})"
         got = grads_of(name)
         assert set(got) == set(ref_grads), f"task {name}: grads for {sorted(set(got) ^ set(ref_grads))[:4]}"
         assert ref_grads, f"task {name}: no reference grads"
         for pname, g in ref_grads.items():
             assert g.norm() > 0, f"task {name}: reference grad of {pname} is zero; test is vacuous"
             e = rel_err(got[pname], g)
-            assert e <= REL_TOL, f"task {name}: grad {pname} rel err {e:.2e}"
+            assert e <= tol, f"task {name}: grad {pname} rel err {e:.2e}"
 
 
 def adapter_grads(model, adapter: str) -> dict[str, torch.Tensor]:
@@ -64,12 +64,13 @@ class Case:
         for m in self.models:
             m.zero_grad(set_to_none=True)
 
-    def check(self, **options) -> muxc.Program:
-        """Run the batches with ``options`` changed; assert every task matches its reference."""
+    def check(self, tol: float = REL_TOL, **options) -> muxc.Program:
+        """Run the batches with ``options`` changed; assert every task matches its reference
+        within ``tol``."""
         program = self.program.with_options(**options)
         self.zero_grad()
         losses = program.forward_backward(self.batches)
-        assert_matches(losses, self.grads, self.refs)
+        assert_matches(losses, self.grads, self.refs, tol)
         self.zero_grad()
         return program
 
@@ -131,3 +132,15 @@ def same(x, y) -> bool:
     if isinstance(x, (list, tuple)):
         return type(x) is type(y) and len(x) == len(y) and all(map(same, x, y))
     return x == y
+
+
+def merged_graph(tasks, **options):
+    """``(MuxGraph, CompileContext)``: ``tasks`` validated, traced, sharing one base and merged,
+    as `merge_backbones` hands the graph to the passes after it (``options``: `muxc.Options`)."""
+    from muxc.passes import (CompileContext, merge_backbones, share_frozen_weights, trace_tasks,
+                             validate_tasks)
+
+    ctx = CompileContext(muxc.Options(**options))
+    graphs, _ = trace_tasks(validate_tasks(tasks, ctx).value, ctx).value
+    graphs, _ = share_frozen_weights(graphs, ctx).value
+    return merge_backbones(graphs, ctx).value, ctx

@@ -83,6 +83,17 @@ def make_peft(base: torch.nn.Module, config, seed: int = 1, copy_base: bool = Tr
     return pm
 
 
+def lora_and_ia3_tasks(base: torch.nn.Module) -> list:
+    """Two tasks on copies of ``base``: "a" LoRA r=4 on every linear, "b" IA3 (PEFT's
+    defaults), the mix the graph-rewrite passes' tests run."""
+    import muxc
+    from peft import IA3Config, LoraConfig
+
+    return [muxc.Task(name="a", model=make_peft(base, LoraConfig(r=4, target_modules="all-linear",
+                                                                 lora_dropout=0.0), 1)),
+            muxc.Task(name="b", model=make_peft(base, IA3Config(), 2))]
+
+
 def perturb(pm, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -8,20 +8,12 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import rel_err, separate
-from models import build_base, make_batch, make_peft
-from peft import IA3Config, LoraConfig
+from helpers import merged_graph, rel_err, separate
+from models import build_base, lora_and_ia3_tasks, make_batch
 
 import muxc
 from muxc.ir import LMHeadLoss, TaskLoss
-from muxc.passes import (
-    CompileContext,
-    fuse_lm_head_loss,
-    merge_backbones,
-    share_frozen_weights,
-    trace_tasks,
-    validate_tasks,
-)
+from muxc.passes import CompileContext, fuse_lm_head_loss
 
 _LINEAR = torch.ops.aten.linear.default
 
@@ -31,19 +23,9 @@ def base():
     return build_base("llama")
 
 
-def _tasks(base):
-    return [muxc.Task(name="a", model=make_peft(base, LoraConfig(r=4, target_modules="all-linear",
-                                                                 lora_dropout=0.0), 1)),
-            muxc.Task(name="b", model=make_peft(base, IA3Config(), 2))]
-
-
 @pytest.fixture(scope="module")
 def merged(base):
-    ctx = CompileContext(muxc.Options())
-    tasks = validate_tasks(_tasks(base), ctx).value
-    graphs, _ = trace_tasks(tasks, ctx).value
-    graphs, _ = share_frozen_weights(graphs, ctx).value
-    return merge_backbones(graphs, ctx).value
+    return merged_graph(lora_and_ia3_tasks(base))[0]
 
 
 def _targets(mux, kind):
@@ -96,7 +78,7 @@ def cases(base):
 
     def get(alignment):
         if alignment not in built:
-            spec = [(t.name, t.model) for t in _tasks(base)]
+            spec = [(t.name, t.model) for t in lora_and_ia3_tasks(base)]
             batches = {"a": make_batch(3, 9, 1, pad_rows=2), "b": make_batch(2, 6, 2)}
             built[alignment] = separate(spec, batches, alignment=alignment)
         return built[alignment]

@@ -60,12 +60,10 @@ def test_sizes_are_expressions_in_rows_and_seq(muxes):
 def test_broadcast_dims_count_only_when_asked(llama):
     # the merged graph as exported: grouped K/V heads repeated with expand (pass native_gqa,
     # later in the pipeline, removes those repeats)
-    from muxc.passes import CompileContext, merge_backbones, share_frozen_weights, trace_tasks
+    from helpers import merged_graph
 
-    ctx = CompileContext(muxc.Options())
     model = make_peft(llama, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0), 1)
-    graphs, _ = trace_tasks([muxc.Task(name="a", model=model)], ctx).value
-    mux = merge_backbones(share_frozen_weights(graphs, ctx).value[0], ctx).value
+    mux, _ = merged_graph([muxc.Task(name="a", model=model)])
     shapes = GraphShapes(mux)
     expands = [n for n in mux.gm.graph.nodes
                if n.target is aten.expand.default and isinstance(meta_val(n), torch.Tensor)

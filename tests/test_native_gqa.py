@@ -8,21 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import rel_err, separate
+from helpers import merged_graph, separate
 from models import build_base, make_batch, make_peft
 from peft import LoraConfig
 
 import muxc
 from muxc.ir import SDPA, ChunkAttention
-from muxc.passes import (
-    CompileContext,
-    merge_backbones,
-    native_gqa,
-    rewrite_attention,
-    share_frozen_weights,
-    trace_tasks,
-    validate_tasks,
-)
+from muxc.passes import native_gqa, rewrite_attention
 from muxc.passes.native_gqa import repeated_heads
 
 _EXPAND = torch.ops.aten.expand.default
@@ -35,11 +27,8 @@ def _tasks(base):
 
 
 def _merged(base, alignment):
-    ctx = CompileContext(muxc.Options(alignment=alignment))
-    tasks = validate_tasks(_tasks(base), ctx).value
-    graphs, _ = trace_tasks(tasks, ctx).value
-    graphs, _ = share_frozen_weights(graphs, ctx).value
-    return rewrite_attention(merge_backbones(graphs, ctx).value, ctx).value, ctx
+    mux, ctx = merged_graph(_tasks(base), alignment=alignment)
+    return rewrite_attention(mux, ctx).value, ctx
 
 
 def _attention(mux):
@@ -90,32 +79,12 @@ def test_leaves_other_graphs_alone(base):
     assert history["native_gqa"].startswith("no attention repeats its K/V heads")
 
 
-@pytest.fixture(scope="module")
-def cases(base):
-    built = {}
-
-    def get(alignment):
-        if alignment not in built:
-            spec = [(t.name, t.model) for t in _tasks(base)]
-            batches = {"a": make_batch(3, 9, 1, pad_rows=2), "b": make_batch(2, 6, 2)}
-            built[alignment] = separate(spec, batches, alignment=alignment)
-        return built[alignment]
-
-    return get
-
-
 @pytest.mark.parametrize("alignment,options", [("pad", {}), ("chunk", dict(chunk_size=4))])
-def test_program_matches_isolated_hf(cases, alignment, options):
-    case = cases(alignment)
+def test_program_matches_isolated_hf(base, alignment, options):
+    spec = [(t.name, t.model) for t in _tasks(base)]
+    batches = {"a": make_batch(3, 9, 1, pad_rows=2), "b": make_batch(2, 6, 2)}
+    case = separate(spec, batches, alignment=alignment)
     history = {r.name: r.summary for r in case.program.history}
     assert "read grouped K/V heads unrepeated" in history["native_gqa"]
-    program = case.program.with_options(**options)
-    case.zero_grad()
-    losses = program.forward_backward(case.batches)
-    for name, (ref_loss, ref_grads) in case.refs.items():
-        assert rel_err(losses[name], ref_loss) <= 1e-5, name
-        got = case.grads(name)
-        assert set(got) == set(ref_grads) and any(".k_proj." in p for p in ref_grads)
-        for pname, g in ref_grads.items():
-            assert g.norm() > 0 and rel_err(got[pname], g) <= 1e-5, (name, pname)
-    case.zero_grad()
+    assert any(".k_proj." in p for p in case.refs["a"][1])  # K's gradient crosses the groups
+    case.check(tol=1e-5, **options)
