@@ -178,34 +178,26 @@ def stream_chunks(lengths: list[int] | tuple[int, ...], chunk: int) -> list[int]
 
 
 def _pack(name: str, samples, chunk: int) -> list[Stream]:
-    """Each bin's samples as one `Stream`: ids and labels concatenated (padded to a multiple of
-    ``chunk``), positions and document ids built as Python lists and made tensors once (two
-    small tensor ops per sample cost more than the lists at these lengths)."""
     if not samples:
         return []
-    sizes = [s[0].numel() for s in samples]
-    bins = _bins(sizes, chunk)
+    bins = _bins([s[0].numel() for s in samples], chunk)
     streams = []
     for members in bins:
         ids = torch.cat([samples[i][0] for i in members])
         labels = torch.cat([samples[i][1] for i in members])
-        pos: list[int] = []
-        docs: list[int] = []
-        heads = []
-        for k, i in enumerate(members):
-            if samples[i][3] >= 0:
-                heads.append((samples[i][2], len(pos) + samples[i][3]))
-            pos.extend(range(sizes[i]))
-            docs.extend([k] * sizes[i])
-        real = len(pos)
+        pos = torch.cat([torch.arange(samples[i][0].numel()) for i in members])
+        docs = torch.cat([torch.full((samples[i][0].numel(),), k) for k, i in enumerate(members)])
+        starts = torch.tensor([0] + [samples[i][0].numel() for i in members]).cumsum(0).tolist()
+        heads = tuple((samples[i][2], starts[k] + samples[i][3])
+                      for k, i in enumerate(members) if samples[i][3] >= 0)
+        real = ids.numel()
         pad = -real % chunk
         if pad:
             ids = torch.nn.functional.pad(ids, (0, pad), value=0)
             labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
-            pos.extend(range(pad))
-            docs.extend(range(-1 - real, -1 - real - pad, -1))
-        streams.append(Stream(name, ids, torch.tensor(pos), torch.tensor(docs), labels, real,
-                              tuple(heads)))
+            pos = torch.cat([pos, torch.arange(pad)])
+            docs = torch.cat([docs, -1 - torch.arange(real, real + pad)])
+        streams.append(Stream(name, ids, pos, docs, labels, real, heads))
     return streams
 
 
