@@ -83,6 +83,16 @@ def make_peft(base: torch.nn.Module, config, seed: int = 1, copy_base: bool = Tr
     return pm
 
 
+def lengths_batch(lengths, seed: int) -> dict:
+    """A right-padded causal-LM batch whose rows hold ``lengths`` real tokens."""
+    batch = make_batch(len(lengths), max(lengths), seed, pad_rows=0)
+    mask = torch.zeros_like(batch["input_ids"])
+    for r, n in enumerate(lengths):
+        mask[r, :n] = 1
+    return {"input_ids": batch["input_ids"] * mask, "attention_mask": mask,
+            "labels": batch["input_ids"].masked_fill(mask == 0, -100)}
+
+
 def lora_and_ia3_tasks(base: torch.nn.Module) -> list:
     """Two tasks on copies of ``base``: "a" LoRA r=4 on every linear, "b" IA3 (PEFT's
     defaults), the mix the graph-rewrite passes' tests run."""

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 import transformers as T
-from models import CORE_FAMILIES, VOCAB, make_batch, make_peft
+from models import CORE_FAMILIES, VOCAB, lengths_batch, make_batch, make_peft
 from peft import LoraConfig
 
 import muxc
@@ -481,16 +481,19 @@ def test_profile_measures_the_call_overhead(tmp_path, one_thread):
 
 
 def test_chunk_choice_trades_padding_against_calls(program):
-    """With free calls the planner picks small chunks (least padding); when every call is
-    expensive, fewer and larger chunk steps win."""
+    """With free calls an hTask's chunk size is small (least padding: chunks of 32 pack the
+    short samples behind each other); when every call is expensive, one chunk step holding
+    the longest sample wins."""
     from muxc.plan.fusion import AutoFusion
 
-    batches = {f"t{i}": make_batch(4, 96, i) for i in range(2)}
+    batches = {"t0": lengths_batch((96, 30, 20), 0), "t1": lengths_batch((64, 40), 1)}
     options = muxc.Options(alignment="chunk")
     roof = Roofline(1e11, 2e10, 0.0)
     free = AutoFusion(program.mux, options, CostModel(roofline=roof))
     dear = AutoFusion(program.mux, options, CostModel(roofline=roof, call_overhead=1e-3))
-    assert free.best_chunk(batches) < dear.best_chunk(batches) == 128
+    group = [("t0", "t1")]
+    assert free.group_chunks(batches, group, 16) == (32,)
+    assert dear.group_chunks(batches, group, 16) == (96,)
     loads = {t: (96 * 4, 96, 4) for t in batches}
     small, large = (dear.price(loads, ("t0", "t1"), c) for c in (16, 64))
     assert small.micro_batches == 6 and large.micro_batches == 2  # 96 tokens per stream

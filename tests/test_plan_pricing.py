@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from models import make_batch, make_peft
+from models import lengths_batch, make_batch, make_peft
 from peft import IA3Config, LoraConfig
 
 import muxc
@@ -100,16 +100,6 @@ def test_plans_are_memoised_on_the_lengths(program):
                 assert torch.equal(x.ids, y.ids) and torch.equal(x.mask, y.mask)
 
 
-def _lengths_batch(lengths, seed):
-    """A right-padded batch whose rows hold ``lengths`` real tokens."""
-    batch = make_batch(len(lengths), max(lengths), seed, pad_rows=0)
-    mask = torch.zeros_like(batch["input_ids"])
-    for r, n in enumerate(lengths):
-        mask[r, :n] = 1
-    return {"input_ids": batch["input_ids"] * mask, "attention_mask": mask,
-            "labels": batch["input_ids"].masked_fill(mask == 0, -100)}
-
-
 @pytest.mark.parametrize("call, run", [(1e-3, 1e-3), (2e-5, 5e-5), (0.0, 0.0)])
 @pytest.mark.parametrize("lengths", [
     ((5, 9, 4), (60, 31), (12, 20, 7)),  # one long task: its own chunk is not the step's
@@ -129,7 +119,7 @@ def test_fusion_dp_prices_the_plan_it_runs(program, call, run, lengths):
     planner = program.planner.with_options(program.options)
     cost = CostModel(roofline=Roofline(1e11, 2e10, 3e-6), call_overhead=call, run_overhead=run)
     planner._fusion = fusion = AutoFusion(program.mux, program.options, cost, planner.summary)
-    batches = {f"t{i}": _lengths_batch(v, i) for i, v in enumerate(lengths)}
+    batches = {f"t{i}": lengths_batch(v, i) for i, v in enumerate(lengths)}
     chunk = planner.chunk_size(batches)
     loads = loads_of(batches)
     order = sorted(loads, key=lambda t: (loads[t][0], t))
@@ -179,7 +169,7 @@ def test_group_chunks_prefer_fewer_chunk_steps_within_the_slack(program, flops, 
     bandwidth = 2e10 if flops > 1e10 else 2e11  # the slow-FLOPs cases: attention dominates
     cost = CostModel(roofline=Roofline(flops, bandwidth, 3e-6), call_overhead=call, run_overhead=run)
     fusion = AutoFusion(program.mux, program.options, cost, planner.summary)
-    batches = {"t0": _lengths_batch(lengths[0], 0), "t1": _lengths_batch(lengths[1], 1)}
+    batches = {"t0": lengths_batch(lengths[0], 0), "t1": lengths_batch(lengths[1], 1)}
     mine = sample_lengths(batches)
     (chosen,) = fusion.group_chunks(batches, [("t0", "t1")], 16)
     longest = max(max(v) for v in lengths)

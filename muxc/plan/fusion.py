@@ -80,29 +80,7 @@ class AutoFusion:
         self.pricer = StepPricer(self.summary, cost)  # estimate_step's totals, memoised by part
         self._saturation: dict[int, int] = {}
         self._plan = lru_cache(maxsize=64)(self._plan_uncached)
-        self._best_chunk = lru_cache(maxsize=64)(self._best_chunk_uncached)
         self._group_chunk = lru_cache(maxsize=512)(self._group_chunk_uncached)
-
-    def best_chunk(self, batches: Mapping[str, Mapping]) -> int:
-        """The chunk size (a power of two from 16 up to the longest sample) with the lowest
-        predicted step time for all tasks fused: small chunks mean more steps, smaller kernels
-        and more K/V re-reads; large ones more leftover padding."""
-        loads = loads_of(batches)
-        return self._best_chunk(tuple(sorted(loads.items())))
-
-    def _best_chunk_uncached(self, items: tuple) -> int:
-        loads = dict(items)
-        group = tuple(loads)
-        longest = max(v[1] for v in loads.values())
-        candidates = [16]
-        while candidates[-1] < longest:
-            candidates.append(candidates[-1] * 2)
-
-        def total(c: int) -> float:
-            h = self.price(loads, group, c)
-            return h.micro_batches * (h.forward + h.backward)
-
-        return min(candidates, key=lambda c: (total(c), c))
 
     def plan(self, batches: Mapping[str, Mapping], chunk_size: int | None) -> FusionPlan:
         """The fusion DP's hTasks for ``batches`` at step chunk size ``chunk_size`` (None: pad).

@@ -66,7 +66,7 @@ class Planner:
         solo._fusion = self.fusion  # pricing does not depend on the fusion mode
         return solo
 
-    def chunk_size(self, present: Mapping[str, Mapping]) -> int | None:
+    def chunk_size(self, present: Mapping[str, Mapping], loads=None) -> int | None:
         """The step's chunk size (None: pad): ``chunk_size`` if set, else the step's reference
         chunk, the smallest power of two (at least 16) that holds its longest sample.
 
@@ -74,13 +74,15 @@ class Planner:
         packing (`AutoFusion.group_chunks`); the reference only sizes the fusion DP's
         saturation limit, is one more candidate for each hTask, and prices the all-tasks
         alternative the DP shows when it may not pick it. It is not priced itself: pricing all
-        tasks fused at every power of two (`AutoFusion.best_chunk`) was ~40% of planning a
-        step (28.6 -> 16.3 ms, llama-cpu, 8 non-uniform tasks)."""
+        tasks fused at every power of two, as this did before, was ~40% of planning a step
+        (28.6 -> 16.3 ms, llama-cpu, 8 non-uniform tasks, the same batches in one process).
+        ``loads``: `loads_of` ``(present)``, when the caller has it already."""
         if self.options.alignment is not Alignment.CHUNK:
             return None
         if self.options.chunk_size:
             return self.options.chunk_size
-        longest = max((int(v[1]) for v in loads_of(present).values()), default=1)
+        loads = loads_of(present) if loads is None else loads
+        longest = max((int(v[1]) for v in loads.values()), default=1)
         return 1 << max(4, (longest - 1).bit_length())
 
     def plan(self, batches: Mapping[str, Mapping]) -> StepPlan:
@@ -148,12 +150,12 @@ def plan_step(planner: Planner, batches: Mapping[str, Mapping],
         seen = planner._memo.get(key)
         if seen is not None:
             return _lay_out_again(planner, seen, present)
+    loads = loads_of(present)
     if groups is None:
-        chunk = planner.chunk_size(present)
+        chunk = planner.chunk_size(present, loads)
         groups, chosen = _groups(planner, present, chunk)
     else:
         chunk, chosen = chunk_size, None
-    loads = loads_of(present)
     htasks, costs = [], []
     computed = real = 0
     if chunks is None:
