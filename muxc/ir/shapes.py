@@ -22,7 +22,7 @@ import torch.fx as fx
 from muxc.ir.graph import MuxGraph, Role, info
 from muxc.ir.partition import ShapeHint
 
-__all__ = ["B", "S", "GraphShapes", "SizesAt", "meta_val"]
+__all__ = ["B", "S", "GraphShapes", "SizesAt", "meta_val", "same_sizes"]
 
 B, S = sympy.symbols("b s", positive=True, integer=True)
 
@@ -30,6 +30,13 @@ B, S = sympy.symbols("b s", positive=True, integer=True)
 def meta_val(node) -> object | None:
     """The exported value of ``node`` (a fake tensor, a tuple of them, a SymInt...), if any."""
     return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def same_sizes(first: tuple, *others: tuple) -> bool:
+    """Are the size tuples equal? Symbolic sizes are compared by expression: ``==`` on SymInts
+    would add a guard to their shape environment."""
+    return all(len(o) == len(first) and all(str(x) == str(y) for x, y in zip(o, first))
+               for o in others)
 
 
 class GraphShapes:

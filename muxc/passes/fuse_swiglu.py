@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from muxc.ir import MuxGraph, Role, info
+from muxc.ir.shapes import meta_val, same_sizes
 from muxc.kernels.swiglu import swiglu
 from muxc.passes.pass_base import CompileContext, PassResult, rewritable_copy
 
@@ -35,8 +36,7 @@ def fuse_swiglu(mux: MuxGraph, ctx: CompileContext) -> PassResult[MuxGraph]:
     gm = rewritable_copy(mux)
     g = gm.graph
     fused = 0
-    for mul in [n for n in g.nodes if _pair(n)]:
-        act, up = _pair(mul)
+    for mul, (act, up) in [(n, p) for n in g.nodes if (p := _pair(n)) is not None]:
         with g.inserting_before(mul):
             new = g.call_function(swiglu, (act.args[0], up))
         new.meta.update(mul.meta)
@@ -65,9 +65,9 @@ def _pair(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
             continue
         if len(act.users) != 1 or act.kwargs or not isinstance(act.args[0], fx.Node):
             continue
-        vals = [n.meta.get("val") for n in (act.args[0], up, node)]
+        vals = [meta_val(n) for n in (act.args[0], up, node)]
         if not all(isinstance(v, torch.Tensor) for v in vals):
             continue
-        if len({str(tuple(v.shape)) for v in vals}) == 1 and len({v.dtype for v in vals}) == 1:
+        if same_sizes(*(tuple(v.shape) for v in vals)) and len({v.dtype for v in vals}) == 1:
             return act, up
     return None

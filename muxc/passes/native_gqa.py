@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 
 from muxc.ir import SDPA, ChunkAttention, MuxGraph
+from muxc.ir.shapes import meta_val, same_sizes
 from muxc.passes.pass_base import CompileContext, PassResult, rewritable_copy
 
 __all__ = ["native_gqa", "repeated_heads"]
@@ -102,7 +103,7 @@ def repeated_heads(node) -> tuple[fx.Node, int] | None:
     rep = wide[2]
     if not (isinstance(rep, int) and isinstance(kv, int)) or rep < 1:
         return None
-    if not (_same(wide, (b, kv, rep, t, d)) and _same(out, (b, kv * rep, t, d))):
+    if not (same_sizes(wide, (b, kv, rep, t, d)) and same_sizes(out, (b, kv * rep, t, d))):
         return None
     return x, rep
 
@@ -142,15 +143,8 @@ def _full_slice(node: fx.Node) -> bool:
 
 
 def _shape(node) -> tuple | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor):
-        return None
-    return tuple(val.shape)
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    """Equal sizes, symbolic ones compared by expression (no guard added to any shape env)."""
-    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
+    val = meta_val(node)
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def _erase_unused_chain(g: fx.Graph, node: fx.Node) -> None:
