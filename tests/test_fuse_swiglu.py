@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 from helpers import merged_graph, separate
-from models import build_base, lora_and_ia3_tasks, make_batch, make_peft
+from models import lora_and_ia3_tasks, make_batch, make_peft
 from peft import LoraConfig
 
 import muxc
@@ -50,21 +50,16 @@ def test_swiglu_keeps_gate_and_up_only():
 
 
 @pytest.fixture(scope="module")
-def base():
-    return build_base("llama")
-
-
-@pytest.fixture(scope="module")
-def merged(base):
-    return merged_graph(lora_and_ia3_tasks(base))[0]
+def merged(llama):
+    return merged_graph(lora_and_ia3_tasks(llama))[0]
 
 
 def _count(mux, target):
     return sum(1 for n in mux.gm.graph.nodes if n.op == "call_function" and n.target is target)
 
 
-def test_fuses_each_layers_product(base, merged):
-    layers = base.config.num_hidden_layers
+def test_fuses_each_layers_product(llama, merged):
+    layers = llama.config.num_hidden_layers
     assert _count(merged, aten.silu.default) == layers
     result = fuse_swiglu(merged, CompileContext(muxc.Options()))
     fused = result.value
@@ -76,7 +71,7 @@ def test_fuses_each_layers_product(base, merged):
     assert _count(merged, aten.silu.default) == layers  # the input is not mutated
 
 
-def test_leaves_a_silu_read_elsewhere_alone(merged):
+def test_leaves_a_silu_read_elsewhere_alone(merged, bases):
     gm = torch.fx.GraphModule(merged.gm, copy.deepcopy(merged.gm.graph))
     silu = next(n for n in gm.graph.nodes if n.target is aten.silu.default)
     with gm.graph.inserting_after(silu):
@@ -84,15 +79,15 @@ def test_leaves_a_silu_read_elsewhere_alone(merged):
     result = fuse_swiglu(dataclasses.replace(merged, gm=gm), CompileContext(muxc.Options()))
     layers = _count(merged, aten.silu.default)
     assert f"{layers - 1} silu(gate) * up product(s) fused" in result.notes
-    gpt2 = build_base("gpt2")
+    gpt2 = bases("gpt2")
     task = muxc.Task(name="g", model=make_peft(gpt2, LoraConfig(r=2, lora_dropout=0.0), 1))
     history = {r.name: r.summary for r in muxc.compile([task]).history}
     assert history["fuse_swiglu"].startswith("no silu(gate) * up product")
 
 
 @pytest.mark.parametrize("alignment", ["pad", "chunk"])
-def test_program_matches_isolated_hf(base, alignment):
-    spec = [(t.name, t.model) for t in lora_and_ia3_tasks(base)]
+def test_program_matches_isolated_hf(llama, alignment):
+    spec = [(t.name, t.model) for t in lora_and_ia3_tasks(llama)]
     batches = {"a": make_batch(3, 9, 1, pad_rows=2), "b": make_batch(2, 6, 2)}
     case = separate(spec, batches, alignment=alignment)
     history = {r.name: r.summary for r in case.program.history}

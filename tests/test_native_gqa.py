@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 from helpers import merged_graph, separate
-from models import build_base, make_batch, make_peft
+from models import make_batch, make_peft
 from peft import LoraConfig
 
 import muxc
@@ -37,10 +37,10 @@ def _attention(mux):
 
 
 @pytest.fixture(scope="module")
-def base():
-    base = build_base("llama")
-    assert base.config.num_key_value_heads < base.config.num_attention_heads
-    return base
+def base(llama):
+    """The suite's tiny Llama: grouped-query attention."""
+    assert llama.config.num_key_value_heads < llama.config.num_attention_heads
+    return llama
 
 
 @pytest.mark.parametrize("alignment", ["pad", "chunk"])
@@ -68,12 +68,12 @@ def test_attention_reads_the_kv_heads_unrepeated(base, alignment):
     assert all("enable_gqa" not in n.kwargs for n in _attention(mux))  # input not mutated
 
 
-def test_leaves_other_graphs_alone(base):
+def test_leaves_other_graphs_alone(base, bases):
     mux, ctx = _merged(base, "pad")
     on_meta = dataclasses.replace(mux, tensors={k: t.to("meta") for k, t in mux.tensors.items()})
     result = native_gqa(on_meta, ctx)
     assert result.value is on_meta and "left as exported: backbone on meta" in result.notes
-    gpt2 = build_base("gpt2")
+    gpt2 = bases("gpt2")
     task = muxc.Task(name="g", model=make_peft(gpt2, LoraConfig(r=2, lora_dropout=0.0), 1))
     history = {r.name: r.summary for r in muxc.compile([task]).history}
     assert history["native_gqa"].startswith("no attention repeats its K/V heads")

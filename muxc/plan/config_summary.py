@@ -4,8 +4,8 @@ The planner evaluates many candidate task groups; it needs step costs without tr
 for models too large to trace here). This builds the same op list `summarize_graph` reads off a
 traced Llama (RMSNorm, q/k/v/o and gate/up/down projections, rotary embedding, masked SDPA
 on grouped K/V heads, unrepeated or repeated to all heads, the fused silu(gate) * up,
-residual adds, lm_head, per-task loss), with the same work, backward and saved-activation rules. Tests check it against the
-traced graph.
+residual adds, lm_head, per-task loss), with the same work, backward and saved-activation
+rules. Tests check it against the traced graph.
 
 >>> import transformers as T
 >>> cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
