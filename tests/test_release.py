@@ -24,6 +24,7 @@ from muxc.frontends.release import (
     forget_source_lines,
     generated_code_keys,
     release_export_state,
+    share_module_stacks,
 )
 
 
@@ -107,6 +108,23 @@ def test_export_drops_unread_meta_only(base):
     node.meta["kept"] = 1
     assert drop_unread_meta(gm) == 1
     assert "stack_trace" not in node.meta and node.meta["kept"] == 1
+
+
+def test_export_shares_equal_module_stacks(base):
+    """Nodes of one module hold one ``nn_module_stack`` dict after export, with the same
+    content as torch.export gave each of them (a fresh export's copies, compared)."""
+    gm = export_task(muxc.Task(name="a", model=_lora(1, base)), with_positions=False).graph.gm
+    stacks = [n.meta["nn_module_stack"] for n in gm.graph.nodes if "nn_module_stack" in n.meta]
+    distinct = {id(s) for s in stacks}
+    assert len(stacks) > 2 * len(distinct)  # shared: many nodes per module
+    assert len(distinct) == len({tuple(s.items()) for s in stacks})  # equal ones only
+    copies = {n.name: dict(n.meta["nn_module_stack"]) for n in gm.graph.nodes
+              if "nn_module_stack" in n.meta}
+    for n in gm.graph.nodes:  # undo the sharing: every node its own copy, as exported
+        if n.name in copies:
+            n.meta["nn_module_stack"] = dict(copies[n.name])
+    assert share_module_stacks(gm) == len(distinct)
+    assert {n.name: n.meta["nn_module_stack"] for n in gm.graph.nodes if n.name in copies} == copies
 
 
 def test_forget_source_lines_drops_only_files_read_inside(tmp_path):

@@ -161,6 +161,34 @@ def test_signature_sees_dtype_positions_and_module_flags(bases):
     assert trace_signature(a, False) == trace_signature(b2, False)
 
 
+def test_signature_digest_tells_apart_what_equality_would():
+    """The digest that stands for a signature's large parts: equal values digest alike; a
+    change of value, type or nesting does not; code objects count by value, in order."""
+    from muxc.frontends.signature import _Digest
+
+    def f():
+        return 1
+
+    def g():
+        return 2
+
+    def digest(v):
+        d = _Digest().add(v)
+        return d.bytes(), tuple(d.codes)
+
+    value = ("dict", (("'a'", 1), ("'b'", (0.5, None, "x")), ("'f'", f.__code__)))
+    assert digest(value) == digest(tuple(value))
+    assert digest(value)[1] == (f.__code__,)
+    others = [("dict", (("'a'", 1.0), ("'b'", (0.5, None, "x")), ("'f'", f.__code__))),
+              ("dict", (("'a'", True), ("'b'", (0.5, None, "x")), ("'f'", f.__code__))),
+              ("dict", (("'a'", 1), ("'b'", (0.5, None, "x", None)), ("'f'", f.__code__))),
+              ("dict", (("'a'", 1), ("'b'", (0.5, (None, "x"))), ("'f'", f.__code__))),
+              ("dict", (("'a'", 1), ("'b'", (0.5, None, "xy")), ("'f'", f.__code__)))]
+    assert len({digest(v)[0] for v in [value, *others]}) == 1 + len(others)
+    swapped = ("dict", (("'a'", 1), ("'b'", (0.5, None, "x")), ("'f'", g.__code__)))
+    assert digest(swapped)[0] == digest(value)[0] and digest(swapped)[1] != digest(value)[1]
+
+
 def test_export_with_a_tensor_it_cannot_find_again_is_not_shared(bases, monkeypatch, exports):
     base = bases("llama")
     real = cache_module.lifted_tensors

@@ -35,7 +35,12 @@ from muxc.frontends.peft import (
     seq_cls_head_attr,
 )
 from muxc.frontends.quant import check_quantized, routed_quantized, state_tensor
-from muxc.frontends.release import drop_unread_meta, forget_source_lines, release_export_state
+from muxc.frontends.release import (
+    drop_unread_meta,
+    forget_source_lines,
+    release_export_state,
+    share_module_stacks,
+)
 from muxc.kinds import spec_for_trace_op, spec_of
 from muxc.kinds.prefix import is_prefix
 from muxc.ir import Binding, BindingKind, NodeInfo, Role, TaskGraph, set_info
@@ -162,6 +167,7 @@ def export_task(task: Task, with_positions: bool = False) -> Export:
     seconds = time.perf_counter() - t0
     gm = ep.graph_module
     drop_unread_meta(gm)
+    share_module_stacks(gm)
     _check_dynamic(task.name, gm)
     lifted, targets = {}, {}
     for spec in ep.graph_signature.input_specs:

@@ -30,6 +30,10 @@ object and captured values (two closures of one ``def`` capturing other values d
 key errs on the side of tracing again: equal signatures must mean equal graphs, unequal
 signatures only cost an export.
 
+A signature keeps its large parts (config, tensors, modules, adapter) as a 256-bit digest of
+their canonical encoding, not the tuples themselves (~1.8 MiB each for a 12-layer Llama, and
+the template store keeps one per structure); code objects in them stay, compared by value.
+
 The key is complete across compiles in one process, so the process-wide template store
 (`muxc.frontends.cache.SharedTemplates`) keys on it too. It covers every input `export_task`
 reads (the task's model and adapter, ``with_positions``; compile options reach the trace only
@@ -46,6 +50,7 @@ True
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import types
 from dataclasses import dataclass
@@ -72,22 +77,64 @@ _SKIPPED_ATTRS = frozenset({"_parameters", "_buffers", "_modules", "training"})
 
 @dataclass(frozen=True)
 class TraceSignature:
-    """The structural key of one task's export (module doc); hashable, compared exactly."""
+    """The structural key of one task's export (module doc); hashable, compared exactly.
+
+    The config, tensors, modules and adapter parts are large (~1.8 MiB of tuples for a 12-layer
+    Llama) and a signature is kept with every template, so they are held as a digest
+    (`_Digest`: BLAKE2b-256 of their canonical encoding, code objects aside and compared by
+    value); the model class, code and process parts are small and held as they are.
+    """
 
     model: str
-    config: tuple
     with_positions: bool
-    tensors: tuple
-    modules: tuple
-    adapters: tuple
+    digest: bytes
+    codes: tuple  # code objects of the digested parts, in order (compared by value)
+    sizes: tuple  # (tensors, modules, adapters) counted
     code: tuple = ()
     process: tuple = ()
 
     def __repr__(self) -> str:
+        tensors, modules, adapters = self.sizes
         return (
-            f"TraceSignature({self.model}, {len(self.tensors)} tensors, {len(self.modules)} "
-            f"modules, {len(self.adapters)} adapters, with_positions={self.with_positions})"
+            f"TraceSignature({self.model}, {tensors} tensors, {modules} "
+            f"modules, {adapters} adapters, with_positions={self.with_positions})"
         )
+
+
+class _Digest:
+    """BLAKE2b-256 of a nested plain value (tuples of None, bool, int, float, str, bytes and code
+    objects: what `_Plain` and the keys below make), each element tagged with its class and
+    length, so two values digest alike only if they are equal element for element (stricter than
+    ``==``: ``1``, ``1.0`` and ``True`` differ, which at worst traces a task again). Code objects
+    are collected in ``codes`` and stand in the digest by their position; the signature compares
+    them by value."""
+
+    _LEAVES = (type(None), bool, int, float, str, bytes)
+
+    def __init__(self) -> None:
+        self._hash = hashlib.blake2b(digest_size=32)
+        self.codes: list[types.CodeType] = []
+
+    def add(self, v) -> _Digest:
+        h = self._hash
+        if isinstance(v, tuple):
+            h.update(b"(%d;" % len(v))
+            for x in v:
+                self.add(x)
+            h.update(b")")
+        elif isinstance(v, types.CodeType):
+            h.update(b"c%d;" % len(self.codes))
+            self.codes.append(v)
+        else:  # a leaf; anything else (not made by the keys here) by class and repr, which at
+            # worst differs between equal values (an address in it): then a task is traced again
+            text = repr(v).encode()
+            name = type(v).__qualname__ if isinstance(v, self._LEAVES) else "?" + _callable_name(type(v))
+            h.update(b"%s:%d;" % (name.encode(), len(text)))
+            h.update(text)
+        return self
+
+    def bytes(self) -> bytes:
+        return self._hash.digest()
 
 
 def trace_signature(task: Task, with_positions: bool) -> TraceSignature:
@@ -97,25 +144,28 @@ def trace_signature(task: Task, with_positions: bool) -> TraceSignature:
     records = adapter_records(task.name, hf, adapter, bias_mode(task.model, adapter), model=task.model)
     plain = _Plain()
     adapters = adapter_param_ids(task.model)
+    tensors = tuple(_tensor_key(n, t, id(t) in adapters) for n, t in _tensors(hf))
+    modules = tuple(
+        _module_key(path, mod, plain) for path, mod in hf.named_modules(remove_duplicate=False)
+    )
+    adapter_keys = tuple(
+        (
+            r.site,
+            r.kind.value,
+            r.rank,
+            r.scaling,
+            r.dropout,
+            tuple((role, tuple(t.shape), str(t.dtype)) for role, t in r.params.items()),
+        )
+        for r in records
+    )
+    digest = _Digest().add((plain(hf.config), tensors, modules, adapter_keys))
     return TraceSignature(
         model=_callable_name(type(hf)),
-        config=plain(hf.config),
         with_positions=with_positions,
-        tensors=tuple(_tensor_key(n, t, id(t) in adapters) for n, t in _tensors(hf)),
-        modules=tuple(
-            _module_key(path, mod, plain) for path, mod in hf.named_modules(remove_duplicate=False)
-        ),
-        adapters=tuple(
-            (
-                r.site,
-                r.kind.value,
-                r.rank,
-                r.scaling,
-                r.dropout,
-                tuple((role, tuple(t.shape), str(t.dtype)) for role, t in r.params.items()),
-            )
-            for r in records
-        ),
+        digest=digest.bytes(),
+        codes=tuple(digest.codes),
+        sizes=(len(tensors), len(modules), len(adapter_keys)),
         code=_code_key(hf),
         process=_process_key(),
     )
