@@ -23,6 +23,7 @@ from typing import Any
 from muxc.dump import render
 from muxc.errors import MuxcInternalError
 from muxc.frontends import TraceTemplates
+from muxc.frontends.garbage import collect_young, young_garbage
 from muxc.frontends.release import forget_generated_code, generated_code_keys, release_export_state
 from muxc.ir import MuxGraph, PartitionedGraph, TaskGraph
 from muxc.ir.recompute import RecomputePlan
@@ -165,18 +166,21 @@ def run_pipeline(tasks, ctx: CompileContext) -> tuple[CompileState, list[PassRec
     state = CompileState(tasks=tasks)
     history = []
     sources = generated_code_keys()
-    for i, p in enumerate(PIPELINE):
-        t0 = time.perf_counter()
-        result = p.fn(getattr(state, p.reads), ctx)
-        seconds = time.perf_counter() - t0
-        values = _values(p, result)
-        state = replace(state, **dict(zip(p.outputs, values)))
-        if ctx.options.verify:
-            shared = state.sharing is not None
-            verify_state(p.name, state.task_graphs, state.mux_graph, shared=shared)
-        summary = "; ".join([*filter(None, [result.notes]), *(_short(v) for v in values)])
-        text = "\n\n".join(render(v) for v in values)
-        history.append(PassRecord.of(i, p.name, seconds, summary, text))
+    with young_garbage():  # each pass's dropped graphs freed before the next pass runs
+        for i, p in enumerate(PIPELINE):
+            t0 = time.perf_counter()
+            result = p.fn(getattr(state, p.reads), ctx)
+            seconds = time.perf_counter() - t0
+            values = _values(p, result)
+            state = replace(state, **dict(zip(p.outputs, values)))
+            if ctx.options.verify:
+                shared = state.sharing is not None
+                verify_state(p.name, state.task_graphs, state.mux_graph, shared=shared)
+            summary = "; ".join([*filter(None, [result.notes]), *(_short(v) for v in values)])
+            text = "\n\n".join(render(v) for v in values)
+            history.append(PassRecord.of(i, p.name, seconds, summary, text))
+            del result, values
+            collect_young()
     # passes that ran ops on fake tensors refilled torch's caches that tie the exports' shape
     # environments into cycles gc cannot free (muxc.frontends.release)
     kept = _graph_modules(state)

@@ -16,6 +16,7 @@ from peft import IA3Config, LoraConfig
 
 import muxc
 from muxc.frontends.export import export_task
+from muxc.frontends.garbage import collect_young, young_garbage
 from muxc.frontends.release import (
     UNREAD_META,
     drop_unread_meta,
@@ -166,3 +167,42 @@ def test_compile_keeps_no_generated_source_of_modules_it_dropped(base, fresh_tem
     # an export alone makes ~35 graph modules; what stays is the program's own
     assert 0 < len(made) <= 12, sorted(made)
     del program
+
+
+class _Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def test_young_garbage_collects_cycles_made_inside_and_unfreezes():
+    """Inside `young_garbage` a dropped reference cycle made in the block is freed by
+    `collect_young` (the objects from before are frozen, not walked); nested blocks freeze
+    once; the outermost exit unfreezes. With a heap the process froze itself: hands off."""
+    assert gc.get_freeze_count() == 0
+    before = _Cycle()
+    with young_garbage():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        c = _Cycle()
+        ref = weakref.ref(c)
+        del c
+        assert ref() is not None  # a cycle: not freed by reference counting
+        with young_garbage():  # nested: nothing more frozen, still collecting
+            assert gc.get_freeze_count() == frozen
+            assert collect_young() >= 1 and ref() is None
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0 and before.me is before
+    gc.freeze()  # the process's own frozen objects: young_garbage leaves them alone
+    try:
+        n = gc.get_freeze_count()
+        with young_garbage():
+            c = _Cycle()
+            ref = weakref.ref(c)
+            del c
+            assert collect_young() == 0 and ref() is not None
+            assert 0 < gc.get_freeze_count() <= n  # nothing more frozen (dropped ones leave)
+        assert 0 < gc.get_freeze_count() <= n  # and nothing unfrozen
+    finally:
+        gc.unfreeze()
+    gc.collect()
+    assert ref() is None

@@ -61,6 +61,7 @@ import torch.fx as fx
 
 from muxc.errors import MuxcInternalError
 from muxc.frontends.export import Export, bind_and_tag, export_task, lifted_tensors
+from muxc.frontends.garbage import collect_young
 from muxc.frontends.peft import (
     adapter_name_of,
     adapter_records,
@@ -283,7 +284,9 @@ class TraceCache:
             self._used.append(sig)
             self.reused[task.name] = hit.graph.task
             return rebind(hit, task)
+        collect_young()  # what the tasks before left (a re-bind's copies)
         exp = export_task(task, with_positions)
+        collect_young()  # what the export dropped: its tracers, fake modes, graphs of steps
         self.exported.append(task.name)
         why = _unshareable(exp, task)
         if why is None:
