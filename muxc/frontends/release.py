@@ -51,8 +51,9 @@ from collections.abc import Iterable, Iterator
 
 import torch.fx as fx
 
-__all__ = ["release_export_state", "fake_modes", "drop_unread_meta", "UNREAD_META", "share_module_stacks",
-           "forget_source_lines", "generated_code_keys", "forget_generated_code"]
+__all__ = ["release_export_state", "fake_modes", "drop_unread_meta", "UNREAD_META",
+           "share_module_stacks", "forget_source_lines", "generated_code_keys",
+           "forget_generated_code"]
 
 # node metadata torch.export records that nothing in muxc reads (muxc reads ``val``,
 # ``nn_module_stack`` and its own ``muxc``; unknown keys are kept)
@@ -89,15 +90,12 @@ def fake_modes(graphs: Iterable[fx.GraphModule]) -> list:
 
     modes: dict[int, object] = {}
     for gm in graphs:
-        for sub in gm.modules():
-            if not isinstance(sub, fx.GraphModule):
-                continue
-            for node in sub.graph.nodes:
-                val = node.meta.get("val")
-                vals = val if isinstance(val, (tuple, list)) else (val,)
-                for v in vals:
-                    if isinstance(v, FakeTensor):
-                        modes.setdefault(id(v.fake_mode), v.fake_mode)
+        for node in _nodes(gm):
+            val = node.meta.get("val")
+            vals = val if isinstance(val, (tuple, list)) else (val,)
+            for v in vals:
+                if isinstance(v, FakeTensor):
+                    modes.setdefault(id(v.fake_mode), v.fake_mode)
     return list(modes.values())
 
 
@@ -105,13 +103,10 @@ def drop_unread_meta(gm: fx.GraphModule) -> int:
     """Delete the `UNREAD_META` entries of every node of ``gm`` (sub-modules included), in
     place; returns how many were deleted."""
     dropped = 0
-    for sub in gm.modules():
-        if not isinstance(sub, fx.GraphModule):
-            continue
-        for node in sub.graph.nodes:
-            for key in UNREAD_META:
-                if node.meta.pop(key, None) is not None:
-                    dropped += 1
+    for node in _nodes(gm):
+        for key in UNREAD_META:
+            if node.meta.pop(key, None) is not None:
+                dropped += 1
     return dropped
 
 
@@ -124,28 +119,32 @@ def share_module_stacks(gm: fx.GraphModule) -> int:
     graph and merged graph shares the values of the exported graph's metadata. muxc only reads
     the stacks (nothing changes a node's ``nn_module_stack`` in place after export)."""
     shared: dict[tuple, dict] = {}
-    for sub in gm.modules():
-        if not isinstance(sub, fx.GraphModule):
+    for node in _nodes(gm):
+        stack = node.meta.get("nn_module_stack")
+        if not isinstance(stack, dict):
             continue
-        for node in sub.graph.nodes:
-            stack = node.meta.get("nn_module_stack")
-            if not isinstance(stack, dict):
-                continue
-            key = tuple((k, v) for k, v in stack.items())
-            try:
-                one = shared.get(key)
-            except TypeError:  # an entry that is not hashable: left as it is
-                continue
-            if one is None:
-                one = {_intern(k): tuple(_intern(x) for x in v) if isinstance(v, tuple) else v
-                       for k, v in stack.items()}
-                shared[key] = one
-            node.meta["nn_module_stack"] = one
+        key = tuple(stack.items())
+        try:
+            one = shared.get(key)
+        except TypeError:  # an entry that is not hashable: left as it is
+            continue
+        if one is None:
+            one = {_intern(k): tuple(_intern(x) for x in v) if isinstance(v, tuple) else v
+                   for k, v in stack.items()}
+            shared[key] = one
+        node.meta["nn_module_stack"] = one
     return len(shared)
 
 
 def _intern(v):
     return sys.intern(v) if type(v) is str else v
+
+
+def _nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    """Every node of ``gm`` and of its graph-module sub-modules (higher-order-op bodies)."""
+    for sub in gm.modules():
+        if isinstance(sub, fx.GraphModule):
+            yield from sub.graph.nodes
 
 
 @contextlib.contextmanager

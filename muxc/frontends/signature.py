@@ -128,7 +128,8 @@ class _Digest:
         else:  # a leaf; anything else (not made by the keys here) by class and repr, which at
             # worst differs between equal values (an address in it): then a task is traced again
             text = repr(v).encode()
-            name = type(v).__qualname__ if isinstance(v, self._LEAVES) else "?" + _callable_name(type(v))
+            leaf = isinstance(v, self._LEAVES)
+            name = type(v).__qualname__ if leaf else "?" + _callable_name(type(v))
             h.update(b"%s:%d;" % (name.encode(), len(text)))
             h.update(text)
         return self
