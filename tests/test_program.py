@@ -139,7 +139,7 @@ def test_explain_dump_history(llama, compiled, tmp_path):
     names = [r.name for r in program.history]
     assert names == ["validate_tasks", "trace_tasks", "share_frozen_weights", "merge_backbones",
                      "rewrite_attention", "native_gqa", "fuse_swiglu", "fuse_lm_head_loss",
-                     "partition", "select_kernels", "plan_recompute"]
+                     "replay_adapter_inputs", "partition", "select_kernels", "plan_recompute"]
     assert [r.index for r in program.history] == list(range(len(names)))
     # each pass is timed inside the compile call (which pass is longest depends on whether
     # tracing exported or re-bound a template from the process-wide store: not asserted)

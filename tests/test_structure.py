@@ -97,10 +97,11 @@ def test_merged_graph_has_one_site_per_adapted_op_and_one_loss_per_task(llama):
     n_placeholders = len(g0.find_nodes(op="placeholder"))
     # less the LM head's linear, fused into each task's loss (fuse_lm_head_loss), each
     # layer's two K/V head repeats (slice, unsqueeze, slice, expand, reshape; native_gqa) and
-    # its silu + mul, one swiglu node (fuse_swiglu)
-    repeats, swiglu = 2 * layers * 5, layers
+    # its silu + mul, one swiglu node (fuse_swiglu); plus a Replay node per layer before the
+    # q/v sites reading the input norm's output (replay_adapter_inputs)
+    repeats, swiglu, replays = 2 * layers * 5, layers, layers
     assert len(mux.nodes_with(Role.BACKBONE)) == (len(g0.nodes) - n_placeholders - 1 - 2 * layers - 1
-                                                  - repeats - swiglu)
+                                                  - repeats - swiglu + replays)
     t1_sites = [r.site.rsplit(".", 1)[1] for r in mux.adapters["t1"]]
     assert t1_sites == ["v_proj", "o_proj"] * layers
 

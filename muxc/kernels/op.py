@@ -50,6 +50,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from muxc.errors import MuxcInternalError
+from muxc.kernels.replay import kept_form, recipe_of
 from muxc.kernels import registry
 from muxc.kernels.segments import Segments
 
@@ -94,9 +95,31 @@ def _rebuild(layout, flat) -> list:
             out.append(flat[entry[1]])
         elif entry[0] == "many":
             out.append(list(flat[entry[1] : entry[1] + entry[2]]))
+        elif entry[0] == "replay":  # kept as its recipe's roots (`muxc.kernels.replay`)
+            out.append(entry[1].compute(flat[entry[2] : entry[2] + entry[3]]))
         else:
             out.append(entry[1])
     return out
+
+
+def _replayed(flat: list, layout: tuple) -> tuple[list, tuple]:
+    """``(flat, layout)`` with each tensor that has a `muxc.kernels.replay.Recipe` kept as the
+    recipe's roots (a ``("replay", recipe, start, n)`` entry), for a backward to compute again."""
+    if not any(recipe_of(t) is not None for t in flat):
+        return flat, layout
+    out, entries = [], []
+    for entry in layout:
+        if entry[0] == "one":
+            recipe, kept = kept_form(flat[entry[1]])
+            entries.append(("one", len(out)) if recipe is None
+                           else ("replay", recipe, len(out), len(kept)))
+            out.extend(kept)
+        elif entry[0] == "many":
+            entries.append(("many", len(out), entry[2]))
+            out.extend(flat[entry[1] : entry[1] + entry[2]])
+        else:
+            entries.append(entry)
+    return out, tuple(entries)
 
 
 def _dispatcher(op: str, seg_pos: int) -> Callable:
@@ -169,8 +192,9 @@ class SegmentedOp:
     # ------------------------------------------------------------------ shared with autograd
 
     def save(self, args) -> tuple[list, tuple]:
-        """What the backward keeps: tensors of the arguments it reads, and their layout."""
-        return _flatten([args[i] for i in self._saved_at])
+        """What the backward keeps: tensors of the arguments it reads, and their layout; an
+        argument with a replay recipe is kept as the recipe's roots (`muxc.kernels.replay`)."""
+        return _replayed(*_flatten([args[i] for i in self._saved_at]))
 
     def backward(self, bwd: Callable, grad, saved_layout, saved, given) -> list:
         """Gradients per forward argument (lists for ``Tensor[]``; None where none), from

@@ -11,6 +11,7 @@ from peft.tuners.ia3.layer import Linear as IA3Linear
 _QUANT_LAYERS = ("peft.tuners.ia3.bnb.Linear4bit", "peft.tuners.ia3.bnb.Linear8bitLt")
 
 from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch
+from muxc.kernels.replay import derive
 from muxc.kernels import multi_ia3
 from muxc.kinds.spec import AdapterKindSpec
 
@@ -75,7 +76,8 @@ def _traced_forward(site: str, adapter: str):
 def _apply(site, x: torch.Tensor, t: torch.Tensor, mux, params, recs, frozen=None) -> torch.Tensor:
     """``t * v`` on every IA3 task's segment (a ones vector for the others)."""
     dtype = next(iter(recs.values())).params["v"].dtype
-    flat = t.reshape(-1, t.shape[-1])
+    k = t.shape[-1]
+    flat = derive(t, t.reshape(-1, k), lambda v: v.reshape(-1, k))
     ones = None
     vectors = []
     for task in mux.tasks:
@@ -85,7 +87,8 @@ def _apply(site, x: torch.Tensor, t: torch.Tensor, mux, params, recs, frozen=Non
             if ones is None:
                 ones = torch.ones(flat.shape[1], dtype=dtype, device=flat.device)
             vectors.append(ones)
-    z = multi_ia3(flat.to(dtype), mux.seg_lens, vectors, impl=mux.impl)
+    z = multi_ia3(derive(flat, flat.to(dtype), lambda v: v.to(dtype)), mux.seg_lens, vectors,
+                  impl=mux.impl)
     return z.to(t.dtype).view(t.shape)
 
 

@@ -46,6 +46,7 @@ from muxc.ir.optable import (
     packet,
 )
 from muxc.ir.recompute import Recompute, RecomputePlan, keepable, layer_of_nodes
+from muxc.kernels.replay import Replay
 from muxc.ir.shapes import B, S, GraphShapes, meta_val
 from muxc.kernels.swiglu import swiglu
 from muxc.kinds import spec_of
@@ -298,6 +299,9 @@ _MATH = {aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.rsqrt.default, ate
          aten.erf.default, aten.softplus.default}  # priced as ELEMENTWISE/math
 _NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
 _DROPOUT = {aten.dropout.default, aten.native_dropout.default}
+_REPLAY_PASSES = {aten.to.dtype: 1, operator.getitem: 0, swiglu: 5,
+                  aten.native_layer_norm.default: 5, aten.layer_norm.default: 5}
+"""Passes over a replayed tensor's bytes per `Replay` step (default 3: a binary op)."""
 _SAVES = (_SAVE_OTHER, _SAVE_INPUT, _SAVE_OUTPUT, _NORMS, _DROPOUT)
 """Ops whose backward needs saved activations (everything else saves none):
 mul/div save the other operand of each input needing a gradient; unary pointwise ops their
@@ -397,7 +401,7 @@ class _Walker:
         role = info(node).role
         floating = _floating(node)
         self.grad[node] = role in (Role.ADAPTER, Role.LOSS) or (
-            floating and any(self.needs_grad(a) for a in _tensor_args(node))
+            floating and any(self.needs_grad(a) for a in _differentiable_args(node))
         )
         if role is Role.ADAPTER:
             self.adapter(node)
@@ -424,11 +428,23 @@ class _Walker:
             for suffix, fwd in per_call_work(spec, k, n, r.rank, pre, dtype, r):
                 self.add(node, fwd, None, task=r.task, layer=layer, suffix=f"[{r.task}:{suffix}]",
                          site=node.name)
-        self.save(x)
+        for kept in self.kept_inputs(x):
+            self.save(kept)
         if lora:  # h + lora(x): one add over the output; its backward passes the gradient
             out_bytes = self.bytes(node)
             self.add(node, Work(self.ew, out_bytes.scale(3)), Work(self.view, Poly.const(1)),
                      layer=layer, suffix="[add]")
+
+    def kept_inputs(self, x: fx.Node) -> list:
+        """What an adapter keeps of its input ``x``: the roots of a `Replay` node whose
+        activation roots need a gradient (their ops keep them), else ``x``."""
+        target = x.target if x.op == "call_function" else None
+        if not isinstance(target, Replay):
+            return [x]
+        roots = x.args[1:]
+        if not all(self.needs_grad(r) for r, act in zip(roots, target.activation) if act):
+            return [x]
+        return list(roots)
 
     def loss(self, node: fx.Node) -> None:
         task = info(node).tasks
@@ -470,6 +486,14 @@ class _Walker:
         view1 = Work(self.view, Poly.const(1))
         if isinstance(t, torch._ops.HigherOrderOperator):
             self.higher_order(node)
+            return
+        if isinstance(t, Replay):  # an identity; each adapter reading it replays its steps
+            bwd = view1 if grad else None
+            if grad and self.kept_inputs(node) != [node]:
+                uses = sum(1 for u in node.users if info(u).role is Role.ADAPTER)
+                passes = sum(_REPLAY_PASSES.get(step[0], 3) for step in t.steps)
+                bwd = Work(self.ew, self.bytes(node).scale(passes * uses))
+            self.add(node, view1, bwd)
             return
         if out is None:  # symbolic sizes, asserts; split/unbind-like ops return views
             self.add(node, view1, view1 if grad else None)
@@ -659,10 +683,17 @@ class _Walker:
             if not g or node.op == "placeholder":
                 continue
             users = [u for u in node.users if self.grad.get(u, False)]
-            uses = sum(sum(1 for a in _tensor_args(u) if a is node) for u in users)
+            uses = sum(sum(1 for a in _differentiable_args(u) if a is node) for u in users)
             b3 = self.bytes(node).scale(3)
             for i in range(uses - 1):
                 self.add(node, None, Work(self.ew, b3), suffix=f"[acc{i}]")
+
+
+def _differentiable_args(node: fx.Node) -> list[fx.Node]:
+    """The tensor arguments a gradient flows to (a `Replay` node's roots get none)."""
+    if isinstance(node.target, Replay):
+        return node.args[:1]
+    return _tensor_args(node)
 
 
 def _dropout_p(node: fx.Node) -> float:

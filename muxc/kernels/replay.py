@@ -1,0 +1,140 @@
+"""Adapter inputs computed again in backward from tensors the backward keeps anyway.
+
+A LoRA or IA3 kernel keeps its input ``x`` for the adapter's weight gradient. In a decoder
+layer that input is usually the output of a cheap op whose own backward already keeps what
+made it: the norm's output ``w * (h * rsqrt(var))`` (its ``mul`` keeps ``h`` and the per-row
+``rsqrt``), a gated MLP's ``silu(gate) * up`` (`muxc.kernels.swiglu` keeps ``gate`` and
+``up``), GPT-2's ``gelu`` product. Keeping ``x`` as well stores the same information twice:
+on a Llama with LoRA on every linear, the norm outputs and the MLP product are a third of
+what a layer saves.
+
+`Replay` is the merged graph's identity node between such an ``x`` and the adapter sites that
+read it (pass `muxc.passes.replay_adapter_inputs`). At run time it gives ``x`` a `Recipe`:
+the ops from its ``roots`` (tensors the producing ops keep for backward, and frozen weights)
+to ``x``. A kernel that would keep ``x`` keeps the roots instead (`kept_form`), and its
+backward runs the recipe (`Recipe.compute`): the same ATen ops on the same tensors, so the
+values are bit for bit those of the forward. A root costs no memory: the op that keeps it
+keeps it longer (its backward comes after the adapter's). So the recipe is given only when
+every activation root requires a gradient (then its op keeps it); otherwise, and under any
+tracing, ``x`` is kept as before.
+
+>>> import torch
+>>> aten = torch.ops.aten
+>>> r = Replay(((aten.mul.Tensor, (Slot(0), Slot(1)), {}),), (True, True), "mul")
+>>> a, b = torch.randn(2, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True)
+>>> x = r(a * b, a, b)
+>>> recipe_of(x).roots == (a, b), bool((recipe_of(x).compute(recipe_of(x).roots) == x).all())
+(True, True)
+>>> recipe_of(r(x.detach(), a.detach(), b))  # an activation root without grad: kept as is
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+__all__ = ["Replay", "Recipe", "Slot", "recipe_of", "derive", "kept_form"]
+
+_ATTR = "_muxc_recipe"
+
+
+class Slot(int):
+    """An argument of a replayed op: the value at this index (roots first, then each op's
+    result in order)."""
+
+    def __repr__(self) -> str:
+        return f"Slot({int(self)})"
+
+
+def _fill(value, values: list):
+    if type(value) is Slot:
+        return values[value]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fill(v, values) for v in value)
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class Replay:
+    """Graph target: ``Replay(...)(x, *roots)`` returns ``x``, given a `Recipe` when replaying
+    is free (module doc).
+
+    ``steps``: ``(target, args, kwargs)`` per op from the roots to ``x``, arguments as `Slot`s;
+    ``activation``: per root, whether it is an activation (must require a gradient) rather than
+    a frozen weight; ``label``: the replayed ops, for dumps.
+    """
+
+    steps: tuple[tuple[Callable, tuple, dict], ...]
+    activation: tuple[bool, ...]
+    label: str
+
+    def __post_init__(self) -> None:
+        # fx code generation names a call_function target by __name__
+        object.__setattr__(self, "__name__", "replay")
+
+    def __call__(self, x, *roots):
+        if (
+            torch.is_grad_enabled()
+            and type(x) is torch.Tensor
+            and all(r.requires_grad for r, act in zip(roots, self.activation) if act)
+            and _get_current_dispatch_mode() is None
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+        ):
+            setattr(x, _ATTR, Recipe(self, tuple(roots)))
+        return x
+
+    def run(self, roots) -> torch.Tensor:
+        """The steps on ``roots`` (no autograd): ``x``'s value again."""
+        values = list(roots)
+        with torch.no_grad():
+            for target, args, kwargs in self.steps:
+                values.append(target(*_fill(args, values), **_fill(kwargs, values)))
+        return values[-1]
+
+    def __repr__(self) -> str:
+        return f"Replay({self.label})"
+
+
+@dataclass(frozen=True, eq=False)
+class Recipe:
+    """How to compute a tensor again: `Replay` steps on ``roots``, then ``post`` (views and
+    casts a kernel wrapper applied, `derive`)."""
+
+    replay: Replay
+    roots: tuple[torch.Tensor, ...]
+    post: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
+
+    def compute(self, roots) -> torch.Tensor:
+        """The tensor, from ``roots`` (this recipe's, or what backward unpacked of them)."""
+        value = self.replay.run(roots)
+        with torch.no_grad():
+            for fn in self.post:
+                value = fn(value)
+        return value
+
+
+def recipe_of(t) -> Recipe | None:
+    """The `Recipe` a `Replay` node gave ``t`` (None: none)."""
+    return getattr(t, _ATTR, None)
+
+
+def derive(src: torch.Tensor, dst: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """``dst`` (``fn(src)``, a view or cast) with ``src``'s recipe extended by ``fn``; returns
+    ``dst``. A no-op when ``src`` has no recipe or ``dst`` is ``src``."""
+    recipe = recipe_of(src)
+    if recipe is not None and dst is not src:
+        setattr(dst, _ATTR, Recipe(recipe.replay, recipe.roots, (*recipe.post, fn)))
+    return dst
+
+
+def kept_form(t) -> tuple[Recipe | None, tuple]:
+    """What a backward keeps of ``t``: ``(recipe, roots)`` when ``t`` has a recipe, else
+    ``(None, (t,))``."""
+    recipe = recipe_of(t)
+    if recipe is None:
+        return None, (t,)
+    return recipe, recipe.roots
