@@ -99,14 +99,14 @@ def _forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y
         z.sub_(top).exp_()
         norm = z.sum(dim=-1, keepdim=True)
         total += (top + norm.log() - picked).sum()  # logsumexp - picked, per token
-        if gk is None:
-            continue
-        # (softmax - onehot) @ weight = ((e - norm * onehot) @ weight) / norm: the one-hot is
-        # taken off in fp32 before any cast (e_label ~ norm when the label is likely: in a
-        # bf16 GEMM output the difference would be lost), the division waits for the GEMM
-        z.scatter_add_(1, target, norm.neg())
-        g = (z.to(weight.dtype) @ weight).float().div_(norm)
-        gk[s : s + block] = g.to(h.dtype)
+        if gk is not None:
+            # (softmax - onehot) @ weight = ((e - norm * onehot) @ weight) / norm: the one-hot
+            # is taken off in fp32 before any cast (e_label ~ norm when the label is likely: in
+            # a bf16 GEMM output the difference would be lost), the division waits for the GEMM
+            z.scatter_add_(1, target, norm.neg())
+            g = (z.to(weight.dtype) @ weight).float().div_(norm)
+            gk[s : s + block] = g.to(h.dtype)
+        del z  # before the next block's logits: one tokens x vocab buffer alive, not two
     if gk is None:
         return total, None, count
     if full:
