@@ -56,7 +56,9 @@ class Options:
     pipeline_timeout: seconds a stage process waits for another before the step fails with
       `PipelineError` (multi-process stages only).
     recompute: None | "none" | "layers" | "auto": what a step keeps for backward (compile-time).
-      "none": everything autograd saves; "layers": only each decoder layer's inputs, the layer
+      "none": everything autograd saves (but an adapter input made by cheap ops from tensors
+      their backward keeps, like a norm's output, is computed again from those: pass
+      ``replay_adapter_inputs``, bit for bit); "layers": only each decoder layer's inputs, the layer
       runs again in backward (like HF gradient checkpointing); "auto": each layer's inputs and
       the outputs that cost the most time to recompute per byte (attention, GEMMs; chosen by the
       cost model to keep the predicted step within 1.3x of "none"), the rest runs again. None (the

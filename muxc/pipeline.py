@@ -105,7 +105,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass(native_gqa, "mux_graph", "mux_graph", "grouped K/V heads read unrepeated"),
     Pass(fuse_swiglu, "mux_graph", "mux_graph", "silu(gate) * up keeps two tensors, not three"),
     Pass(fuse_lm_head_loss, "mux_graph", "mux_graph", "no tokens x vocab logits kept for backward"),
-    Pass(replay_adapter_inputs, "mux_graph", "mux_graph", "adapters keep a norm's input, not its output"),
+    Pass(replay_adapter_inputs, "mux_graph", "mux_graph", "adapters keep a cheap input's roots"),
     Pass(partition, "mux_graph", "partitioned", "subgraphs + cost-balanced pipeline stages"),
     Pass(select_kernels, "mux_graph", "kernel_plan", "pick adapter kernels, say why"),
     Pass(plan_recompute, "tasks", "recompute", "checkpointing the models ask for is kept"),
