@@ -144,3 +144,20 @@ def merged_graph(tasks, **options):
     graphs, _ = trace_tasks(validate_tasks(tasks, ctx).value, ctx).value
     graphs, _ = share_frozen_weights(graphs, ctx).value
     return merge_backbones(graphs, ctx).value, ctx
+
+
+def saved_bytes(program, batches) -> int:
+    """Bytes of the tensors autograd saves in one forward_backward (unique storages, weights
+    and adapter parameters excluded)."""
+    params = {t.untyped_storage().data_ptr() for t in program.mux.tensors.values()}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        program.forward_backward(batches)
+    return sum(saved.values())

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 import transformers as T
+from helpers import saved_bytes
 from models import CORE_FAMILIES, VOCAB, lengths_batch, make_batch, make_peft
 from peft import LoraConfig
 
@@ -219,25 +220,8 @@ def test_activation_memory_matches_tensors_saved_for_backward(program, summary, 
     """The activation model counts what autograd keeps, measured with saved-tensor hooks."""
     for rows, seq in ((1, 128), (2, 256), (1, 512)):
         est = estimate_memory(summary, {"t0": rows * seq, "t1": rows * seq}, seq_len=seq)
-        measured = _saved_bytes(program, _batches(rows, seq))
+        measured = saved_bytes(program, _batches(rows, seq))
         assert est.activations == pytest.approx(measured, rel=0.05), (rows, seq)
-
-
-def _saved_bytes(program, batches) -> int:
-    """Bytes of the tensors autograd saves in one forward_backward (unique storages, weights
-    and adapter parameters excluded)."""
-    params = {t.untyped_storage().data_ptr() for t in program.mux.tensors.values()}
-    saved = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            saved[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        program.forward_backward(batches)
-    return sum(saved.values())
 
 
 @pytest.mark.parametrize("family", [f for f in CORE_FAMILIES if f != "llama"])  # llama: above
@@ -250,7 +234,7 @@ def test_summary_reads_every_core_family(bases, family):
     kinds = {k.kind for k in s.op_keys()}
     assert {OpKind.GEMM, OpKind.ATTENTION, OpKind.LORA, OpKind.LOSS} <= kinds, kinds
     est = estimate_memory(s, {"a": 2 * 24}, seq_len=24)
-    measured = _saved_bytes(prog, {"a": make_batch(2, 24, 0)})
+    measured = saved_bytes(prog, {"a": make_batch(2, 24, 0)})
     assert est.activations == pytest.approx(measured, rel=0.05)
     cost = CostModel(roofline=Roofline(1e11, 2e10, 5e-6))
     assert estimate_step(s, {"a": 48}, seq_len=24, cost=cost).total > 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import merged_graph, separate
+from helpers import merged_graph, saved_bytes, separate
 from models import lora_and_ia3_tasks, make_batch, make_peft
 from peft import LoraConfig
 
@@ -98,23 +98,6 @@ def test_pass_puts_a_replay_before_the_sites_of_norm_outputs_and_the_mlp_product
     assert not any(isinstance(n.target, Replay) for n in fused.gm.graph.nodes)  # not mutated
 
 
-def _saved_bytes(program, batches) -> int:
-    """Bytes of activations autograd keeps during one step (each storage once)."""
-    params = {p.untyped_storage().data_ptr() for t in program.tasks.values()
-              for p in t.model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            kept[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        program.forward_backward(batches)
-    return sum(kept.values())
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_program_keeps_less_and_matches_isolated_hf(bases, family, monkeypatch):
     base = bases(family)
@@ -128,7 +111,7 @@ def test_program_keeps_less_and_matches_isolated_hf(bases, family, monkeypatch):
     monkeypatch.setattr(muxc.pipeline, "PIPELINE", tuple(
         p for p in muxc.pipeline.PIPELINE if p.fn is not replay_adapter_inputs))
     keeping = muxc.compile([muxc.Task(name="a", model=spec[0][1])])
-    with_replay, without = _saved_bytes(case.program, batches), _saved_bytes(keeping, batches)
+    with_replay, without = saved_bytes(case.program, batches), saved_bytes(keeping, batches)
     case.zero_grad()
     # at least each layer's MLP product (Llama: silu(gate) * up; GPT-2: gelu's product)
     cfg = base.config
