@@ -547,7 +547,7 @@ def test_each_htask_gets_its_own_chunk_size(program):
     # one chunk step each: t0 its longest sample (3 rows of 20); t1 two streams of 128
     # (90 | 77+40) beat three rows of its longest sample, 90
     assert one_step == (20, 128)
-    assert [stream_chunks(lengths[t], c) for (t,), c in zip(groups, one_step)] == [[1] * 3, [1] * 2]
+    assert [stream_chunks(lengths[t], c) for (t,), c in zip(groups, one_step)] == [(1,) * 3, (1,) * 2]
     small = free.group_chunks(batches, groups, 64)
     steps = [max(stream_chunks(lengths[t], c)) for (t,), c in zip(groups, small)]
     assert steps[1] > 1  # free calls: the long task runs several smaller chunks ...

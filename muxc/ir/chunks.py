@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -161,20 +162,27 @@ def _bins(lengths: list[int], chunk: int) -> list[list[int]]:
     return bins
 
 
-def stream_chunks(lengths: list[int] | tuple[int, ...], chunk: int) -> list[int]:
+def stream_chunks(lengths: list[int] | tuple[int, ...], chunk: int) -> tuple[int, ...]:
     """Chunks per stream (longest first) of one task whose samples have ``lengths`` real
-    tokens, packed as `build_layout` packs them; no tensors, for the planner.
+    tokens, packed as `build_layout` packs them; no tensors, for the planner. Memoised: the
+    fusion DP asks for each task's packing at each candidate chunk size once per group the
+    task is in (~230 calls per 8-task plan for ~50 distinct answers).
 
     >>> stream_chunks([50, 49, 60, 54], 64), stream_chunks([50, 49, 60, 54], 60)
-    ([1, 1, 1, 1], [1, 1, 1, 1])
+    ((1, 1, 1, 1), (1, 1, 1, 1))
     >>> stream_chunks([23, 59, 11, 37], 59), stream_chunks([162, 196, 231, 90], 32)
-    ([1, 1, 1], [8, 8, 7])
+    ((1, 1, 1), (8, 8, 7))
     """
-    lengths = [n for n in lengths if n > 0]
-    if not lengths:
-        return []
-    return sorted((-(-sum(lengths[i] for i in b) // chunk) for b in _bins(lengths, chunk)),
-                  reverse=True)
+    return _stream_chunks(tuple(lengths), chunk)
+
+
+@lru_cache(maxsize=4096)
+def _stream_chunks(lengths: tuple[int, ...], chunk: int) -> tuple[int, ...]:
+    real = [n for n in lengths if n > 0]
+    if not real:
+        return ()
+    return tuple(sorted((-(-sum(real[i] for i in b) // chunk) for b in _bins(real, chunk)),
+                        reverse=True))
 
 
 def _pack(name: str, samples, chunk: int) -> list[Stream]:
