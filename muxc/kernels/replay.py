@@ -26,6 +26,9 @@ tracing, ``x`` is kept as before.
 >>> recipe_of(x).roots == (a, b), bool((recipe_of(x).compute(recipe_of(x).roots) == x).all())
 (True, True)
 >>> recipe_of(r(x.detach(), a.detach(), b))  # an activation root without grad: kept as is
+>>> Replay(((aten.add.Tensor, (Slot(0),), {"other": Slot(1), "alpha": 2}),), (True, True),
+...        "add").run((torch.ones(2), torch.ones(2)))
+tensor([3., 3.])
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def _fill(value, values: list):
         return values[value]
     if isinstance(value, (list, tuple)):
         return type(value)(_fill(v, values) for v in value)
+    if isinstance(value, dict):
+        return {k: _fill(v, values) for k, v in value.items()}
     return value
 
 

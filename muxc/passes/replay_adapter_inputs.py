@@ -2,10 +2,10 @@
 
 Contract. Input: a MuxGraph (after `fuse_swiglu`). Where the input ``x`` of adapter sites is
 made by a few cheap ops from tensors those ops keep for backward anyway, a `Replay` node
-(`muxc.kernels.replay`) goes between ``x`` and the sites, naming those ops and their roots. At run
-time the LoRA and IA3 kernels then keep the roots (no extra memory: their ops keep them) and
-compute ``x`` again in backward, bit for bit; on a Llama with LoRA on every linear that drops
-the two norm outputs and the MLP product, about a third of a layer's saved activations.
+(`muxc.kernels.replay`) goes between ``x`` and the sites, naming those ops and their roots. At
+run time the LoRA and IA3 kernels then keep the roots (no extra memory: their ops keep them)
+and compute ``x`` again in backward, bit for bit; on a Llama with LoRA on every linear that
+drops the two norm outputs and the MLP product, about a third of a layer's saved activations.
 
 Walking back from ``x`` (at most `MAX_OPS` ops), each op is
 
@@ -30,8 +30,8 @@ import torch
 import torch.fx as fx
 
 from muxc.ir import MuxGraph, NodeInfo, Role, info, set_info
-from muxc.kernels.replay import Replay, Slot
 from muxc.ir.shapes import meta_val
+from muxc.kernels.replay import Replay, Slot
 from muxc.kernels.swiglu import swiglu
 from muxc.passes.pass_base import CompileContext, PassResult, rewritable_copy
 
