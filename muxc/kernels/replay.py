@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.fx.node import map_aggregate
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["Replay", "Recipe", "Slot", "recipe_of", "derive", "kept_form"]
@@ -53,13 +54,8 @@ class Slot(int):
 
 
 def _fill(value, values: list):
-    if type(value) is Slot:
-        return values[value]
-    if isinstance(value, (list, tuple)):
-        return type(value)(_fill(v, values) for v in value)
-    if isinstance(value, dict):
-        return {k: _fill(v, values) for k, v in value.items()}
-    return value
+    """``value`` (an argument, lists, tuples and dicts walked) with each `Slot` replaced."""
+    return map_aggregate(value, lambda v: values[v] if type(v) is Slot else v)
 
 
 @dataclass(frozen=True, eq=False)

@@ -95,13 +95,8 @@ def _frozen(graph: fx.Graph, mux: MuxGraph) -> set[fx.Node]:
 
 
 def _slotted(value, slots: dict[fx.Node, Slot]):
-    if isinstance(value, fx.Node):
-        return slots[value]
-    if isinstance(value, (list, tuple)):
-        return type(value)(_slotted(v, slots) for v in value)
-    if isinstance(value, dict):
-        return {k: _slotted(v, slots) for k, v in value.items()}
-    return value
+    """An op's argument with each node replaced by its `Slot`."""
+    return fx.node.map_arg(value, slots.__getitem__)
 
 
 def _tensor_nodes(node: fx.Node, frozen: set[fx.Node]) -> list[fx.Node] | None:
