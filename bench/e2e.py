@@ -99,15 +99,20 @@ def plan(quick: bool, device: str, models=None, workloads=None, tasks=None,
 # --------------------------------------------------------------------------------- running
 
 
+def _quiet_libraries() -> None:
+    """In a worker process: no transformers deprecation warnings or info logs on stderr."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 deprecations
+    hf_logging.set_verbosity_error()
+
+
 def _turns(case: dict[str, Any], conn) -> None:
     """Runs in a fresh child process: builds one case, then runs steps when told to."""
     try:
-        import warnings
-
-        from transformers.utils import logging as hf_logging
-
-        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 deprecations
-        hf_logging.set_verbosity_error()
+        _quiet_libraries()
         run = e2e_systems.CaseRun(e2e_systems.Case(**case))
         conn.send(("ready", run.total_steps))
         while True:
@@ -128,12 +133,7 @@ def _turns(case: dict[str, Any], conn) -> None:
 def _warm(case: dict[str, Any]) -> None:
     """Runs in a fresh child process: builds muxc full for ``case``, which loads its cost
     profile, or measures what the profile lacks and saves it (`muxc.plan.load_or_profile`)."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    hf_logging.set_verbosity_error()
+    _quiet_libraries()
     e2e_systems.CaseRun(e2e_systems.Case(**case))
 
 

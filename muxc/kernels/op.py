@@ -50,8 +50,8 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from muxc.errors import MuxcInternalError
-from muxc.kernels.replay import kept_form, recipe_of
 from muxc.kernels import registry
+from muxc.kernels.replay import kept_form, recipe_of
 from muxc.kernels.segments import Segments
 
 __all__ = ["SegmentedOp", "define_segmented_op", "segments_for", "eager_calls"]

@@ -123,9 +123,10 @@ def recipe_of(t) -> Recipe | None:
     return getattr(t, _ATTR, None)
 
 
-def derive(src: torch.Tensor, dst: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
-    """``dst`` (``fn(src)``, a view or cast) with ``src``'s recipe extended by ``fn``; returns
-    ``dst``. A no-op when ``src`` has no recipe or ``dst`` is ``src``."""
+def derive(src: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn(src)`` (a view or cast of ``src``), given ``src``'s recipe extended by ``fn`` when
+    ``src`` has one and ``fn`` made a new tensor."""
+    dst = fn(src)
     recipe = recipe_of(src)
     if recipe is not None and dst is not src:
         setattr(dst, _ATTR, Recipe(recipe.replay, recipe.roots, (*recipe.post, fn)))

@@ -11,8 +11,8 @@ from peft.tuners.ia3.layer import Linear as IA3Linear
 _QUANT_LAYERS = ("peft.tuners.ia3.bnb.Linear4bit", "peft.tuners.ia3.bnb.Linear8bitLt")
 
 from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch
-from muxc.kernels.replay import derive
 from muxc.kernels import multi_ia3
+from muxc.kernels.replay import derive
 from muxc.kinds.spec import AdapterKindSpec
 
 __all__ = ["IA3", "ia3_adapter"]
@@ -77,7 +77,7 @@ def _apply(site, x: torch.Tensor, t: torch.Tensor, mux, params, recs, frozen=Non
     """``t * v`` on every IA3 task's segment (a ones vector for the others)."""
     dtype = next(iter(recs.values())).params["v"].dtype
     k = t.shape[-1]
-    flat = derive(t, t.reshape(-1, k), lambda v: v.reshape(-1, k))
+    flat = derive(t, lambda v: v.reshape(-1, k))
     ones = None
     vectors = []
     for task in mux.tasks:
@@ -87,8 +87,7 @@ def _apply(site, x: torch.Tensor, t: torch.Tensor, mux, params, recs, frozen=Non
             if ones is None:
                 ones = torch.ones(flat.shape[1], dtype=dtype, device=flat.device)
             vectors.append(ones)
-    z = multi_ia3(derive(flat, flat.to(dtype), lambda v: v.to(dtype)), mux.seg_lens, vectors,
-                  impl=mux.impl)
+    z = multi_ia3(derive(flat, lambda v: v.to(dtype)), mux.seg_lens, vectors, impl=mux.impl)
     return z.to(t.dtype).view(t.shape)
 
 

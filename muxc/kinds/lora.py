@@ -12,8 +12,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 _QUANT_LAYERS = ("peft.tuners.lora.bnb.Linear4bit", "peft.tuners.lora.bnb.Linear8bitLt")
 
 from muxc.ir import AdapterKind, AdapterRecord, Aggregate, Dispatch
-from muxc.kernels.replay import derive
 from muxc.kernels import multi_lora
+from muxc.kernels.replay import derive
 from muxc.kinds.spec import AdapterKindSpec
 
 __all__ = ["LORA", "lora_adapter", "config_problems", "segment_dropout"]
@@ -116,7 +116,7 @@ def _apply(site, x: torch.Tensor, h: torch.Tensor, mux, params, recs, frozen=Non
     the adapters' dtype, else ``h`` + the delta cast to it."""
     dtype = next(iter(recs.values())).params["A"].dtype
     k = x.shape[-1]
-    flat = derive(x, x.reshape(-1, k).to(dtype), lambda v: v.reshape(-1, k).to(dtype))
+    flat = derive(x, lambda v: v.reshape(-1, k).to(dtype))
     n_out = next(iter(recs.values())).params["B"].shape[0]
     a_list, b_list, scaling, drops = [], [], [], []
     for task in mux.tasks:

@@ -46,8 +46,8 @@ from muxc.ir.optable import (
     packet,
 )
 from muxc.ir.recompute import Recompute, RecomputePlan, keepable, layer_of_nodes
-from muxc.kernels.replay import Replay
 from muxc.ir.shapes import B, S, GraphShapes, meta_val
+from muxc.kernels.replay import Replay
 from muxc.kernels.swiglu import swiglu
 from muxc.kinds import spec_of
 from muxc.plan.ops import MATH, CostModelError, OpKey, OpKind, Poly
