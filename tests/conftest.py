@@ -2,13 +2,21 @@
 deep-copy them. Each structure is exported once per worker process (muxc's process-wide
 trace-template store); a test that counts exports asks for ``fresh_templates``.
 
+``quiet`` marks a test that measures time: it runs while no other test runs in any other
+pytest-xdist worker of the run (the other worker waits between tests), so what it measures is
+not stretched by a compile beside it on the shared cores.
+
 ``slow`` means the same everywhere: a test whose coverage the default run already has (the
 full kernel matrix under the Triton interpreter, the rest of a parametrized matrix whose
 diagonal runs). Slow tests are skipped unless a ``-m`` expression is given (``-m slow`` runs
 only them, ``-m "slow or not slow"`` everything); on a CUDA machine they all run.
 """
 
+import contextlib
+import fcntl
 import os
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -48,6 +56,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def _room(run: str, exclusive: bool):
+    """Every test of an xdist run holds a shared lock on one file; a quiet test holds it alone.
+    The turnstile, taken first by everyone and held by a quiet test until it is done, keeps the
+    other worker from starting tests while the quiet one waits for the running test to end."""
+    base = Path(tempfile.gettempdir()) / f"muxc-pytest-{run}"
+    base.mkdir(exist_ok=True)
+    with open(base / "turnstile", "a") as gate, open(base / "room", "a") as room:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(room, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # closing the files releases both locks
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Setup (module fixtures too), call and teardown of each test inside the run's room."""
+    run = getattr(item.config, "workerinput", {}).get("testrunuid")
+    if run is None:  # not under xdist: nothing else runs
+        yield
+        return
+    with _room(run, exclusive=item.get_closest_marker("quiet") is not None):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -176,12 +176,15 @@ def _measure(program, batches, clock: Clock, repeats: int) -> list[float]:
     return out
 
 
+@pytest.mark.quiet
 def test_predicted_step_time_within_30_percent_of_measured(program, summary, one_thread):
     """Predicted forward+backward step time of the real merged program within 30% of its
     measured time, at 256, 1024 and 2048 tokens, from a profile taken in this process.
 
-    Time is this thread's CPU time (the profile uses the same clock): the 2 cores are shared
-    with other processes, which stretch wall time by whatever they run, not by our work.
+    Time is this thread's CPU time (the profile uses the same clock), and the test is ``quiet``
+    (no other test of the suite runs meanwhile): a compile in the other xdist worker shares the
+    cores' caches and memory bandwidth and moved the measured steps by ±30% against the profile's
+    short op loops (CI, stop 23: −32% at 256 tokens; dry runs: +30%, +36%).
     Profiling and measuring are interleaved over rounds so both see the same conditions, and
     the profile covers the graph's own op shapes (its attention at the steps' batch shapes).
     """
