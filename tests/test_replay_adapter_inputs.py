@@ -58,20 +58,40 @@ def _lora_step(mark: bool):
         kept.append(t.untyped_storage().data_ptr())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # two sites read x
         out = multi_lora(x, [4, 2], a, b, [0.5, 2.0], impl="torch")
-    out.pow(2).sum().backward()
+        out2 = multi_lora(x, [4, 2], a[::-1], b[::-1], [1.0, 0.25], impl="torch")
+    (out.pow(2).sum() + out2.pow(3).sum()).backward()
     return x, h, kept, [t.grad for t in (h, *a, *b)]
 
 
-def test_lora_kernel_keeps_the_roots_and_replays_the_input_bitwise():
+def test_lora_kernel_keeps_the_roots_and_replays_the_input_bitwise(monkeypatch):
     x0, _, kept0, grads0 = _lora_step(mark=False)
+    runs = []
+    run = Replay.run
+    monkeypatch.setattr(Replay, "run", lambda self, roots: runs.append(self) or run(self, roots))
     x1, h1, kept1, grads1 = _lora_step(mark=True)
-    assert recipe_of(x1) is not None
+    assert recipe_of(x1) is not None and recipe_of(x1).shared.value is None  # dropped after use
+    assert runs == [NORM]  # the second site's backward reused the first one's replay
     assert x0.untyped_storage().data_ptr() in kept0  # unmarked: the kernel keeps its input
     assert x1.untyped_storage().data_ptr() not in kept1  # marked: its roots instead
     assert h1.untyped_storage().data_ptr() in kept1
     assert all(torch.equal(g0, g1) for g0, g1 in zip(grads0, grads1))
+
+
+def test_each_replay_runs_once_per_step_for_all_its_sites(llama, monkeypatch):
+    model = make_peft(llama, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0), 2)
+    program = muxc.compile([muxc.Task(name="a", model=model)])
+    replays = [n for n in program.mux.gm.graph.nodes if isinstance(n.target, Replay)]
+    runs = []
+    run = Replay.run
+    monkeypatch.setattr(Replay, "run", lambda self, roots: runs.append(self) or run(self, roots))
+    program.forward_backward({"a": make_batch(2, 12, 3)})
+    # per layer: q, k, v read one norm output, gate and up the other, down the MLP product
+    assert sum(len(n.users) for n in replays) == 6 * llama.config.num_hidden_layers
+    # each once; layer 0's input norm reads the embeddings, which need no gradient: its
+    # adapters keep their input (no recipe, nothing replayed)
+    assert sorted(map(id, runs)) == sorted(id(n.target) for n in replays[1:])
 
 
 @pytest.fixture(scope="module")

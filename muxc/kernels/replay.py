@@ -18,12 +18,23 @@ keeps it longer (its backward comes after the adapter's). So the recipe is given
 every activation root requires a gradient (then its op keeps it); otherwise, and under any
 tracing, ``x`` is kept as before.
 
+Several sites read one ``x`` (a norm's output feeds the q, k and v adapters): the first of
+their backwards to run computes it, the others reuse that value, and the last drops it (each
+site that keeps the roots counts one pending use). So a `Replay` costs one pass over its ops
+per run, not one per site, and the value is alive only between the sites' backwards.
+
 >>> import torch
 >>> aten = torch.ops.aten
 >>> r = Replay(((aten.mul.Tensor, (Slot(0), Slot(1)), {}),), (True, True), "mul")
 >>> a, b = torch.randn(2, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True)
 >>> x = r(a * b, a, b)
 >>> recipe_of(x).roots == (a, b), bool((recipe_of(x).compute(recipe_of(x).roots) == x).all())
+(True, True)
+>>> recipe = recipe_of(x)
+>>> [recipe.keep() == (a, b) for _ in range(2)]  # two sites keep the roots
+[True, True]
+>>> first = recipe.compute(recipe.roots)  # the first backward replays, the second reuses
+>>> recipe.compute(recipe.roots) is first, recipe.shared.value is None
 (True, True)
 >>> recipe_of(r(x.detach(), a.detach(), b))  # an activation root without grad: kept as is
 >>> Replay(((aten.add.Tensor, (Slot(0),), {"other": Slot(1), "alpha": 2}),), (True, True),
@@ -34,13 +45,13 @@ tensor([3., 3.])
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx.node import map_aggregate
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["Replay", "Recipe", "Slot", "recipe_of", "derive", "kept_form"]
+__all__ = ["Replay", "Recipe", "Shared", "Slot", "recipe_of", "derive", "kept_form"]
 
 _ATTR = "_muxc_recipe"
 
@@ -100,18 +111,41 @@ class Replay:
         return f"Replay({self.label})"
 
 
+class Shared:
+    """The value one `Replay` call's steps give, shared by the recipes derived from it:
+    ``pending`` backwards still to ask for it (`Recipe.keep`), ``value`` once one has."""
+
+    __slots__ = ("value", "pending")
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+        self.pending = 0
+
+
 @dataclass(frozen=True, eq=False)
 class Recipe:
     """How to compute a tensor again: `Replay` steps on ``roots``, then ``post`` (views and
-    casts a kernel wrapper applied, `derive`)."""
+    casts a kernel wrapper applied, `derive`); ``shared`` with every recipe derived from the
+    same `Replay` call."""
 
     replay: Replay
     roots: tuple[torch.Tensor, ...]
     post: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
+    shared: Shared = field(default_factory=Shared)
+
+    def keep(self) -> tuple[torch.Tensor, ...]:
+        """The roots, for a backward that will `compute` the tensor once (counted)."""
+        self.shared.pending += 1
+        return self.roots
 
     def compute(self, roots) -> torch.Tensor:
-        """The tensor, from ``roots`` (this recipe's, or what backward unpacked of them)."""
-        value = self.replay.run(roots)
+        """The tensor, from ``roots`` (this recipe's, or what backward unpacked of them): the
+        replayed value another site's backward computed while it is still pending, else the
+        steps run again."""
+        shared = self.shared
+        value = shared.value if shared.value is not None else self.replay.run(roots)
+        shared.pending = max(shared.pending - 1, 0)
+        shared.value = value if shared.pending else None  # the last pending use drops it
         with torch.no_grad():
             for fn in self.post:
                 value = fn(value)
@@ -129,14 +163,14 @@ def derive(src: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> tor
     dst = fn(src)
     recipe = recipe_of(src)
     if recipe is not None and dst is not src:
-        setattr(dst, _ATTR, Recipe(recipe.replay, recipe.roots, (*recipe.post, fn)))
+        setattr(dst, _ATTR, Recipe(recipe.replay, recipe.roots, (*recipe.post, fn), recipe.shared))
     return dst
 
 
 def kept_form(t) -> tuple[Recipe | None, tuple]:
-    """What a backward keeps of ``t``: ``(recipe, roots)`` when ``t`` has a recipe, else
-    ``(None, (t,))``."""
+    """What a backward keeps of ``t``: ``(recipe, roots)`` when ``t`` has a recipe (counted as
+    a pending use, `Recipe.keep`), else ``(None, (t,))``."""
     recipe = recipe_of(t)
     if recipe is None:
         return None, (t,)
-    return recipe, recipe.roots
+    return recipe, recipe.keep()

@@ -100,13 +100,13 @@ class _Build:
             self.saved = self.saved + Poly.tokens(saved_per_token)
         self.op(name, layer, Work(key, Poly.tokens(fwd_per_token)), bwd)
 
-    def replay(self, name, layer, uses, per_use, active, kept) -> None:
-        """`muxc.passes.replay_adapter_inputs`: an identity before ``uses`` adapters; when
-        ``active`` each replays ``per_use`` bytes per token in backward, else they keep
-        ``kept`` bytes per token."""
+    def replay(self, name, layer, work, active, kept) -> None:
+        """`muxc.passes.replay_adapter_inputs`: an identity before adapters; when ``active``
+        their backwards replay it once, ``work`` bytes per token, else they keep ``kept`` bytes
+        per token."""
         view = Work(self.view, Poly.const(1))
         if active:
-            self.op(f"{name}.replay", layer, view, Work(self.ew, Poly.tokens(uses * per_use)))
+            self.op(f"{name}.replay", layer, view, Work(self.ew, Poly.tokens(work)))
             return
         self.op(f"{name}.replay", layer, view, None)
         self.saved = self.saved + Poly.tokens(kept)
@@ -223,7 +223,7 @@ def summarize_config(
             x_uses += b.adapters(f"{pre}.self_attn.{mod}", layer, h, n, adapters, dtype)
         b.acc(f"{pre}.ln1_out", layer, x_uses, h, grad or any(g.values()))
         if x_uses > 3:  # the adapters keep the norm's output, or replay it with a gradient
-            b.replay(f"{pre}.ln1_out", layer, x_uses - 3, 7 * h * e, grad, h * e)
+            b.replay(f"{pre}.ln1_out", layer, 7 * h * e, grad, h * e)
         b.views(f"{pre}.qkv", layer, 6, any(g.values()))
         b.rotary(f"{pre}.rope_q", layer, q, g["q_proj"])
         b.rotary(f"{pre}.rope_k", layer, kv, g["k_proj"])
@@ -254,7 +254,7 @@ def summarize_config(
             x_uses += b.adapters(f"{pre}.mlp.{mod}", layer, h, inter, adapters, dtype)
         b.acc(f"{pre}.ln2_out", layer, x_uses, h, grad)
         if x_uses > 2:
-            b.replay(f"{pre}.ln2_out", layer, x_uses - 2, 7 * h * e, grad, h * e)
+            b.replay(f"{pre}.ln2_out", layer, 7 * h * e, grad, h * e)
         g_mlp = g_gate or g_up
         if fused_act:  # `fuse_swiglu`: one op keeping gate (and up when gate needs a gradient)
             b.pw(f"{pre}.mlp.swiglu", layer, 5 * inter * e, (2 + 3 * g_up + 6 * g_gate) * inter * e,
@@ -265,7 +265,7 @@ def summarize_config(
         b.gemm(f"{pre}.mlp.down_proj", layer, inter, h, dtype, g_mlp)
         down_ad = b.adapters(f"{pre}.mlp.down_proj", layer, inter, h, adapters, dtype)
         if down_ad and fused_act:  # the adapter replays its input from gate and up
-            b.replay(f"{pre}.mlp.act_out", layer, 1, 5 * inter * e, g_gate and g_up, inter * e)
+            b.replay(f"{pre}.mlp.act_out", layer, 5 * inter * e, g_gate and g_up, inter * e)
         elif down_ad:  # the adapter keeps its input
             b.saved = b.saved + Poly.tokens(inter * e)
         b.acc(f"{pre}.mlp.mul", layer, 1 + down_ad, inter, g_mlp)

@@ -487,12 +487,11 @@ class _Walker:
         if isinstance(t, torch._ops.HigherOrderOperator):
             self.higher_order(node)
             return
-        if isinstance(t, Replay):  # an identity; each adapter reading it replays its steps
+        if isinstance(t, Replay):  # an identity; its adapters' backwards replay its steps once
             bwd = view1 if grad else None
             if grad and self.kept_inputs(node) != [node]:
-                uses = sum(1 for u in node.users if info(u).role is Role.ADAPTER)
                 passes = sum(_REPLAY_PASSES.get(step[0], 3) for step in t.steps)
-                bwd = Work(self.ew, self.bytes(node).scale(passes * uses))
+                bwd = Work(self.ew, self.bytes(node).scale(passes))
             self.add(node, view1, bwd)
             return
         if out is None:  # symbolic sizes, asserts; split/unbind-like ops return views
