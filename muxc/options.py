@@ -46,8 +46,9 @@ class Options:
       group); with alignment="chunk" an hTask's micro-batches are its chunk steps.
     memory_budget: bytes the fusion planner must stay under (None: unlimited); a training step
       whose plan is predicted to peak above it is refused with `AdmissionError` before it runs.
-    cost_model: path of a saved device profile (JSON) for the cost model (None: profile on
-      first use or fall back to the analytic roofline).
+    cost_model: path of a device profile (JSON) for the cost model; keys it lacks (or all, when
+      it is missing or from another device) are profiled in a child process at first use and
+      saved back (`muxc.plan.isolated`). None: the analytic roofline of the device.
     kernel_impl: None (registry picks: Triton on CUDA, grouped on CPU) | "grouped" (CPU multi-task
       GEMMs, no per-task loop where it pays) | "torch" (per-task reference loop) | "triton".
     verify: run invariant checks after every pass (slower compile; on in tests).

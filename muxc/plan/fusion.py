@@ -72,7 +72,8 @@ class AutoFusion:
                 one = device.type == "cpu" and torch.get_num_threads() == 1
                 clock = Clock.THREAD if one else Clock.WALL
                 cost = CostModel(load_or_profile(options.cost_model, device,
-                                                 self.summary.op_keys(), clock=clock))
+                                                 self.summary.op_keys(), clock=clock,
+                                                 isolated=True))
             else:
                 cost = CostModel.for_device(device)  # analytic roofline of this device
         self.cost = cost

@@ -676,11 +676,20 @@ def load_or_profile(
     path: str | Path,
     device: torch.device | str,
     keys: Iterable[OpKey],
+    *,
+    isolated: bool = False,
     **profile_kwargs,
 ) -> DeviceProfile:
     """The profile saved at ``path`` when it was taken on this device (same identity and
     clock), with any missing keys profiled and saved back; else a fresh profile, saved.
+
+    ``isolated``: profile in a child process (`muxc.plan.isolated`), so this one keeps
+    nothing of it; ``Options(cost_model=path)`` does.
     """
+    if isolated:
+        from muxc.plan.isolated import profile_in_child as profile
+    else:
+        profile = profile_device
     path = Path(path)
     keys = list(keys)
     clock = Clock(profile_kwargs.get("clock", Clock.WALL))
@@ -697,9 +706,9 @@ def load_or_profile(
         missing = old.missing(keys)
         if not missing:
             return old
-        new = old.merge(profile_device(device, missing, **profile_kwargs))
+        new = old.merge(profile(device, missing, **profile_kwargs))
     else:
-        new = profile_device(device, keys, **profile_kwargs)
+        new = profile(device, keys, **profile_kwargs)
     new.save(path)
     return new
 
