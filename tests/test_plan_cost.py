@@ -38,6 +38,7 @@ from muxc.plan import (
     summarize_config,
     summarize_graph,
 )
+from muxc.plan.isolated import profile_in_child
 from muxc.plan.profile import device_identity
 
 STEP_TOLERANCE = 0.30  # the issue's bar for predicted vs measured step time on this CPU
@@ -469,8 +470,8 @@ def test_profile_measures_the_call_overhead(tmp_path, one_thread):
 
 
 def test_isolated_profile_is_taken_in_a_child_process(tmp_path, monkeypatch):
-    """`load_or_profile(isolated=True)` (what ``Options(cost_model=path)`` uses) profiles in a
-    child process: this one runs no probe, and the profile is this device's, saved."""
+    """`load_or_profile(profiler=profile_in_child)` (what ``Options(cost_model=path)`` uses)
+    profiles in a child process: this one runs no probe, and the profile is this device's."""
     import muxc.plan.profile as profile_module
 
     def here(*args, **kwargs):
@@ -479,12 +480,13 @@ def test_isolated_profile_is_taken_in_a_child_process(tmp_path, monkeypatch):
     monkeypatch.setattr(profile_module, "profile_device", here)
     keys = [OpKey(OpKind.GEMM, (32, 48))]
     path = tmp_path / "cpu.json"
-    prof = load_or_profile(path, "cpu", keys, isolated=True, tokens=(16,),
+    prof = load_or_profile(path, "cpu", keys, profiler=profile_in_child, tokens=(16,),
                            elementwise_numels=(1024,), repeats=1)
     assert "gemm:float32:32x48" in prof.samples and prof.identity == device_identity("cpu")
     assert DeviceProfile.load(path) == prof
     with pytest.raises(CostModelError, match="child process failed(.|\n)*repeats >= 1"):
-        load_or_profile(tmp_path / "bad.json", "cpu", keys, isolated=True, repeats=0)
+        load_or_profile(tmp_path / "bad.json", "cpu", keys, profiler=profile_in_child,
+                        repeats=0)
 
 
 def test_chunk_choice_trades_padding_against_calls(program):

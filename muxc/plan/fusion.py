@@ -23,6 +23,7 @@ from muxc.plan.fusion_dp import plan_fusion
 from muxc.plan.cost import CostModel, StepShape, saturation_tokens
 from muxc.plan.memory import estimate_memory
 from muxc.plan.pricing import StepPricer
+from muxc.plan.isolated import profile_in_child
 from muxc.plan.profile import Clock, load_or_profile
 from muxc.plan.summary import ModelSummary, summarize_graph
 
@@ -73,7 +74,7 @@ class AutoFusion:
                 clock = Clock.THREAD if one else Clock.WALL
                 cost = CostModel(load_or_profile(options.cost_model, device,
                                                  self.summary.op_keys(), clock=clock,
-                                                 isolated=True))
+                                                 profiler=profile_in_child))
             else:
                 cost = CostModel.for_device(device)  # analytic roofline of this device
         self.cost = cost

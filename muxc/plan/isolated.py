@@ -1,14 +1,14 @@
 """`profile_in_child`: a device profile taken in a child Python process, not in the caller's.
 
-Profiling runs every op kind of a model at many sizes (minutes for a 12-layer model on a
-2-core CPU). Done inside a training process, its probes share that process's heap and
-allocator with what the caller holds, and whatever they leave stays there.
-`muxc.plan.load_or_profile` with ``isolated=True`` (what ``Options(cost_model=path)`` uses)
-profiles the missing keys here instead: a fresh interpreter (``python -m muxc.plan.isolated``,
-so the caller's ``__main__`` is never re-run) with the caller's torch thread count and
-environment, handing the profile back as JSON. Measured on the benchmark's llama-large case
-(8 tasks, fresh profile, 2-vCPU VM): the training process's steady peak 702.4 MiB profiling
-in-process, 700.0 MiB profiling in a child (the two profiles led to different plans).
+Profiling runs every op kind of a model at many sizes (minutes for a 12-layer model on a 2-core
+CPU). Done inside a training process, its probes share that process's heap and allocator with
+what the caller holds, and whatever they leave stays there. `muxc.plan.load_or_profile` with
+``profiler=profile_in_child`` (what ``Options(cost_model=path)`` uses) profiles the missing
+keys here instead: a fresh interpreter (``python -m muxc.plan.isolated``, so the caller's
+``__main__`` is never re-run) with the caller's torch thread count and environment, handing the
+profile back as JSON. Measured on the benchmark's llama-large case (8 tasks, fresh profile,
+2-vCPU VM): the training process's steady peak 702.4 MiB profiling in-process, 700.0 MiB
+profiling in a child (the two profiles led to different plans).
 
 >>> prof = profile_in_child("cpu", [], elementwise_numels=(256,), repeats=1)  # doctest: +SKIP
 >>> prof.identity["device_kind"]                                              # doctest: +SKIP

@@ -677,19 +677,16 @@ def load_or_profile(
     device: torch.device | str,
     keys: Iterable[OpKey],
     *,
-    isolated: bool = False,
+    profiler: Callable[..., DeviceProfile] | None = None,
     **profile_kwargs,
 ) -> DeviceProfile:
     """The profile saved at ``path`` when it was taken on this device (same identity and
     clock), with any missing keys profiled and saved back; else a fresh profile, saved.
 
-    ``isolated``: profile in a child process (`muxc.plan.isolated`), so this one keeps
-    nothing of it; ``Options(cost_model=path)`` does.
+    ``profiler``: what profiles (`profile_device`'s arguments; default `profile_device`, in
+    this process); ``Options(cost_model=path)`` passes `muxc.plan.isolated.profile_in_child`.
     """
-    if isolated:
-        from muxc.plan.isolated import profile_in_child as profile
-    else:
-        profile = profile_device
+    profile = profile_device if profiler is None else profiler
     path = Path(path)
     keys = list(keys)
     clock = Clock(profile_kwargs.get("clock", Clock.WALL))
