@@ -21,9 +21,9 @@ from muxc.options import Alignment, Options
 from muxc.ir.step import FusionPlan, GroupCost, HTaskCost
 from muxc.plan.fusion_dp import plan_fusion
 from muxc.plan.cost import CostModel, StepShape, saturation_tokens
+from muxc.plan.isolated import profile_in_child
 from muxc.plan.memory import estimate_memory
 from muxc.plan.pricing import StepPricer
-from muxc.plan.isolated import profile_in_child
 from muxc.plan.profile import Clock, load_or_profile
 from muxc.plan.summary import ModelSummary, summarize_graph
 

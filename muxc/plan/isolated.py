@@ -5,10 +5,10 @@ CPU). Done inside a training process, its probes share that process's heap and a
 what the caller holds, and whatever they leave stays there. `muxc.plan.load_or_profile` with
 ``profiler=profile_in_child`` (what ``Options(cost_model=path)`` uses) profiles the missing
 keys here instead: a fresh interpreter (``python -m muxc.plan.isolated``, so the caller's
-``__main__`` is never re-run) with the caller's torch thread count and environment, handing the
-profile back as JSON. Measured on the benchmark's llama-large case (8 tasks, fresh profile,
-2-vCPU VM): the training process's steady peak 702.4 MiB profiling in-process, 700.0 MiB
-profiling in a child (the two profiles led to different plans).
+``__main__`` is never re-run) with the caller's torch thread count, environment and module
+path, handing the profile back as JSON. Measured on the benchmark's llama-large case (8 tasks,
+fresh profile, 2-vCPU VM): the training process's steady peak 702.4 MiB profiling in-process,
+700.0 MiB profiling in a child (the two profiles led to different plans).
 
 >>> prof = profile_in_child("cpu", [], elementwise_numels=(256,), repeats=1)  # doctest: +SKIP
 >>> prof.identity["device_kind"]                                              # doctest: +SKIP
@@ -18,6 +18,7 @@ profiling in a child (the two profiles led to different plans).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -42,8 +43,9 @@ def profile_in_child(device: torch.device | str, keys: Iterable[OpKey],
                "threads": torch.get_num_threads(), "kwargs": profile_kwargs}
     with tempfile.TemporaryDirectory(prefix="muxc-profile-") as tmp:
         out = Path(tmp) / "profile.json"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         done = subprocess.run([sys.executable, "-m", "muxc.plan.isolated", str(out)],
-                              input=pickle.dumps(request), capture_output=True)
+                              input=pickle.dumps(request), capture_output=True, env=env)
         if done.returncode != 0 or not out.exists():
             tail = done.stderr.decode(errors="replace")[-_STDERR_TAIL:]
             raise CostModelError(
