@@ -186,28 +186,33 @@ def test_predicted_step_time_within_30_percent_of_measured(program, summary, one
     Time is this thread's CPU time (the profile uses the same clock), and the test is ``quiet``
     (no other test of the suite runs meanwhile): a compile in the other xdist worker shares the
     cores' caches and memory bandwidth and moved the measured steps by ±30% against the profile's
-    short op loops (CI, stop 23: −32% at 256 tokens; dry runs: +30%, +36%).
-    Profiling and measuring are interleaved over rounds so both see the same conditions, and
-    the profile covers the graph's own op shapes (its attention at the steps' batch shapes).
+    short op loops (CI, stop 23: −32% at 256 tokens; dry runs: +30%, +36%). Alone it still
+    failed once at +33% (256 tokens) when the three rounds' profiles were merged.
+    Profiling and measuring are interleaved over three rounds so both see the same conditions;
+    the prediction is the median of the three rounds' profiles', the measurement the median of
+    all timed steps. The profile covers the graph's own op shapes (its attention at the steps'
+    batch shapes).
     """
     clock = Clock.THREAD
     attention_shapes = tuple(sorted({(2 * r, s) for r, s in STEP_SHAPES} | {(1, 64), (1, 128)}))
     batches = {shape: _batches(*shape) for shape in STEP_SHAPES}
-    profile, measured = None, {shape: [] for shape in STEP_SHAPES}
+    costs, measured = [], {shape: [] for shape in STEP_SHAPES}
     for _ in range(3):
-        p = profile_device("cpu", summary.op_keys(), clock=clock, repeats=3,
-                           attention_shapes=attention_shapes)
-        profile = p if profile is None else profile.merge(p)
+        costs.append(CostModel(profile_device("cpu", summary.op_keys(), clock=clock, repeats=3,
+                                              attention_shapes=attention_shapes)))
         for shape in STEP_SHAPES:
             measured[shape] += _measure(program, batches[shape], clock, repeats=3)
-    cost = CostModel(profile)
     report, worst = [], 0.0
     for rows, seq in STEP_SHAPES:
-        est = estimate_step(summary, {"t0": rows * seq, "t1": rows * seq}, seq_len=seq, cost=cost)
+        # the median of the three profiles' predictions (merging them averaged a disturbed
+        # round in: one round's call overhead 7.8 us against 4.1 made the merged profile 6.0)
+        est = statistics.median(
+            estimate_step(summary, {"t0": rows * seq, "t1": rows * seq}, seq_len=seq,
+                          cost=cost).total for cost in costs)
         meas = statistics.median(measured[(rows, seq)])
-        err = est.total / meas - 1
+        err = est / meas - 1
         worst = max(worst, abs(err))
-        report.append(f"{2 * rows * seq} tokens: predicted {est.total * 1e3:.1f} ms, measured "
+        report.append(f"{2 * rows * seq} tokens: predicted {est * 1e3:.1f} ms, measured "
                       f"{meas * 1e3:.1f} ms ({err:+.1%})")
     assert worst <= STEP_TOLERANCE, "; ".join(report)
 
