@@ -15,6 +15,7 @@ only them, ``-m "slow or not slow"`` everything); on a CUDA machine they all run
 import contextlib
 import fcntl
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -59,12 +60,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @contextlib.contextmanager
-def _room(run: str, exclusive: bool):
+def _room(base: Path, exclusive: bool):
     """Every test of an xdist run holds a shared lock on one file; a quiet test holds it alone.
     The turnstile, taken first by everyone and held by a quiet test until it is done, keeps the
     other worker from starting tests while the quiet one waits for the running test to end."""
-    base = Path(tempfile.gettempdir()) / f"muxc-pytest-{run}"
-    base.mkdir(exist_ok=True)
     with open(base / "turnstile", "a") as gate, open(base / "room", "a") as room:
         fcntl.flock(gate, fcntl.LOCK_EX)
         fcntl.flock(room, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -73,14 +72,28 @@ def _room(run: str, exclusive: bool):
         yield  # closing the files releases both locks
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist controller: the run's lock directory, made once, handed to every worker."""
+    config = node.config
+    if not hasattr(config, "_muxc_rooms"):
+        config._muxc_rooms = tempfile.mkdtemp(prefix="muxc-pytest-")
+    node.workerinput["muxc_rooms"] = config._muxc_rooms
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "_muxc_rooms"):  # the controller, after its workers are gone
+        shutil.rmtree(config._muxc_rooms, ignore_errors=True)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Setup (module fixtures too), call and teardown of each test inside the run's room."""
-    run = getattr(item.config, "workerinput", {}).get("testrunuid")
-    if run is None:  # not under xdist: nothing else runs
+    rooms = getattr(item.config, "workerinput", {}).get("muxc_rooms")
+    if rooms is None:  # not under xdist: nothing else runs
         yield
         return
-    with _room(run, exclusive=item.get_closest_marker("quiet") is not None):
+    with _room(Path(rooms), exclusive=item.get_closest_marker("quiet") is not None):
         yield
 
 
