@@ -159,9 +159,11 @@ def profile_cases(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def warm_profiles(cases: list[dict[str, Any]], log) -> None:
     """Make muxc full's cost profile complete for every case before any is measured, each
-    build in a process of its own (`profile_cases`). A profile measured inside a case's own
-    process would count in that case: ~2 minutes of profiling ops in its setup on this CPU, and
-    ~16 MiB of its memory peak on llama-large (the code pages and heap it leaves)."""
+    build in a process of its own (`profile_cases`). muxc profiles missing keys in a child
+    process of the process that compiles (`muxc.plan.isolated`), but that would still happen
+    during a measured case's setup: minutes of profiling while the other systems' case
+    processes of the same turn wait or build beside it, a profile measured under their load,
+    and two case processes of one profile path profiling at once."""
     ctx = _context()
     for case in profile_cases(cases):
         t0 = time.perf_counter()

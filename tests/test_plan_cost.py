@@ -189,8 +189,8 @@ def test_predicted_step_time_within_30_percent_of_measured(program, summary, one
     short op loops (CI, stop 23: −32% at 256 tokens; dry runs: +30%, +36%). Alone it still
     failed once at +33% (256 tokens) when the three rounds' profiles were merged.
     Profiling and measuring are interleaved over three rounds so both see the same conditions;
-    the prediction is the median of the three rounds' profiles', the measurement the median of
-    all timed steps. The profile covers the graph's own op shapes (its attention at the steps'
+    the prediction is the median of the three predictions (one per round's profile), the
+    measurement the median of all timed steps. The profile covers the graph's own op shapes (its attention at the steps'
     batch shapes).
     """
     clock = Clock.THREAD
